@@ -1,0 +1,1 @@
+//! PyTorch checkpoint (.pth zip + pickle) reader, pure Rust.

@@ -1,0 +1,1 @@
+//! LoRA on the fused qkv projection of SAM image-encoder blocks.

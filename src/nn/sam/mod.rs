@@ -1,0 +1,1 @@
+//! Segment Anything (SAM) in tch.

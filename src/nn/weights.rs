@@ -1,0 +1,1 @@
+//! Loading tensors (PyTorch .pth, safetensors) into models.

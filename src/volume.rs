@@ -1,0 +1,313 @@
+//! `Volume<T>`: a 3D voxel array plus its physical geometry, as ITK sees it.
+//!
+//! Memory layout is x-fastest (i, then j, then k), the layout of ITK, VTK, NIfTI and Slicer's
+//! `arrayFromVolume`. The ndarray therefore has shape `[nz, ny, nx]` in standard (C) order and
+//! is indexed `data[[k, j, i]]`, exactly like numpy's `[k, j, i]` in Slicer. Nothing here ever
+//! transposes.
+use crate::error::{Error, Result};
+use ndarray::Array3;
+use serde::{Deserialize, Serialize};
+
+/// ITK geometry in LPS: physical point = origin + direction · diag(spacing) · (i, j, k).
+/// `direction` is row-major 3×3; column c is the direction of voxel axis c.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Geometry {
+    pub origin: [f64; 3],
+    pub spacing: [f64; 3],
+    pub direction: [f64; 9],
+}
+
+impl Default for Geometry {
+    fn default() -> Self {
+        Geometry { origin: [0.0; 3], spacing: [1.0; 3], direction: IDENTITY3 }
+    }
+}
+
+pub const IDENTITY3: [f64; 9] = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+
+impl Geometry {
+    /// LPS physical point of a continuous voxel index (i, j, k).
+    pub fn index_to_physical(&self, ijk: [f64; 3]) -> [f64; 3] {
+        let mut p = self.origin;
+        for (r, pr) in p.iter_mut().enumerate() {
+            for c in 0..3 {
+                *pr += self.direction[3 * r + c] * self.spacing[c] * ijk[c];
+            }
+        }
+        p
+    }
+
+    /// Checks that spacing is positive and finite and the direction is a (near-)orthonormal
+    /// matrix; NIfTI files and C callers can hand us anything.
+    pub fn validate(&self) -> Result<()> {
+        if self.spacing.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            return Err(Error::invalid(format!("spacing must be positive and finite, got {:?}", self.spacing)));
+        }
+        if self.origin.iter().chain(self.direction.iter()).any(|v| !v.is_finite()) {
+            return Err(Error::invalid("origin and direction must be finite"));
+        }
+        for a in 0..3 {
+            for b in 0..3 {
+                let dot: f64 = (0..3).map(|r| self.direction[3 * r + a] * self.direction[3 * r + b]).sum();
+                let want = if a == b { 1.0 } else { 0.0 };
+                if (dot - want).abs() > 1e-3 {
+                    return Err(Error::invalid(format!(
+                        "direction matrix is not orthonormal (columns {a},{b} dot = {dot:.6})"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Largest absolute difference of any origin/spacing/direction entry.
+    pub fn max_abs_diff(&self, other: &Geometry) -> f64 {
+        let a = self.origin.iter().chain(&self.spacing).chain(&self.direction);
+        let b = other.origin.iter().chain(&other.spacing).chain(&other.direction);
+        a.zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+}
+
+/// A 3D volume: voxels `[k, j, i]` (x fastest) plus geometry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Volume<T> {
+    pub data: Array3<T>,
+    pub geometry: Geometry,
+}
+
+impl<T> Volume<T> {
+    pub fn new(data: Array3<T>, geometry: Geometry) -> Self {
+        Volume { data, geometry }
+    }
+    /// Size along i, j, k (ITK's `GetSize()` order).
+    pub fn dims(&self) -> [usize; 3] {
+        let s = self.data.shape();
+        [s[2], s[1], s[0]]
+    }
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    /// Same geometry, other voxels (e.g. a label map computed from this image).
+    pub fn with_data<U>(&self, data: Array3<U>) -> Result<Volume<U>> {
+        if data.shape() != self.data.shape() {
+            return Err(Error::invalid(format!(
+                "shape {:?} does not match the volume's {:?}",
+                data.shape(),
+                self.data.shape()
+            )));
+        }
+        Ok(Volume { data, geometry: self.geometry })
+    }
+    /// Build from an x-fastest buffer of dims (nx, ny, nz).
+    pub fn from_vec(dims: [usize; 3], data: Vec<T>, geometry: Geometry) -> Result<Self> {
+        let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if n != Some(data.len()) {
+            return Err(Error::invalid(format!("buffer of {} voxels does not fit dims {:?}", data.len(), dims)));
+        }
+        let data = Array3::from_shape_vec((dims[2], dims[1], dims[0]), data).map_err(|e| Error::invalid(e.to_string()))?;
+        Ok(Volume { data, geometry })
+    }
+}
+
+/// Voxel types a volume can have on disk and across the C ABI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    F64,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::U8 => "u8",
+            DType::I8 => "i8",
+            DType::U16 => "u16",
+            DType::I16 => "i16",
+            DType::U32 => "u32",
+            DType::I32 => "i32",
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            DType::U8 | DType::I8 => 1,
+            DType::U16 | DType::I16 => 2,
+            DType::U32 | DType::I32 | DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+/// Voxel element types; `to_f64`/`from_f64` are the only conversions (from_f64 saturates and
+/// rounds, so a label volume never wraps).
+pub trait Voxel: Copy + Send + Sync + PartialEq + std::fmt::Debug + Default + 'static {
+    const DTYPE: DType;
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+
+macro_rules! int_voxel {
+    ($t:ty, $d:ident) => {
+        impl Voxel for $t {
+            const DTYPE: DType = DType::$d;
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn from_f64(v: f64) -> Self {
+                v.round() as $t // `as` saturates and maps NaN to 0
+            }
+        }
+    };
+}
+int_voxel!(u8, U8);
+int_voxel!(i8, I8);
+int_voxel!(u16, U16);
+int_voxel!(i16, I16);
+int_voxel!(u32, U32);
+int_voxel!(i32, I32);
+impl Voxel for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Voxel for f64 {
+    const DTYPE: DType = DType::F64;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+impl<T: Voxel> Volume<T> {
+    /// Convert voxel type, keeping geometry.
+    pub fn cast<U: Voxel>(&self) -> Volume<U> {
+        Volume { data: self.data.mapv(|v| U::from_f64(v.to_f64())), geometry: self.geometry }
+    }
+    /// (min, max) over all voxels, ignoring NaN; None for an empty or all-NaN volume.
+    pub fn min_max(&self) -> Option<(f64, f64)> {
+        self.data.iter().map(|v| v.to_f64()).filter(|v| !v.is_nan()).fold(None, |acc, v| match acc {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+        })
+    }
+}
+
+/// A volume of any supported voxel type, as read from a file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AnyVolume {
+    U8(Volume<u8>),
+    I8(Volume<i8>),
+    U16(Volume<u16>),
+    I16(Volume<i16>),
+    U32(Volume<u32>),
+    I32(Volume<i32>),
+    F32(Volume<f32>),
+    F64(Volume<f64>),
+}
+
+/// Run `$body` with `$v` bound to the inner `Volume<T>`, whatever T is.
+#[macro_export]
+macro_rules! with_volume {
+    ($any:expr, $v:ident => $body:expr) => {
+        match $any {
+            $crate::volume::AnyVolume::U8($v) => $body,
+            $crate::volume::AnyVolume::I8($v) => $body,
+            $crate::volume::AnyVolume::U16($v) => $body,
+            $crate::volume::AnyVolume::I16($v) => $body,
+            $crate::volume::AnyVolume::U32($v) => $body,
+            $crate::volume::AnyVolume::I32($v) => $body,
+            $crate::volume::AnyVolume::F32($v) => $body,
+            $crate::volume::AnyVolume::F64($v) => $body,
+        }
+    };
+}
+
+impl AnyVolume {
+    pub fn dtype(&self) -> DType {
+        with_volume!(self, v => dtype_of(v))
+    }
+    pub fn geometry(&self) -> &Geometry {
+        with_volume!(self, v => &v.geometry)
+    }
+    pub fn dims(&self) -> [usize; 3] {
+        with_volume!(self, v => v.dims())
+    }
+    pub fn min_max(&self) -> Option<(f64, f64)> {
+        with_volume!(self, v => v.min_max())
+    }
+    /// Any volume as `Volume<U>` (e.g. f32 for images, u8/u16 for labels).
+    pub fn cast<U: Voxel>(&self) -> Volume<U> {
+        with_volume!(self, v => v.cast::<U>())
+    }
+}
+
+fn dtype_of<T: Voxel>(_: &Volume<T>) -> DType {
+    T::DTYPE
+}
+
+macro_rules! from_volume {
+    ($t:ty, $d:ident) => {
+        impl From<Volume<$t>> for AnyVolume {
+            fn from(v: Volume<$t>) -> Self {
+                AnyVolume::$d(v)
+            }
+        }
+    };
+}
+from_volume!(u8, U8);
+from_volume!(i8, I8);
+from_volume!(u16, U16);
+from_volume!(i16, I16);
+from_volume!(u32, U32);
+from_volume!(i32, I32);
+from_volume!(f32, F32);
+from_volume!(f64, F64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_x_fastest() {
+        let v = Volume::from_vec([3, 2, 2], (0..12u8).collect(), Geometry::default()).unwrap();
+        assert_eq!(v.dims(), [3, 2, 2]);
+        // voxel (i=1, j=0, k=1) is at flat index 1 + 0*3 + 1*6 = 7
+        assert_eq!(v.data[[1, 0, 1]], 7);
+        assert_eq!(v.data.as_slice().unwrap()[7], 7);
+    }
+
+    #[test]
+    fn physical_point_uses_direction_columns() {
+        let g = Geometry { origin: [1.0, 2.0, 3.0], spacing: [2.0, 3.0, 4.0], direction: [0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0] };
+        // axis i (column 0) points along +y, axis j (column 1) along -x
+        assert_eq!(g.index_to_physical([1.0, 0.0, 0.0]), [1.0, 4.0, 3.0]);
+        assert_eq!(g.index_to_physical([0.0, 1.0, 0.0]), [-2.0, 2.0, 3.0]);
+        g.validate().unwrap();
+        let bad = Geometry { spacing: [1.0, 0.0, 1.0], ..g };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn labels_saturate_never_wrap() {
+        assert_eq!(u8::from_f64(300.0), 255);
+        assert_eq!(u8::from_f64(-4.0), 0);
+        assert_eq!(u16::from_f64(f64::NAN), 0);
+    }
+}
