@@ -10,6 +10,8 @@ pub fn shared_data() -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     if p.is_dir() {
         Some(p)
+    } else if std::env::var("SFR_REQUIRE_DATA").as_deref() == Ok("1") {
+        panic!("SFR_REQUIRE_DATA=1 but {} is absent", p.display());
     } else {
         eprintln!("SKIPPED: ../shared/data is absent (real-data test not run)");
         None
