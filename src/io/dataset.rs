@@ -1,0 +1,188 @@
+//! Dataset folders in the Medical Segmentation Decathlon layout, as nnU-Net and MONAI users
+//! have them: `dataset.json`, `imagesTr/`, `labelsTr/`, optional `imagesTs/`.
+//!
+//! Which cases are labelled is the caller's choice (`first(n)`, the LA benchmark's convention,
+//! or an explicit list); the label of an unlabelled case is never opened.
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Case {
+    /// File name without `.nii.gz` / `.nii`, e.g. `hippocampus_001`.
+    pub id: String,
+    pub image: PathBuf,
+    pub label: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub name: String,
+    /// Class index -> name, background (0) included.
+    pub labels: BTreeMap<u16, String>,
+    /// Cases of `training`, in the order of dataset.json.
+    pub training: Vec<Case>,
+    /// Images of `test` (no labels).
+    pub test: Vec<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct Pair {
+    image: String,
+    label: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DatasetJson {
+    name: Option<String>,
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    training: Vec<Pair>,
+    #[serde(default)]
+    test: Vec<serde_json::Value>,
+}
+
+/// `hippocampus_001.nii.gz` -> `hippocampus_001`.
+pub fn case_id(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    name.trim_end_matches(".gz").trim_end_matches(".nii").to_string()
+}
+
+impl Dataset {
+    /// Opens `dir/dataset.json` and checks that every listed file exists.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Dataset> {
+        let root = dir.as_ref().to_path_buf();
+        let json_path = root.join("dataset.json");
+        let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+        let parsed: DatasetJson =
+            serde_json::from_str(&text).map_err(|e| Error::format(&json_path, format!("not a Decathlon dataset.json: {e}")))?;
+        let mut labels = BTreeMap::new();
+        for (k, v) in parsed.labels {
+            let idx: u16 = k.parse().map_err(|_| Error::format(&json_path, format!("label key '{k}' is not a class index")))?;
+            labels.insert(idx, v);
+        }
+        if !labels.contains_key(&0) {
+            return Err(Error::format(&json_path, "labels must include 0 (background)"));
+        }
+        let resolve = |rel: &str| -> Result<PathBuf> {
+            let p = root.join(rel.trim_start_matches("./"));
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(Error::format(&json_path, format!("listed file {} does not exist", p.display())))
+            }
+        };
+        let mut training = Vec::with_capacity(parsed.training.len());
+        for pair in &parsed.training {
+            let image = resolve(&pair.image)?;
+            let label = pair.label.as_deref().map(resolve).transpose()?;
+            training.push(Case { id: case_id(&image), image, label });
+        }
+        let mut test = vec![];
+        for t in &parsed.test {
+            // Decathlon lists test images as plain strings; some tools write {"image": ...}.
+            let rel = t.as_str().or_else(|| t.get("image").and_then(|v| v.as_str()));
+            if let Some(rel) = rel {
+                test.push(resolve(rel)?);
+            }
+        }
+        Ok(Dataset { root, name: parsed.name.unwrap_or_default(), labels, training, test })
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.labels.keys().max().map(|&m| m as usize + 1).unwrap_or(1)
+    }
+
+    /// A case by id, or a clear error.
+    pub fn case(&self, id: &str) -> Result<&Case> {
+        self.training.iter().find(|c| c.id == id).ok_or_else(|| Error::invalid(format!("case '{id}' is not in {}", self.root.display())))
+    }
+
+    /// Splits `training` into (labelled, unlabelled): the first `n` cases are labelled (the
+    /// LA benchmark's convention). Unlabelled cases lose their label path, so nothing
+    /// downstream can read it by accident.
+    pub fn split_first(&self, n: usize) -> Result<(Vec<Case>, Vec<Case>)> {
+        if n == 0 {
+            return Err(Error::invalid("at least one labelled case is needed (--labeled 0)"));
+        }
+        if n > self.training.len() {
+            return Err(Error::invalid(format!("--labeled {n}: the dataset has only {} training cases", self.training.len())));
+        }
+        let labelled: Vec<Case> = self.training[..n].to_vec();
+        if let Some(c) = labelled.iter().find(|c| c.label.is_none()) {
+            return Err(Error::invalid(format!("case {} is to be labelled but dataset.json lists no label for it", c.id)));
+        }
+        let unlabelled = self.training[n..].iter().map(|c| Case { label: None, ..c.clone() }).collect();
+        Ok((labelled, unlabelled))
+    }
+
+    /// Splits by an explicit list of labelled case ids (one per line in `--labeled-list`).
+    pub fn split_by_ids(&self, ids: &[String]) -> Result<(Vec<Case>, Vec<Case>)> {
+        let mut labelled = vec![];
+        for id in ids {
+            let c = self.case(id)?;
+            if c.label.is_none() {
+                return Err(Error::invalid(format!("case {id} is to be labelled but dataset.json lists no label for it")));
+            }
+            labelled.push(c.clone());
+        }
+        if labelled.is_empty() {
+            return Err(Error::invalid("the labelled list is empty"));
+        }
+        let unlabelled = self.training.iter().filter(|c| !ids.contains(&c.id)).map(|c| Case { label: None, ..c.clone() }).collect();
+        Ok((labelled, unlabelled))
+    }
+}
+
+/// Reads a list of case ids: one per line, blank lines and `#` comments ignored.
+pub fn read_id_list(path: impl AsRef<Path>) -> Result<Vec<String>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(|l| case_id(Path::new(l))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn make(dir: &Path) {
+        std::fs::create_dir_all(dir.join("imagesTr")).unwrap();
+        std::fs::create_dir_all(dir.join("labelsTr")).unwrap();
+        for i in 0..4 {
+            std::fs::write(dir.join(format!("imagesTr/c_{i}.nii.gz")), b"x").unwrap();
+            std::fs::write(dir.join(format!("labelsTr/c_{i}.nii.gz")), b"x").unwrap();
+        }
+        let training: Vec<_> = (0..4).map(|i| serde_json::json!({"image": format!("./imagesTr/c_{i}.nii.gz"), "label": format!("./labelsTr/c_{i}.nii.gz")})).collect();
+        let j = serde_json::json!({"name": "t", "labels": {"0": "background", "1": "a", "2": "b"}, "training": training, "test": []});
+        std::fs::write(dir.join("dataset.json"), j.to_string()).unwrap();
+    }
+
+    #[test]
+    fn splits_never_leak_labels() {
+        let d = tempfile::tempdir().unwrap();
+        make(d.path());
+        let ds = Dataset::open(d.path()).unwrap();
+        assert_eq!(ds.num_classes(), 3);
+        let (l, u) = ds.split_first(1).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(u.len(), 3);
+        assert!(u.iter().all(|c| c.label.is_none()));
+        assert!(ds.split_first(0).is_err());
+        assert!(ds.split_first(5).is_err());
+        let (l, u) = ds.split_by_ids(&["c_2".into()]).unwrap();
+        assert_eq!(l[0].id, "c_2");
+        assert_eq!(u.len(), 3);
+        assert!(ds.split_by_ids(&["nope".into()]).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        make(d.path());
+        std::fs::remove_file(d.path().join("labelsTr/c_3.nii.gz")).unwrap();
+        let e = Dataset::open(d.path()).unwrap_err().to_string();
+        assert!(e.contains("c_3.nii.gz"), "{e}");
+    }
+}
