@@ -14,7 +14,9 @@
 //! metrics    Dice, Jaccard, ASD, HD95
 //! ```
 pub mod error;
+pub mod infer;
 pub mod io;
+pub mod job;
 pub mod metrics;
 pub mod nn;
 pub mod stitch;

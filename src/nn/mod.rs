@@ -1,6 +1,7 @@
 //! tch models: SAM (image encoder, prompt encoder, mask decoder) with LoRA, and the V-Net.
 //! Models know nothing of files beyond `weights` (tensors in, tensors out).
 pub mod lora;
+pub mod loss;
 pub mod sam;
 pub mod vnet;
 pub mod weights;
