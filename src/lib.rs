@@ -19,6 +19,7 @@ pub mod io;
 pub mod job;
 pub mod metrics;
 pub mod nn;
+pub mod pipeline;
 pub mod stitch;
 pub mod volume;
 

@@ -1,0 +1,270 @@
+//! Training data: loading and checking cases, per-volume z-score normalisation, patch sampling
+//! and augmentation (3D rot90/flip, random crop, Bezier intensity curve).
+//!
+//! Arrays are `[nz, ny, nx]` (x fastest), patches `[pz, py, px]`.
+use crate::error::{Error, Result};
+use crate::io::dataset::Case;
+use crate::io::nifti;
+use crate::volume::{Geometry, Volume};
+use ndarray::{s, Array3, ArrayView3, Axis};
+use rand::RngExt;
+
+pub type Rng = rand_chacha::ChaCha8Rng;
+
+/// A loaded case: normalised image, optional label, and the image's geometry.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub id: String,
+    pub image: Array3<f32>,
+    pub label: Option<Array3<u8>>,
+    pub geometry: Geometry,
+}
+
+/// Per-volume z-score (intensities differ wildly between files and scanners). A NaN or
+/// infinite voxel is an error; a constant image has nothing to normalise and becomes zeros
+/// (logged).
+pub fn zscore(v: &ArrayView3<f32>, what: &str) -> Result<Array3<f32>> {
+    let n = v.len() as f64;
+    if n == 0.0 {
+        return Err(Error::invalid(format!("{what}: empty image")));
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::invalid(format!("{what}: the image contains NaN or infinite voxels")));
+    }
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let std = var.sqrt();
+    if std < 1e-8 * mean.abs().max(1.0) {
+        log::warn!("{what}: constant image (all voxels {mean}); normalised to zeros");
+        return Ok(Array3::zeros(v.raw_dim()));
+    }
+    Ok(v.mapv(|x| ((x as f64 - mean) / std) as f32))
+}
+
+/// Checks a label volume: integral values in `0..num_classes`, returned as u8.
+pub fn check_label(label: &Volume<f64>, num_classes: usize, what: &str) -> Result<Array3<u8>> {
+    let mut bad = None;
+    let out = label.data.mapv(|v| {
+        if v.fract() != 0.0 || v < 0.0 || v >= num_classes as f64 {
+            bad.get_or_insert(v);
+        }
+        v as u8
+    });
+    if let Some(v) = bad {
+        return Err(Error::invalid(format!(
+            "{what}: label value {v} is outside the declared classes 0..{} (dataset.json labels)",
+            num_classes - 1
+        )));
+    }
+    Ok(out)
+}
+
+/// Loads a case: image (z-scored) and, when the case has one, its label, which must have the
+/// image's shape and geometry.
+pub fn load_case(case: &Case, num_classes: usize) -> Result<Sample> {
+    let img = nifti::read(&case.image)?;
+    let geometry = *img.geometry();
+    let image = zscore(&img.cast::<f32>().data.view(), &case.image.display().to_string())?;
+    let label = match &case.label {
+        None => None,
+        Some(lp) => {
+            let lab = nifti::read(lp)?;
+            if lab.dims() != img.dims() {
+                return Err(Error::invalid(format!(
+                    "{}: label dims {:?} differ from image dims {:?} ({})",
+                    lp.display(),
+                    lab.dims(),
+                    img.dims(),
+                    case.image.display()
+                )));
+            }
+            let tol = 1e-3 * geometry.spacing.iter().cloned().fold(1.0, f64::max);
+            if lab.geometry().max_abs_diff(&geometry) > tol {
+                return Err(Error::invalid(format!(
+                    "{}: label geometry {:?} differs from the image's {:?}",
+                    lp.display(),
+                    lab.geometry(),
+                    geometry
+                )));
+            }
+            let l = check_label(&lab.cast::<f64>(), num_classes, &lp.display().to_string())?;
+            if l.iter().all(|&v| v == 0) {
+                log::warn!("{}: the label is empty (background only)", lp.display());
+            }
+            Some(l)
+        }
+    };
+    Ok(Sample { id: case.id.clone(), image, label, geometry })
+}
+
+/// Pads `a` (centred, with `value`) so that every axis is at least `min`.
+pub fn pad_to_min<T: Copy>(a: &ArrayView3<T>, min: [usize; 3], value: T) -> Array3<T> {
+    let sh = a.shape();
+    let new = [sh[0].max(min[0]), sh[1].max(min[1]), sh[2].max(min[2])];
+    if new == [sh[0], sh[1], sh[2]] {
+        return a.to_owned();
+    }
+    let b = [(new[0] - sh[0]) / 2, (new[1] - sh[1]) / 2, (new[2] - sh[2]) / 2];
+    let mut out = Array3::from_elem((new[0], new[1], new[2]), value);
+    out.slice_mut(s![b[0]..b[0] + sh[0], b[1]..b[1] + sh[1], b[2]..b[2] + sh[2]]).assign(a);
+    out
+}
+
+/// Where a random crop of `patch` starts in an array of `shape` (≥ patch on every axis).
+pub fn random_corner(rng: &mut Rng, shape: &[usize], patch: [usize; 3]) -> [usize; 3] {
+    [0, 1, 2].map(|a| rng.random_range(0..=shape[a] - patch[a]))
+}
+
+/// Random crop of image (+ label, + anything cropped alike, e.g. pseudo-label probabilities),
+/// padding first when the volume is smaller than the patch (image with 0 = the mean after
+/// z-scoring, label with background).
+pub fn random_crop(rng: &mut Rng, image: &ArrayView3<f32>, label: Option<&ArrayView3<u8>>, patch: [usize; 3]) -> (Array3<f32>, Option<Array3<u8>>) {
+    let img = pad_to_min(image, patch, 0.0);
+    let lab = label.map(|l| pad_to_min(l, patch, 0u8));
+    let c = random_corner(rng, img.shape(), patch);
+    let sl = s![c[0]..c[0] + patch[0], c[1]..c[1] + patch[1], c[2]..c[2] + patch[2]];
+    (img.slice(sl).to_owned(), lab.map(|l| l.slice(sl).to_owned()))
+}
+
+/// Random rot90 in the axial (y, x) plane — only when the patch is square there, so the shape
+/// is kept — and a random flip along y or x, the same for image and label (UA-MT's
+/// RandomRotFlip, in our axis order).
+pub fn random_rot_flip(rng: &mut Rng, image: &mut Array3<f32>, label: Option<&mut Array3<u8>>) {
+    let square = image.shape()[1] == image.shape()[2];
+    let k = if square { rng.random_range(0..4usize) } else { 2 * rng.random_range(0..2usize) };
+    let flip_axis = 1 + rng.random_range(0..2usize);
+    fn apply<T: Clone>(a: &Array3<T>, k: usize, flip_axis: usize) -> Array3<T> {
+        let mut v = a.view();
+        for _ in 0..k {
+            // rot90 in (y, x): transpose the plane, then flip the new y axis
+            v.swap_axes(1, 2);
+            v.invert_axis(Axis(1));
+        }
+        v.invert_axis(Axis(flip_axis));
+        v.as_standard_layout().into_owned()
+    }
+    *image = apply(image, k, flip_axis);
+    if let Some(l) = label {
+        *l = apply(l, k, flip_axis);
+    }
+}
+
+/// Random monotone Bezier intensity curve (Models Genesis' non-linear transformation): the
+/// patch is mapped to [0, 1], passed through a cubic Bezier curve with random inner control
+/// points (reversed half of the time), and mapped back to its range.
+pub fn random_bezier(rng: &mut Rng, image: &mut Array3<f32>) {
+    let (lo, hi) = image.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    if hi <= lo {
+        return;
+    }
+    let p1 = [rng.random::<f64>(), rng.random::<f64>()];
+    let p2 = [rng.random::<f64>(), rng.random::<f64>()];
+    let pts = [[0.0, 0.0], p1, p2, [1.0, 1.0]];
+    const N: usize = 1000;
+    let mut xs = Vec::with_capacity(N);
+    let mut ys = Vec::with_capacity(N);
+    for t in 0..N {
+        let t = t as f64 / (N - 1) as f64;
+        let b = [(1.0 - t).powi(3), 3.0 * t * (1.0 - t).powi(2), 3.0 * t * t * (1.0 - t), t.powi(3)];
+        xs.push((0..4).map(|i| b[i] * pts[i][0]).sum::<f64>());
+        ys.push((0..4).map(|i| b[i] * pts[i][1]).sum::<f64>());
+    }
+    if rng.random::<f64>() < 0.5 {
+        ys.reverse(); // decreasing curve, as Models Genesis does half of the time
+    }
+    // x(t) need not be monotone for random control points: interpolate on the sorted pairs.
+    let mut pairs: Vec<(f64, f64)> = xs.into_iter().zip(ys).collect();
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let range = (hi - lo) as f64;
+    image.mapv_inplace(|v| {
+        let x = (v - lo) as f64 / range;
+        let i = pairs.partition_point(|p| p.0 < x);
+        let y = if i == 0 {
+            pairs[0].1
+        } else if i >= pairs.len() {
+            pairs[pairs.len() - 1].1
+        } else {
+            let (a, b) = (pairs[i - 1], pairs[i]);
+            if b.0 > a.0 {
+                a.1 + (b.1 - a.1) * (x - a.0) / (b.0 - a.0)
+            } else {
+                a.1
+            }
+        };
+        (lo as f64 + y * range) as f32
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn zscore_and_bad_images() {
+        let a = Array3::from_shape_fn((2, 3, 4), |(k, j, i)| (k * 12 + j * 4 + i) as f32);
+        let z = zscore(&a.view(), "t").unwrap();
+        let mean: f32 = z.iter().sum::<f32>() / 24.0;
+        let var: f32 = z.iter().map(|v| v * v).sum::<f32>() / 24.0;
+        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
+        let mut nan = a.clone();
+        nan[[1, 1, 1]] = f32::NAN;
+        assert!(zscore(&nan.view(), "t").unwrap_err().to_string().contains("NaN"));
+        let c = Array3::from_elem((2, 2, 2), 7.0f32);
+        assert!(zscore(&c.view(), "t").unwrap().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn labels_outside_classes_are_errors() {
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 3), vec![0.0, 1.0, 3.0]).unwrap(), Geometry::default());
+        assert!(check_label(&v, 3, "lab").unwrap_err().to_string().contains("label value 3"));
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 2), vec![0.0, 1.5]).unwrap(), Geometry::default());
+        assert!(check_label(&v, 3, "lab").is_err());
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 2), vec![0.0, 2.0]).unwrap(), Geometry::default());
+        assert_eq!(check_label(&v, 3, "lab").unwrap().as_slice().unwrap(), &[0, 2]);
+    }
+
+    #[test]
+    fn crops_pad_and_keep_image_label_aligned() {
+        let mut rng = Rng::seed_from_u64(1);
+        let img = Array3::from_shape_fn((3, 5, 6), |(k, j, i)| (k * 100 + j * 10 + i) as f32);
+        let lab = img.mapv(|v| (v as u32 % 7) as u8);
+        for _ in 0..20 {
+            let (ci, cl) = random_crop(&mut rng, &img.view(), Some(&lab.view()), [4, 4, 4]);
+            assert_eq!(ci.shape(), &[4, 4, 4]);
+            let cl = cl.unwrap();
+            for ((k, j, i), &v) in ci.indexed_iter() {
+                // padding voxels are 0 in the image and 0 in the label; others keep the pairing
+                assert_eq!(cl[[k, j, i]], (v as u32 % 7) as u8);
+            }
+        }
+    }
+
+    #[test]
+    fn rot_flip_keeps_pairing_and_values() {
+        let mut rng = Rng::seed_from_u64(3);
+        let img = Array3::from_shape_fn((2, 4, 4), |(k, j, i)| (k * 16 + j * 4 + i) as f32);
+        for _ in 0..10 {
+            let mut a = img.clone();
+            let mut l = img.mapv(|v| v as u8);
+            random_rot_flip(&mut rng, &mut a, Some(&mut l));
+            assert_eq!(a.mapv(|v| v as u8), l);
+            let mut sorted: Vec<f32> = a.iter().cloned().collect();
+            sorted.sort_by(f32::total_cmp);
+            assert_eq!(sorted, (0..32).map(|v| v as f32).collect::<Vec<_>>());
+            // slices stay slices: z is never mixed with y/x
+            for k in 0..2 {
+                assert!(a.index_axis(Axis(0), k).iter().all(|&v| (v as usize) / 16 == k));
+            }
+        }
+    }
+
+    #[test]
+    fn bezier_keeps_range() {
+        let mut rng = Rng::seed_from_u64(5);
+        let mut a = Array3::from_shape_fn((2, 3, 4), |(k, j, i)| (k * 12 + j * 4 + i) as f32 - 5.0);
+        let (lo, hi) = (-5.0f32, 18.0f32);
+        random_bezier(&mut rng, &mut a);
+        assert!(a.iter().all(|&v| v >= lo - 1e-4 && v <= hi + 1e-4));
+    }
+}

@@ -1,0 +1,2 @@
+//! SFR and SFR+: stitch -> fine-tune SAM -> pseudo-label -> re-train a V-Net semi-supervised.
+pub mod data;
