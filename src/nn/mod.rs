@@ -24,3 +24,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
         other => Err(Error::invalid(format!("unknown device '{other}' (expected cpu, cuda or auto)"))),
     }
 }
+
+/// Checks a device name without requiring the device (configs are validated anywhere).
+pub fn parse_device_name(s: &str) -> Result<()> {
+    match s {
+        "cpu" | "cuda" | "auto" => Ok(()),
+        other => Err(Error::invalid(format!("unknown device '{other}' (expected cpu, cuda or auto)"))),
+    }
+}

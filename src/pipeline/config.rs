@@ -1,0 +1,336 @@
+//! Every hyperparameter of a training run, in one versioned JSON document (unknown keys are an
+//! error), with named presets. Sizes are written as users and DESIGN.md write them: patch
+//! `[x, y, z]` (e.g. LA 112×112×80); the code turns them into `[z, y, x]` array order.
+use crate::error::{Error, Result};
+use crate::infer::Weighting;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+pub const CONFIG_VERSION: u32 = 1;
+
+/// The re-training method (the paper's SSL module), orthogonal to `sfr`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Labelled data only (with `sfr`: labels + SAM pseudo-labels).
+    Supervised,
+    /// Teacher trained first, its pseudo-labels then train the student (one round per half).
+    SelfTraining,
+    /// EMA teacher, softmax-MSE consistency under input noise.
+    MeanTeacher,
+    /// Mean teacher whose consistency acts only on the most ambiguous voxels.
+    Acmt,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Supervised => "supervised",
+            Method::SelfTraining => "self-training",
+            Method::MeanTeacher => "mean-teacher",
+            Method::Acmt => "acmt",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// lr × gamma every `every` iterations (the LA recipe: 0.1 every 2500).
+    Step { every: usize, gamma: f64 },
+    /// lr × (1 - it/max)^power.
+    Poly { power: f64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamStage {
+    /// `vit_b`, `vit_l`, `vit_h` (official) or `tiny` (a small ViT for CPUs and tests).
+    pub variant: String,
+    /// Official checkpoint (`sam_vit_b_01ec64.pth`) or safetensors; none = random init (logged).
+    pub checkpoint: Option<PathBuf>,
+    /// Canvas / SAM input size S.
+    pub image_size: usize,
+    pub lora_rank: usize,
+    pub iterations: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub batch: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VNetStage {
+    pub n_filters: i64,
+    pub iterations: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub schedule: LrSchedule,
+    pub labeled_batch: usize,
+    pub unlabeled_batch: usize,
+    /// Weight of the SAM pseudo-label term (SFR).
+    pub pseudo_label_weight: f64,
+    /// Maximum weight of the method's consistency term, ramped as 0.1·exp(-5(1-t)²).
+    pub consistency: f64,
+    /// Ramp-up length in "epochs" of `iterations_per_epoch` iterations.
+    pub rampup_epochs: f64,
+    pub iterations_per_epoch: usize,
+    pub ema_decay: f64,
+    /// Std and clamp of the teacher's input noise (mean teacher, ACMT).
+    pub noise_std: f64,
+    pub noise_clamp: f64,
+    /// Fraction of voxels ACMT treats as ambiguous.
+    pub acmt_ratio: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SfrPlus {
+    pub enabled: bool,
+    /// Samples with mean max-class probability ≥ tau go back to fine-tune SAM.
+    pub tau: f64,
+    pub rounds: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// Window step `[x, y, z]`.
+    pub stride: [usize; 3],
+    pub weighting: Weighting,
+    pub batch: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub version: u32,
+    pub preset: String,
+    pub seed: u64,
+    /// `cpu`, `cuda` or `auto`.
+    pub device: String,
+    /// Intra-op threads; 0 = libtorch's default.
+    pub threads: usize,
+    pub method: Method,
+    /// Use SAM pseudo-labels (the SFR framework); false = the method alone.
+    pub sfr: bool,
+    /// Patch `[x, y, z]` for V-Net training, inference windows and SAM stitching.
+    pub patch: [usize; 3],
+    /// Labelled cases held out for validation (0 = none; kept ≤ half the labelled cases).
+    pub validation_cases: usize,
+    /// Iterations between checkpoints (0 = none).
+    pub checkpoint_every: usize,
+    pub sam: SamStage,
+    pub vnet: VNetStage,
+    pub sfr_plus: SfrPlus,
+    pub inference: InferenceConfig,
+}
+
+impl TrainConfig {
+    pub const PRESETS: [&'static str; 3] = ["paper-la", "cpu-small", "test-tiny"];
+
+    /// The paper's LA settings (for a GPU): patch 112×112×80, SAM vit_b at 1024, 6000 iterations.
+    pub fn paper_la() -> TrainConfig {
+        TrainConfig {
+            version: CONFIG_VERSION,
+            preset: "paper-la".into(),
+            seed: 1337,
+            device: "auto".into(),
+            threads: 0,
+            method: Method::MeanTeacher,
+            sfr: true,
+            patch: [112, 112, 80],
+            validation_cases: 0,
+            checkpoint_every: 500,
+            sam: SamStage {
+                variant: "vit_b".into(),
+                checkpoint: None,
+                image_size: 1024,
+                lora_rank: 4,
+                iterations: 6000,
+                lr: 1e-3,
+                weight_decay: 0.1,
+                batch: 2,
+            },
+            vnet: VNetStage {
+                n_filters: 16,
+                iterations: 6000,
+                lr: 0.01,
+                momentum: 0.9,
+                weight_decay: 1e-4,
+                schedule: LrSchedule::Step { every: 2500, gamma: 0.1 },
+                labeled_batch: 2,
+                unlabeled_batch: 2,
+                pseudo_label_weight: 1.0,
+                consistency: 0.1,
+                rampup_epochs: 40.0,
+                iterations_per_epoch: 150,
+                ema_decay: 0.99,
+                noise_std: 0.1,
+                noise_clamp: 0.2,
+                acmt_ratio: 0.2,
+            },
+            sfr_plus: SfrPlus { enabled: false, tau: 0.985, rounds: 2 },
+            inference: InferenceConfig { stride: [18, 18, 4], weighting: Weighting::Mean, batch: 4 },
+        }
+    }
+
+    /// A 2-core CPU: the hippocampus data end to end in about 15 minutes. The SAM stage uses
+    /// the `tiny` ViT on a 256 canvas (a hippocampus patch of 32×48 slices gives a 5×8 grid),
+    /// the V-Net 8 base filters, and far fewer iterations.
+    pub fn cpu_small() -> TrainConfig {
+        let mut c = TrainConfig::paper_la();
+        c.preset = "cpu-small".into();
+        c.device = "cpu".into();
+        c.patch = [32, 48, 32];
+        c.validation_cases = 1;
+        c.checkpoint_every = 100;
+        c.sam = SamStage { variant: "tiny".into(), image_size: 256, iterations: 300, ..c.sam };
+        c.vnet = VNetStage {
+            n_filters: 8,
+            iterations: 600,
+            schedule: LrSchedule::Poly { power: 0.9 },
+            iterations_per_epoch: 15,
+            ..c.vnet
+        };
+        c.inference = InferenceConfig { stride: [16, 24, 16], weighting: Weighting::Gaussian, batch: 4 };
+        c
+    }
+
+    /// Seconds, for tests: tiny everything.
+    pub fn test_tiny() -> TrainConfig {
+        let mut c = TrainConfig::cpu_small();
+        c.preset = "test-tiny".into();
+        c.patch = [16, 16, 16];
+        c.validation_cases = 0;
+        c.checkpoint_every = 0;
+        c.sam = SamStage { iterations: 10, image_size: 128, batch: 1, ..c.sam };
+        c.vnet = VNetStage { n_filters: 4, iterations: 20, iterations_per_epoch: 2, ..c.vnet };
+        c.inference = InferenceConfig { stride: [8, 8, 8], weighting: Weighting::Gaussian, batch: 2 };
+        c
+    }
+
+    pub fn preset(name: &str) -> Result<TrainConfig> {
+        match name {
+            "paper-la" => Ok(TrainConfig::paper_la()),
+            "cpu-small" => Ok(TrainConfig::cpu_small()),
+            "test-tiny" => Ok(TrainConfig::test_tiny()),
+            other => Err(Error::invalid(format!("unknown preset '{other}' (known: {})", TrainConfig::PRESETS.join(", ")))),
+        }
+    }
+
+    /// Parses a full config document: unknown keys, missing keys or a wrong version are errors.
+    pub fn from_json(text: &str) -> Result<TrainConfig> {
+        let c: TrainConfig = serde_json::from_str(text).map_err(|e| Error::invalid(format!("config: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// A preset with some keys overridden by a partial JSON object (`{"vnet": {"iterations":
+    /// 100}}`): the merge is by key, and the result is re-parsed strictly, so a misspelt key
+    /// is still an error.
+    pub fn preset_with_overrides(preset: &str, overrides: &str) -> Result<TrainConfig> {
+        let base = serde_json::to_value(TrainConfig::preset(preset)?).expect("serialisable");
+        let over: serde_json::Value = serde_json::from_str(overrides).map_err(|e| Error::invalid(format!("config: {e}")))?;
+        let merged = merge(base, over);
+        let c: TrainConfig = serde_json::from_value(merged).map_err(|e| Error::invalid(format!("config: {e}")))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("serialisable")
+    }
+
+    /// Patch in array order [z, y, x].
+    pub fn patch_zyx(&self) -> [usize; 3] {
+        [self.patch[2], self.patch[1], self.patch[0]]
+    }
+    pub fn stride_zyx(&self) -> [usize; 3] {
+        let s = self.inference.stride;
+        [s[2], s[1], s[0]]
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.version != CONFIG_VERSION {
+            return Err(Error::invalid(format!("config version {} is not supported (this library reads version {CONFIG_VERSION})", self.version)));
+        }
+        if self.patch.contains(&0) {
+            return Err(Error::invalid("config: patch sizes must be positive"));
+        }
+        if self.patch.iter().any(|&p| p % 16 != 0) {
+            return Err(Error::invalid(format!("config: patch {:?} must be a multiple of 16 on every axis (the V-Net halves it four times)", self.patch)));
+        }
+        if self.inference.stride.contains(&0) || self.inference.stride.iter().zip(&self.patch).any(|(s, p)| s > p) {
+            return Err(Error::invalid(format!("config: inference stride {:?} must be in 1..=patch {:?}", self.inference.stride, self.patch)));
+        }
+        if self.inference.batch == 0 || self.vnet.labeled_batch == 0 || self.sam.batch == 0 {
+            return Err(Error::invalid("config: batch sizes must be positive"));
+        }
+        if self.vnet.iterations == 0 {
+            return Err(Error::invalid("config: vnet.iterations must be positive"));
+        }
+        if self.sam.image_size % 16 != 0 || self.sam.image_size < 64 {
+            return Err(Error::invalid(format!("config: sam.image_size {} must be a multiple of 16, at least 64", self.sam.image_size)));
+        }
+        if !(0.0..=1.0).contains(&self.sfr_plus.tau) {
+            return Err(Error::invalid("config: sfr_plus.tau must be in [0, 1]"));
+        }
+        if !(0.0..1.0).contains(&self.vnet.ema_decay) || !(0.0..=1.0).contains(&self.vnet.acmt_ratio) {
+            return Err(Error::invalid("config: vnet.ema_decay must be in [0, 1) and acmt_ratio in [0, 1]"));
+        }
+        crate::nn::parse_device_name(&self.device)?;
+        Ok(())
+    }
+}
+
+fn merge(base: serde_json::Value, over: serde_json::Value) -> serde_json::Value {
+    match (base, over) {
+        (serde_json::Value::Object(mut b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                let merged = match b.remove(&k) {
+                    Some(bv) => merge(bv, v),
+                    None => v, // unknown key: kept, so that strict parsing reports it
+                };
+                b.insert(k, merged);
+            }
+            serde_json::Value::Object(b)
+        }
+        (_, o) => o,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_round_trip_and_validate() {
+        for p in TrainConfig::PRESETS {
+            let c = TrainConfig::preset(p).unwrap();
+            c.validate().unwrap();
+            assert_eq!(TrainConfig::from_json(&c.to_json()).unwrap(), c);
+        }
+        let la = TrainConfig::paper_la();
+        assert_eq!(la.patch, [112, 112, 80]);
+        assert_eq!(la.patch_zyx(), [80, 112, 112]);
+        assert_eq!(la.sam.image_size, 1024);
+        assert_eq!(la.vnet.iterations, 6000);
+    }
+
+    #[test]
+    fn unknown_keys_and_versions_are_errors() {
+        let e = TrainConfig::preset_with_overrides("cpu-small", r#"{"vnet": {"iterationz": 5}}"#).unwrap_err().to_string();
+        assert!(e.contains("iterationz"), "{e}");
+        let e = TrainConfig::preset_with_overrides("cpu-small", r#"{"version": 7}"#).unwrap_err().to_string();
+        assert!(e.contains("version 7"), "{e}");
+        let c = TrainConfig::preset_with_overrides("cpu-small", r#"{"vnet": {"iterations": 5}, "method": "acmt"}"#).unwrap();
+        assert_eq!(c.vnet.iterations, 5);
+        assert_eq!(c.method, Method::Acmt);
+        assert_eq!(c.vnet.lr, 0.01);
+        assert!(TrainConfig::from_json("{}").is_err());
+        assert!(TrainConfig::preset("nope").is_err());
+        assert!(TrainConfig::preset_with_overrides("cpu-small", r#"{"patch": [30, 48, 32]}"#).is_err());
+    }
+}
