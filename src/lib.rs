@@ -20,6 +20,7 @@ pub mod job;
 pub mod metrics;
 pub mod nn;
 pub mod pipeline;
+pub mod ssl;
 pub mod stitch;
 pub mod volume;
 
