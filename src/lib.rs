@@ -18,6 +18,7 @@ pub mod infer;
 pub mod io;
 pub mod job;
 pub mod metrics;
+pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod ssl;

@@ -1,0 +1,190 @@
+//! The product of training: a `.sfrmodel` file — one safetensors file holding the V-Net's
+//! weights and, under the metadata key `sfr`, the JSON of everything needed to use it (classes,
+//! patch, normalisation, training spacing, method, data summary, validation metrics, library
+//! version). SAM is not part of it: only the re-trained V-Net segments new scans.
+use crate::error::{Error, Result};
+use crate::infer::{argmax, SlidingWindow};
+use crate::job::Reporter;
+use crate::nn::vnet::{VNet, VNetConfig};
+use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
+use crate::pipeline::config::InferenceConfig;
+use crate::pipeline::data::zscore;
+use crate::volume::Volume;
+use ndarray::Array4;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use tch::{nn, Device};
+
+pub const FORMAT: &str = "sfrmodel";
+pub const FORMAT_VERSION: u32 = 1;
+const META_KEY: &str = "sfr";
+
+/// The metadata of a `.sfrmodel` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    pub format: String,
+    pub format_version: u32,
+    pub library_version: String,
+    /// Class index -> name, background (0) included.
+    pub classes: BTreeMap<u16, String>,
+    /// Patch `[x, y, z]` the network was trained on (and inference windows).
+    pub patch: [usize; 3],
+    /// Intensity normalisation applied to every input volume.
+    pub normalization: String,
+    /// Median voxel spacing (mm) of the training images; inputs far from it are warned about.
+    pub spacing: [f64; 3],
+    pub vnet: VNetConfig,
+    pub inference: InferenceConfig,
+    /// Method, SFR on/off, preset, seed, data summary: free-form, for people and tools.
+    pub training: serde_json::Value,
+    /// Validation metrics (per class and mean Dice...), when a validation split existed.
+    pub validation: Option<serde_json::Value>,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+pub struct SfrModel {
+    pub meta: ModelMeta,
+    net: VNet,
+    // Owns the network's variables.
+    _vs: nn::VarStore,
+    device: Device,
+}
+
+impl SfrModel {
+    /// Wraps a trained network. `net` must live in `vs`.
+    pub fn new(vs: nn::VarStore, net: VNet, meta: ModelMeta) -> SfrModel {
+        let device = vs.device();
+        SfrModel { meta, net, _vs: vs, device }
+    }
+
+    pub fn net(&self) -> &VNet {
+        &self.net
+    }
+    pub fn device(&self) -> Device {
+        self.device
+    }
+    pub fn num_classes(&self) -> usize {
+        self.meta.vnet.num_classes as usize
+    }
+
+    /// Writes the model (atomically: temporary file, then rename).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let meta = serde_json::to_string(&self.meta).map_err(|e| Error::invalid(e.to_string()))?;
+        let metadata: HashMap<String, String> = [(META_KEY.to_string(), meta)].into();
+        save_safetensors(path, &self.net.state_dict(), &metadata)
+    }
+
+    /// Reads only the metadata of a `.sfrmodel` file.
+    pub fn read_meta(path: impl AsRef<Path>) -> Result<ModelMeta> {
+        Ok(Self::read(path.as_ref())?.1)
+    }
+
+    fn read(path: &Path) -> Result<(Vec<(String, tch::Tensor)>, ModelMeta)> {
+        let (tensors, metadata) = read_safetensors_with_metadata(path)?;
+        let text = metadata
+            .get(META_KEY)
+            .ok_or_else(|| Error::format(path, "not an SFR model: the safetensors metadata has no 'sfr' entry"))?;
+        let meta: ModelMeta = serde_json::from_str(text).map_err(|e| Error::format(path, format!("bad model metadata: {e}")))?;
+        if meta.format != FORMAT || meta.format_version > FORMAT_VERSION {
+            return Err(Error::format(
+                path,
+                format!("model format {} v{} is not readable by this library (sfrmodel v{FORMAT_VERSION})", meta.format, meta.format_version),
+            ));
+        }
+        Ok((tensors, meta))
+    }
+
+    pub fn load(path: impl AsRef<Path>, device: Device) -> Result<SfrModel> {
+        let path = path.as_ref();
+        let (tensors, meta) = Self::read(path)?;
+        let vs = nn::VarStore::new(device);
+        let mut net = VNet::new(&vs.root(), &meta.vnet).map_err(|e| Error::format(path, e.to_string()))?;
+        net.load_state_dict(tensors, &path.display().to_string())?;
+        Ok(SfrModel { meta, net, _vs: vs, device })
+    }
+
+    pub fn sliding_window(&self) -> SlidingWindow {
+        let p = self.meta.patch;
+        let s = self.meta.inference.stride;
+        SlidingWindow { patch: [p[2], p[1], p[0]], stride: [s[2], s[1], s[0]], weighting: self.meta.inference.weighting, batch: self.meta.inference.batch }
+    }
+
+    /// Class probabilities [C, nz, ny, nx] of a raw (not yet normalised) image.
+    pub fn predict(&self, image: &Volume<f32>, reporter: Option<&Reporter>) -> Result<Array4<f32>> {
+        let s = image.geometry.spacing;
+        let t = self.meta.spacing;
+        if (0..3).any(|a| (s[a] / t[a] - 1.0).abs() > 0.25) {
+            log::warn!("input spacing {s:?} mm differs from the training spacing {t:?} mm by more than 25%: results may suffer (no resampling is done)");
+        }
+        let norm = zscore(&image.data.view(), "input image")?;
+        self.sliding_window().run(&norm.view(), self.device, reporter, |x| self.net.f_forward_t(x, false))
+    }
+
+    /// Label map with exactly the input's geometry, and the class probabilities.
+    pub fn segment(&self, image: &Volume<f32>, reporter: Option<&Reporter>) -> Result<(Volume<u8>, Array4<f32>)> {
+        let probs = self.predict(image, reporter)?;
+        let labels = argmax(&probs);
+        Ok((image.with_data(labels)?, probs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::Weighting;
+    use crate::volume::Geometry;
+
+    pub fn tiny_model() -> SfrModel {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = VNetConfig { n_filters: 2, num_classes: 3, ..VNetConfig::default() };
+        let net = VNet::new(&vs.root(), &cfg).unwrap();
+        let meta = ModelMeta {
+            format: FORMAT.into(),
+            format_version: FORMAT_VERSION,
+            library_version: crate::VERSION.into(),
+            classes: [(0, "background".into()), (1, "a".into()), (2, "b".into())].into(),
+            patch: [16, 16, 16],
+            normalization: "zscore".into(),
+            spacing: [1.0, 1.0, 1.0],
+            vnet: cfg,
+            inference: InferenceConfig { stride: [8, 8, 8], weighting: Weighting::Gaussian, batch: 2 },
+            training: serde_json::json!({"method": "supervised"}),
+            validation: None,
+            created_unix: 0,
+        };
+        SfrModel::new(vs, net, meta)
+    }
+
+    #[test]
+    fn save_load_segment_keeps_geometry() {
+        let m = tiny_model();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.sfrmodel");
+        m.save(&p).unwrap();
+        let back = SfrModel::load(&p, Device::Cpu).unwrap();
+        assert_eq!(back.meta, m.meta);
+        let g = Geometry { origin: [1.0, 2.0, 3.0], spacing: [0.9, 1.1, 1.0], direction: [0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0] };
+        let img = Volume::new(ndarray::Array3::from_shape_fn((10, 20, 18), |(k, j, i)| (k + j * i) as f32), g);
+        let (a, pa) = m.segment(&img, None).unwrap();
+        let (b, pb) = back.segment(&img, None).unwrap();
+        assert_eq!(a.geometry, g);
+        assert_eq!(a.dims(), [18, 20, 10]);
+        assert_eq!(a, b);
+        assert_eq!(pa, pb);
+        assert!(a.data.iter().all(|&l| l < 3));
+    }
+
+    #[test]
+    fn not_a_model_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.sfrmodel");
+        std::fs::write(&p, b"garbage").unwrap();
+        let e = SfrModel::load(&p, Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("x.sfrmodel"), "{e}");
+    }
+}
