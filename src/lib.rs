@@ -20,6 +20,7 @@ pub mod job;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod phantom;
 pub mod pipeline;
 pub mod ssl;
 pub mod stitch;

@@ -115,21 +115,21 @@ pub fn random_corner(rng: &mut Rng, shape: &[usize], patch: [usize; 3]) -> [usiz
     [0, 1, 2].map(|a| rng.random_range(0..=shape[a] - patch[a]))
 }
 
-/// Random crop of image (+ label, + anything cropped alike, e.g. pseudo-label probabilities),
-/// padding first when the volume is smaller than the patch (image with 0 = the mean after
-/// z-scoring, label with background).
-pub fn random_crop(rng: &mut Rng, image: &ArrayView3<f32>, label: Option<&ArrayView3<u8>>, patch: [usize; 3]) -> (Array3<f32>, Option<Array3<u8>>) {
+/// Random crop of an image and any label maps aligned with it (label, pseudo-labels), padding
+/// first when the volume is smaller than the patch (image with 0 = the mean after z-scoring,
+/// labels with background).
+pub fn random_crop(rng: &mut Rng, image: &ArrayView3<f32>, labels: &[&ArrayView3<u8>], patch: [usize; 3]) -> (Array3<f32>, Vec<Array3<u8>>) {
     let img = pad_to_min(image, patch, 0.0);
-    let lab = label.map(|l| pad_to_min(l, patch, 0u8));
     let c = random_corner(rng, img.shape(), patch);
     let sl = s![c[0]..c[0] + patch[0], c[1]..c[1] + patch[1], c[2]..c[2] + patch[2]];
-    (img.slice(sl).to_owned(), lab.map(|l| l.slice(sl).to_owned()))
+    let labs = labels.iter().map(|l| pad_to_min(l, patch, 0u8).slice(sl).to_owned()).collect();
+    (img.slice(sl).to_owned(), labs)
 }
 
 /// Random rot90 in the axial (y, x) plane — only when the patch is square there, so the shape
-/// is kept — and a random flip along y or x, the same for image and label (UA-MT's
-/// RandomRotFlip, in our axis order).
-pub fn random_rot_flip(rng: &mut Rng, image: &mut Array3<f32>, label: Option<&mut Array3<u8>>) {
+/// is kept — and a random flip along y or x, the same for the image and its label maps
+/// (UA-MT's RandomRotFlip, in our axis order).
+pub fn random_rot_flip(rng: &mut Rng, image: &mut Array3<f32>, labels: &mut [Array3<u8>]) {
     let square = image.shape()[1] == image.shape()[2];
     let k = if square { rng.random_range(0..4usize) } else { 2 * rng.random_range(0..2usize) };
     let flip_axis = 1 + rng.random_range(0..2usize);
@@ -144,7 +144,7 @@ pub fn random_rot_flip(rng: &mut Rng, image: &mut Array3<f32>, label: Option<&mu
         v.as_standard_layout().into_owned()
     }
     *image = apply(image, k, flip_axis);
-    if let Some(l) = label {
+    for l in labels.iter_mut() {
         *l = apply(l, k, flip_axis);
     }
 }
@@ -230,9 +230,9 @@ mod tests {
         let img = Array3::from_shape_fn((3, 5, 6), |(k, j, i)| (k * 100 + j * 10 + i) as f32);
         let lab = img.mapv(|v| (v as u32 % 7) as u8);
         for _ in 0..20 {
-            let (ci, cl) = random_crop(&mut rng, &img.view(), Some(&lab.view()), [4, 4, 4]);
+            let (ci, cl) = random_crop(&mut rng, &img.view(), &[&lab.view()], [4, 4, 4]);
             assert_eq!(ci.shape(), &[4, 4, 4]);
-            let cl = cl.unwrap();
+            let cl = &cl[0];
             for ((k, j, i), &v) in ci.indexed_iter() {
                 // padding voxels are 0 in the image and 0 in the label; others keep the pairing
                 assert_eq!(cl[[k, j, i]], (v as u32 % 7) as u8);
@@ -246,9 +246,9 @@ mod tests {
         let img = Array3::from_shape_fn((2, 4, 4), |(k, j, i)| (k * 16 + j * 4 + i) as f32);
         for _ in 0..10 {
             let mut a = img.clone();
-            let mut l = img.mapv(|v| v as u8);
-            random_rot_flip(&mut rng, &mut a, Some(&mut l));
-            assert_eq!(a.mapv(|v| v as u8), l);
+            let mut l = [img.mapv(|v| v as u8)];
+            random_rot_flip(&mut rng, &mut a, &mut l);
+            assert_eq!(a.mapv(|v| v as u8), l[0]);
             let mut sorted: Vec<f32> = a.iter().cloned().collect();
             sorted.sort_by(f32::total_cmp);
             assert_eq!(sorted, (0..32).map(|v| v as f32).collect::<Vec<_>>());

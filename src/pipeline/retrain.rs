@@ -1,0 +1,224 @@
+//! The re-training module: a V-Net trained on labelled patches plus unlabelled patches with SAM
+//! pseudo-labels (SFR) and the SSL method's own term.
+//!
+//! Each iteration: `labeled_batch` labelled crops and `unlabeled_batch` unlabelled crops (same
+//! random crop and rot/flip for an image and its label maps) go through the student together;
+//! loss = 0.5·(CE+Dice) on labels + `pseudo_label_weight`·0.5·(CE+Dice) on SAM pseudo-labels
+//! + the method's term. SGD with momentum and weight decay, LR by the configured schedule.
+//! Pseudo-labels are computed once per volume (not per crop, as the reference does) and
+//! cropped with the image.
+use crate::error::{Error, Result};
+use crate::infer::{argmax, SlidingWindow};
+use crate::job::Reporter;
+use crate::nn::loss::ce_dice;
+use crate::nn::vnet::{VNet, VNetConfig};
+use crate::pipeline::config::{LrSchedule, Method, TrainConfig};
+use crate::pipeline::data::{random_crop, random_rot_flip, Rng, Sample};
+use crate::ssl::{self, Unlabeled};
+use ndarray::{Array3, ArrayView3};
+use rand::{RngExt, SeedableRng};
+use std::path::PathBuf;
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+/// An unlabelled volume with what the pipeline knows of it.
+pub struct UnlabeledCase {
+    pub sample: Sample,
+    /// SAM pseudo-label (argmax of the fine-tuned SAM), when SFR is on.
+    pub sam_pseudo: Option<Array3<u8>>,
+}
+
+/// Where intermediate weights go, for `--resume` after a crash or kill.
+pub struct Checkpointing {
+    pub path: PathBuf,
+    pub every: usize,
+}
+
+pub fn learning_rate(cfg: &TrainConfig, it: usize) -> f64 {
+    let v = &cfg.vnet;
+    match v.schedule {
+        LrSchedule::Step { every, gamma } => v.lr * gamma.powi((it / every.max(1)) as i32),
+        LrSchedule::Poly { power } => v.lr * (1.0 - it as f64 / v.iterations as f64).max(0.0).powf(power),
+    }
+}
+
+fn stack_images(v: &[Array3<f32>], device: Device) -> Tensor {
+    let s = v[0].shape();
+    let mut buf: Vec<f32> = Vec::with_capacity(v.len() * v[0].len());
+    for a in v {
+        buf.extend(a.iter());
+    }
+    Tensor::from_slice(&buf).view([v.len() as i64, 1, s[0] as i64, s[1] as i64, s[2] as i64]).to_device(device)
+}
+
+fn stack_labels(v: &[Array3<u8>], device: Device) -> Tensor {
+    let s = v[0].shape();
+    let mut buf: Vec<u8> = Vec::with_capacity(v.len() * v[0].len());
+    for a in v {
+        buf.extend(a.iter());
+    }
+    Tensor::from_slice(&buf).view([v.len() as i64, s[0] as i64, s[1] as i64, s[2] as i64]).to_kind(Kind::Int64).to_device(device)
+}
+
+/// One augmented crop of an image and its aligned label maps.
+fn crop(rng: &mut Rng, image: &ArrayView3<f32>, labels: &[&ArrayView3<u8>], patch: [usize; 3]) -> (Array3<f32>, Vec<Array3<u8>>) {
+    let (mut img, mut labs) = random_crop(rng, image, labels, patch);
+    random_rot_flip(rng, &mut img, &mut labs);
+    (img, labs)
+}
+
+/// Label map of `net` on a normalised image (sliding window, eval mode).
+pub fn predict_labels(net: &VNet, cfg: &TrainConfig, image: &ArrayView3<f32>, device: Device) -> Result<Array3<u8>> {
+    let sw = SlidingWindow { patch: cfg.patch_zyx(), stride: cfg.stride_zyx(), weighting: cfg.inference.weighting, batch: cfg.inference.batch };
+    let probs = sw.run(image, device, None, |x| net.f_forward_t(x, false))?;
+    Ok(argmax(&probs))
+}
+
+/// Trains the V-Net. Returns its VarStore and the network (the student).
+pub fn retrain(
+    cfg: &TrainConfig,
+    num_classes: usize,
+    labeled: &[Sample],
+    unlabeled: &[UnlabeledCase],
+    device: Device,
+    reporter: &Reporter,
+    checkpoint: Option<&Checkpointing>,
+    resume: bool,
+) -> Result<(nn::VarStore, VNet)> {
+    if labeled.is_empty() {
+        return Err(Error::invalid("re-training needs at least one labelled case"));
+    }
+    let v = &cfg.vnet;
+    let patch = cfg.patch_zyx();
+    tch::manual_seed(cfg.seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let net_cfg = VNetConfig { in_channels: 1, num_classes: num_classes as i64, n_filters: v.n_filters, deep_supervision: false, dropout: Some(0.5) };
+    let mut net = VNet::new(&vs.root(), &net_cfg)?;
+    let mut method = ssl::build(cfg.method, &net, v, device)?;
+    let mut start = 0usize;
+    if resume {
+        if let Some(ck) = checkpoint.filter(|c| c.path.exists()) {
+            let meta = net.load_safetensors(&ck.path)?;
+            start = meta.get("iteration").and_then(|s| s.parse().ok()).unwrap_or(0);
+            // The teacher restarts from the resumed student (its EMA is rebuilt quickly).
+            method = ssl::build(cfg.method, &net, v, device)?;
+            reporter.message(&format!("resumed re-training at iteration {start} from {}", ck.path.display()));
+        }
+    }
+    let mut opt = nn::Sgd { momentum: v.momentum, dampening: 0.0, wd: v.weight_decay, nesterov: false }.build(&vs, v.lr)?;
+    let use_sam = cfg.sfr && unlabeled.iter().any(|u| u.sam_pseudo.is_some());
+    let use_unlabeled = !unlabeled.is_empty() && (use_sam || cfg.method != Method::Supervised);
+    let mut own_pseudo: Option<Vec<Array3<u8>>> = None;
+    let self_training_switch = v.iterations / 2;
+    reporter.stage(
+        "retrain",
+        v.iterations as u64,
+        &format!(
+            "V-Net ({} parameters), {} labelled + {} unlabelled volumes, method {}, SFR {}",
+            net.num_parameters(),
+            labeled.len(),
+            if use_unlabeled { unlabeled.len() } else { 0 },
+            cfg.method.name(),
+            if use_sam { "on" } else { "off" }
+        ),
+    )?;
+    // A resumed run draws from a stream seeded by the iteration, so it is reproducible too.
+    let mut rng = Rng::seed_from_u64(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    for it in start..v.iterations {
+        if cfg.method == Method::SelfTraining && use_unlabeled && it >= self_training_switch && own_pseudo.is_none() {
+            reporter.message("self-training: the teacher (the network so far) pseudo-labels the unlabelled volumes");
+            let mut pls = Vec::with_capacity(unlabeled.len());
+            for u in unlabeled {
+                pls.push(predict_labels(&net, cfg, &u.sample.image.view(), device)?);
+                reporter.check()?;
+            }
+            own_pseudo = Some(pls);
+        }
+        opt.set_lr(learning_rate(cfg, it));
+
+        let mut imgs = Vec::with_capacity(v.labeled_batch + v.unlabeled_batch);
+        let mut labs = Vec::with_capacity(v.labeled_batch);
+        for _ in 0..v.labeled_batch {
+            let s = &labeled[rng.random_range(0..labeled.len())];
+            let label = s.label.as_ref().expect("labelled samples carry labels");
+            let (i, mut l) = crop(&mut rng, &s.image.view(), &[&label.view()], patch);
+            imgs.push(i);
+            labs.push(l.remove(0));
+        }
+        let mut sam_pl = vec![];
+        let mut own_pl = vec![];
+        if use_unlabeled {
+            for _ in 0..v.unlabeled_batch {
+                let idx = rng.random_range(0..unlabeled.len());
+                let u = &unlabeled[idx];
+                let mut maps: Vec<ArrayView3<u8>> = vec![];
+                if use_sam {
+                    maps.push(u.sam_pseudo.as_ref().ok_or_else(|| Error::invalid(format!("{}: no SAM pseudo-label", u.sample.id)))?.view());
+                }
+                if let Some(pls) = &own_pseudo {
+                    maps.push(pls[idx].view());
+                }
+                let refs: Vec<&ArrayView3<u8>> = maps.iter().collect();
+                let (i, mut l) = crop(&mut rng, &u.sample.image.view(), &refs, patch);
+                imgs.push(i);
+                if own_pseudo.is_some() {
+                    own_pl.push(l.pop().unwrap());
+                }
+                if use_sam {
+                    sam_pl.push(l.pop().unwrap());
+                }
+            }
+        }
+        let lb = labs.len() as i64;
+        let input = stack_images(&imgs, device);
+        let logits = net.f_forward_t(&input, true)?;
+        let mut loss = ce_dice(&logits.narrow(0, 0, lb), &stack_labels(&labs, device));
+        if use_unlabeled {
+            let n_u = imgs.len() as i64 - lb;
+            let unl_logits = logits.narrow(0, lb, n_u);
+            if use_sam {
+                loss = loss + ce_dice(&unl_logits, &stack_labels(&sam_pl, device)) * v.pseudo_label_weight;
+            }
+            let own = (!own_pl.is_empty()).then(|| stack_labels(&own_pl, device));
+            let unl_input = input.narrow(0, lb, n_u);
+            let u = Unlabeled { input: &unl_input, student_logits: &unl_logits, own_pseudo: own.as_ref(), iteration: it };
+            if let Some(extra) = method.unsupervised(&u)? {
+                loss = loss + extra;
+            }
+        }
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        method.after_step(&net, it)?;
+        let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
+        if !lv.is_finite() {
+            return Err(Error::invalid(format!("re-training diverged at iteration {it} (loss {lv})")));
+        }
+        reporter.step(it as u64 + 1, lv)?;
+        if let Some(ck) = checkpoint {
+            if ck.every > 0 && (it + 1) % ck.every == 0 && it + 1 < v.iterations {
+                let meta = [("iteration".to_string(), (it + 1).to_string())].into();
+                net.save_safetensors(&ck.path, Some(meta))?;
+            }
+        }
+    }
+    vs.freeze();
+    Ok((vs, net))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::config::TrainConfig;
+
+    #[test]
+    fn schedules() {
+        let la = TrainConfig::paper_la();
+        assert!((learning_rate(&la, 0) - 0.01).abs() < 1e-12);
+        assert!((learning_rate(&la, 2500) - 0.001).abs() < 1e-12);
+        assert!((learning_rate(&la, 5999) - 0.0001).abs() < 1e-12);
+        let small = TrainConfig::cpu_small();
+        assert!((learning_rate(&small, 0) - 0.01).abs() < 1e-12);
+        assert!(learning_rate(&small, small.vnet.iterations) == 0.0);
+    }
+}
