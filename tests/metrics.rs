@@ -41,8 +41,9 @@ const PAIRS: &[Pair] = &[
 // where /tmp/medpy_dl/medpy-0.5.2 is the unpacked `pip download --no-deps medpy==0.5.2` sdist:
 // the script's scipy re-implementation and medpy's own dc/jc/asd/assd/hd/hd95 agreed exactly.
 // name, class, dice, jaccard, asd, assd, hd, hd95
+type Row = (&'static str, u16, f64, f64, f64, f64, f64, f64);
 #[rustfmt::skip]
-const EXPECTED: &[(&str, u16, f64, f64, f64, f64, f64, f64)] = &[
+const EXPECTED: &[Row] = &[
     ("hippo001_shift_i", 1, 0.8987915407854985, 0.8161865569272977, 0.41007194244604317, 0.41007194244604317, 1.0, 1.0),
     ("hippo001_shift_i", 2, 0.8799261083743842, 0.7855964815832875, 0.43967828418230565, 0.43967828418230565, 1.0, 1.0),
     ("hippo001_shift_jk_aniso", 1, 0.7205438066465257, 0.5631641086186541, 1.550583610801066, 1.6544028615082729, 5.943904440685432, 5.8),

@@ -1,0 +1,246 @@
+//! The stitching and fine-tuning modules: SAM with LoRA is fine-tuned on stitched labelled
+//! patches, then pseudo-labels unlabelled volumes.
+//!
+//! Fine-tuning: every step takes `batch` random labelled patches (the V-Net's patch size),
+//! augments them (rot90/flip, Bezier intensity curve), stitches image and label onto an S×S
+//! canvas (no resampling; label padding 255 is ignored by the loss), runs SAM without prompts
+//! and minimises 0.5·(CE + Dice) of the upsampled per-class logits. AdamW (lr, wd from the
+//! config, betas 0.9/0.999) with poly decay (1 - it/max)^0.9 on LoRA + prompt encoder + mask
+//! decoder; the image encoder is frozen when it starts from a checkpoint. Without a checkpoint
+//! (no pretrained SAM available) a frozen random encoder would be meaningless, so the encoder is
+//! trained too; this is logged loudly.
+//!
+//! Pseudo-labelling: each unlabelled volume is covered by patch-sized windows (stride half a
+//! patch); each window is stitched, segmented by SAM and unstitched to per-voxel class
+//! probabilities; overlapping windows are averaged. Computing this once per volume (instead of
+//! per random crop, as the reference does) is what makes it affordable.
+use crate::error::{Error, Result};
+use crate::infer::{argmax, SlidingWindow, Weighting};
+use crate::job::Reporter;
+use crate::nn::loss::ce_dice;
+use crate::nn::lora::Lora;
+use crate::nn::sam::{class_probabilities, upscale_logits, HeadPolicy, Sam, SamConfig};
+use crate::pipeline::config::TrainConfig;
+use crate::pipeline::data::{random_bezier, random_crop, random_rot_flip, Rng, Sample};
+use crate::stitch::{stitch_image, stitch_labels, unstitch_probabilities, StitchLayout};
+use ndarray::{Array2, Array3, Array4, Axis};
+use rand::{RngExt, SeedableRng};
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+/// A fine-tunable SAM: the model, its LoRA and the VarStore that owns both.
+pub struct SamModule {
+    pub vs: nn::VarStore,
+    pub sam: Sam,
+    pub lora: Lora,
+    pub layout: StitchLayout,
+}
+
+/// A labelled volume for fine-tuning: image and (pseudo-)label.
+pub struct LabeledVolume<'a> {
+    pub image: &'a Array3<f32>,
+    pub label: &'a Array3<u8>,
+}
+
+/// Pseudo-labels of one unlabelled volume.
+pub struct PseudoLabel {
+    pub probabilities: Array4<f32>,
+    pub label: Array3<u8>,
+    /// SFR+ confidence: mean over voxels of the max class probability.
+    pub confidence: f64,
+}
+
+impl SamModule {
+    /// Builds SAM for `num_classes` classes (background included) at the configured canvas,
+    /// loading the checkpoint when one is given.
+    pub fn new(cfg: &TrainConfig, num_classes: usize, device: Device, reporter: &Reporter) -> Result<SamModule> {
+        let s = &cfg.sam;
+        let scfg = SamConfig::from_name(&s.variant)?.with_num_classes(num_classes as i64 - 1).with_image_size(s.image_size as i64);
+        let patch = cfg.patch_zyx();
+        let layout = StitchLayout::for_shape(&patch, s.image_size)
+            .map_err(|e| Error::invalid(format!("config: the patch {:?} cannot be stitched at sam.image_size {}: {e}", cfg.patch, s.image_size)))?;
+        let vs = nn::VarStore::new(device);
+        let sam = Sam::new(&vs.root(), &scfg)?;
+        let pretrained = match &s.checkpoint {
+            Some(ck) => {
+                let report = sam.load_checkpoint(ck, HeadPolicy::ReinitMismatched)?;
+                reporter.message(&format!(
+                    "SAM {} loaded from {} ({} tensors; {} resized for image size {}; {} decoder-head tensors re-initialised for {} classes)",
+                    s.variant,
+                    ck.display(),
+                    report.loaded,
+                    report.resized.len(),
+                    s.image_size,
+                    report.reinitialised.len(),
+                    num_classes
+                ));
+                true
+            }
+            None => {
+                log::warn!(
+                    "NO SAM CHECKPOINT: SAM '{}' starts from RANDOM weights and its encoder is trained from scratch; \
+                     pseudo-labels will be far weaker than with a pretrained SAM (pass --sam-checkpoint sam_vit_b_01ec64.pth)",
+                    s.variant
+                );
+                reporter.message("no SAM checkpoint given: SAM starts from random weights (see the log)");
+                false
+            }
+        };
+        let lora = Lora::new(&vs.root().sub("lora"), &sam, s.lora_rank as i64)?;
+        if !pretrained {
+            sam.set_image_encoder_trainable(true);
+        }
+        Ok(SamModule { vs, sam, lora, layout })
+    }
+
+    /// [B, 3, S, S] canvases of a batch of patches (grey repeated to 3 channels).
+    fn canvases(&self, images: &[Array3<f32>]) -> Result<Tensor> {
+        let s = self.layout.canvas as i64;
+        let mut buf: Vec<f32> = Vec::with_capacity(images.len() * (s * s) as usize);
+        for img in images {
+            let c: Array2<f32> = stitch_image(&img.view(), &self.layout)?;
+            buf.extend(c.iter());
+        }
+        let t = Tensor::from_slice(&buf).view([images.len() as i64, 1, s, s]).to_device(self.vs.device());
+        Ok(t.expand([images.len() as i64, 3, s, s], false).contiguous())
+    }
+
+    /// Fine-tunes on `data` for `iterations` steps.
+    pub fn finetune(&mut self, cfg: &TrainConfig, data: &[LabeledVolume], iterations: usize, seed: u64, reporter: &Reporter) -> Result<()> {
+        if data.is_empty() {
+            return Err(Error::invalid("SAM fine-tuning needs at least one labelled volume"));
+        }
+        let s = &cfg.sam;
+        let mut rng = Rng::seed_from_u64(seed);
+        let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: s.weight_decay, eps: 1e-8, amsgrad: false }.build(&self.vs, s.lr)?;
+        let patch = cfg.patch_zyx();
+        let size = self.layout.canvas as i64;
+        reporter.stage(
+            "finetune",
+            iterations as u64,
+            &format!("SAM {} + LoRA r={} on {} stitched volumes ({}×{} grid on {}²)", s.variant, s.lora_rank, data.len(), self.layout.n_row, self.layout.n_col, size),
+        )?;
+        for it in 0..iterations {
+            opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
+            let mut imgs = Vec::with_capacity(s.batch);
+            let mut labs = Vec::with_capacity(s.batch);
+            for _ in 0..s.batch {
+                let v = &data[rng.random_range(0..data.len())];
+                let (mut img, mut lab) = random_crop(&mut rng, &v.image.view(), &[&v.label.view()], patch);
+                random_rot_flip(&mut rng, &mut img, &mut lab);
+                random_bezier(&mut rng, &mut img);
+                imgs.push(img);
+                labs.push(stitch_labels(&lab[0].view(), &self.layout)?);
+            }
+            let input = self.canvases(&imgs)?;
+            let mut lbuf: Vec<u8> = Vec::with_capacity(labs.len() * (size * size) as usize);
+            for l in &labs {
+                lbuf.extend(l.iter());
+            }
+            let target = Tensor::from_slice(&lbuf).view([labs.len() as i64, size, size]).to_kind(Kind::Int64).to_device(self.vs.device());
+            let out = self.sam.forward(&input, Some(&self.lora))?;
+            let logits = upscale_logits(&out.low_res_logits, (size, size));
+            let loss = ce_dice(&logits, &target);
+            opt.zero_grad();
+            loss.backward();
+            opt.step();
+            let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
+            if !lv.is_finite() {
+                return Err(Error::invalid(format!("SAM fine-tuning diverged at iteration {it} (loss {lv})")));
+            }
+            reporter.step(it as u64 + 1, lv)?;
+        }
+        Ok(())
+    }
+
+    /// Per-voxel class probabilities of a normalised volume (see the module doc).
+    pub fn pseudo_label(&self, cfg: &TrainConfig, image: &Array3<f32>) -> Result<PseudoLabel> {
+        let patch = cfg.patch_zyx();
+        let sw = SlidingWindow { patch, stride: patch.map(|p| (p / 2).max(1)), weighting: Weighting::Mean, batch: cfg.sam.batch };
+        let size = self.layout.canvas as i64;
+        let probs = sw.run(&image.view(), self.vs.device(), None, |x| {
+            // x: [B, 1, pz, py, px] -> stitched -> SAM -> unstitched log-probabilities, so the
+            // sliding window's softmax gives back SAM's probabilities.
+            let b = x.size()[0];
+            let host = x.to_device(Device::Cpu).contiguous();
+            let mut patches = Vec::with_capacity(b as usize);
+            for i in 0..b {
+                let t = host.get(i).get(0);
+                let mut v = vec![0f32; t.numel()];
+                t.copy_data(&mut v, t.numel());
+                patches.push(Array3::from_shape_vec((patch[0], patch[1], patch[2]), v).map_err(|e| Error::invalid(e.to_string()))?);
+            }
+            let input = self.canvases(&patches)?;
+            let out = tch::no_grad(|| self.sam.forward(&input, Some(&self.lora)))?;
+            let p = class_probabilities(&out.low_res_logits, (size, size)).to_device(Device::Cpu).contiguous();
+            let c = p.size()[1] as usize;
+            let mut all = Vec::with_capacity(b as usize);
+            for i in 0..b {
+                let pi = p.get(i);
+                let mut v = vec![0f32; pi.numel()];
+                pi.copy_data(&mut v, pi.numel());
+                let canvas = Array3::from_shape_vec((c, size as usize, size as usize), v).map_err(|e| Error::invalid(e.to_string()))?;
+                let vol = unstitch_probabilities(&canvas.view(), &self.layout)?;
+                all.push(Tensor::from_slice(vol.as_slice().unwrap()).view([c as i64, patch[0] as i64, patch[1] as i64, patch[2] as i64]));
+            }
+            Ok(Tensor::stack(&all, 0).clamp_min(1e-8).log())
+        })?;
+        let label = argmax(&probs);
+        let maxes = probs.fold_axis(Axis(0), 0f32, |a, &b| a.max(b));
+        let confidence = maxes.iter().map(|&v| v as f64).sum::<f64>() / maxes.len() as f64;
+        Ok(PseudoLabel { probabilities: probs, label, confidence })
+    }
+}
+
+/// Fine-tunes SAM on the labelled samples and pseudo-labels the unlabelled ones (SFR); with
+/// SFR+ enabled, alternates: after each round, unlabelled samples whose confidence reaches tau
+/// join SAM's fine-tuning set with their pseudo-labels, and SAM is fine-tuned again (half the
+/// iterations, continuing) before the next pseudo-labelling. Returns the pseudo-labels (index
+/// aligned with `unlabeled`) and, per sample, whether it was absorbed as confident.
+pub fn run_sam_stage(
+    cfg: &TrainConfig,
+    num_classes: usize,
+    labeled: &[Sample],
+    unlabeled: &[Sample],
+    device: Device,
+    reporter: &Reporter,
+) -> Result<(SamModule, Vec<PseudoLabel>, Vec<bool>)> {
+    let mut sam = SamModule::new(cfg, num_classes, device, reporter)?;
+    let rounds = if cfg.sfr_plus.enabled { cfg.sfr_plus.rounds.max(1) } else { 1 };
+    let mut confident = vec![false; unlabeled.len()];
+    let mut pseudo: Vec<PseudoLabel> = vec![];
+    for round in 0..rounds {
+        let mut set: Vec<LabeledVolume> = labeled.iter().map(|s| LabeledVolume { image: &s.image, label: s.label.as_ref().expect("labelled") }).collect();
+        for (i, c) in confident.iter().enumerate() {
+            if *c {
+                set.push(LabeledVolume { image: &unlabeled[i].image, label: &pseudo[i].label });
+            }
+        }
+        let iters = if round == 0 { cfg.sam.iterations } else { cfg.sam.iterations / 2 };
+        sam.finetune(cfg, &set, iters, cfg.seed.wrapping_add(round as u64), reporter)?;
+        reporter.stage("pseudolabel", unlabeled.len() as u64, &format!("SAM pseudo-labels for {} unlabelled volumes (round {})", unlabeled.len(), round + 1))?;
+        let mut next = Vec::with_capacity(unlabeled.len());
+        for (i, u) in unlabeled.iter().enumerate() {
+            next.push(sam.pseudo_label(cfg, &u.image)?);
+            reporter.step(i as u64 + 1, f64::NAN)?;
+        }
+        pseudo = next;
+        if cfg.sfr_plus.enabled {
+            let mut newly = 0;
+            for (i, p) in pseudo.iter().enumerate() {
+                if !confident[i] && p.confidence >= cfg.sfr_plus.tau {
+                    confident[i] = true;
+                    newly += 1;
+                }
+            }
+            let n_conf = confident.iter().filter(|&&c| c).count();
+            reporter.message(&format!(
+                "SFR+ round {}: {newly} more confident samples (tau {}); {n_conf} confident, {} uncertain",
+                round + 1,
+                cfg.sfr_plus.tau,
+                unlabeled.len() - n_conf
+            ));
+        }
+    }
+    Ok((sam, pseudo, confident))
+}
