@@ -210,7 +210,7 @@ impl<'a, T: Copy> Rows<'a, T> {
     fn new(v: &ArrayView3<'a, T>) -> Self {
         match v.to_slice() {
             Some(data) => Rows::Contiguous { data, h: v.shape()[1], w: v.shape()[2] },
-            None => Rows::Strided(v.clone()),
+            None => Rows::Strided(*v),
         }
     }
 

@@ -1,5 +1,254 @@
 //! SFR and SFR+: stitch -> fine-tune SAM -> pseudo-label -> re-train a V-Net semi-supervised.
+//!
+//! `train` runs the three stages as one job: load and check the cases, hold out validation
+//! cases from the labelled ones, fine-tune SAM and pseudo-label the unlabelled cases (when
+//! `sfr` is on), re-train the V-Net with the chosen SSL method, validate, and return the model.
+//! Labels of unlabelled cases are never opened (`Case::label` is `None` for them).
 pub mod config;
 pub mod data;
 pub mod retrain;
 pub mod sam_stage;
+
+use crate::error::{Error, Result};
+use crate::io::dataset::Case;
+use crate::io::nifti;
+use crate::job::Reporter;
+use crate::metrics::{evaluate_labels, ClassMetrics};
+use crate::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
+use crate::volume::Volume;
+use config::TrainConfig;
+use data::{load_case, Sample};
+use retrain::{retrain, Checkpointing, UnlabeledCase};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What to train on.
+pub struct TrainInputs {
+    pub labeled: Vec<Case>,
+    pub unlabeled: Vec<Case>,
+    /// Class index -> name, background (0) included.
+    pub classes: BTreeMap<u16, String>,
+    pub dataset_name: String,
+}
+
+/// Where a run keeps its checkpoints and optional outputs.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Folder for checkpoints (`--resume` continues from it) and pseudo-label outputs.
+    pub work_dir: Option<PathBuf>,
+    pub resume: bool,
+    /// Write SAM pseudo-labels and confidence maps as NIfTI into `work_dir/pseudo/`.
+    pub write_pseudo_labels: bool,
+}
+
+/// Mean ± std over cases of the per-class metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub class: u16,
+    pub name: String,
+    pub dice_mean: f64,
+    pub dice_std: f64,
+    pub jaccard_mean: f64,
+    pub asd_mean: Option<f64>,
+    pub hd95_mean: Option<f64>,
+    pub cases: usize,
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let m = v.iter().sum::<f64>() / n;
+    (m, (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n).sqrt())
+}
+
+/// Summarises per-case metrics per class; distances average over the cases where defined.
+pub fn summarize(per_case: &[Vec<ClassMetrics>], classes: &BTreeMap<u16, String>) -> Vec<Summary> {
+    let mut out = vec![];
+    for (&c, name) in classes.iter().filter(|(&c, _)| c != 0) {
+        let rows: Vec<&ClassMetrics> = per_case.iter().flat_map(|v| v.iter().filter(|m| m.class == c)).collect();
+        let dice: Vec<f64> = rows.iter().map(|m| m.dice).collect();
+        let jac: Vec<f64> = rows.iter().map(|m| m.jaccard).collect();
+        let opt_mean = |f: &dyn Fn(&ClassMetrics) -> Option<f64>| {
+            let v: Vec<f64> = rows.iter().filter_map(|m| f(m)).collect();
+            (!v.is_empty()).then(|| mean_std(&v).0)
+        };
+        let (dm, ds) = mean_std(&dice);
+        out.push(Summary {
+            class: c,
+            name: name.clone(),
+            dice_mean: dm,
+            dice_std: ds,
+            jaccard_mean: mean_std(&jac).0,
+            asd_mean: opt_mean(&|m| m.asd),
+            hd95_mean: opt_mean(&|m| m.hd95),
+            cases: rows.len(),
+        });
+    }
+    out
+}
+
+/// Segments `cases` (which must have labels) with `model` and computes per-class metrics.
+pub fn evaluate_cases(model: &SfrModel, cases: &[Case], reporter: Option<&Reporter>) -> Result<Vec<(String, Vec<ClassMetrics>)>> {
+    let classes: Vec<u16> = model.meta.classes.keys().cloned().filter(|&c| c != 0).collect();
+    let mut out = vec![];
+    for case in cases {
+        let lp = case.label.as_ref().ok_or_else(|| Error::invalid(format!("case {} has no label to evaluate against", case.id)))?;
+        let img = nifti::read(&case.image)?.cast::<f32>();
+        let reference = nifti::read(lp)?.cast::<f64>();
+        let (pred, _) = model.segment(&img, None)?;
+        out.push((case.id.clone(), evaluate_labels(&pred, &reference, &classes)?));
+        if let Some(r) = reporter {
+            r.check()?;
+        }
+    }
+    Ok(out)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        1.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Runs SFR / SFR+ (or the method alone when `sfr` is off) and returns the trained model.
+pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporter: &Reporter) -> Result<SfrModel> {
+    cfg.validate()?;
+    let device = crate::nn::parse_device(&cfg.device)?;
+    if cfg.threads > 0 {
+        tch::set_num_threads(cfg.threads as i32);
+    }
+    let num_classes = inputs.classes.keys().max().map(|&m| m as usize + 1).unwrap_or(0);
+    if num_classes < 2 {
+        return Err(Error::invalid("the dataset declares no foreground class"));
+    }
+    if inputs.labeled.is_empty() {
+        return Err(Error::invalid("zero labelled cases: at least one is needed"));
+    }
+    // Validation split: held out of the labelled cases, never more than half of them.
+    let n_val = cfg.validation_cases.min(inputs.labeled.len() / 2);
+    let (train_cases, val_cases) = inputs.labeled.split_at(inputs.labeled.len() - n_val);
+    reporter.stage("load", (train_cases.len() + inputs.unlabeled.len()) as u64, "reading and checking the cases")?;
+    let mut labeled: Vec<Sample> = Vec::with_capacity(train_cases.len());
+    for (i, c) in train_cases.iter().enumerate() {
+        labeled.push(load_case(c, num_classes)?);
+        reporter.step(i as u64 + 1, f64::NAN)?;
+    }
+    let mut unl_samples: Vec<Sample> = Vec::with_capacity(inputs.unlabeled.len());
+    for (i, c) in inputs.unlabeled.iter().enumerate() {
+        // Unlabelled cases: the label is dropped even if the caller passed one.
+        let c = Case { label: None, ..c.clone() };
+        unl_samples.push(load_case(&c, num_classes)?);
+        reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
+    }
+    let spacing = [0, 1, 2].map(|a| median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()));
+
+    let mut sam_summary = serde_json::Value::Null;
+    let mut unlabeled: Vec<UnlabeledCase> = vec![];
+    let mut labeled_for_vnet = labeled;
+    if cfg.sfr && !unl_samples.is_empty() {
+        let (_sam, pseudo, confident) = sam_stage::run_sam_stage(cfg, num_classes, &labeled_for_vnet, &unl_samples, device, reporter)?;
+        let confidences: Vec<f64> = pseudo.iter().map(|p| p.confidence).collect();
+        if opts.write_pseudo_labels {
+            let dir = opts.work_dir.as_ref().ok_or_else(|| Error::invalid("writing pseudo-labels needs a work folder"))?.join("pseudo");
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            for (s, p) in unl_samples.iter().zip(&pseudo) {
+                nifti::write(dir.join(format!("{}_pseudo.nii.gz", s.id)), &Volume::new(p.label.clone(), s.geometry))?;
+                let conf = p.probabilities.fold_axis(ndarray::Axis(0), 0f32, |a, &b| a.max(b));
+                nifti::write(dir.join(format!("{}_confidence.nii.gz", s.id)), &Volume::new(conf, s.geometry))?;
+            }
+            reporter.message(&format!("pseudo-labels written to {}", dir.display()));
+        }
+        sam_summary = serde_json::json!({
+            "variant": cfg.sam.variant,
+            "checkpoint": cfg.sam.checkpoint,
+            "image_size": cfg.sam.image_size,
+            "mean_confidence": confidences.iter().sum::<f64>() / confidences.len().max(1) as f64,
+            "confident_samples": confident.iter().filter(|&&c| c).count(),
+        });
+        for ((s, p), conf) in unl_samples.into_iter().zip(pseudo).zip(confident) {
+            if conf && cfg.sfr_plus.enabled {
+                // SFR+: confident samples were absorbed by the fine-tuning module; the V-Net
+                // learns them with their pseudo-labels as labels.
+                labeled_for_vnet.push(Sample { label: Some(p.label), ..s });
+            } else {
+                unlabeled.push(UnlabeledCase { sample: s, sam_pseudo: Some(p.label) });
+            }
+        }
+    } else {
+        if cfg.sfr {
+            reporter.message("SFR is on but there are no unlabelled cases: SAM is skipped");
+        }
+        unlabeled = unl_samples.into_iter().map(|s| UnlabeledCase { sample: s, sam_pseudo: None }).collect();
+    }
+    let ck = opts.work_dir.as_ref().filter(|_| cfg.checkpoint_every > 0).map(|d| Checkpointing { path: d.join("retrain.ckpt.safetensors"), every: cfg.checkpoint_every });
+    if let Some(d) = &opts.work_dir {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let (vs, net) = retrain(cfg, num_classes, &labeled_for_vnet, &unlabeled, device, reporter, ck.as_ref(), opts.resume)?;
+    let meta = ModelMeta {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        library_version: crate::VERSION.into(),
+        classes: inputs.classes.clone(),
+        patch: cfg.patch,
+        normalization: "zscore-per-volume".into(),
+        spacing,
+        vnet: net.config().clone(),
+        inference: cfg.inference.clone(),
+        training: serde_json::json!({
+            "method": cfg.method.name(),
+            "sfr": cfg.sfr,
+            "sfr_plus": cfg.sfr_plus.enabled,
+            "preset": cfg.preset,
+            "seed": cfg.seed,
+            "dataset": inputs.dataset_name,
+            "labeled_cases": train_cases.len(),
+            "unlabeled_cases": inputs.unlabeled.len(),
+            "validation_cases": val_cases.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+            "sam": sam_summary,
+            "config": cfg,
+        }),
+        validation: None,
+        created_unix: unix_now(),
+    };
+    let mut model = SfrModel::new(vs, net, meta);
+    if !val_cases.is_empty() {
+        reporter.stage("validate", val_cases.len() as u64, "segmenting the validation cases")?;
+        let per_case = evaluate_cases(&model, val_cases, Some(reporter))?;
+        let rows: Vec<Vec<ClassMetrics>> = per_case.iter().map(|(_, m)| m.clone()).collect();
+        let summary = summarize(&rows, &inputs.classes);
+        let mean_dice = summary.iter().map(|s| s.dice_mean).sum::<f64>() / summary.len().max(1) as f64;
+        reporter.message(&format!("validation mean Dice {:.4} on {} cases", mean_dice, val_cases.len()));
+        model.meta.validation = Some(serde_json::json!({"mean_dice": mean_dice, "classes": summary}));
+    }
+    if let Some(ck) = &ck {
+        let _ = std::fs::remove_file(&ck.path); // finished: the checkpoint has served
+    }
+    Ok(model)
+}
+
+/// Cases from explicit image/label lists (no dataset.json): `labels[i]` labels `images[i]`.
+pub fn cases_from_files(images: &[PathBuf], labels: &[PathBuf]) -> Result<Vec<Case>> {
+    if labels.len() > images.len() {
+        return Err(Error::invalid("more labels than images"));
+    }
+    Ok(images
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Case { id: crate::io::dataset::case_id(p), image: p.clone(), label: labels.get(i).cloned() })
+        .collect())
+}
+
+/// Default work folder of an output model: `M.sfrmodel` -> `M.sfrmodel.work/`.
+pub fn default_work_dir(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".work");
+    PathBuf::from(s)
+}

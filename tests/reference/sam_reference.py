@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 import types
 from functools import partial
 
@@ -96,7 +97,8 @@ def randomise(tensors):
                 t.copy_(0.1 * torch.randn_like(t))
             elif "rel_pos" in name:
                 t.copy_(0.5 * torch.randn_like(t))
-            elif "pos_embed" in name or "token" in name or "embed.weight" in name:
+            elif name.endswith(("pos_embed", "iou_token.weight", "mask_tokens.weight",
+                                "no_mask_embed.weight")):
                 t.copy_(0.5 * torch.randn_like(t))
             else:
                 fan_in = t[0].numel()
@@ -167,6 +169,7 @@ def main():
 
     # 3. Forward pass without prompts, every mask token kept.
     x = torch.randn(a.batch, 3, a.image_size, a.image_size)
+    t0 = time.perf_counter()
     with torch.no_grad():
         emb = model.image_encoder(x)
         logits, ious = [], []
@@ -179,6 +182,7 @@ def main():
             ious.append(q)
         logits = torch.cat(logits)
         ious = torch.cat(ious)
+        forward_seconds = time.perf_counter() - t0
         dense_pe = model.prompt_encoder.get_dense_pe()
     out = {"input": x, "image_embedding": emb, "low_res_logits": logits,
            "iou_predictions": ious, "dense_pe": dense_pe,
@@ -189,7 +193,8 @@ def main():
             out[k] = own[k]
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(a.out, "outputs.safetensors"))
     print(json.dumps({"official_parameters": n_params, "reinitialised": reinit,
-                      "state_dict_keys": len(sd)}))
+                      "state_dict_keys": len(sd), "forward_seconds": forward_seconds,
+                      "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":
