@@ -152,7 +152,7 @@ pub fn read_checkpoint(path: impl AsRef<Path>) -> Result<PickleValue> {
     let path = path.as_ref();
     let (mut ar, objs, root) = Archive::open(path)?;
     let mut loader = StorageLoader::new(&mut ar, &objs);
-    loader.to_value(&objs, &root, 0).map_err(|m| Error::format(path, m))
+    loader.build_value(&objs, &root, 0).map_err(|m| Error::format(path, m))
 }
 
 /// The state dict of a checkpoint, in the file's order. The top-level dict is used when all its
@@ -173,7 +173,12 @@ pub fn read_state_dict_at(path: impl AsRef<Path>, keys: &[&str]) -> Result<Vec<(
     state_dict_of(&mut ar, &objs, &root, Some(keys)).map_err(|m| Error::format(path, m))
 }
 
-fn state_dict_of(ar: &mut Archive, objs: &[Obj], root: &Val, keys: Option<&[&str]>) -> PResult<Vec<(String, RawTensor)>> {
+fn state_dict_of(
+    ar: &mut Archive,
+    objs: &[Obj],
+    root: &Val,
+    keys: Option<&[&str]>,
+) -> PResult<Vec<(String, RawTensor)>> {
     let dict_idx = match keys {
         Some(keys) => select(objs, root, keys)?,
         None => auto_select(objs, root)?,
@@ -243,8 +248,8 @@ impl Archive {
 
     fn from_reader(path: &Path, reader: Box<dyn ReadSeek>, file_len: u64) -> Result<(Archive, Vec<Obj>, Val)> {
         let fmt = |m: String| Error::format(path, m);
-        let mut zip = zip::ZipArchive::new(reader)
-            .map_err(|e| fmt(format!("corrupt or truncated zip archive: {e}")))?;
+        let mut zip =
+            zip::ZipArchive::new(reader).map_err(|e| fmt(format!("corrupt or truncated zip archive: {e}")))?;
         let names: Vec<String> = zip.file_names().filter_map(|n| n.ok()).map(|n| n.into_owned()).collect();
         let pkl: Vec<&String> =
             names.iter().filter(|n| n.ends_with("data.pkl") && n.matches('/').count() == 1).collect();
@@ -273,10 +278,17 @@ impl Archive {
             Err(EntryError::Missing) => false,
             Err(e) => return Err(fmt(e.to_string())),
         };
-        let pickle = read_entry(&mut zip, &pkl_name, MAX_PICKLE_BYTES, file_len)
-            .map_err(|e| fmt(e.to_string()))?;
+        let pickle = read_entry(&mut zip, &pkl_name, MAX_PICKLE_BYTES, file_len).map_err(|e| fmt(e.to_string()))?;
         let mut vm = Vm::new(&pickle);
-        let root = vm.run().map_err(|m| fmt(format!("{pkl_name}: {m}")))?;
+        let torchscript = names.iter().any(|n| n.ends_with("constants.pkl") || n.contains("/code/"));
+        let root = vm.run().map_err(|m| {
+            let hint = if torchscript {
+                " (this is a TorchScript archive; save model.state_dict() with torch.save)"
+            } else {
+                ""
+            };
+            fmt(format!("{pkl_name}: {m}{hint}"))
+        })?;
         let pickle_len = pickle.len();
         Ok((Archive { zip, prefix, big_endian, file_len, pickle_len }, vm.objs, root))
     }
@@ -340,10 +352,7 @@ fn read_whole_entry(
         .read_to_end(&mut buf)
         .map_err(|e| EntryError::Bad(format!("entry {name}: {e} (truncated or corrupt file?)")))?;
     if buf.len() as u64 != want {
-        return Err(EntryError::Bad(format!(
-            "entry {name}: {} bytes instead of {want} (truncated file?)",
-            buf.len()
-        )));
+        return Err(EntryError::Bad(format!("entry {name}: {} bytes instead of {want} (truncated file?)", buf.len())));
     }
     Ok(buf)
 }
@@ -498,13 +507,16 @@ impl<'a> StorageLoader<'a> {
         Ok(RawTensor { dtype: spec.storage.dtype, shape: spec.size.clone(), data })
     }
 
-    fn to_value(&mut self, objs: &[Obj], v: &Val, depth: usize) -> PResult<PickleValue> {
+    fn build_value(&mut self, objs: &[Obj], v: &Val, depth: usize) -> PResult<PickleValue> {
         if depth > MAX_DEPTH {
             return Err(format!("containers nested deeper than {MAX_DEPTH}"));
         }
         self.visits += 1;
         if self.visits > self.max_visits {
-            return Err(format!("more than {} values in a {}-byte pickle (hostile sharing?)", self.max_visits, self.ar.pickle_len));
+            return Err(format!(
+                "more than {} values in a {}-byte pickle (hostile sharing?)",
+                self.max_visits, self.ar.pickle_len
+            ));
         }
         Ok(match v {
             Val::None => PickleValue::None,
@@ -515,16 +527,16 @@ impl<'a> StorageLoader<'a> {
             Val::Bytes(b) => PickleValue::Bytes(b.to_vec()),
             Val::Global(g) => return Err(format!("the global {} cannot be a value here", g.name())),
             Val::Obj(i) => match &objs[*i] {
-                Obj::List(xs) => PickleValue::List(
-                    xs.iter().map(|x| self.to_value(objs, x, depth + 1)).collect::<PResult<_>>()?,
-                ),
-                Obj::Tuple(xs) => PickleValue::Tuple(
-                    xs.iter().map(|x| self.to_value(objs, x, depth + 1)).collect::<PResult<_>>()?,
-                ),
+                Obj::List(xs) => {
+                    PickleValue::List(xs.iter().map(|x| self.build_value(objs, x, depth + 1)).collect::<PResult<_>>()?)
+                }
+                Obj::Tuple(xs) => {
+                    PickleValue::Tuple(xs.iter().map(|x| self.build_value(objs, x, depth + 1)).collect::<PResult<_>>()?)
+                }
                 Obj::Dict(d) => PickleValue::Dict(
                     d.entries
                         .iter()
-                        .map(|(k, x)| Ok((key_string(k)?, self.to_value(objs, x, depth + 1)?)))
+                        .map(|(k, x)| Ok((key_string(k)?, self.build_value(objs, x, depth + 1)?)))
                         .collect::<PResult<_>>()?,
                 ),
                 Obj::Tensor(spec) => PickleValue::Tensor(self.materialize(spec)?),
@@ -634,7 +646,8 @@ fn auto_select(objs: &[Obj], root: &Val) -> PResult<usize> {
 }
 
 fn list_keys(d: &Dict) -> String {
-    let keys: Vec<String> = d.entries.iter().take(10).map(|(k, _)| format!("'{}'", key_string(k).unwrap_or_default())).collect();
+    let keys: Vec<String> =
+        d.entries.iter().take(10).map(|(k, _)| format!("'{}'", key_string(k).unwrap_or_default())).collect();
     let more = if d.entries.len() > 10 { format!(" and {} more", d.entries.len() - 10) } else { String::new() };
     format!("{}{more}", keys.join(", "))
 }
@@ -1192,14 +1205,16 @@ impl<'a> Vm<'a> {
                             _ => return Err("OrderedDict(...) of something that is not a list".into()),
                         };
                         for p in pairs {
-                            match self.tuple(&p, "OrderedDict item").or_else(|_| match &p {
-                                Val::Obj(j) => match &self.objs[*j] {
-                                    Obj::List(xs) => Ok(xs.clone()),
+                            match self
+                                .tuple(&p, "OrderedDict item")
+                                .or_else(|_| match &p {
+                                    Val::Obj(j) => match &self.objs[*j] {
+                                        Obj::List(xs) => Ok(xs.clone()),
+                                        _ => Err("OrderedDict item is not a pair".to_string()),
+                                    },
                                     _ => Err("OrderedDict item is not a pair".to_string()),
-                                },
-                                _ => Err("OrderedDict item is not a pair".to_string()),
-                            })?
-                            .as_slice()
+                                })?
+                                .as_slice()
                             {
                                 [k, v] => d.set(k.clone(), v.clone())?,
                                 _ => return Err("OrderedDict item is not a pair".into()),
@@ -1325,7 +1340,15 @@ mod tests {
             self.op(b't')
         }
         /// `_rebuild_tensor_v2(storage(key, class, numel), offset, size, stride, False, OrderedDict())`
-        fn tensor(&mut self, class: &str, key: &str, numel: u64, offset: u64, size: &[u64], stride: &[u64]) -> &mut Self {
+        fn tensor(
+            &mut self,
+            class: &str,
+            key: &str,
+            numel: u64,
+            offset: u64,
+            size: &[u64],
+            stride: &[u64],
+        ) -> &mut Self {
             self.global("torch._utils", "_rebuild_tensor_v2").op(b'(');
             self.op(b'(').s("storage").global("torch", class).s(key).s("cpu").int(numel).op(b't').op(b'Q');
             self.int(offset).ints(size).ints(stride).op(0x89);
@@ -1360,7 +1383,7 @@ mod tests {
         let len = bytes.len() as u64;
         let (mut ar, objs, root) = Archive::from_reader(path, Box::new(Cursor::new(bytes)), len)?;
         let mut loader = StorageLoader::new(&mut ar, &objs);
-        loader.to_value(&objs, &root, 0).map_err(|m| Error::format(path, m))
+        loader.build_value(&objs, &root, 0).map_err(|m| Error::format(path, m))
     }
 
     fn f32s(xs: &[f32]) -> Vec<u8> {
@@ -1434,17 +1457,94 @@ mod tests {
     #[test]
     fn lying_views_are_errors() {
         let cases: Vec<(P, &str)> = vec![
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 6, 0, &[7], &[1]); p }, "reaches element"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 6, 4, &[2, 2], &[1, 1]); p }, "reaches element"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 6, 0, &[2, 3], &[3]); p }, "strides"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 6, 0, &[u32::MAX as u64, u32::MAX as u64, u32::MAX as u64, u32::MAX as u64], &[0, 0, 0, 0]); p }, "overflows"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 6, 0, &[1 << 30], &[0]); p }, "repeats"),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "0", 6, 0, &[7], &[1]);
+                    p
+                },
+                "reaches element",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "0", 6, 4, &[2, 2], &[1, 1]);
+                    p
+                },
+                "reaches element",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "0", 6, 0, &[2, 3], &[3]);
+                    p
+                },
+                "strides",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor(
+                        "FloatStorage",
+                        "0",
+                        6,
+                        0,
+                        &[u32::MAX as u64, u32::MAX as u64, u32::MAX as u64, u32::MAX as u64],
+                        &[0, 0, 0, 0],
+                    );
+                    p
+                },
+                "overflows",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "0", 6, 0, &[1 << 30], &[0]);
+                    p
+                },
+                "repeats",
+            ),
             // the storage claims more elements than its entry holds
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 1000, 0, &[1000], &[1]); p }, "declares"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "9", 6, 0, &[6], &[1]); p }, "missing"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 1 << 62, 0, &[6], &[1]); p }, "storage size overflows"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "0", 1 << 40, 0, &[1 << 40], &[1]); p }, "more than"),
-            ({ let mut p = P::default(); p.tensor("FloatStorage", "../../etc/passwd", 6, 0, &[6], &[1]); p }, "invalid storage key"),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "0", 1000, 0, &[1000], &[1]);
+                    p
+                },
+                "declares",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "9", 6, 0, &[6], &[1]);
+                    p
+                },
+                "missing",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "0", 1 << 62, 0, &[6], &[1]);
+                    p
+                },
+                "storage size overflows",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "0", 1 << 40, 0, &[1 << 40], &[1]);
+                    p
+                },
+                "more than",
+            ),
+            (
+                {
+                    let mut p = P::default();
+                    p.tensor("FloatStorage", "../../etc/passwd", 6, 0, &[6], &[1]);
+                    p
+                },
+                "invalid storage key",
+            ),
         ];
         for (t, want) in cases {
             let mut p = P::default();

@@ -15,6 +15,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
+/// Tensors with their names, in file order.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// The tch kind of a checkpoint dtype.
 pub fn kind_of(dtype: TensorDType) -> Kind {
     match dtype {
@@ -49,10 +52,7 @@ pub fn raw_to_tensor(raw: &RawTensor) -> Result<Tensor> {
 }
 
 fn shape_i64(shape: &[usize]) -> Result<Vec<i64>> {
-    shape
-        .iter()
-        .map(|&d| i64::try_from(d).map_err(|_| Error::invalid(format!("dimension {d} too large"))))
-        .collect()
+    shape.iter().map(|&d| i64::try_from(d).map_err(|_| Error::invalid(format!("dimension {d} too large")))).collect()
 }
 
 /// Which file format a path holds, decided by its first bytes (the extension only chooses the
@@ -94,7 +94,7 @@ fn sniff(path: &Path) -> Result<Format> {
 
 /// Named CPU tensors of a PyTorch checkpoint (`torch.save`d state dict, also nested as
 /// `{"model": sd, ...}`) or a safetensors file, in the file's order.
-pub fn load_tensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
+pub fn load_tensors(path: impl AsRef<Path>) -> Result<NamedTensors> {
     let path = path.as_ref();
     match sniff(path)? {
         Format::PyTorchZip => pytorch::read_state_dict(path)?
@@ -142,9 +142,7 @@ fn safetensors_dtype(k: Kind) -> Option<Dtype> {
 
 /// Named CPU tensors of a safetensors file in the file's (data offset) order, and its
 /// `__metadata__` (empty when absent).
-pub fn read_safetensors_with_metadata(
-    path: impl AsRef<Path>,
-) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
+pub fn read_safetensors_with_metadata(path: impl AsRef<Path>) -> Result<(NamedTensors, HashMap<String, String>)> {
     let path = path.as_ref();
     let buf = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     // read_metadata checks the header length, the JSON and that every tensor's byte range
@@ -159,9 +157,8 @@ pub fn read_safetensors_with_metadata(
             Error::format(path, format!("tensor '{name}' has the unsupported dtype {:?}", info.dtype))
         })?;
         let (a, b) = info.data_offsets;
-        let bytes = data
-            .get(a..b)
-            .ok_or_else(|| Error::format(path, format!("tensor '{name}' lies outside the file")))?;
+        let bytes =
+            data.get(a..b).ok_or_else(|| Error::format(path, format!("tensor '{name}' lies outside the file")))?;
         let shape = shape_i64(&info.shape)?;
         let t = Tensor::f_from_data_size(bytes, &shape, kind)
             .map_err(|e| Error::format(path, format!("tensor '{name}': {e}")))?;
@@ -315,7 +312,7 @@ fn first_keys(names: &[String], n: usize) -> String {
 /// mismatched keys (the first ten of each and their count).
 pub fn load_into_varstore(
     vs: &mut tch::nn::VarStore,
-    tensors: Vec<(String, Tensor)>,
+    tensors: NamedTensors,
     policy: &LoadPolicy,
 ) -> Result<LoadReport> {
     let vars = vs.variables();
@@ -401,9 +398,12 @@ mod tests {
 
     fn model(vs: &nn::VarStore, out: i64) -> impl Module {
         let root = vs.root();
-        nn::seq()
-            .add(nn::linear(&root / "body", 3, 4, Default::default()))
-            .add(nn::linear(&root / "head", 4, out, Default::default()))
+        nn::seq().add(nn::linear(&root / "body", 3, 4, Default::default())).add(nn::linear(
+            &root / "head",
+            4,
+            out,
+            Default::default(),
+        ))
     }
 
     #[test]
@@ -415,8 +415,12 @@ mod tests {
         let c = Tensor::from_slice(&[0.5f32, 1.5]).to_kind(Kind::BFloat16);
         let e = Tensor::zeros([0, 2], (Kind::Half, Device::Cpu));
         let meta: HashMap<String, String> = [("sfr".to_string(), "{\"classes\":[\"bg\",\"la\"]}".to_string())].into();
-        save_safetensors(&p, &[("a", a.shallow_clone()), ("b", b.shallow_clone()), ("c", c.shallow_clone()), ("e", e)], &meta)
-            .unwrap();
+        save_safetensors(
+            &p,
+            &[("a", a.shallow_clone()), ("b", b.shallow_clone()), ("c", c.shallow_clone()), ("e", e)],
+            &meta,
+        )
+        .unwrap();
         let (ts, m) = read_safetensors_with_metadata(&p).unwrap();
         assert_eq!(m, meta);
         let get = |n: &str| ts.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
@@ -441,7 +445,12 @@ mod tests {
 
         let mut vs = nn::VarStore::new(Device::Cpu);
         let _ = model(&vs, 2);
-        let r = load_into_varstore(&mut vs, named.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Half))).collect(), &LoadPolicy::strict()).unwrap();
+        let r = load_into_varstore(
+            &mut vs,
+            named.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Half))).collect(),
+            &LoadPolicy::strict(),
+        )
+        .unwrap();
         assert_eq!(r.loaded.len(), 4);
         assert!(r.missing.is_empty() && r.unexpected.is_empty() && r.mismatched.is_empty());
         for (n, t) in vs.variables() {
@@ -456,7 +465,10 @@ mod tests {
         let mut extra = named.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect::<Vec<_>>();
         extra.push(("tail.weight".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))));
         let e = load_into_varstore(&mut vs3, extra, &LoadPolicy::strict()).unwrap_err().to_string();
-        assert!(e.contains("head.weight (file [2, 4], model [3, 4])") && e.contains("1 unexpected: tail.weight"), "{e}");
+        assert!(
+            e.contains("head.weight (file [2, 4], model [3, 4])") && e.contains("1 unexpected: tail.weight"),
+            "{e}"
+        );
         assert!(vs3.variables()["body.weight"].equal(&before), "nothing may be copied on error");
 
         // the same under a policy that lets the head be re-initialised
@@ -471,7 +483,8 @@ mod tests {
         assert_eq!(r.reinitialized(), ["head.bias", "head.weight"]);
 
         // missing keys outside the policy
-        let only_body: Vec<_> = named.iter().filter(|(n, _)| n.starts_with("body")).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        let only_body: Vec<_> =
+            named.iter().filter(|(n, _)| n.starts_with("body")).map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         let e = load_into_varstore(&mut vs, only_body, &LoadPolicy::strict()).unwrap_err().to_string();
         assert!(e.contains("2 missing: head.bias, head.weight"), "{e}");
     }

@@ -231,7 +231,12 @@ impl TrainConfig {
     /// 100}}`): the merge is by key, and the result is re-parsed strictly, so a misspelt key
     /// is still an error.
     pub fn preset_with_overrides(preset: &str, overrides: &str) -> Result<TrainConfig> {
-        let base = serde_json::to_value(TrainConfig::preset(preset)?).expect("serialisable");
+        TrainConfig::preset(preset)?.with_overrides(overrides)
+    }
+
+    /// This config with some keys overridden by a partial JSON object (strict, as above).
+    pub fn with_overrides(&self, overrides: &str) -> Result<TrainConfig> {
+        let base = serde_json::to_value(self).expect("serialisable");
         let over: serde_json::Value = serde_json::from_str(overrides).map_err(|e| Error::invalid(format!("config: {e}")))?;
         let merged = merge(base, over);
         let c: TrainConfig = serde_json::from_value(merged).map_err(|e| Error::invalid(format!("config: {e}")))?;

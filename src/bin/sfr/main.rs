@@ -1,11 +1,20 @@
 //! `sfr`: the command-line tool. Thin: parses arguments, calls the library, prints results.
 mod bench;
+mod demo;
+mod progress;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use progress::{run_job, ProgressMode};
 use serde_json::json;
+use sfr::io::dataset::{read_id_list, Dataset};
 use sfr::io::nifti;
+use sfr::model::SfrModel;
+use sfr::pipeline::config::{Method, TrainConfig};
+use sfr::pipeline::{default_work_dir, evaluate_cases, summarize, RunOptions, TrainInputs};
+use sfr::stitch::{stitch_image, stitch_labels, StitchLayout};
+use sfr::volume::{Geometry, Volume};
 use sfr::{Error, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -17,10 +26,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print a volume's dims, dtype, geometry (LPS) and value range as JSON.
+    /// A volume's dims, dtype, geometry (LPS) and value range, or a model's metadata, as JSON.
     Info { file: PathBuf },
     /// Re-write a volume (NIfTI in, NIfTI out), keeping voxels and geometry.
     Convert { input: PathBuf, output: PathBuf },
+    /// Stitch a volume's slices into one 2D canvas (the paper's first module) as PNG or 2D NIfTI.
+    Stitch(StitchArgs),
+    /// Train a model: fine-tune SAM on stitched labelled volumes, pseudo-label, re-train a V-Net.
+    Train(TrainArgs),
+    /// Segment a volume with a trained model; the output has the input's geometry.
+    Segment(SegmentArgs),
+    /// Segment labelled cases and report Dice, Jaccard, ASD, HD95 per class.
+    Evaluate(EvaluateArgs),
+    /// Train on synthetic phantoms and compare supervised, mean teacher and SFR(mean teacher).
+    Demo(demo::DemoArgs),
     /// Run the benchmarks and print one JSON object.
     Bench {
         /// Print JSON (the only format; accepted for scripts that pass it).
@@ -29,12 +48,137 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct StitchArgs {
+    input: PathBuf,
+    /// `.png` (windowed to 8 bits) or `.nii`/`.nii.gz` (a 2D image).
+    output: PathBuf,
+    /// A label volume to overlay in colour (PNG) or to stitch instead of the image (NIfTI).
+    #[arg(long)]
+    label: Option<PathBuf>,
+    /// Canvas size S (SAM's input size).
+    #[arg(long, default_value_t = 1024)]
+    canvas: usize,
+    /// Stitch the centred patch of this size `X,Y,Z` instead of the whole volume.
+    #[arg(long, value_parser = parse_xyz)]
+    patch: Option<[usize; 3]>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Dataset folder in the Decathlon layout (dataset.json, imagesTr/, labelsTr/).
+    #[arg(long)]
+    data: PathBuf,
+    /// The first N cases of dataset.json's training list are labelled; the others are not.
+    #[arg(long, conflicts_with = "labeled_list")]
+    labeled: Option<usize>,
+    /// A file of labelled case ids (one per line); every other case is unlabelled.
+    #[arg(long)]
+    labeled_list: Option<PathBuf>,
+    /// Use only this many unlabelled cases (after the labelled ones, in dataset.json order).
+    #[arg(long)]
+    max_unlabeled: Option<usize>,
+    #[arg(long, value_parser = parse_method)]
+    method: Option<Method>,
+    /// SAM pseudo-labels on (the SFR framework).
+    #[arg(long, conflicts_with = "no_sam")]
+    sfr: bool,
+    /// SAM pseudo-labels off: the method alone.
+    #[arg(long)]
+    no_sam: bool,
+    /// SFR+: confidence estimation and selective training.
+    #[arg(long)]
+    sfr_plus: bool,
+    /// Named preset: paper-la (GPU), cpu-small (2-core CPU), test-tiny.
+    #[arg(long, default_value = "cpu-small")]
+    preset: String,
+    /// A full config JSON file (see --print-config) instead of a preset.
+    #[arg(long, conflicts_with = "preset")]
+    config: Option<PathBuf>,
+    /// Overrides as a JSON object, e.g. '{"vnet": {"iterations": 200}}'.
+    #[arg(long)]
+    set: Option<String>,
+    /// Official SAM checkpoint (sam_vit_b_01ec64.pth) or safetensors.
+    #[arg(long)]
+    sam_checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// cpu, cuda or auto.
+    #[arg(long)]
+    device: Option<String>,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Output model file.
+    #[arg(long, default_value = "model.sfrmodel")]
+    out: PathBuf,
+    /// Folder for checkpoints and pseudo-labels (default: OUT.work).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Continue from the work folder's checkpoint after a crash or kill.
+    #[arg(long)]
+    resume: bool,
+    /// Write SAM pseudo-labels and confidence maps as NIfTI into the work folder.
+    #[arg(long)]
+    write_pseudo_labels: bool,
+    /// Print the effective config as JSON and exit.
+    #[arg(long)]
+    print_config: bool,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Bar)]
+    progress: ProgressMode,
+}
+
+#[derive(Args)]
+struct SegmentArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long)]
+    output: PathBuf,
+    /// Also write the class probabilities (one volume per class: `P_class<c>.nii.gz`).
+    #[arg(long)]
+    probabilities: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, value_enum, default_value_t = ProgressMode::Bar)]
+    progress: ProgressMode,
+}
+
+#[derive(Args)]
+struct EvaluateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    data: PathBuf,
+    /// A file of case ids to evaluate (default: the cases after the model's labelled and
+    /// validation cases when the dataset is the one it was trained on, else all).
+    #[arg(long)]
+    cases: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn parse_xyz(s: &str) -> std::result::Result<[usize; 3], String> {
+    let v: Vec<usize> = s.split([',', 'x']).map(|p| p.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|e| e.to_string())?;
+    <[usize; 3]>::try_from(v).map_err(|_| "expected X,Y,Z".to_string())
+}
+
+fn parse_method(s: &str) -> std::result::Result<Method, String> {
+    serde_json::from_value(json!(s)).map_err(|_| format!("unknown method '{s}' (supervised, self-training, mean-teacher, acmt)"))
+}
+
 /// `-0.0 + 0.0 == 0.0`: keeps "-0.0" (a sign flip of an exact zero) out of printed geometry.
 fn tidy<const N: usize>(a: [f64; N]) -> [f64; N] {
     a.map(|x| x + 0.0)
 }
 
-fn info(file: &PathBuf) -> Result<serde_json::Value> {
+fn info(file: &Path) -> Result<serde_json::Value> {
+    if file.extension().is_some_and(|e| e == "sfrmodel" || e == "safetensors") {
+        let meta = SfrModel::read_meta(file)?;
+        return serde_json::to_value(&meta).map_err(|e| Error::invalid(e.to_string()));
+    }
     let v = nifti::read(file)?;
     let g = v.geometry();
     let (min, max) = v.min_max().unwrap_or((f64::NAN, f64::NAN));
@@ -50,27 +194,224 @@ fn info(file: &PathBuf) -> Result<serde_json::Value> {
     }))
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Info { file } => {
-            println!("{}", serde_json::to_string_pretty(&info(&file)?).map_err(|e| Error::invalid(e.to_string()))?);
+/// The centred `[x, y, z]` crop of a volume (clamped to its size).
+fn centre_crop<T: Clone>(v: &Volume<T>, patch: [usize; 3]) -> Volume<T> {
+    let d = v.dims();
+    let size = [0, 1, 2].map(|a| patch[a].min(d[a]));
+    let start = [0, 1, 2].map(|a| (d[a] - size[a]) / 2);
+    let data = v.data.slice(ndarray::s![start[2]..start[2] + size[2], start[1]..start[1] + size[1], start[0]..start[0] + size[0]]).to_owned();
+    let origin = v.geometry.index_to_physical([start[0] as f64, start[1] as f64, start[2] as f64]);
+    Volume::new(data, Geometry { origin, ..v.geometry })
+}
+
+fn stitch_cmd(a: &StitchArgs) -> Result<()> {
+    let img = nifti::read(&a.input)?.cast::<f32>();
+    let lab = a.label.as_ref().map(|p| nifti::read(p).map(|v| v.cast::<u8>())).transpose()?;
+    if let Some(l) = &lab {
+        if l.dims() != img.dims() {
+            return Err(Error::invalid(format!("{}: label dims {:?} differ from the image's {:?}", a.label.as_ref().unwrap().display(), l.dims(), img.dims())));
         }
-        Command::Convert { input, output } => {
-            let v = nifti::read(&input)?;
-            nifti::write_any(&output, &v)?;
-            eprintln!("wrote {} ({} {:?})", output.display(), v.dtype().name(), v.dims());
+    }
+    let (img, lab) = match a.patch {
+        Some(p) => (centre_crop(&img, p), lab.map(|l| centre_crop(&l, p))),
+        None => (img, lab),
+    };
+    let layout = StitchLayout::for_shape(img.data.shape(), a.canvas)
+        .map_err(|e| Error::invalid(format!("{}: {e} (use --patch to stitch a part)", a.input.display())))?;
+    let canvas = stitch_image(&img.data.view(), &layout)?;
+    let lcanvas = lab.as_ref().map(|l| stitch_labels(&l.data.view(), &layout)).transpose()?;
+    let out = a.output.to_string_lossy().to_ascii_lowercase();
+    if out.ends_with(".png") {
+        sfr::io::png::write_canvas_png(&a.output, &canvas.view(), lcanvas.as_ref().map(|c| c.view()).as_ref())?;
+    } else {
+        // A 2D NIfTI: one slice, the in-plane spacing of the volume.
+        let g = Geometry { spacing: [img.geometry.spacing[0], img.geometry.spacing[1], 1.0], ..Geometry::default() };
+        let s = layout.canvas;
+        match lcanvas {
+            Some(l) => nifti::write(&a.output, &Volume::new(l.into_shape_with_order((1, s, s)).unwrap(), g))?,
+            None => nifti::write(&a.output, &Volume::new(canvas.into_shape_with_order((1, s, s)).unwrap(), g))?,
         }
-        Command::Bench { json: _ } => {
-            println!("{}", serde_json::to_string_pretty(&bench::run()).map_err(|e| Error::invalid(e.to_string()))?);
+    }
+    eprintln!(
+        "stitched {:?} (x,y,z) as a {}x{} grid on a {}x{} canvas -> {}",
+        img.dims(),
+        layout.n_row,
+        layout.n_col,
+        layout.canvas,
+        layout.canvas,
+        a.output.display()
+    );
+    Ok(())
+}
+
+fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(p) => TrainConfig::from_json(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?).map_err(|e| Error::format(p, e.to_string()))?,
+        None => TrainConfig::preset(&a.preset)?,
+    };
+    if let Some(s) = &a.set {
+        c = c.with_overrides(s)?;
+    }
+    if let Some(m) = a.method {
+        c.method = m;
+    }
+    if a.sfr {
+        c.sfr = true;
+    }
+    if a.no_sam {
+        c.sfr = false;
+    }
+    if a.sfr_plus {
+        c.sfr = true;
+        c.sfr_plus.enabled = true;
+    }
+    if let Some(p) = &a.sam_checkpoint {
+        c.sam.checkpoint = Some(p.clone());
+    }
+    if let Some(s) = a.seed {
+        c.seed = s;
+    }
+    if let Some(d) = &a.device {
+        c.device = d.clone();
+    }
+    if let Some(t) = a.threads {
+        c.threads = t;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    let cfg = train_config(&a)?;
+    if a.print_config {
+        println!("{}", cfg.to_json());
+        return Ok(());
+    }
+    let ds = Dataset::open(&a.data)?;
+    let (labeled, mut unlabeled) = match (&a.labeled, &a.labeled_list) {
+        (Some(n), None) => ds.split_first(*n)?,
+        (None, Some(f)) => ds.split_by_ids(&read_id_list(f)?)?,
+        _ => return Err(Error::invalid("say which cases are labelled: --labeled N or --labeled-list FILE")),
+    };
+    if let Some(m) = a.max_unlabeled {
+        unlabeled.truncate(m);
+    }
+    let inputs = TrainInputs { labeled, unlabeled, classes: ds.labels.clone(), dataset_name: ds.name.clone() };
+    let opts = RunOptions { work_dir: Some(a.work_dir.clone().unwrap_or_else(|| default_work_dir(&a.out))), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels };
+    let out = a.out.clone();
+    let t = std::time::Instant::now();
+    let model = run_job(a.progress, move |r| {
+        let m = sfr::pipeline::train(&cfg, &inputs, &opts, r)?;
+        m.save(&out)?;
+        Ok(m)
+    })?;
+    let val = model.meta.validation.as_ref().and_then(|v| v.get("mean_dice")).and_then(|d| d.as_f64());
+    eprintln!(
+        "saved {} ({} V-Net parameters, method {}, SFR {}) in {:.0} s{}",
+        a.out.display(),
+        model.net().num_parameters(),
+        model.meta.training["method"].as_str().unwrap_or("?"),
+        model.meta.training["sfr"],
+        t.elapsed().as_secs_f64(),
+        val.map(|d| format!("; validation mean Dice {d:.4}")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn segment_cmd(a: SegmentArgs) -> Result<()> {
+    let device = sfr::nn::parse_device(&a.device)?;
+    let model = SfrModel::load(&a.model, device)?;
+    let img = nifti::read(&a.input)?.cast::<f32>();
+    let (out, probs_path) = (a.output.clone(), a.probabilities.clone());
+    let classes = model.meta.classes.clone();
+    let (seg, probs) = run_job(a.progress, move |r| model.segment(&img, Some(r)))?;
+    // Write probabilities first, the label last: the label file is the "done" signal.
+    if let Some(p) = probs_path {
+        let stem = p.to_string_lossy().trim_end_matches(".gz").trim_end_matches(".nii").to_string();
+        for (c, map) in probs.outer_iter().enumerate() {
+            nifti::write(format!("{stem}_class{c}.nii.gz"), &seg.with_data(map.to_owned())?)?;
+        }
+    }
+    if classes.keys().max().copied().unwrap_or(0) > 255 {
+        nifti::write(&out, &seg.cast::<u16>())?;
+    } else {
+        nifti::write(&out, &seg)?;
+    }
+    let counts: Vec<String> = classes.iter().map(|(c, n)| format!("{n}: {}", seg.data.iter().filter(|&&v| v as u16 == *c).count())).collect();
+    eprintln!("wrote {} (voxels per class: {})", out.display(), counts.join(", "));
+    Ok(())
+}
+
+fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
+    let device = sfr::nn::parse_device(&a.device)?;
+    let model = SfrModel::load(&a.model, device)?;
+    let ds = Dataset::open(&a.data)?;
+    let cases: Vec<_> = match &a.cases {
+        Some(f) => read_id_list(f)?.iter().map(|id| ds.case(id).cloned()).collect::<Result<_>>()?,
+        None => {
+            let t = &model.meta.training;
+            let skip = if t["dataset"].as_str() == Some(ds.name.as_str()) {
+                t["labeled_cases"].as_u64().unwrap_or(0) as usize + t["validation_cases"].as_array().map(|v| v.len()).unwrap_or(0)
+            } else {
+                0
+            };
+            ds.training.iter().skip(skip).cloned().collect()
+        }
+    };
+    if cases.is_empty() {
+        return Err(Error::invalid("no cases to evaluate"));
+    }
+    let per_case = evaluate_cases(&model, &cases, None)?;
+    let rows: Vec<_> = per_case.iter().map(|(_, m)| m.clone()).collect();
+    let summary = summarize(&rows, &model.meta.classes);
+    if a.json {
+        let cases_json: Vec<_> = per_case.iter().map(|(id, m)| json!({"case": id, "classes": m})).collect();
+        println!("{}", serde_json::to_string_pretty(&json!({"model": a.model, "cases": cases_json, "summary": summary})).unwrap());
+    } else {
+        println!("{} cases from {}", cases.len(), a.data.display());
+        println!("{:<16} {:>16} {:>10} {:>10} {:>10}", "class", "Dice (%)", "Jaccard", "ASD mm", "HD95 mm");
+        let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
+        for s in &summary {
+            println!(
+                "{:<16} {:>9.2} ± {:<5.2} {:>10.2} {:>10} {:>10}",
+                s.name,
+                100.0 * s.dice_mean,
+                100.0 * s.dice_std,
+                100.0 * s.jaccard_mean,
+                f(s.asd_mean),
+                f(s.hd95_mean)
+            );
         }
     }
     Ok(())
 }
 
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { file } => println!("{}", serde_json::to_string_pretty(&info(&file)?).unwrap()),
+        Command::Convert { input, output } => {
+            let v = nifti::read(&input)?;
+            nifti::write_any(&output, &v)?;
+            eprintln!("wrote {} ({} {:?})", output.display(), v.dtype().name(), v.dims());
+        }
+        Command::Stitch(a) => stitch_cmd(&a)?,
+        Command::Train(a) => train_cmd(a)?,
+        Command::Segment(a) => segment_cmd(a)?,
+        Command::Evaluate(a) => evaluate_cmd(a)?,
+        Command::Demo(a) => demo::run(a)?,
+        Command::Bench { json: _ } => println!("{}", serde_json::to_string_pretty(&bench::run()).unwrap()),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp(None).init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Cancelled) => {
+            eprintln!("cancelled: nothing was written");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
