@@ -1,10 +1,10 @@
 //! The whole pipeline on small synthetic phantoms: every method, SFR on and off, SFR+,
 //! cancellation, resume, bad input.
 use sfr::io::dataset::Dataset;
-use sfr::job::{Job, Reporter};
+use sfr::job::Reporter;
 use sfr::phantom::{write_dataset, PhantomSpec};
 use sfr::pipeline::config::{Method, TrainConfig};
-use sfr::pipeline::{evaluate_cases, summarize, train, RunOptions, TrainInputs};
+use sfr::pipeline::{train, RunOptions, TrainInputs};
 use std::path::Path;
 
 fn dataset(dir: &Path, n: usize, classes: usize) -> Dataset {
@@ -15,7 +15,7 @@ fn dataset(dir: &Path, n: usize, classes: usize) -> Dataset {
 
 fn inputs(ds: &Dataset, labeled: usize) -> TrainInputs {
     let (l, u) = ds.split_first(labeled).unwrap();
-    TrainInputs { labeled: l, unlabeled: u, classes: ds.labels.clone(), dataset_name: ds.name.clone() }
+    TrainInputs { labeled: sfr::pipeline::sources(&l), unlabeled: sfr::pipeline::sources(&u), classes: ds.labels.clone(), dataset_name: ds.name.clone() }
 }
 
 fn tiny(method: Method, sfr: bool) -> TrainConfig {

@@ -244,6 +244,22 @@ impl TrainConfig {
         Ok(c)
     }
 
+    /// The JSON that crosses the C ABI and the Slicer module: either a full config (it has
+    /// `"version"`), or `{"preset": NAME, ...overrides}` (preset default `cpu-small`), merged
+    /// and parsed strictly.
+    pub fn from_user_json(text: &str) -> Result<TrainConfig> {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::invalid(format!("config: not JSON: {e}")))?;
+        let obj = v.as_object().ok_or_else(|| Error::invalid("config: expected a JSON object"))?;
+        if obj.contains_key("version") {
+            return TrainConfig::from_json(text);
+        }
+        let preset = match obj.get("preset") {
+            None => "cpu-small",
+            Some(p) => p.as_str().ok_or_else(|| Error::invalid("config: \"preset\" must be a string"))?,
+        };
+        TrainConfig::preset_with_overrides(preset, text)
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("serialisable")
     }
@@ -337,5 +353,12 @@ mod tests {
         assert!(TrainConfig::from_json("{}").is_err());
         assert!(TrainConfig::preset("nope").is_err());
         assert!(TrainConfig::preset_with_overrides("cpu-small", r#"{"patch": [30, 48, 32]}"#).is_err());
+        let u = TrainConfig::from_user_json(r#"{"preset": "test-tiny", "method": "acmt"}"#).unwrap();
+        assert_eq!((u.preset.as_str(), u.method), ("test-tiny", Method::Acmt));
+        assert_eq!(TrainConfig::from_user_json("{}").unwrap(), TrainConfig::cpu_small());
+        assert!(TrainConfig::from_user_json(r#"{"methd": "acmt"}"#).unwrap_err().to_string().contains("methd"));
+        assert!(TrainConfig::from_user_json("[1]").is_err());
+        let full = TrainConfig::paper_la().to_json();
+        assert_eq!(TrainConfig::from_user_json(&full).unwrap(), TrainConfig::paper_la());
     }
 }

@@ -59,42 +59,77 @@ pub fn check_label(label: &Volume<f64>, num_classes: usize, what: &str) -> Resul
     Ok(out)
 }
 
+/// A case as the pipeline receives it: files on disk (CLI), or volumes in memory (C ABI,
+/// Slicer). Labels of unlabelled cases are simply absent.
+#[derive(Clone, Debug)]
+pub enum CaseSource {
+    Files(Case),
+    Memory { id: String, image: Volume<f32>, label: Option<Volume<f64>> },
+}
+
+impl CaseSource {
+    pub fn id(&self) -> &str {
+        match self {
+            CaseSource::Files(c) => &c.id,
+            CaseSource::Memory { id, .. } => id,
+        }
+    }
+    pub fn has_label(&self) -> bool {
+        match self {
+            CaseSource::Files(c) => c.label.is_some(),
+            CaseSource::Memory { label, .. } => label.is_some(),
+        }
+    }
+    /// The same case with its label dropped, so nothing downstream can read it.
+    pub fn without_label(&self) -> CaseSource {
+        match self {
+            CaseSource::Files(c) => CaseSource::Files(Case { label: None, ..c.clone() }),
+            CaseSource::Memory { id, image, .. } => CaseSource::Memory { id: id.clone(), image: image.clone(), label: None },
+        }
+    }
+    /// The raw image and label (label values as read, checked later), and names for messages.
+    pub fn read(&self) -> Result<(Volume<f32>, Option<Volume<f64>>, String, String)> {
+        match self {
+            CaseSource::Files(c) => {
+                let img = nifti::read(&c.image)?;
+                let lab = c.label.as_ref().map(nifti::read).transpose()?.map(|l| l.cast::<f64>());
+                let lname = c.label.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+                Ok((img.cast::<f32>(), lab, c.image.display().to_string(), lname))
+            }
+            CaseSource::Memory { id, image, label } => Ok((image.clone(), label.clone(), format!("case {id} (image)"), format!("case {id} (label)"))),
+        }
+    }
+}
+
 /// Loads a case: image (z-scored) and, when the case has one, its label, which must have the
-/// image's shape and geometry.
-pub fn load_case(case: &Case, num_classes: usize) -> Result<Sample> {
-    let img = nifti::read(&case.image)?;
-    let geometry = *img.geometry();
-    let image = zscore(&img.cast::<f32>().data.view(), &case.image.display().to_string())?;
-    let label = match &case.label {
+/// image's shape and geometry and only declared classes.
+pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
+    let (img, lab, iname, lname) = src.read()?;
+    let geometry = img.geometry;
+    let image = zscore(&img.data.view(), &iname)?;
+    let label = match lab {
         None => None,
-        Some(lp) => {
-            let lab = nifti::read(lp)?;
+        Some(lab) => {
             if lab.dims() != img.dims() {
-                return Err(Error::invalid(format!(
-                    "{}: label dims {:?} differ from image dims {:?} ({})",
-                    lp.display(),
-                    lab.dims(),
-                    img.dims(),
-                    case.image.display()
-                )));
+                return Err(Error::invalid(format!("{lname}: label dims {:?} differ from image dims {:?} ({iname})", lab.dims(), img.dims())));
             }
             let tol = 1e-3 * geometry.spacing.iter().cloned().fold(1.0, f64::max);
-            if lab.geometry().max_abs_diff(&geometry) > tol {
-                return Err(Error::invalid(format!(
-                    "{}: label geometry {:?} differs from the image's {:?}",
-                    lp.display(),
-                    lab.geometry(),
-                    geometry
-                )));
+            if lab.geometry.max_abs_diff(&geometry) > tol {
+                return Err(Error::invalid(format!("{lname}: label geometry {:?} differs from the image's {:?}", lab.geometry, geometry)));
             }
-            let l = check_label(&lab.cast::<f64>(), num_classes, &lp.display().to_string())?;
+            let l = check_label(&lab, num_classes, &lname)?;
             if l.iter().all(|&v| v == 0) {
-                log::warn!("{}: the label is empty (background only)", lp.display());
+                log::warn!("{lname}: the label is empty (background only)");
             }
             Some(l)
         }
     };
-    Ok(Sample { id: case.id.clone(), image, label, geometry })
+    Ok(Sample { id: src.id().to_string(), image, label, geometry })
+}
+
+/// Loads a case from files (see [`load_source`]).
+pub fn load_case(case: &Case, num_classes: usize) -> Result<Sample> {
+    load_source(&CaseSource::Files(case.clone()), num_classes)
 }
 
 /// Pads `a` (centred, with `value`) so that every axis is at least `min`.

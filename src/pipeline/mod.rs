@@ -17,7 +17,7 @@ use crate::metrics::{evaluate_labels, ClassMetrics};
 use crate::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
 use crate::volume::Volume;
 use config::TrainConfig;
-use data::{load_case, Sample};
+use data::{load_source, CaseSource, Sample};
 use retrain::{retrain, Checkpointing, UnlabeledCase};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 
 /// What to train on.
 pub struct TrainInputs {
-    pub labeled: Vec<Case>,
-    pub unlabeled: Vec<Case>,
+    pub labeled: Vec<CaseSource>,
+    pub unlabeled: Vec<CaseSource>,
     /// Class index -> name, background (0) included.
     pub classes: BTreeMap<u16, String>,
     pub dataset_name: String,
@@ -89,14 +89,19 @@ pub fn summarize(per_case: &[Vec<ClassMetrics>], classes: &BTreeMap<u16, String>
 
 /// Segments `cases` (which must have labels) with `model` and computes per-class metrics.
 pub fn evaluate_cases(model: &SfrModel, cases: &[Case], reporter: Option<&Reporter>) -> Result<Vec<(String, Vec<ClassMetrics>)>> {
+    let sources: Vec<CaseSource> = cases.iter().cloned().map(CaseSource::Files).collect();
+    evaluate_sources(model, &sources, reporter)
+}
+
+/// [`evaluate_cases`] for files or in-memory cases.
+pub fn evaluate_sources(model: &SfrModel, cases: &[CaseSource], reporter: Option<&Reporter>) -> Result<Vec<(String, Vec<ClassMetrics>)>> {
     let classes: Vec<u16> = model.meta.classes.keys().cloned().filter(|&c| c != 0).collect();
     let mut out = vec![];
     for case in cases {
-        let lp = case.label.as_ref().ok_or_else(|| Error::invalid(format!("case {} has no label to evaluate against", case.id)))?;
-        let img = nifti::read(&case.image)?.cast::<f32>();
-        let reference = nifti::read(lp)?.cast::<f64>();
+        let (img, reference, _, _) = case.read()?;
+        let reference = reference.ok_or_else(|| Error::invalid(format!("case {} has no label to evaluate against", case.id())))?;
         let (pred, _) = model.segment(&img, None)?;
-        out.push((case.id.clone(), evaluate_labels(&pred, &reference, &classes)?));
+        out.push((case.id().to_string(), evaluate_labels(&pred, &reference, &classes)?));
         if let Some(r) = reporter {
             r.check()?;
         }
@@ -137,14 +142,16 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     reporter.stage("load", (train_cases.len() + inputs.unlabeled.len()) as u64, "reading and checking the cases")?;
     let mut labeled: Vec<Sample> = Vec::with_capacity(train_cases.len());
     for (i, c) in train_cases.iter().enumerate() {
-        labeled.push(load_case(c, num_classes)?);
+        if !c.has_label() {
+            return Err(Error::invalid(format!("case {} is listed as labelled but has no label", c.id())));
+        }
+        labeled.push(load_source(c, num_classes)?);
         reporter.step(i as u64 + 1, f64::NAN)?;
     }
     let mut unl_samples: Vec<Sample> = Vec::with_capacity(inputs.unlabeled.len());
     for (i, c) in inputs.unlabeled.iter().enumerate() {
         // Unlabelled cases: the label is dropped even if the caller passed one.
-        let c = Case { label: None, ..c.clone() };
-        unl_samples.push(load_case(&c, num_classes)?);
+        unl_samples.push(load_source(&c.without_label(), num_classes)?);
         reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
     }
     let spacing = [0, 1, 2].map(|a| median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()));
@@ -211,7 +218,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             "dataset": inputs.dataset_name,
             "labeled_cases": train_cases.len(),
             "unlabeled_cases": inputs.unlabeled.len(),
-            "validation_cases": val_cases.iter().map(|c| c.id.clone()).collect::<Vec<_>>(),
+            "validation_cases": val_cases.iter().map(|c| c.id().to_string()).collect::<Vec<_>>(),
             "sam": sam_summary,
             "config": cfg,
         }),
@@ -221,7 +228,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     let mut model = SfrModel::new(vs, net, meta);
     if !val_cases.is_empty() {
         reporter.stage("validate", val_cases.len() as u64, "segmenting the validation cases")?;
-        let per_case = evaluate_cases(&model, val_cases, Some(reporter))?;
+        let per_case = evaluate_sources(&model, val_cases, Some(reporter))?;
         let rows: Vec<Vec<ClassMetrics>> = per_case.iter().map(|(_, m)| m.clone()).collect();
         let summary = summarize(&rows, &inputs.classes);
         let mean_dice = summary.iter().map(|s| s.dice_mean).sum::<f64>() / summary.len().max(1) as f64;
@@ -234,16 +241,9 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     Ok(model)
 }
 
-/// Cases from explicit image/label lists (no dataset.json): `labels[i]` labels `images[i]`.
-pub fn cases_from_files(images: &[PathBuf], labels: &[PathBuf]) -> Result<Vec<Case>> {
-    if labels.len() > images.len() {
-        return Err(Error::invalid("more labels than images"));
-    }
-    Ok(images
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Case { id: crate::io::dataset::case_id(p), image: p.clone(), label: labels.get(i).cloned() })
-        .collect())
+/// File cases as pipeline sources.
+pub fn sources(cases: &[Case]) -> Vec<CaseSource> {
+    cases.iter().cloned().map(CaseSource::Files).collect()
 }
 
 /// Default work folder of an output model: `M.sfrmodel` -> `M.sfrmodel.work/`.

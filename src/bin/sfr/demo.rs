@@ -70,7 +70,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     for (name, method, sfr) in runs {
         let cfg = demo_config(&a, method, sfr);
         eprintln!("== training: {name} ({} labelled, {} unlabelled)", labeled.len(), if method == Method::Supervised && !sfr { 0 } else { unlabeled.len() });
-        let inputs = TrainInputs { labeled: labeled.clone(), unlabeled: unlabeled.clone(), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
+        let inputs = TrainInputs { labeled: sfr::pipeline::sources(&labeled), unlabeled: sfr::pipeline::sources(&unlabeled), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
         let t = std::time::Instant::now();
         let model = run_job(a.progress, move |r| sfr::pipeline::train(&cfg, &inputs, &RunOptions::default(), r))?;
         let secs = t.elapsed().as_secs_f64();

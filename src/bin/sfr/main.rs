@@ -296,7 +296,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if let Some(m) = a.max_unlabeled {
         unlabeled.truncate(m);
     }
-    let inputs = TrainInputs { labeled, unlabeled, classes: ds.labels.clone(), dataset_name: ds.name.clone() };
+    let inputs = TrainInputs { labeled: sfr::pipeline::sources(&labeled), unlabeled: sfr::pipeline::sources(&unlabeled), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
     let opts = RunOptions { work_dir: Some(a.work_dir.clone().unwrap_or_else(|| default_work_dir(&a.out))), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels };
     let out = a.out.clone();
     let t = std::time::Instant::now();
