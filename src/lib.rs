@@ -14,6 +14,7 @@
 //! metrics    Dice, Jaccard, ASD, HD95
 //! ```
 pub mod error;
+pub mod ffi;
 pub mod infer;
 pub mod io;
 pub mod job;
