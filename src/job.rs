@@ -67,11 +67,19 @@ impl Reporter {
     /// Records that `step` of the stage's total is done, with the latest loss.
     pub fn step(&self, step: u64, loss: f64) -> Result<()> {
         let elapsed = self.shared.stage_start.lock().unwrap().elapsed().as_secs_f64();
+        let mut log_line = None;
         self.update(|p| {
             p.step = step;
             p.loss = loss;
             p.eta_seconds = if step > 0 && p.total >= step { elapsed / step as f64 * (p.total - step) as f64 } else { -1.0 };
+            // A line in the log every tenth of a stage, so runs leave a record of their losses.
+            if p.total >= 10 && step % (p.total / 10) == 0 {
+                log_line = Some(format!("[{}] {}/{} loss {:.4} ({:.0} s, ETA {:.0} s)", p.stage, step, p.total, loss, elapsed, p.eta_seconds.max(0.0)));
+            }
         });
+        if let Some(l) = log_line {
+            log::info!("{l}");
+        }
         self.check()
     }
 

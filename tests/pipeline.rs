@@ -1,11 +1,19 @@
-//! The whole pipeline on small synthetic phantoms: every method, SFR on and off, SFR+,
-//! cancellation, resume, bad input.
+//! The whole pipeline on small synthetic phantoms (every method, SFR on and off, SFR+),
+//! determinism, cancellation, resume after a crash, bad input, and a reduced real-data run.
+mod common;
+
 use sfr::io::dataset::Dataset;
-use sfr::job::Reporter;
-use sfr::phantom::{write_dataset, PhantomSpec};
+use sfr::io::nifti;
+use sfr::job::{Job, Reporter};
+use sfr::model::SfrModel;
+use sfr::phantom::{phantom, write_dataset, PhantomSpec};
 use sfr::pipeline::config::{Method, TrainConfig};
-use sfr::pipeline::{train, RunOptions, TrainInputs};
+use sfr::pipeline::data::CaseSource;
+use sfr::pipeline::{evaluate_cases, sources, summarize, train, RunOptions, TrainInputs};
+use sfr::volume::{Geometry, Volume};
+use sfr::Error;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 fn dataset(dir: &Path, n: usize, classes: usize) -> Dataset {
     let spec = PhantomSpec { dims: [32, 32, 24], num_classes: classes, noise: 0.3 };
@@ -15,7 +23,7 @@ fn dataset(dir: &Path, n: usize, classes: usize) -> Dataset {
 
 fn inputs(ds: &Dataset, labeled: usize) -> TrainInputs {
     let (l, u) = ds.split_first(labeled).unwrap();
-    TrainInputs { labeled: sfr::pipeline::sources(&l), unlabeled: sfr::pipeline::sources(&u), classes: ds.labels.clone(), dataset_name: ds.name.clone() }
+    TrainInputs { labeled: sources(&l), unlabeled: sources(&u), classes: ds.labels.clone(), dataset_name: ds.name.clone() }
 }
 
 fn tiny(method: Method, sfr: bool) -> TrainConfig {
@@ -25,16 +33,201 @@ fn tiny(method: Method, sfr: bool) -> TrainConfig {
     c
 }
 
+fn quiet() -> Reporter {
+    Reporter::detached(None)
+}
+
+/// libtorch's random generator is global to the process: tests that train hold this lock so
+/// that a concurrently running test cannot draw from it in between (which would make the
+/// determinism test fail for a reason outside the library).
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn every_method_trains_with_and_without_sfr() {
+    let _serial = serial();
     let d = tempfile::tempdir().unwrap();
-    let ds = dataset(d.path(), 6, 2);
+    let ds = dataset(d.path(), 6, 3);
     let inp = inputs(&ds, 2);
-    for (method, sfr) in [(Method::Supervised, false), (Method::MeanTeacher, false), (Method::Acmt, true), (Method::SelfTraining, true)] {
-        let t = std::time::Instant::now();
-        let model = train(&tiny(method, sfr), &inp, &RunOptions::default(), &Reporter::detached(None)).unwrap();
-        assert_eq!(model.meta.training["method"], method.name());
-        assert_eq!(model.meta.training["sfr"], sfr);
-        eprintln!("{} sfr={sfr}: {:.1}s", method.name(), t.elapsed().as_secs_f64());
+    let mut plus = tiny(Method::MeanTeacher, true);
+    plus.sfr_plus.enabled = true;
+    plus.sfr_plus.tau = 0.0; // every sample counts as confident: exercises the absorbing path
+    let runs = [tiny(Method::Supervised, false), tiny(Method::MeanTeacher, false), tiny(Method::Acmt, true), tiny(Method::SelfTraining, true), plus];
+    for cfg in runs {
+        let model = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+        assert_eq!(model.meta.training["method"], cfg.method.name());
+        assert_eq!(model.meta.training["sfr"], cfg.sfr);
+        assert_eq!(model.num_classes(), 3);
+        if cfg.sfr_plus.enabled {
+            assert_eq!(model.meta.training["sam"]["confident_samples"], 4);
+        }
     }
+}
+
+/// Same seed, same data: the same model (CPU).
+#[test]
+fn training_is_deterministic_for_a_seed() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let ds = dataset(d.path(), 4, 2);
+    let inp = inputs(&ds, 2);
+    let cfg = tiny(Method::MeanTeacher, true);
+    let a = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+    let b = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+    for ((ka, ta), (kb, tb)) in a.net().state_dict().iter().zip(b.net().state_dict().iter()) {
+        assert_eq!(ka, kb);
+        assert!(ta.equal(tb), "{ka} differs between two runs with the same seed");
+    }
+}
+
+#[test]
+fn cancellation_stops_within_seconds_and_writes_nothing() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let ds = dataset(d.path(), 4, 2);
+    let inp = inputs(&ds, 2);
+    let mut cfg = tiny(Method::MeanTeacher, false);
+    cfg.vnet.iterations = 100_000;
+    let out = d.path().join("never.sfrmodel");
+    let out2 = out.clone();
+    let mut job = Job::spawn(None, move |r: &Reporter| {
+        let m = train(&cfg, &inp, &RunOptions::default(), r)?;
+        m.save(&out2)?;
+        Ok(())
+    })
+    .unwrap();
+    let t = Instant::now();
+    while job.progress().stage != "retrain" || job.progress().step < 2 {
+        assert!(t.elapsed() < Duration::from_secs(60), "training never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let asked = Instant::now();
+    job.cancel();
+    assert!(matches!(job.wait(), Err(Error::Cancelled)));
+    assert!(asked.elapsed() < Duration::from_secs(5), "cancel took {:?}", asked.elapsed());
+    assert!(!out.exists());
+}
+
+/// A run killed mid-way resumes from its checkpoint and finishes.
+#[test]
+fn resume_continues_from_the_checkpoint() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let ds = dataset(d.path(), 4, 2);
+    let inp = inputs(&ds, 2);
+    let mut cfg = tiny(Method::Supervised, false);
+    cfg.vnet.iterations = 30;
+    cfg.checkpoint_every = 10;
+    let work = d.path().join("work");
+    let opts = RunOptions { work_dir: Some(work.clone()), resume: false, write_pseudo_labels: false };
+    // "Crash" after iteration 15: the reporter's callback cancels the run.
+    let crash = Reporter::detached(None);
+    let c2 = crash.clone();
+    let mut job = {
+        let (cfg, inp_l, inp_u, classes) = (cfg.clone(), inp.labeled.clone(), inp.unlabeled.clone(), inp.classes.clone());
+        let opts = RunOptions { work_dir: opts.work_dir.clone(), ..Default::default() };
+        Job::spawn(None, move |r: &Reporter| {
+            let inp = TrainInputs { labeled: inp_l, unlabeled: inp_u, classes, dataset_name: String::new() };
+            let _ = &c2;
+            train(&cfg, &inp, &opts, r)
+        })
+        .unwrap()
+    };
+    while !(job.progress().stage == "retrain" && job.progress().step >= 15) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    job.cancel();
+    assert!(job.wait().is_err());
+    let ck = work.join("retrain.ckpt.safetensors");
+    assert!(ck.exists(), "no checkpoint after 15 iterations with checkpoint_every = 10");
+    let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let m2 = messages.clone();
+    let r = Reporter::detached(Some(Box::new(move |p| m2.lock().unwrap().push(p.message.clone()))));
+    let model = train(&cfg, &inp, &RunOptions { resume: true, ..opts }, &r).unwrap();
+    assert!(messages.lock().unwrap().iter().any(|m| m.contains("resumed re-training at iteration 10")));
+    assert!(!ck.exists(), "a finished run removes its checkpoint");
+    assert_eq!(model.meta.training["method"], "supervised");
+    let _ = crash;
+}
+
+fn memory_case(id: &str, img: Volume<f32>, lab: Option<Volume<f64>>) -> CaseSource {
+    CaseSource::Memory { id: id.into(), image: img, label: lab }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let _serial = serial();
+    let spec = PhantomSpec { dims: [20, 20, 16], num_classes: 2, noise: 0.2 };
+    let (img, lab) = phantom(1, &spec);
+    let labf = lab.cast::<f64>();
+    let classes: std::collections::BTreeMap<u16, String> = [(0, "background".into()), (1, "organ".into())].into();
+    let cfg = tiny(Method::Supervised, false);
+    let run = |labeled: Vec<CaseSource>, unlabeled: Vec<CaseSource>| {
+        let inp = TrainInputs { labeled, unlabeled, classes: classes.clone(), dataset_name: "t".into() };
+        train(&cfg, &inp, &RunOptions::default(), &quiet()).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    assert!(run(vec![], vec![]).contains("zero labelled"));
+    // label with another shape
+    let small = Volume::new(ndarray::Array3::<f64>::zeros((16, 20, 19)), img.geometry);
+    assert!(run(vec![memory_case("a", img.clone(), Some(small))], vec![]).contains("dims"));
+    // label geometry that differs
+    let moved = Volume::new(labf.data.clone(), Geometry { origin: [100.0, 0.0, 0.0], ..labf.geometry });
+    assert!(run(vec![memory_case("b", img.clone(), Some(moved))], vec![]).contains("geometry"));
+    // a class that is not declared
+    let mut three = labf.clone();
+    three.data[[0, 0, 0]] = 3.0;
+    assert!(run(vec![memory_case("c", img.clone(), Some(three))], vec![]).contains("label value 3"));
+    // NaN in an unlabelled image
+    let mut nan = img.clone();
+    nan.data[[1, 1, 1]] = f32::NAN;
+    assert!(run(vec![memory_case("d", img.clone(), Some(labf.clone()))], vec![memory_case("e", nan, None)]).contains("NaN"));
+    // a labelled case without a label
+    assert!(run(vec![memory_case("f", img.clone(), None)], vec![]).contains("no label"));
+    // missing file
+    let missing = sfr::io::dataset::Case { id: "g".into(), image: "/nonexistent/g.nii.gz".into(), label: Some("/nonexistent/g_l.nii.gz".into()) };
+    assert!(run(vec![CaseSource::Files(missing)], vec![]).contains("/nonexistent/g.nii.gz"));
+    // volumes smaller than the patch are padded, not an error
+    let (tiny_img, tiny_lab) = phantom(2, &PhantomSpec { dims: [10, 12, 8], num_classes: 2, noise: 0.2 });
+    assert_eq!(run(vec![memory_case("h", tiny_img, Some(tiny_lab.cast()))], vec![]), "");
+}
+
+/// Real data, reduced: a few hippocampus cases, a short supervised run; the trained V-Net must
+/// beat an untrained one by a clear margin on held-out cases.
+#[test]
+fn real_hippocampus_training_beats_untrained() {
+    let _serial = serial();
+    let Some(root) = common::shared_data() else { return };
+    let ds = Dataset::open(root.join("hippocampus")).unwrap();
+    let labeled: Vec<_> = ds.training[..4].to_vec();
+    let held_out: Vec<_> = ds.training[190..196].to_vec();
+    let mut cfg = TrainConfig::cpu_small();
+    cfg.method = Method::Supervised;
+    cfg.sfr = false;
+    cfg.validation_cases = 0;
+    cfg.checkpoint_every = 0;
+    cfg.vnet.iterations = 150;
+    let inp = TrainInputs { labeled: sources(&labeled), unlabeled: vec![], classes: ds.labels.clone(), dataset_name: ds.name.clone() };
+    let untrained = {
+        let mut c = cfg.clone();
+        c.vnet.iterations = 1;
+        train(&c, &inp, &RunOptions::default(), &quiet()).unwrap()
+    };
+    let t = Instant::now();
+    let trained = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+    let mean_dice = |m: &SfrModel| {
+        let rows: Vec<_> = evaluate_cases(m, &held_out, None).unwrap().into_iter().map(|(_, r)| r).collect();
+        let s = summarize(&rows, &ds.labels);
+        s.iter().map(|c| c.dice_mean).sum::<f64>() / s.len() as f64
+    };
+    let (before, after) = (mean_dice(&untrained), mean_dice(&trained));
+    eprintln!("hippocampus, 4 labelled, 150 iterations ({:.0} s): mean Dice untrained {before:.3}, trained {after:.3}", t.elapsed().as_secs_f64());
+    assert!(after > before + 0.2, "trained {after:.3} vs untrained {before:.3}");
+    // the model segments a real volume with its exact geometry
+    let img = nifti::read(&held_out[0].image).unwrap().cast::<f32>();
+    let (seg, _) = trained.segment(&img, None).unwrap();
+    assert_eq!(seg.geometry, img.geometry);
+    assert_eq!(seg.dims(), img.dims());
 }

@@ -1,0 +1,278 @@
+"""Worker-process mode: the same jobs run by the ``sfr`` command-line tool in a child process,
+exchanging NIfTI files through a temporary folder.
+
+Why: libsfr links libtorch 2.13 (found through the path recorded when it was built). If the
+host Python has already imported another PyTorch (``import torch`` by another Slicer
+extension), two libtorch builds would share one process: symbol clashes, wrong CUDA context,
+crashes at best at load time and at worst mid-training. A child process has its own address
+space, so nothing clashes; progress arrives as JSON lines (``--progress json``), and
+cancellation is an interrupt (the tool's Ctrl-C path, which writes no half-finished file),
+followed by a kill if the process has not ended within a few seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from . import nifti
+from .binding import Cancelled, SfrError, library_file_name, module_dir, parse_version, version_is_compatible
+
+CLI_ENV_VAR = "SFR_CLI"
+CANCEL_GRACE_SECONDS = 5.0
+
+
+class CliNotFoundError(RuntimeError):
+    pass
+
+
+def cli_file_name() -> str:
+    return "sfr.exe" if sys.platform.startswith("win") else "sfr"
+
+
+def find_cli(explicit: Optional[str] = None, library_path: Optional[str] = None) -> Path:
+    """The ``sfr`` executable: explicit path > ``$SFR_CLI`` > next to the library > the module's
+    ``lib``/``bin`` folders > the crate's ``target/release`` > ``PATH``."""
+    name = cli_file_name()
+    candidates: List[Tuple[str, Path]] = []
+    if explicit:
+        candidates.append(("setting", Path(explicit).expanduser()))
+    if os.environ.get(CLI_ENV_VAR):
+        candidates.append((f"${CLI_ENV_VAR}", Path(os.environ[CLI_ENV_VAR]).expanduser()))
+    for lib in (library_path, os.environ.get("SFR_LIBRARY")):
+        if lib:
+            p = Path(lib).expanduser()
+            candidates.append(("next to the library", (p if p.is_dir() else p.parent) / name))
+    here = module_dir()
+    candidates += [
+        ("next to the module", here / "lib" / name),
+        ("next to the module", here / "bin" / name),
+        ("source checkout", here.parent.parent / "target" / "release" / name),
+    ]
+    on_path = shutil.which(name)
+    if on_path:
+        candidates.append(("PATH", Path(on_path)))
+    tried = []
+    for origin, p in candidates:
+        if p.is_dir():
+            p = p / name
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+        tried.append(f"  - {p} ({origin}): {'not executable' if p.is_file() else 'not found'}")
+    raise CliNotFoundError(
+        f"the sfr command-line tool ({name}) was not found; worker mode needs it. Set its path, set "
+        f"{CLI_ENV_VAR}, or place it next to {library_file_name()}.\nTried:\n" + "\n".join(tried)
+    )
+
+
+def cli_version(cli: Path) -> str:
+    """``sfr --version`` -> "0.1.0"; raises when the tool does not run or is incompatible."""
+    try:
+        out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CliNotFoundError(f"{cli} does not run: {e}") from e
+    if out.returncode != 0:
+        raise CliNotFoundError(f"{cli} --version failed (exit {out.returncode}): {out.stderr.strip()[-2000:]}")
+    version = out.stdout.strip().split()[-1] if out.stdout.strip() else ""
+    if not version_is_compatible(parse_version(version)):
+        raise CliNotFoundError(f"{cli} is version {version}, which this module does not support")
+    return version
+
+
+class WorkerProcess:
+    """A running ``sfr`` command: progress from its JSON lines, log from stderr (kept in a
+    file, so a chatty process can never block on a full pipe)."""
+
+    def __init__(self, argv: List[str], folder: Path):
+        self.argv = argv
+        self.folder = Path(folder)
+        self.stderr_path = self.folder / "worker.log"
+        self._stderr = open(self.stderr_path, "wb")
+        self._lock = threading.Lock()
+        self._progress = {
+            "stage": "starting",
+            "step": 0,
+            "total": 0,
+            "loss": None,
+            "eta_seconds": None,
+            "message": "starting the worker process",
+            "finished": False,
+        }
+        self.lines: deque = deque(maxlen=2000)
+        self.cancel_requested = False
+        kwargs = {}
+        if sys.platform.startswith("win"):
+            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, cwd=str(self.folder), **kwargs
+            )
+        except OSError as e:
+            self._stderr.close()
+            raise SfrError("SFR_WORKER_FAILED", f"cannot start {argv[0]}: {e}") from e
+        self._reader = threading.Thread(target=self._read_stdout, name="sfr-worker-reader", daemon=True)
+        self._reader.start()
+
+    def _read_stdout(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                self.lines.append(line)
+                continue
+            if isinstance(event, dict):
+                with self._lock:
+                    for key in ("stage", "step", "total", "loss", "eta_seconds", "message"):
+                        if key in event:
+                            self._progress[key] = event[key]
+        self.proc.stdout.close()
+
+    def poll(self) -> dict:
+        with self._lock:
+            p = dict(self._progress)
+        rc = self.proc.poll()
+        # "finished" means the process has ended, not merely that the tool said so: only then
+        # are its output files complete.
+        p["finished"] = rc is not None
+        if rc is not None and rc != 0 and not self.cancel_requested:
+            p["message"] = self.error_text() or p["message"]
+        return p
+
+    def cancel(self) -> None:
+        if self.cancel_requested or self.proc.poll() is not None:
+            self.cancel_requested = True
+            return
+        self.cancel_requested = True
+        try:
+            if sys.platform.startswith("win"):
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(signal.SIGINT)
+        except OSError:
+            return
+        timer = threading.Timer(CANCEL_GRACE_SECONDS, self._kill_if_running)
+        timer.daemon = True
+        timer.start()
+
+    def _kill_if_running(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.kill()
+            except OSError:
+                pass
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            text = self.stderr_path.read_text("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-n:])
+
+    def error_text(self) -> str:
+        lines = self.log_tail(200).splitlines()
+        errors = [l for l in lines if l.startswith("error:")]
+        if errors:
+            return errors[-1][len("error:") :].strip()
+        return "\n".join(lines[-10:])
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Blocks until the process ends; raises Cancelled or SfrError on failure."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the worker process is still running after {timeout} s")
+        self._reader.join(5)
+        if not self._stderr.closed:
+            self._stderr.close()
+        if self.cancel_requested or rc == 130:
+            raise Cancelled("the worker process was cancelled", self.argv[1] if len(self.argv) > 1 else "")
+        if rc != 0:
+            raise SfrError(
+                "SFR_WORKER_FAILED",
+                f"{' '.join(self.argv[:2])} exited with status {rc}: {self.error_text()}",
+            )
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self._kill_if_running()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        if not self._stderr.closed:
+            self._stderr.close()
+
+
+def write_decathlon(folder: Path, data, dataset_name: str = "slicer") -> int:
+    """Writes a TrainingData as a Decathlon folder (labelled cases first) -> number labelled."""
+    folder = Path(folder)
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for n, case in enumerate(data.labeled + data.unlabeled):
+        # Ids keep the given order: the tool takes "the first N" as the labelled ones.
+        stem = f"{n:04d}_{_safe(case.case_id)}"
+        nifti.write(folder / "imagesTr" / f"{stem}.nii", case.image, case.ijk_to_ras)
+        entry = {"image": f"./imagesTr/{stem}.nii"}
+        if case.label is not None:
+            nifti.write(folder / "labelsTr" / f"{stem}.nii", data.label_array(case), case.ijk_to_ras)
+            entry["label"] = f"./labelsTr/{stem}.nii"
+        training.append(entry)
+    doc = {
+        "name": dataset_name,
+        "labels": {str(k): v for k, v in sorted(data.classes.items())},
+        "training": training,
+        "test": [],
+    }
+    (folder / "dataset.json").write_text(json.dumps(doc, indent=1))
+    return len(data.labeled)
+
+
+def _safe(text: str) -> str:
+    out = "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+    return out[:60] or "case"
+
+
+def train_argv(cli: Path, data_dir: Path, n_labeled: int, out: Path, user_config: dict) -> List[str]:
+    """The ``sfr train`` command for a user config: a full config (it has "version") goes in a
+    file; ``{"preset": NAME, ...}`` becomes ``--preset NAME --set {...}``."""
+    argv = [str(cli), "train", "--data", str(data_dir), "--labeled", str(n_labeled), "--out", str(out), "--progress", "json"]
+    cfg = dict(user_config)
+    if "version" in cfg:
+        path = data_dir / "config.json"
+        path.write_text(json.dumps(cfg))
+        argv += ["--config", str(path)]
+    else:
+        argv += ["--preset", str(cfg.pop("preset", "cpu-small"))]
+        if cfg:
+            argv += ["--set", json.dumps(cfg)]
+    return argv
+
+
+def read_segmentation(path: Path, expected_shape, ijk_to_ras) -> np.ndarray:
+    labels, m = nifti.read(path)
+    if labels.shape != tuple(expected_shape):
+        raise SfrError("SFR_WORKER_FAILED", f"{path}: segmentation shape {labels.shape} differs from the image's {tuple(expected_shape)}")
+    # NIfTI stores the matrix as float32: compare with a tolerance fit for that.
+    if not np.allclose(m, np.asarray(ijk_to_ras, dtype=float), rtol=1e-5, atol=1e-3):
+        raise SfrError("SFR_WORKER_FAILED", f"{path}: the segmentation's geometry differs from the image's (this is a bug)")
+    return labels
+
+
+def make_temp_dir(prefix: str, root: Optional[str] = None) -> Path:
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))

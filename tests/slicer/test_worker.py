@@ -1,0 +1,83 @@
+"""Worker-process mode (the `sfr` tool in a child process, for a Slicer whose Python already
+imported another PyTorch): same job interface, end to end, cancellation, errors."""
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SHAPE, dice, oblique_matrix, phantom, run_to_end, training_data
+from SFRSegmentationLib import Cancelled, CliNotFoundError, ModelRegistry, SfrError, WorkerModel, find_cli
+
+M = oblique_matrix()
+
+
+def test_worker_trains_and_segments_end_to_end(worker_trained, worker_logic, tmp_path):
+    model, polls = worker_trained
+    assert isinstance(model, WorkerModel)
+    stages = [p["stage"] for p in polls]
+    assert "retrain" in stages and polls[-1]["finished"]
+    assert any(p["loss"] is not None for p in polls if p["stage"] == "retrain")
+    assert model.class_names() == {0: "background", 1: "blob"}
+    assert model.metadata()["spacing"] == pytest.approx([0.9, 1.1, 2.0], abs=1e-4)
+    image, truth = phantom(11)
+    job = model.start_segmentation(image, M)
+    seg_polls = run_to_end(job, timeout=60)
+    labels = job.wait()
+    assert seg_polls[-1]["finished"]
+    assert labels.shape == SHAPE and labels.dtype == np.uint8
+    assert dice(labels, truth) > 0.3
+    # Saved into a model folder, it is listed and segments the same when loaded back.
+    entry = ModelRegistry(tmp_path).add(model, "worker-model")
+    assert entry.path.is_file() and entry.class_names[1] == "blob"
+    back = worker_logic.load_model(entry.path)
+    assert np.array_equal(back.segment(image, M), labels)
+
+
+def test_worker_and_in_process_models_agree(worker_trained, native_logic, tmp_path):
+    """The same model file segments the same in both modes (same library inside)."""
+    model, _ = worker_trained
+    path = model.save(tmp_path / "m.sfrmodel")
+    native = native_logic.load_model(path)
+    image, _ = phantom(14)
+    a, b = native.segment(image, M), model.segment(image, M)
+    assert (a == b).mean() > 0.999
+    native.close()
+
+
+def test_worker_cancel_ends_the_process_and_cleans_up(worker_logic):
+    job = worker_logic.start_training(training_data(2, 0), config={"preset": "test-tiny", "sfr": False, "vnet": {"iterations": 100000}})
+    t0 = time.time()
+    while job.poll()["stage"] != "retrain" and time.time() - t0 < 60:
+        time.sleep(0.1)
+    assert not job.poll()["finished"]
+    job.cancel()
+    t1 = time.time()
+    with pytest.raises(Cancelled):
+        job.wait()
+    assert time.time() - t1 < 8.0
+    assert job._proc.proc.poll() is not None
+    assert not job._dir.exists(), f"temporary folder left behind: {job._dir}"
+
+
+def test_worker_failure_carries_the_tool_message(worker_logic):
+    job = worker_logic.start_training(training_data(1, 0), config={"preset": "test-tiny", "vnet": {"iterationz": 3}})
+    run_to_end(job, timeout=60)
+    assert "iterationz" in job.poll()["message"]
+    with pytest.raises(SfrError, match="iterationz"):
+        job.wait()
+
+
+def test_missing_cli_names_every_path_tried(tmp_path, monkeypatch):
+    monkeypatch.delenv("SFR_CLI", raising=False)
+    monkeypatch.delenv("SFR_LIBRARY", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    fake = tmp_path / "mod" / "SFRSegmentation"
+    fake.mkdir(parents=True)
+    import SFRSegmentationLib.worker as worker
+
+    monkeypatch.setattr(worker, "module_dir", lambda: fake)
+    with pytest.raises(CliNotFoundError) as e:
+        find_cli(str(tmp_path / "my-sfr"), str(tmp_path / "libdir" / "libsfr.so"))
+    msg = str(e.value)
+    for p in (tmp_path / "my-sfr", tmp_path / "libdir" / "sfr", fake / "lib" / "sfr"):
+        assert str(p) in msg, msg
