@@ -28,6 +28,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$reqs" ]; then
   echo "$reqs" > "$stamp"
 fi
 
+# cbindgen generates include/sfr.h; scripts/test_c.sh checks the committed header against a
+# fresh run, so the version is pinned (another version may format the header differently).
+cbindgen_version=0.29.4
+export PATH="$HOME/.cargo/bin:$PATH"
+if [ "$(cbindgen --version 2>/dev/null)" != "cbindgen $cbindgen_version" ]; then
+  echo "[setup] installing cbindgen $cbindgen_version (once)"
+  cargo install cbindgen --version "$cbindgen_version" --locked --quiet
+fi
+
 echo "[setup] building sfr (release)"
 cd "$here"
 cargo build --release --quiet

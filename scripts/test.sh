@@ -17,3 +17,9 @@ fi
 
 echo "[test] cargo test --release"
 cargo test --release --quiet 2>&1
+
+echo "[test] C and C++ (CMake package, ctest: C API under valgrind, ITK program, consumer project)"
+"$here/scripts/test_c.sh"
+
+echo "[test] 3D Slicer module logic (pytest against the built library)"
+"$here/scripts/test_slicer.sh"

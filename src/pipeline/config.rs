@@ -117,6 +117,10 @@ pub struct TrainConfig {
     pub sfr: bool,
     /// Patch `[x, y, z]` for V-Net training, inference windows and SAM stitching.
     pub patch: [usize; 3],
+    /// Random rot90/flip in the axial plane (UA-MT's RandomRotFlip). Off for structures whose
+    /// classes are told apart by their position along an axis (hippocampus head vs body):
+    /// mirroring them makes the classes ambiguous.
+    pub rot_flip: bool,
     /// Labelled cases held out for validation (0 = none; kept ≤ half the labelled cases).
     pub validation_cases: usize,
     /// Iterations between checkpoints (0 = none).
@@ -141,6 +145,7 @@ impl TrainConfig {
             method: Method::MeanTeacher,
             sfr: true,
             patch: [112, 112, 80],
+            rot_flip: true,
             validation_cases: 0,
             checkpoint_every: 500,
             sam: SamStage {

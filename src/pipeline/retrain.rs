@@ -61,9 +61,11 @@ fn stack_labels(v: &[Array3<u8>], device: Device) -> Tensor {
 }
 
 /// One augmented crop of an image and its aligned label maps.
-fn crop(rng: &mut Rng, image: &ArrayView3<f32>, labels: &[&ArrayView3<u8>], patch: [usize; 3]) -> (Array3<f32>, Vec<Array3<u8>>) {
+fn crop(rng: &mut Rng, image: &ArrayView3<f32>, labels: &[&ArrayView3<u8>], patch: [usize; 3], rot_flip: bool) -> (Array3<f32>, Vec<Array3<u8>>) {
     let (mut img, mut labs) = random_crop(rng, image, labels, patch);
-    random_rot_flip(rng, &mut img, &mut labs);
+    if rot_flip {
+        random_rot_flip(rng, &mut img, &mut labs);
+    }
     (img, labs)
 }
 
@@ -141,7 +143,7 @@ pub fn retrain(
         for _ in 0..v.labeled_batch {
             let s = &labeled[rng.random_range(0..labeled.len())];
             let label = s.label.as_ref().expect("labelled samples carry labels");
-            let (i, mut l) = crop(&mut rng, &s.image.view(), &[&label.view()], patch);
+            let (i, mut l) = crop(&mut rng, &s.image.view(), &[&label.view()], patch, cfg.rot_flip);
             imgs.push(i);
             labs.push(l.remove(0));
         }
@@ -159,7 +161,7 @@ pub fn retrain(
                     maps.push(pls[idx].view());
                 }
                 let refs: Vec<&ArrayView3<u8>> = maps.iter().collect();
-                let (i, mut l) = crop(&mut rng, &u.sample.image.view(), &refs, patch);
+                let (i, mut l) = crop(&mut rng, &u.sample.image.view(), &refs, patch, cfg.rot_flip);
                 imgs.push(i);
                 if own_pseudo.is_some() {
                     own_pl.push(l.pop().unwrap());

@@ -127,7 +127,9 @@ impl SamModule {
             for _ in 0..s.batch {
                 let v = &data[rng.random_range(0..data.len())];
                 let (mut img, mut lab) = random_crop(&mut rng, &v.image.view(), &[&v.label.view()], patch);
-                random_rot_flip(&mut rng, &mut img, &mut lab);
+                if cfg.rot_flip {
+                    random_rot_flip(&mut rng, &mut img, &mut lab);
+                }
                 random_bezier(&mut rng, &mut img);
                 imgs.push(img);
                 labs.push(stitch_labels(&lab[0].view(), &self.layout)?);

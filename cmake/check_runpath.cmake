@@ -1,0 +1,23 @@
+# ctest sfr_installed_runpath: the installed libsfr.so carries a RUNPATH to libtorch and every
+# dependency resolves without LD_LIBRARY_PATH.
+if(NOT EXISTS "${LIB}")
+  message(FATAL_ERROR "${LIB} does not exist: install the package before running ctest")
+endif()
+execute_process(COMMAND readelf -d "${LIB}" OUTPUT_VARIABLE dyn RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "readelf -d ${LIB} failed")
+endif()
+string(REGEX MATCH "\\((RUNPATH|RPATH)\\)[^\n]*\\[([^]\n]*)\\]" m "${dyn}")
+if(NOT m)
+  message(FATAL_ERROR "${LIB} has no RUNPATH/RPATH: it would need LD_LIBRARY_PATH to find libtorch")
+endif()
+set(runpath "${CMAKE_MATCH_2}")
+execute_process(COMMAND "${CMAKE_COMMAND}" -E env --unset=LD_LIBRARY_PATH ldd "${LIB}"
+                OUTPUT_VARIABLE deps RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0 OR deps MATCHES "not found")
+  message(FATAL_ERROR "ldd ${LIB} (no LD_LIBRARY_PATH) has unresolved dependencies:\n${deps}")
+endif()
+if(NOT deps MATCHES "libtorch_cpu\\.so => ([^ ]+)")
+  message(FATAL_ERROR "ldd ${LIB} does not list libtorch_cpu.so:\n${deps}")
+endif()
+message(STATUS "RUNPATH ${runpath}; libtorch_cpu.so => ${CMAKE_MATCH_1}")
