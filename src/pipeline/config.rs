@@ -194,9 +194,9 @@ impl TrainConfig {
         c.sam = SamStage { variant: "tiny".into(), image_size: 256, iterations: 300, ..c.sam };
         c.vnet = VNetStage {
             n_filters: 8,
-            iterations: 600,
+            iterations: 2000,
             schedule: LrSchedule::Poly { power: 0.9 },
-            iterations_per_epoch: 15,
+            iterations_per_epoch: 50,
             ..c.vnet
         };
         c.inference = InferenceConfig { stride: [16, 24, 16], weighting: Weighting::Gaussian, batch: 4 };
