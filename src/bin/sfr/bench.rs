@@ -1,13 +1,162 @@
 //! `sfr bench --json`: throughput numbers, one JSON object. Never asserted on: machines differ.
+//!
+//! Sections: `stitch` (stitch/unstitch beside memcpy), `sam` (SAM vit_b image encoder) and
+//! `vnet` (V-Net training step and inference), the last two each beside PyTorch eager
+//! (see `bench_models.rs`); `machine` describes where the numbers came from.
 use ndarray::{s, Array2, Array3};
 use serde_json::{json, Value};
 use sfr::stitch::{self, StitchLayout};
+use sfr::{Error, Result};
 use std::hint::black_box;
 use std::time::Instant;
 
-/// Every benchmark section, keyed by module.
-pub fn run() -> Value {
-    json!({ "stitch": stitch_bench() })
+#[path = "bench_models.rs"]
+mod models;
+
+/// Sections `--only` accepts (besides the names of single model cases).
+pub const SECTIONS: [&str; 3] = ["stitch", "sam", "vnet"];
+
+/// What `sfr bench` runs.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// CI-sized run: leaves out SAM at 1024 and the 112×112×80 training step (each minutes and
+    /// gigabytes on a small CPU) and takes fewer repetitions.
+    pub quick: bool,
+    /// Threads of libtorch (both sides) and of the stitch's rayon pool; `None`: libtorch's default.
+    pub threads: Option<usize>,
+    /// Sections (`stitch`, `sam`, `vnet`) or single cases (`sam_encoder_1024`, ...) to run;
+    /// empty: all. A case named here runs even under `quick`.
+    pub only: Vec<String>,
+    /// `cpu`, `cuda` or `auto` (CUDA when present).
+    pub device: String,
+    /// Timed repetitions per side of each model case; `None`: 5 (3 for the heavy cases and
+    /// under `quick`).
+    pub reps: Option<usize>,
+    /// Runs the PyTorch eager reference beside each model case (needs a Python with torch).
+    pub pytorch: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { quick: false, threads: None, only: Vec::new(), device: "auto".into(), reps: None, pytorch: true }
+    }
+}
+
+/// Every benchmark section with the default options.
+#[allow(dead_code)] // kept for callers that take no options
+
+/// The benchmarks `opts` selects, keyed by section. A process started by the model benchmarks
+/// as their worker (see `bench_models.rs`) runs its case instead and never returns.
+pub fn run_with(opts: &BenchOptions) -> Result<Value> {
+    if let Ok(spec) = std::env::var(models::WORKER_ENV) {
+        models::worker_main(&spec);
+    }
+    let all_cases = models::cases();
+    for name in &opts.only {
+        if !SECTIONS.contains(&name.as_str()) && !all_cases.iter().any(|c| c.name == name) {
+            let cases: Vec<&str> = all_cases.iter().map(|c| c.name).collect();
+            return Err(Error::invalid(format!(
+                "sfr bench --only {name}: unknown section or case (sections: {}; cases: {})",
+                SECTIONS.join(", "),
+                cases.join(", ")
+            )));
+        }
+    }
+    if opts.threads == Some(0) {
+        return Err(Error::invalid("sfr bench --threads: must be at least 1"));
+    }
+    let device = sfr::nn::parse_device(&opts.device)?;
+    let device_name = if device == tch::Device::Cpu { "cpu" } else { "cuda" };
+    if let Some(n) = opts.threads {
+        tch::set_num_threads(n as i32);
+    }
+    let threads = tch::get_num_threads().max(1) as usize;
+    let wanted = |section: &str, case: Option<&str>| {
+        opts.only.is_empty() || opts.only.iter().any(|o| o == section || Some(o.as_str()) == case)
+    };
+
+    let load_start = loadavg();
+    let mut out = serde_json::Map::new();
+    if wanted("stitch", None) {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.threads.unwrap_or_else(rayon::current_num_threads))
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot build a thread pool: {e}")))?;
+        out.insert("stitch".into(), pool.install(stitch_bench));
+    }
+    let chosen: Vec<&models::Case> = all_cases
+        .iter()
+        .filter(|c| {
+            let named = opts.only.iter().any(|o| o == c.name);
+            named || (wanted(c.section, None) && !(opts.quick && c.heavy))
+        })
+        .collect();
+    if !chosen.is_empty() {
+        let python = if opts.pytorch { models::find_python() } else { Err("skipped (--no-pytorch)".to_string()) };
+        let runner = models::ModelRun {
+            threads,
+            device: device_name.to_string(),
+            python: python.clone(),
+            reps: opts.reps,
+            quick: opts.quick,
+        };
+        for case in chosen {
+            let (v, t, m) = runner.case(case);
+            let section = out.entry(case.section).or_insert_with(|| {
+                json!({
+                    "note": "seconds = median of the timed repetitions after one warm-up, each side in a fresh process; \
+                             sfr and PyTorch eager reps interleaved (ABBA) in the same run, same threads, device, dtype (f32), \
+                             weights and inputs (PyTorch loads what the sfr worker saved). *_vs_pytorch = sfr / pytorch \
+                             (seconds or peak RSS; <= 1.0: sfr no slower / no bigger). peak_rss_bytes = the worker's VmHWM, \
+                             reset once its model was built, so model + activations of warm-up and reps; \
+                             rss_after_setup_bytes = resident size at that reset (runtime + model); \
+                             peak_rss_growth_bytes = the difference (activations, gradients, optimizer state).",
+                    "threads": threads,
+                    "device": device_name,
+                    "python": match &python { Ok(p) => json!(p), Err(e) => json!({ "unavailable": e }) },
+                })
+            });
+            section[case.ratio_key] = json!(t);
+            section[format!("{}_peak_rss", case.ratio_key.trim_end_matches("_vs_pytorch")) + "_vs_pytorch"] = json!(m);
+            section[case.name] = v;
+        }
+    }
+    out.insert(
+        "machine".into(),
+        machine_info(threads, device_name, load_start, opts.quick),
+    );
+    Ok(Value::Object(out))
+}
+
+/// /proc/loadavg's 1, 5 and 15 minute averages.
+fn loadavg() -> Option<Vec<f64>> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace().take(3).map(|x| x.parse().ok()).collect()
+}
+
+fn machine_info(threads: usize, device: &str, load_start: Option<Vec<f64>>, quick: bool) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_string()));
+    let mem_total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|r| r.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    json!({
+        "cpu_model": cpu_model,
+        "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "mem_total_bytes": mem_total,
+        "threads": threads,
+        "device": device,
+        "cuda_devices": tch::Cuda::device_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
+        "quick": quick,
+        "sfr_version": env!("CARGO_PKG_VERSION"),
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -121,4 +270,18 @@ pub fn stitch_bench() -> Value {
         "la_patch_112x112x80": stitch_case(112, 112, 80, stitch::DEFAULT_CANVAS, 31),
         "volume_512x512x300": stitch_case(512, 512, 300, stitch::DEFAULT_CANVAS, 7),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_sections_and_zero_threads_are_errors() {
+        let only = BenchOptions { only: vec!["nonsense".into()], ..Default::default() };
+        let e = run_with(&only).unwrap_err().to_string();
+        assert!(e.contains("nonsense") && e.contains("vnet_train_112x112x80"), "{e}");
+        let zero = BenchOptions { threads: Some(0), only: vec!["stitch".into()], ..Default::default() };
+        assert!(run_with(&zero).unwrap_err().to_string().contains("--threads"));
+    }
 }

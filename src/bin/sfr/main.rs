@@ -45,6 +45,24 @@ enum Command {
         /// Print JSON (the only format; accepted for scripts that pass it).
         #[arg(long)]
         json: bool,
+        /// CI-sized run: leaves out SAM at 1024 and the 112×112×80 training step, fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// Threads of libtorch (sfr and PyTorch alike) and of the stitch pool [default: libtorch's].
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Only these sections (stitch, sam, vnet) or cases (e.g. vnet_train_48x48x32); repeatable or comma-separated.
+        #[arg(long, value_name = "SECTION", value_delimiter = ',')]
+        only: Vec<String>,
+        /// cpu, cuda or auto (CUDA when present).
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Timed repetitions per side of each model case [default: 5; 3 for the heavy cases and --quick].
+        #[arg(long, value_name = "N")]
+        reps: Option<usize>,
+        /// Leave out the PyTorch eager reference (sfr timings only).
+        #[arg(long)]
+        no_pytorch: bool,
     },
 }
 
@@ -399,7 +417,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Segment(a) => segment_cmd(a)?,
         Command::Evaluate(a) => evaluate_cmd(a)?,
         Command::Demo(a) => demo::run(a)?,
-        Command::Bench { json: _ } => println!("{}", serde_json::to_string_pretty(&bench::run()).unwrap()),
+        Command::Bench { json: _, quick, threads, only, device, reps, no_pytorch } => {
+            let opts = bench::BenchOptions { quick, threads, only, device, reps, pytorch: !no_pytorch };
+            println!("{}", serde_json::to_string_pretty(&bench::run_with(&opts)?).unwrap())
+        }
     }
     Ok(())
 }

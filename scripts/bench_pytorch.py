@@ -1,0 +1,208 @@
+"""PyTorch eager reference for the model benchmarks of `sfr bench` (src/bin/sfr/bench.rs).
+
+`sfr bench` starts this script as a worker process for one benchmark case, beside a worker of
+its own (`sfr bench` itself, run as a child) doing the same computation through tch, and asks
+both for timed repetitions in turn, so that the two sides see the same machine load.
+
+    bench_pytorch.py worker '<spec JSON>'
+
+The spec names the case and where the Rust worker left the model weights and the inputs
+(safetensors), so both sides compute with the same values:
+    {"case": "vnet_train_112x112x80", "kind": "vnet_train" | "vnet_infer" | "sam_encoder",
+     "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
+     "vnet_reference": "<path of tests/reference/vnet_reference.py>"}
+`dir` holds weights.safetensors (the state dict under its PyTorch keys) and input.safetensors
+(`x`, plus the labels `y` for training).
+
+Protocol: the worker builds the model, loads the weights, runs one untimed warm-up repetition,
+then prints `SFRBENCH {json}` lines: one `ready` line, one `{"seconds": s}` per `rep` line read
+on stdin, and a final line of memory figures after `done`. Every other output goes to stderr.
+Memory: the peak resident set size (VmHWM) is reset once the model is built and loaded, so
+`peak_rss_bytes` is the peak during warm-up and timed repetitions (model + activations);
+`rss_after_setup_bytes` is the resident size at that reset (interpreter, libtorch, model).
+"""
+import importlib.util
+import json
+import sys
+import time
+import types
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+IGNORE = 255
+SMOOTH = 1e-5
+
+# SamConfig::vit_b() in src/nn/sam/mod.rs.
+VIT_B = dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11),
+             window_size=14, out_chans=256, patch_size=16)
+
+
+def say(obj):
+    print("SFRBENCH " + json.dumps(obj), flush=True)
+
+
+def proc_status(field):
+    """A `kB` field of /proc/self/status in bytes, None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def import_path(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sam_image_encoder(image_size):
+    # The package's __init__ imports torchvision (for its predictor), which the venv lacks;
+    # only segment_anything.modeling is needed, so enter the package without running it.
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None:
+        sys.exit("segment-anything is not installed (pip install segment-anything)")
+    if "segment_anything" not in sys.modules:
+        pkg = types.ModuleType("segment_anything")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["segment_anything"] = pkg
+    from segment_anything.modeling import ImageEncoderViT
+
+    c = VIT_B
+    return ImageEncoderViT(
+        depth=c["depth"], embed_dim=c["embed_dim"], img_size=image_size, mlp_ratio=4,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=c["num_heads"],
+        patch_size=c["patch_size"], qkv_bias=True, use_rel_pos=True,
+        global_attn_indexes=c["global_attn_indexes"], window_size=c["window_size"],
+        out_chans=c["out_chans"])
+
+
+def dice_loss(probs, target, valid):
+    """src/nn/loss.rs dice_loss: soft Dice over the foreground classes on the valid pixels."""
+    c = probs.shape[1]
+    v = valid.float()
+    total = torch.zeros((), device=probs.device)
+    for k in range(1, c):
+        p = probs[:, k] * v
+        t = (target == k).float() * v
+        inter = (p * t).sum()
+        z = (p * p).sum()
+        y = (t * t).sum()
+        total = total + (1.0 - (inter * 2.0 + SMOOTH) / (z + y + SMOOTH))
+    return total / (c - 1)
+
+
+def ce_dice(logits, target):
+    """src/nn/loss.rs ce_dice: 0.5 * (CE with ignore 255 + Dice)."""
+    ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    valid = target != IGNORE
+    probs = logits.softmax(1)
+    return (ce + dice_loss(probs, target, valid)) * 0.5
+
+
+def build(spec, device):
+    """Model, inputs and a function running one repetition (without the synchronisation)."""
+    inputs = load_file(f"{spec['dir']}/input.safetensors")
+    weights = load_file(f"{spec['dir']}/weights.safetensors")
+    x = inputs["x"].to(device)
+    kind = spec["kind"]
+    if kind == "sam_encoder":
+        model = sam_image_encoder(x.shape[-1])
+        prefix = "image_encoder."
+        model.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
+                              strict=True)
+        model.to(device).eval()
+
+        def rep():
+            with torch.no_grad():
+                model(x)
+        return rep
+
+    ref = import_path("vnet_reference", spec["vnet_reference"])
+    # VNetConfig::default(): 1 channel, 2 classes, 16 filters, Dropout3d 0.5.
+    model = ref.VNet(n_channels=1, n_classes=2, n_filters=16, has_dropout=True, dropout_p=0.5)
+    model.load_state_dict(weights, strict=True)
+    model.to(device)
+    if kind == "vnet_infer":
+        model.eval()
+
+        def rep():
+            with torch.no_grad():
+                model(x)
+        return rep
+    if kind == "vnet_train":
+        y = inputs["y"].to(device)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+        def rep():
+            opt.zero_grad()
+            ce_dice(model(x), y).backward()
+            opt.step()
+        return rep
+    sys.exit(f"unknown benchmark kind {kind!r}")
+
+
+def worker(spec):
+    torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    rep = build(spec, device)
+    sync()
+    rss_after_setup = proc_status("VmRSS")
+    hwm_reset = reset_peak_rss()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rep()
+    sync()
+    ready = {"ready": True, "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+             "python": sys.version.split()[0]}
+    if cuda:
+        ready["device_name"] = torch.cuda.get_device_name(device)
+    say(ready)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "rep":
+            sync()
+            t = time.perf_counter()
+            rep()
+            sync()
+            say({"seconds": time.perf_counter() - t})
+        elif cmd == "done":
+            break
+        else:
+            sys.exit(f"bench_pytorch.py: unknown command {cmd!r}")
+    out = {"rss_after_setup_bytes": rss_after_setup, "peak_rss_bytes": proc_status("VmHWM"),
+           "peak_rss_since_setup": hwm_reset}
+    if cuda:
+        out["cuda_max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["cuda_max_memory_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    say(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "worker":
+        sys.exit(__doc__)
+    worker(json.loads(sys.argv[2]))

@@ -1,0 +1,654 @@
+//! Model benchmarks of `sfr bench`: SAM's image encoder and the V-Net, each beside the same
+//! computation in PyTorch eager (scripts/bench_pytorch.py), with the same weights, inputs,
+//! dtype, device and thread count.
+//!
+//! Every case runs in two worker processes made for it alone: this binary started again as a
+//! child (`sfr bench` with [`WORKER_ENV`] set to the case's spec) and the Python script. Fresh
+//! processes make each one's peak resident memory the peak of that case (VmHWM is process-wide;
+//! both workers also reset it once their model is built, so the peak is that of the computation,
+//! model included, not of building and saving it). Both workers build, load and warm up first;
+//! the parent then asks them for timed repetitions in turn (ABBA order), so both see the same
+//! machine load, and takes the median of each. The Rust worker writes the weights and inputs
+//! (safetensors) that the Python worker loads, so both compute with the same values.
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sfr::nn::loss::ce_dice;
+use sfr::nn::sam::{Sam, SamConfig};
+use sfr::nn::vnet::{VNet, VNetConfig};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tch::nn::{OptimizerConfig, Sgd, VarStore};
+use tch::{Device, Kind, Tensor};
+
+/// Environment variable that turns `sfr bench` into a worker for one case (a JSON [`Spec`]).
+pub const WORKER_ENV: &str = "SFR_BENCH_WORKER";
+/// Prefix of the protocol lines on a worker's stdout (anything else there is ignored).
+const TAG: &str = "SFRBENCH ";
+const PYTORCH_SCRIPT: &str = include_str!("../../../scripts/bench_pytorch.py");
+const VNET_REFERENCE: &str = include_str!("../../../tests/reference/vnet_reference.py");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaseKind {
+    SamEncoder,
+    VnetTrain,
+    VnetInfer,
+}
+
+/// One benchmark: a computation on an input of a given shape.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: &'static str,
+    /// Section of the JSON it reports in ("sam" or "vnet").
+    pub section: &'static str,
+    /// Key of its time ratio in the section.
+    pub ratio_key: &'static str,
+    pub kind: CaseKind,
+    /// Input tensor shape: [B, 3, S, S] for SAM, [B, 1, nz, ny, nx] for the V-Net.
+    pub input: [i64; 5],
+    /// Left out by `--quick` (minutes and gigabytes on a small CPU).
+    pub heavy: bool,
+    pub what: &'static str,
+}
+
+const SAM_WHAT: &str = "SAM vit_b image-encoder forward (random weights, f32, no grad, batch 1)";
+const TRAIN_WHAT: &str = "V-Net training step (16 filters, 2 classes, train mode with Dropout3d 0.5): forward, \
+                          0.5*(CE+Dice), backward, SGD lr 0.01 momentum 0.9 wd 1e-4";
+const INFER_WHAT: &str = "V-Net inference on one window (eval mode, no grad, batch 1): logits";
+
+/// Every model case, in the order they run (light ones first, so `--quick` output comes early).
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "sam_encoder_512",
+            section: "sam",
+            ratio_key: "sam_encoder_512_vs_pytorch",
+            kind: CaseKind::SamEncoder,
+            input: [1, 3, 512, 512, 0],
+            heavy: false,
+            what: SAM_WHAT,
+        },
+        Case {
+            name: "sam_encoder_1024",
+            section: "sam",
+            ratio_key: "sam_encoder_1024_vs_pytorch",
+            kind: CaseKind::SamEncoder,
+            input: [1, 3, 1024, 1024, 0],
+            heavy: true,
+            what: SAM_WHAT,
+        },
+        Case {
+            name: "vnet_train_48x48x32",
+            section: "vnet",
+            ratio_key: "vnet_train_step_48x48x32_vs_pytorch",
+            kind: CaseKind::VnetTrain,
+            input: [4, 1, 32, 48, 48],
+            heavy: false,
+            what: TRAIN_WHAT,
+        },
+        Case {
+            name: "vnet_infer_112x112x80",
+            section: "vnet",
+            ratio_key: "vnet_infer_vs_pytorch",
+            kind: CaseKind::VnetInfer,
+            input: [1, 1, 80, 112, 112],
+            heavy: false,
+            what: INFER_WHAT,
+        },
+        Case {
+            name: "vnet_train_112x112x80",
+            section: "vnet",
+            ratio_key: "vnet_train_step_vs_pytorch",
+            kind: CaseKind::VnetTrain,
+            input: [4, 1, 80, 112, 112],
+            heavy: true,
+            what: TRAIN_WHAT,
+        },
+    ]
+}
+
+impl Case {
+    fn shape(&self) -> Vec<i64> {
+        match self.kind {
+            CaseKind::SamEncoder => self.input[..4].to_vec(),
+            _ => self.input.to_vec(),
+        }
+    }
+
+    /// Timed repetitions per side, after the warm-up.
+    fn default_reps(&self, quick: bool) -> usize {
+        match (self.heavy, quick) {
+            (true, _) => 3,
+            (false, true) => 3,
+            (false, false) => 5,
+        }
+    }
+}
+
+/// What a worker is asked to do; the same JSON goes to both workers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Spec {
+    case: String,
+    kind: CaseKind,
+    input: Vec<i64>,
+    threads: usize,
+    /// "cpu" or "cuda".
+    device: String,
+    /// Where the Rust worker writes weights.safetensors and input.safetensors.
+    dir: PathBuf,
+    /// tests/reference/vnet_reference.py, written beside the script (for the Python worker).
+    vnet_reference: PathBuf,
+}
+
+// ---------------------------------------------------------------- the Rust worker (child) side
+
+fn say(v: Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{TAG}{v}");
+    let _ = out.flush();
+}
+
+/// A `kB` field of /proc/self/status, in bytes.
+fn proc_status(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// Resets VmHWM to the current RSS (Linux ≥ 4.0), so that later peaks exclude the setup.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+type Rep = Box<dyn FnMut() -> Result<(), String>>;
+
+/// Builds the case's model and inputs (seeded), saves them for the Python worker, and returns
+/// one repetition of the computation.
+fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
+    tch::manual_seed(0);
+    let vs = VarStore::new(device);
+    let weights = spec.dir.join("weights.safetensors");
+    let inputs = spec.dir.join("input.safetensors");
+    let x = Tensor::randn(spec.input.as_slice(), (Kind::Float, device));
+    let e = |what: &str, err: &dyn std::fmt::Display| format!("{}: {what}: {err}", spec.case);
+    match spec.kind {
+        CaseKind::SamEncoder => {
+            let size = spec.input[3];
+            let cfg = SamConfig::vit_b().with_num_classes(1).with_image_size(size);
+            let sam = Sam::new(&vs.root(), &cfg).map_err(|err| e("building SAM", &err))?;
+            sam.save_safetensors(&weights).map_err(|err| e("saving SAM", &err))?;
+            Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu))], &inputs)
+                .map_err(|err| e("saving the input", &err))?;
+            Ok(Box::new(move || {
+                let _vs = &vs;
+                tch::no_grad(|| sam.encode_image(&x, None).map(drop)).map_err(|err| err.to_string())
+            }))
+        }
+        CaseKind::VnetInfer | CaseKind::VnetTrain => {
+            let vnet = VNet::new(&vs.root(), &VNetConfig::default()).map_err(|err| e("building the V-Net", &err))?;
+            vnet.save_safetensors(&weights, None).map_err(|err| e("saving the V-Net", &err))?;
+            if spec.kind == CaseKind::VnetInfer {
+                Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu))], &inputs)
+                    .map_err(|err| e("saving the input", &err))?;
+                return Ok(Box::new(move || {
+                    let _vs = &vs;
+                    tch::no_grad(|| vnet.f_forward_t(&x, false).map(drop)).map_err(|err| err.to_string())
+                }));
+            }
+            let mut label_shape = spec.input.clone();
+            label_shape.remove(1);
+            let y = Tensor::randint(2, label_shape.as_slice(), (Kind::Int64, device));
+            Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu)), ("y", y.to_device(Device::Cpu))], &inputs)
+                .map_err(|err| e("saving the input", &err))?;
+            let mut opt = Sgd { momentum: 0.9, dampening: 0.0, wd: 1e-4, nesterov: false }
+                .build(&vs, 0.01)
+                .map_err(|err| e("building SGD", &err))?;
+            Ok(Box::new(move || {
+                opt.zero_grad();
+                let logits = vnet.f_forward_t(&x, true).map_err(|err| err.to_string())?;
+                ce_dice(&logits, &y).f_backward().map_err(|err| err.to_string())?;
+                opt.step();
+                Ok(())
+            }))
+        }
+    }
+}
+
+fn worker(spec: &Spec) -> Result<(), String> {
+    tch::set_num_threads(spec.threads as i32);
+    let device = sfr::nn::parse_device(&spec.device).map_err(|e| e.to_string())?;
+    let mut rep = build(spec, device)?;
+    sync(device);
+    let rss_after_setup = proc_status("VmRSS");
+    let hwm_reset = reset_peak_rss();
+    rep()?;
+    sync(device);
+    say(json!({ "ready": true, "threads": tch::get_num_threads() }));
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| format!("reading stdin: {e}"))?;
+        match line.trim() {
+            "rep" => {
+                sync(device);
+                let t = Instant::now();
+                rep()?;
+                sync(device);
+                say(json!({ "seconds": t.elapsed().as_secs_f64() }));
+            }
+            "done" => break,
+            other => return Err(format!("unknown command {other:?}")),
+        }
+    }
+    say(json!({
+        "rss_after_setup_bytes": rss_after_setup,
+        "peak_rss_bytes": proc_status("VmHWM"),
+        "peak_rss_since_setup": hwm_reset,
+    }));
+    Ok(())
+}
+
+/// Entry point of a worker process: never returns.
+pub fn worker_main(spec_json: &str) -> ! {
+    let result = serde_json::from_str::<Spec>(spec_json)
+        .map_err(|e| format!("bad {WORKER_ENV}: {e}"))
+        .and_then(|spec| worker(&spec));
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("sfr bench worker: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
+// ------------------------------------------------------------------------ the parent side
+
+/// A worker process and its pipes.
+struct Worker {
+    side: &'static str,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Worker {
+    fn spawn(side: &'static str, mut cmd: Command) -> Result<Worker, String> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the {side} worker ({cmd:?}): {e}"))?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut err = child.stderr.take().expect("piped stderr");
+        // Drained on a thread so that a chatty worker never blocks on a full pipe.
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Ok(Worker { side, child, stdin, stdout, stderr: Some(stderr) })
+    }
+
+    /// Why the worker stopped: its exit status and the end of its stderr.
+    fn failure(&mut self, what: &str) -> String {
+        drop(self.stdin.take());
+        let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        let err = self.stderr.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let tail: String = {
+            let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+            lines[lines.len().saturating_sub(6)..].join(" | ")
+        };
+        format!("{} worker {what} ({status}): {tail}", self.side)
+    }
+
+    fn recv(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) | Err(_) => return Err(self.failure("stopped")),
+                Ok(_) => {
+                    if let Some(msg) = line.trim_end().strip_prefix(TAG) {
+                        return serde_json::from_str(msg).map_err(|e| format!("{} worker sent {msg:?}: {e}", self.side));
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, cmd: &str) -> Result<(), String> {
+        let ok = self.stdin.as_mut().map(|s| writeln!(s, "{cmd}").and_then(|_| s.flush()).is_ok()).unwrap_or(false);
+        if ok {
+            Ok(())
+        } else {
+            Err(self.failure("does not listen"))
+        }
+    }
+
+    fn rep(&mut self) -> Result<f64, String> {
+        self.send("rep")?;
+        let v = self.recv()?;
+        v["seconds"].as_f64().ok_or_else(|| format!("{} worker answered {v} to rep", self.side))
+    }
+
+    /// Ends the worker and returns its final report.
+    fn finish(mut self) -> Result<Value, String> {
+        self.send("done")?;
+        let report = self.recv()?;
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+        Ok(report)
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Only reached with the child still running when something failed half-way.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A Python that imports torch and safetensors: `SFR_PYTHON`, then `$SFR_VENV/bin/python`,
+/// then `python3`.
+pub fn find_python() -> Result<PathBuf, String> {
+    let candidates: Vec<PathBuf> = std::env::var_os("SFR_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(std::env::var_os("SFR_VENV").map(|v| PathBuf::from(v).join("bin/python")))
+        .chain(std::iter::once(PathBuf::from("python3")))
+        .collect();
+    for c in &candidates {
+        let ok = Command::new(c)
+            .args(["-c", "import torch, safetensors"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if ok {
+            return Ok(c.clone());
+        }
+    }
+    Err(format!(
+        "no Python with torch and safetensors among {candidates:?} (set SFR_PYTHON or SFR_VENV, or run scripts/setup.sh)"
+    ))
+}
+
+/// GPU memory held by a process, as nvidia-smi reports it (allocator cache and CUDA context
+/// included, the same measure for both sides).
+fn gpu_used_bytes(pid: u32) -> Option<u64> {
+    let out = Command::new("nvidia-smi")
+        .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut it = l.split(',').map(str::trim);
+        let p: u32 = it.next()?.parse().ok()?;
+        let mib: u64 = it.next()?.parse().ok()?;
+        (p == pid).then_some(mib * 1024 * 1024)
+    })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) })
+}
+
+/// How the parent runs the model cases.
+pub struct ModelRun {
+    pub threads: usize,
+    /// "cpu" or "cuda".
+    pub device: String,
+    /// The Python for the PyTorch side, or why there is none.
+    pub python: Result<PathBuf, String>,
+    /// Timed repetitions per side; `None`: the case's default.
+    pub reps: Option<usize>,
+    pub quick: bool,
+}
+
+/// One side of a case while it runs.
+struct Side {
+    worker: Option<Worker>,
+    ready: Value,
+    times: Vec<f64>,
+    error: Option<String>,
+}
+
+impl Side {
+    fn start(spawn: impl FnOnce() -> Result<Worker, String>) -> Side {
+        let mut side = Side { worker: None, ready: Value::Null, times: Vec::new(), error: None };
+        match spawn().and_then(|mut w| w.recv().map(|r| (w, r))) {
+            Ok((w, ready)) => {
+                side.worker = Some(w);
+                side.ready = ready;
+            }
+            Err(e) => side.error = Some(e),
+        }
+        side
+    }
+
+    fn rep(&mut self) {
+        if let Some(w) = self.worker.as_mut() {
+            match w.rep() {
+                Ok(t) => self.times.push(t),
+                Err(e) => {
+                    self.error = Some(e);
+                    self.worker = None;
+                }
+            }
+        }
+    }
+
+    /// The side's JSON: times, throughput, memory (or its error).
+    fn report(mut self, case: &Case, cuda: bool) -> (Value, Option<f64>, Option<f64>, Option<f64>) {
+        let gpu = match (&self.worker, cuda) {
+            (Some(w), true) => gpu_used_bytes(w.child.id()),
+            _ => None,
+        };
+        let mut out = json!({});
+        if let Some(w) = self.worker.take() {
+            match w.finish() {
+                Ok(Value::Object(m)) => out.as_object_mut().expect("object").extend(m),
+                Ok(v) => self.error = Some(format!("unexpected final report {v}")),
+                Err(e) => self.error = Some(e),
+            }
+        }
+        if let Value::Object(m) = std::mem::take(&mut self.ready) {
+            for (k, v) in m.into_iter().filter(|(k, _)| k != "ready") {
+                out[k.as_str()] = v;
+            }
+        }
+        let med = median(self.times.clone());
+        out["seconds_median"] = json!(med);
+        out["seconds_min"] = json!(self.times.iter().copied().reduce(f64::min));
+        out["seconds"] = json!(self.times);
+        if let Some(s) = med {
+            let b = case.input[0] as f64;
+            let voxels = case.input[2..].iter().filter(|&&d| d > 0).product::<i64>() as f64 * b;
+            match case.kind {
+                CaseKind::SamEncoder => out["images_per_s"] = json!(b / s),
+                CaseKind::VnetTrain => {
+                    out["patches_per_s"] = json!(b / s);
+                    out["mvoxels_per_s"] = json!(voxels / s / 1e6);
+                }
+                CaseKind::VnetInfer => {
+                    out["windows_per_s"] = json!(b / s);
+                    out["mvoxels_per_s"] = json!(voxels / s / 1e6);
+                }
+            }
+        }
+        if cuda {
+            out["gpu_used_bytes_nvidia_smi"] = json!(gpu);
+        }
+        if let Some(e) = &self.error {
+            out["error"] = json!(e);
+        }
+        if let (Some(p), Some(s)) = (out["peak_rss_bytes"].as_u64(), out["rss_after_setup_bytes"].as_u64()) {
+            out["peak_rss_growth_bytes"] = json!(p.saturating_sub(s));
+        }
+        let peak = out["peak_rss_bytes"].as_f64();
+        let min = self.times.iter().copied().reduce(f64::min);
+        (out, med, peak, min)
+    }
+}
+
+impl ModelRun {
+    /// Runs one case on both sides; its JSON, the time ratio and the peak-RSS ratio (sfr/pytorch).
+    pub fn case(&self, case: &Case) -> (Value, Option<f64>, Option<f64>) {
+        let dir = std::env::temp_dir().join(format!("sfr-bench-{}-{}", std::process::id(), case.name));
+        let result = self.case_in(case, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn case_in(&self, case: &Case, dir: &Path) -> (Value, Option<f64>, Option<f64>) {
+        let reps = self.reps.unwrap_or_else(|| case.default_reps(self.quick)).max(1);
+        let mut head = json!({
+            "what": case.what,
+            "input_shape": case.shape(),
+            "reps": reps,
+            "warmup_reps": 1,
+        });
+        let setup = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(dir.join("bench_pytorch.py"), PYTORCH_SCRIPT))
+            .and_then(|_| std::fs::write(dir.join("vnet_reference.py"), VNET_REFERENCE));
+        if let Err(e) = setup {
+            head["error"] = json!(format!("cannot prepare {}: {e}", dir.display()));
+            return (head, None, None);
+        }
+        let spec = Spec {
+            case: case.name.to_string(),
+            kind: case.kind,
+            input: case.shape(),
+            threads: self.threads,
+            device: self.device.clone(),
+            dir: dir.to_path_buf(),
+            vnet_reference: dir.join("vnet_reference.py"),
+        };
+        let spec_json = serde_json::to_string(&spec).expect("spec serialises");
+        // The Rust worker goes first: it writes the weights and inputs the Python one loads.
+        let mut ours = Side::start(|| {
+            let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("bench").env(WORKER_ENV, &spec_json).env("RUST_LOG", "warn");
+            Worker::spawn("sfr", cmd)
+        });
+        let mut theirs = Side::start(|| {
+            if let Some(e) = &ours.error {
+                return Err(format!("not run: the sfr worker failed first ({e})"));
+            }
+            let py = self.python.as_ref().map_err(|e| e.clone())?;
+            let mut cmd = Command::new(py);
+            cmd.arg(dir.join("bench_pytorch.py")).arg("worker").arg(&spec_json);
+            Worker::spawn("pytorch", cmd)
+        });
+        for i in 0..reps {
+            // ABBA order, so that a load that drifts during the case favours neither side.
+            if i % 2 == 0 {
+                ours.rep();
+                theirs.rep();
+            } else {
+                theirs.rep();
+                ours.rep();
+            }
+        }
+        let cuda = self.device != "cpu";
+        let (ours, t_ours, m_ours, min_ours) = ours.report(case, cuda);
+        let (theirs, t_theirs, m_theirs, min_theirs) = theirs.report(case, cuda);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let (t, m) = (ratio(t_ours, t_theirs), ratio(m_ours, m_theirs));
+        head["sfr"] = ours;
+        head["pytorch"] = theirs;
+        head["vs_pytorch"] = json!(t);
+        // The fastest repetitions are the least disturbed by other load on a shared machine.
+        head["vs_pytorch_min"] = json!(ratio(min_ours, min_theirs));
+        head["peak_rss_vs_pytorch"] = json!(m);
+        (head, t, m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn case_names_and_ratio_keys_are_unique() {
+        let cs = cases();
+        for (i, a) in cs.iter().enumerate() {
+            for b in &cs[i + 1..] {
+                assert_ne!(a.name, b.name);
+                assert_ne!(a.ratio_key, b.ratio_key);
+            }
+        }
+        assert!(cs.iter().any(|c| c.ratio_key == "vnet_train_step_vs_pytorch" && c.input == [4, 1, 80, 112, 112]));
+    }
+
+    /// The PyTorch worker loads what the sfr side saved (strict state-dict keys, inputs and
+    /// labels) and answers the protocol: guards the script against drift of the V-Net keys.
+    #[test]
+    fn pytorch_worker_runs_a_vnet_step_on_the_weights_sfr_saved() {
+        let py = match find_python() {
+            Ok(p) => p,
+            Err(e) if std::env::var("SFR_REQUIRE_PYTHON").as_deref() == Ok("1") => panic!("SFR_REQUIRE_PYTHON=1 but {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
+        std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+        let spec = Spec {
+            case: "test".into(),
+            kind: CaseKind::VnetTrain,
+            input: vec![2, 1, 16, 16, 16],
+            threads: 1,
+            device: "cpu".into(),
+            dir: dir.path().to_path_buf(),
+            vnet_reference: dir.path().join("vnet_reference.py"),
+        };
+        let mut rep = build(&spec, Device::Cpu).unwrap();
+        rep().unwrap();
+        let mut cmd = Command::new(&py);
+        cmd.arg(dir.path().join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).unwrap());
+        let mut w = Worker::spawn("pytorch", cmd).unwrap();
+        let ready = w.recv().unwrap();
+        assert_eq!(ready["ready"], json!(true), "{ready}");
+        assert_eq!(ready["threads"], json!(1), "{ready}");
+        let t = w.rep().unwrap();
+        assert!(t > 0.0 && t.is_finite(), "{t}");
+        let last = w.finish().unwrap();
+        let peak = last["peak_rss_bytes"].as_u64().expect("peak RSS on Linux");
+        assert!(peak > 0, "{last}");
+    }
+}
