@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-4 experiment on real data: MSD hippocampus, preset cpu-small, 4 labelled cases
-# (the first 4 of dataset.json; cpu-small holds 1 of them out for validation), the next 146
+# (the first 4 of dataset.json, all used for training: no validation split), the next 146
 # unlabelled, the last 50 held out for testing (never read during training). Same seed and
 # budget for every method. Writes OUT/results.md and OUT/<run>.json.
 set -euo pipefail
@@ -21,7 +21,7 @@ run() {
   name="$1"; shift
   echo "== $name"
   start=$(date +%s)
-  "$sfr" train --data "$data" --labeled 4 --max-unlabeled 146 --preset cpu-small --seed 2026 --progress none --out "$out/$name.sfrmodel" "$@" 2> "$out/$name.log"
+  "$sfr" train --data "$data" --labeled 4 --max-unlabeled 146 --preset cpu-small --seed 2026 --progress none --set "{\"validation_cases\": 0, \"threads\": ${SFR_THREADS:-0}}" --out "$out/$name.sfrmodel" "$@" 2> "$out/$name.log"
   end=$(date +%s)
   "$sfr" evaluate --model "$out/$name.sfrmodel" --data "$data" --cases "$out/test_cases.txt" --json > "$out/$name.json"
   python3 - "$out/$name.json" "$name" "$((end - start))" >> "$out/results.md" <<'PY'

@@ -74,7 +74,8 @@ impl Reporter {
             p.eta_seconds = if step > 0 && p.total >= step { elapsed / step as f64 * (p.total - step) as f64 } else { -1.0 };
             // A line in the log every tenth of a stage, so runs leave a record of their losses.
             if p.total >= 10 && step % (p.total / 10) == 0 {
-                log_line = Some(format!("[{}] {}/{} loss {:.4} ({:.0} s, ETA {:.0} s)", p.stage, step, p.total, loss, elapsed, p.eta_seconds.max(0.0)));
+                let loss = if loss.is_finite() { format!(" loss {loss:.4}") } else { String::new() };
+                log_line = Some(format!("[{}] {}/{}{} ({:.0} s, ETA {:.0} s)", p.stage, step, p.total, loss, elapsed, p.eta_seconds.max(0.0)));
             }
         });
         if let Some(l) = log_line {
