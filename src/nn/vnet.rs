@@ -20,7 +20,6 @@
 //! `block_one.conv.1.running_mean`, `block_one.conv.1.num_batches_tracked`, `block_one_dw.conv.0.weight`,
 //! ..., `out_conv.weight`, heads `out_conv_six`, `out_conv_seven`, `out_conv_eight`), so a
 //! state dict moves one to one in both directions, `load_state_dict(..., strict=True)` included.
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
@@ -29,6 +28,7 @@ use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
 
 /// Architecture of a V-Net. Serialised into model files, so unknown keys are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -513,24 +513,9 @@ impl VNet {
 
     /// Writes the state dict as safetensors (what `safetensors.torch.load_file` +
     /// `load_state_dict(strict=True)` reads), with optional string metadata. The file appears
-    /// whole or not at all: it is written beside the target and renamed.
+    /// whole or not at all (see [`save_safetensors`]).
     pub fn save_safetensors(&self, path: impl AsRef<Path>, metadata: Option<HashMap<String, String>>) -> Result<()> {
-        let path = path.as_ref();
-        let views = self
-            .state
-            .iter()
-            .map(|(k, t)| Ok((k.clone(), TensorBytes::new(t).map_err(|e| Error::format(path, format!("{k}: {e}")))?)))
-            .collect::<Result<Vec<_>>>()?;
-        let tmp = path.with_file_name(format!(
-            ".{}.partial",
-            path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-        ));
-        safetensors::serialize_to_file(views, metadata, &tmp)
-            .map_err(|e| Error::format(path, format!("cannot write safetensors: {e}")))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
-        })
+        save_safetensors(path, &self.state, &metadata.unwrap_or_default())
     }
 
     /// Loads weights written by [`VNet::save_safetensors`] or by PyTorch
@@ -538,7 +523,7 @@ impl VNet {
     /// file's metadata (empty when it has none).
     pub fn load_safetensors(&mut self, path: impl AsRef<Path>) -> Result<HashMap<String, String>> {
         let path = path.as_ref();
-        let (tensors, metadata) = read_safetensors(path)?;
+        let (tensors, metadata) = read_safetensors_with_metadata(path)?;
         self.copy_state(tensors).map_err(|msg| Error::format(path, msg))?;
         Ok(metadata)
     }
@@ -555,69 +540,3 @@ impl nn::ModuleT for VNet {
     }
 }
 
-/// A tensor's bytes on the CPU, for the safetensors writer.
-struct TensorBytes {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl TensorBytes {
-    fn new(t: &Tensor) -> std::result::Result<Self, String> {
-        let dtype = match t.kind() {
-            Kind::Float => safetensors::Dtype::F32,
-            Kind::Double => safetensors::Dtype::F64,
-            Kind::Half => safetensors::Dtype::F16,
-            Kind::BFloat16 => safetensors::Dtype::BF16,
-            Kind::Int64 => safetensors::Dtype::I64,
-            Kind::Int => safetensors::Dtype::I32,
-            k => return Err(format!("dtype {k:?} is not saved")),
-        };
-        let t = t.detach().to_device(Device::Cpu).contiguous();
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel).map_err(|e| e.to_string())?;
-        Ok(TensorBytes { dtype, shape: t.size().iter().map(|&s| s as usize).collect(), data })
-    }
-}
-
-impl safetensors::View for TensorBytes {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// All tensors of a safetensors file (on the CPU) and its metadata.
-fn read_safetensors(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let kind = match view.dtype() {
-            safetensors::Dtype::F32 => Kind::Float,
-            safetensors::Dtype::F64 => Kind::Double,
-            safetensors::Dtype::F16 => Kind::Half,
-            safetensors::Dtype::BF16 => Kind::BFloat16,
-            safetensors::Dtype::I64 => Kind::Int64,
-            safetensors::Dtype::I32 => Kind::Int,
-            d => return Err(Error::format(path, format!("tensor {name}: unsupported dtype {d:?}"))),
-        };
-        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .map_err(|e| Error::format(path, format!("tensor {name}: {e}")))?;
-        out.push((name, t));
-    }
-    Ok((out, meta.metadata().clone().unwrap_or_default()))
-}

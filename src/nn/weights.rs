@@ -225,7 +225,11 @@ pub fn save_safetensors<S: AsRef<str>>(
     let tmp = temp_path(path);
     let meta = if metadata.is_empty() { None } else { Some(metadata.clone().into_iter().collect()) };
     let written = safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), meta, &tmp)
-        .map_err(|e| Error::format(path, format!("cannot write safetensors: {e}")))
+        .map_err(|e| match e {
+            // a failed write (full disk, missing folder, permissions) is an I/O error
+            safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
+            other => Error::format(path, format!("cannot write safetensors: {other}")),
+        })
         .and_then(|_| {
             // rename is atomic, but only of data that reached the disk
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, e))

@@ -36,26 +36,35 @@ pub struct DemoArgs {
     progress: ProgressMode,
 }
 
-/// The demo's config: cpu-small's recipe sized for 48×48×32 phantoms.
+/// The demo's phantoms: 64×64 slices, so that SAM's 16-pixel tokens see each slice as 4×4
+/// tokens (with 32×32 slices, 2×2 tokens, a SAM trained from scratch could not even fit its
+/// training volumes); 24 slices.
+pub fn demo_spec() -> PhantomSpec {
+    PhantomSpec { dims: [64, 64, 24], num_classes: 2, noise: 0.35 }
+}
+
+/// The demo's config: cpu-small's recipe sized for the phantoms (patch 64×64×16 stitched as a
+/// 4×4 grid on SAM's 256 canvas).
 pub fn demo_config(a: &DemoArgs, method: Method, sfr: bool) -> TrainConfig {
     let mut c = TrainConfig::cpu_small();
     c.preset = "demo".into();
     c.seed = a.seed;
     c.method = method;
     c.sfr = sfr;
-    c.patch = [32, 32, 32];
+    c.patch = [64, 64, 16];
+    c.rot_flip = true; // phantoms have no left/right meaning
     c.validation_cases = 0;
     c.checkpoint_every = 0;
     c.sam.iterations = a.sam_iterations;
     c.vnet.iterations = a.iterations;
     c.vnet.iterations_per_epoch = (a.iterations / 20).max(1);
-    c.inference.stride = [16, 16, 16];
+    c.inference.stride = [32, 32, 8];
     c
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
     let data_dir = a.out.join("data");
-    let spec = PhantomSpec::default();
+    let spec = demo_spec();
     let n = a.labeled + a.unlabeled + a.test;
     eprintln!("== making {n} synthetic phantoms ({:?} voxels, noise, bias field) in {}", spec.dims, data_dir.display());
     write_dataset(&data_dir, n, &spec, a.seed)?;
