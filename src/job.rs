@@ -73,7 +73,7 @@ impl Reporter {
             p.loss = loss;
             p.eta_seconds = if step > 0 && p.total >= step { elapsed / step as f64 * (p.total - step) as f64 } else { -1.0 };
             // A line in the log every tenth of a stage, so runs leave a record of their losses.
-            if p.total >= 10 && step % (p.total / 10) == 0 {
+            if p.total >= 10 && step > 0 && step * 10 / p.total != (step - 1) * 10 / p.total {
                 let loss = if loss.is_finite() { format!(" loss {loss:.4}") } else { String::new() };
                 log_line = Some(format!("[{}] {}/{}{} ({:.0} s, ETA {:.0} s)", p.stage, step, p.total, loss, elapsed, p.eta_seconds.max(0.0)));
             }

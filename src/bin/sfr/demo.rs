@@ -27,8 +27,9 @@ pub struct DemoArgs {
     /// V-Net iterations per method.
     #[arg(long, default_value_t = 300)]
     iterations: usize,
-    /// SAM fine-tuning iterations.
-    #[arg(long, default_value_t = 150)]
+    /// SAM fine-tuning iterations (SAM starts from scratch here: at 150 its pseudo-labels were
+    /// poor, SFR row 44% Dice; at 500, 92%).
+    #[arg(long, default_value_t = 500)]
     sam_iterations: usize,
     #[arg(long, default_value_t = 2026)]
     seed: u64,
