@@ -16,7 +16,7 @@ use ndarray::Array3;
 use nifti::{NiftiHeader, NiftiType};
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What `read_header` learns without touching the voxels.
 #[derive(Clone, Debug)]
@@ -416,14 +416,6 @@ pub fn header_for(dims: [usize; 3], dtype: DType, geometry: &Geometry) -> Result
     Ok(h)
 }
 
-/// Temporary sibling path for atomic writes: same folder (so the rename is atomic), hidden,
-/// ending in `suffix` (callers whose writers look at the extension pass it; no other dots).
-pub fn temp_sibling(path: &Path, suffix: &str) -> PathBuf {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static N: AtomicUsize = AtomicUsize::new(0);
-    path.with_file_name(format!(".sfr-tmp-{}-{}{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed), suffix))
-}
-
 fn is_gz(path: &Path) -> bool {
     path.to_string_lossy().to_ascii_lowercase().ends_with(".gz")
 }
@@ -437,7 +429,7 @@ pub fn write<T: Voxel + bytemuck::Pod>(path: impl AsRef<Path>, vol: &Volume<T>) 
         return Err(Error::format(path, "output must end in .nii or .nii.gz"));
     }
     let header = header_for(vol.dims(), T::DTYPE, &vol.geometry).map_err(|e| Error::format(path, e.to_string()))?;
-    let tmp = temp_sibling(path, if is_gz(path) { ".nii.gz" } else { ".nii" });
+    let tmp = crate::io::temp_sibling(path, if is_gz(path) { ".nii.gz" } else { ".nii" });
     let dtype = match T::DTYPE {
         DType::U8 => NiftiType::Uint8,
         DType::I8 => NiftiType::Int8,

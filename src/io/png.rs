@@ -130,15 +130,10 @@ pub fn write_canvas_png(path: impl AsRef<Path>, image: &ArrayView2<f32>, label: 
             )));
         }
     }
-    let name = path.file_name().ok_or_else(|| Error::format(path, "not a file path"))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = TempFile {
-        path: dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id())),
-        keep: false,
-    };
+    if path.file_name().is_none() {
+        return Err(Error::format(path, "not a file path"));
+    }
+    let mut tmp = TempFile { path: crate::io::temp_sibling(path, ".tmp"), keep: false };
     let pixels = render(image, label);
     let file = File::create(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
     let enc_err = |e: png::EncodingError| match e {

@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, Metadata, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// Tensors with their names, in file order.
@@ -222,7 +222,7 @@ pub fn save_safetensors<S: AsRef<str>>(
         }
         views.push((name, owned_view(name, t)?));
     }
-    let tmp = temp_path(path);
+    let tmp = crate::io::temp_sibling(path, ".partial");
     let meta = if metadata.is_empty() { None } else { Some(metadata.clone().into_iter().collect()) };
     let written = safetensors::serialize_to_file(views.iter().map(|(n, v)| (*n, v)), meta, &tmp)
         .map_err(|e| match e {
@@ -239,11 +239,6 @@ pub fn save_safetensors<S: AsRef<str>>(
         let _ = std::fs::remove_file(&tmp);
     }
     written
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "weights".into());
-    path.with_file_name(format!(".{name}.{}.partial", std::process::id()))
 }
 
 /// Which names may be left out of a strict load.
@@ -394,7 +389,7 @@ mod tests {
     use super::*;
     use tch::nn::{self, Module};
 
-    fn tmpdir(tag: &str) -> PathBuf {
+    fn tmpdir(tag: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("sfr_weights_{tag}_{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d

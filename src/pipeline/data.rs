@@ -127,11 +127,6 @@ pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
     Ok(Sample { id: src.id().to_string(), image, label, geometry })
 }
 
-/// Loads a case from files (see [`load_source`]).
-pub fn load_case(case: &Case, num_classes: usize) -> Result<Sample> {
-    load_source(&CaseSource::Files(case.clone()), num_classes)
-}
-
 /// Pads `a` (centred, with `value`) so that every axis is at least `min`.
 pub fn pad_to_min<T: Copy>(a: &ArrayView3<T>, min: [usize; 3], value: T) -> Array3<T> {
     let sh = a.shape();

@@ -237,7 +237,26 @@ def build_config(config: Optional[dict] = None, preset: Optional[str] = None, me
 # Jobs
 
 
-class Job:
+class _Closing:
+    """Closes itself on `with` exit and on garbage collection (close must be idempotent)."""
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Job(_Closing):
     """Common interface of training and segmentation jobs (see the module docstring)."""
 
     def poll(self) -> dict:
@@ -256,17 +275,6 @@ class Job:
     def finished(self) -> bool:
         return bool(self.poll()["finished"])
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class _NativeJob(Job):
@@ -491,7 +499,7 @@ class WorkerSegmentationJob(Job):
 # Models
 
 
-class Model:
+class Model(_Closing):
     """A trained model. ``segment`` returns a label array with the image's shape ``[k, j, i]``
     (uint8; uint16 beyond 256 classes) on the image's own grid: the caller gives the result
     the same IJK-to-RAS matrix as the image."""
@@ -535,17 +543,6 @@ class Model:
     def summary(self) -> str:
         return modelfile.summary(self.metadata())
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 class NativeModel(Model):
