@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
-# The issue-4 experiment on real data: MSD hippocampus, preset cpu-small, 4 labelled cases
-# (the first 4 of dataset.json, all used for training: no validation split), the next 146
-# unlabelled, the last 50 held out for testing (never read during training). Same seed and
-# budget for every method. Writes OUT/results.md and OUT/<run>.json.
+# Semi-supervised methods on real data: MSD hippocampus, preset cpu-small, the first 4 cases of
+# dataset.json labelled (all used for training), the next 146 unlabelled (their labels never
+# read in training), the last 50 held out for testing (never touched in training). Every row
+# gets the same budget; each row runs with several seeds and the table gives mean ± std over
+# the seeds of the per-seed mean Dice on the 50 test cases, per class.
+#
+#   scripts/hippocampus_experiment.sh [DATA] [OUT]
+#   SEEDS="2026 2027 2028"   seeds (default three)
+#   ROWS="supervised mean-teacher ..."   which rows (default: all below)
+#   SET='{"vnet": {"iterations": 1000}}'   extra config overrides for every row (budget)
+#   SFR_THREADS=2            threads per run
+# Finished runs (OUT/<row>-<seed>.json) are kept and skipped on a rerun.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/env.sh"
 data="${1:-$here/../shared/data/hippocampus}"
 out="${2:-$here/experiments/hippocampus}"
-sfr="$here/target/release/sfr"
+sfr="${SFR_BIN:-$here/target/release/sfr}"
+seeds="${SEEDS:-2026 2027 2028}"
+rows="${ROWS:-supervised self-training mean-teacher acmt supervised-sfr self-training-sfr mean-teacher-sfr acmt-sfr mean-teacher-sfr-plus}"
+extra="${SET:-{\}}"
 mkdir -p "$out"
+# one --set: the thread count merged into the user's overrides
+set="$(python3 -c 'import json, sys; d = json.loads(sys.argv[1]); d.setdefault("threads", int(sys.argv[2])); print(json.dumps(d))' "$extra" "${SFR_THREADS:-0}")"
 python3 - "$data" "$out/test_cases.txt" <<'PY'
 import json, sys, os
 d = json.load(open(os.path.join(sys.argv[1], "dataset.json")))
@@ -17,27 +30,55 @@ ids = [os.path.basename(t["image"]).replace(".nii.gz", "") for t in d["training"
 assert len(ids) >= 200, len(ids)
 open(sys.argv[2], "w").write("\n".join(ids[150:200]) + "\n")
 PY
-run() {
-  name="$1"; shift
-  echo "== $name"
-  start=$(date +%s)
-  "$sfr" train --data "$data" --labeled 4 --max-unlabeled 146 --preset cpu-small --seed 2026 --progress none --set "{\"validation_cases\": 0, \"threads\": ${SFR_THREADS:-0}}" --out "$out/$name.sfrmodel" "$@" 2> "$out/$name.log"
-  end=$(date +%s)
-  "$sfr" evaluate --model "$out/$name.sfrmodel" --data "$data" --cases "$out/test_cases.txt" --json > "$out/$name.json"
-  python3 - "$out/$name.json" "$name" "$((end - start))" >> "$out/results.md" <<'PY'
+
+args_of() {
+  case "$1" in
+    supervised) echo "--method supervised --no-sam" ;;
+    self-training) echo "--method self-training --no-sam" ;;
+    mean-teacher) echo "--method mean-teacher --no-sam" ;;
+    acmt) echo "--method acmt --no-sam" ;;
+    supervised-sfr) echo "--method supervised --sfr" ;;
+    self-training-sfr) echo "--method self-training --sfr" ;;
+    mean-teacher-sfr) echo "--method mean-teacher --sfr" ;;
+    acmt-sfr) echo "--method acmt --sfr" ;;
+    mean-teacher-sfr-plus) echo "--method mean-teacher --sfr-plus" ;;
+    *) echo "unknown row $1" >&2; exit 2 ;;
+  esac
+}
+
+for row in $rows; do
+  for seed in $seeds; do
+    name="$row-$seed"
+    [ -f "$out/$name.json" ] && { echo "== $name (done)"; continue; }
+    echo "== $name"
+    start=$(date +%s)
+    # shellcheck disable=SC2046
+    "$sfr" train --data "$data" --labeled 4 --max-unlabeled 146 --preset cpu-small --seed "$seed" --progress none \
+      --set "$set" --out "$out/$name.sfrmodel" $(args_of "$row") 2> "$out/$name.log"
+    end=$(date +%s)
+    "$sfr" evaluate --model "$out/$name.sfrmodel" --data "$data" --cases "$out/test_cases.txt" --json > "$out/$name.json.tmp"
+    python3 - "$out/$name.json.tmp" "$((end - start))" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-s = r["summary"]
-cells = " | ".join(f"{100*c['dice_mean']:.2f} ± {100*c['dice_std']:.2f}" for c in s)
-mean = sum(c["dice_mean"] for c in s) / len(s)
-print(f"| {sys.argv[2]} | {cells} | {100*mean:.2f} | {sys.argv[3]} |")
+r["train_s"] = int(sys.argv[2])
+json.dump(r, open(sys.argv[1], "w"))
 PY
-  tail -1 "$out/results.md"
-}
-echo "| run | Dice anterior (%) | Dice posterior (%) | mean Dice (%) | train s |" > "$out/results.md"
-echo "|---|---|---|---|---|" >> "$out/results.md"
-run supervised --method supervised --no-sam
-run mean-teacher --method mean-teacher --no-sam
-run mean-teacher-sfr --method mean-teacher --sfr
-run mean-teacher-sfr-plus --method mean-teacher --sfr-plus
-cat "$out/results.md"
+    mv "$out/$name.json.tmp" "$out/$name.json"
+  done
+done
+
+python3 - "$out" $rows <<'PY' | tee "$out/results.md"
+import json, os, sys, statistics as st
+out, rows = sys.argv[1], sys.argv[2:]
+print("| run | seeds | anterior Dice (%) | posterior Dice (%) | mean Dice (%) | train s |")
+print("|---|---|---|---|---|---|")
+for row in rows:
+    runs = [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out)) if f.startswith(row + "-") and f.endswith(".json") and f[len(row) + 1:-5].isdigit()]
+    if not runs:
+        continue
+    per_class = list(zip(*[[c["dice_mean"] for c in r["summary"]] for r in runs]))
+    means = [sum(c) / len(c) for c in zip(*per_class)]
+    f = lambda v: f"{100 * st.mean(v):.1f} ± {100 * (st.stdev(v) if len(v) > 1 else 0):.1f}"
+    cells = " | ".join(f(c) for c in per_class)
+    print(f"| {row} | {len(runs)} | {cells} | {f(means)} | {st.mean(r['train_s'] for r in runs):.0f} |")
+PY

@@ -202,7 +202,7 @@ fn real_hippocampus_training_beats_untrained() {
     let mut cfg = TrainConfig::cpu_small();
     cfg.method = Method::Supervised;
     cfg.sfr = false;
-    cfg.validation_cases = 0;
+    cfg.validation_cases = Some(0);
     cfg.checkpoint_every = 0;
     cfg.vnet.iterations = 300;
     let inp = TrainInputs { labeled: sources(&labeled), unlabeled: vec![], classes: ds.labels.clone(), dataset_name: ds.name.clone() };

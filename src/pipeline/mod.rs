@@ -122,6 +122,20 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Labelled cases to hold out for validation: `requested`, or by default none for up to 8
+/// labelled cases and 10% (at least 1) above. Never more than half of them.
+pub fn validation_count(requested: Option<usize>, n_labeled: usize) -> Result<usize> {
+    match requested {
+        None if n_labeled <= 8 => Ok(0),
+        None => Ok((n_labeled / 10).max(1)),
+        Some(v) if v > n_labeled / 2 => Err(Error::invalid(format!(
+            "validation_cases {v}: too many for {n_labeled} labelled cases (at most half, {}, may be held out)",
+            n_labeled / 2
+        ))),
+        Some(v) => Ok(v),
+    }
+}
+
 /// Runs SFR / SFR+ (or the method alone when `sfr` is off) and returns the trained model.
 pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporter: &Reporter) -> Result<SfrModel> {
     cfg.validate()?;
@@ -136,8 +150,10 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     if inputs.labeled.is_empty() {
         return Err(Error::invalid("zero labelled cases: at least one is needed"));
     }
-    // Validation split: held out of the labelled cases, never more than half of them.
-    let n_val = cfg.validation_cases.min(inputs.labeled.len() / 2);
+    let n_val = validation_count(cfg.validation_cases, inputs.labeled.len())?;
+    if n_val == 0 && cfg.validation_cases.is_none() {
+        reporter.message(&format!("all {} labelled cases train the model (no validation split with 8 or fewer)", inputs.labeled.len()));
+    }
     let (train_cases, val_cases) = inputs.labeled.split_at(inputs.labeled.len() - n_val);
     reporter.stage("load", (train_cases.len() + inputs.unlabeled.len()) as u64, "reading and checking the cases")?;
     let mut labeled: Vec<Sample> = Vec::with_capacity(train_cases.len());
@@ -219,6 +235,13 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             "labeled_cases": train_cases.len(),
             "unlabeled_cases": inputs.unlabeled.len(),
             "validation_cases": val_cases.iter().map(|c| c.id().to_string()).collect::<Vec<_>>(),
+            // Every case this model has seen in training, by id, so that `sfr evaluate` never
+            // scores one of them by surprise.
+            "case_ids": {
+                "labeled": train_cases.iter().map(|c| c.id().to_string()).collect::<Vec<_>>(),
+                "validation": val_cases.iter().map(|c| c.id().to_string()).collect::<Vec<_>>(),
+                "unlabeled": inputs.unlabeled.iter().map(|c| c.id().to_string()).collect::<Vec<_>>(),
+            },
             "sam": sam_summary,
             "config": cfg,
         }),
@@ -234,6 +257,21 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         let mean_dice = summary.iter().map(|s| s.dice_mean).sum::<f64>() / summary.len().max(1) as f64;
         reporter.message(&format!("validation mean Dice {:.4} on {} cases", mean_dice, val_cases.len()));
         model.meta.validation = Some(serde_json::json!({"mean_dice": mean_dice, "classes": summary}));
+    }
+    if val_cases.is_empty() {
+        // Nothing held out (few labels): say how well the model fits its labelled cases. That
+        // is not a test, and is recorded apart from `validation` so nobody reads it as one.
+        reporter.stage("fit", train_cases.len() as u64, "segmenting the labelled training cases (fit, not a test)")?;
+        let per_case = evaluate_sources(&model, train_cases, Some(reporter))?;
+        let rows: Vec<Vec<ClassMetrics>> = per_case.iter().map(|(_, m)| m.clone()).collect();
+        let summary = summarize(&rows, &inputs.classes);
+        let mean_dice = summary.iter().map(|s| s.dice_mean).sum::<f64>() / summary.len().max(1) as f64;
+        reporter.message(&format!("fit on the {} labelled training cases: mean Dice {:.4} (not a test)", train_cases.len(), mean_dice));
+        model.meta.training["training_fit"] = serde_json::json!({
+            "mean_dice": mean_dice,
+            "classes": summary,
+            "note": "Dice on the labelled cases the model was trained on: how well it fits them, not a test",
+        });
     }
     if let Some(ck) = &ck {
         let _ = std::fs::remove_file(&ck.path); // finished: the checkpoint has served

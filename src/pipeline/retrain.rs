@@ -42,7 +42,7 @@ pub fn learning_rate(cfg: &TrainConfig, it: usize) -> f64 {
     }
 }
 
-fn stack_images(v: &[Array3<f32>], device: Device) -> Tensor {
+pub fn stack_images(v: &[Array3<f32>], device: Device) -> Tensor {
     let s = v[0].shape();
     let mut buf: Vec<f32> = Vec::with_capacity(v.len() * v[0].len());
     for a in v {
@@ -51,7 +51,7 @@ fn stack_images(v: &[Array3<f32>], device: Device) -> Tensor {
     Tensor::from_slice(&buf).view([v.len() as i64, 1, s[0] as i64, s[1] as i64, s[2] as i64]).to_device(device)
 }
 
-fn stack_labels(v: &[Array3<u8>], device: Device) -> Tensor {
+pub fn stack_labels(v: &[Array3<u8>], device: Device) -> Tensor {
     let s = v[0].shape();
     let mut buf: Vec<u8> = Vec::with_capacity(v.len() * v[0].len());
     for a in v {
@@ -76,6 +76,80 @@ pub fn predict_labels(net: &VNet, cfg: &TrainConfig, image: &ArrayView3<f32>, de
     Ok(argmax(&probs))
 }
 
+/// One batch of the loop: `images` [B, 1, z, y, x] whose first `labels.size()[0]` crops are
+/// labelled and the rest unlabelled; label maps as Int64 [n, z, y, x].
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Tensor,
+    /// SAM pseudo-labels of the unlabelled crops (SFR).
+    pub sam_pseudo: Option<Tensor>,
+    /// The loop's own pseudo-labels of the unlabelled crops (self-training's second phase).
+    pub own_pseudo: Option<Tensor>,
+}
+
+/// The student, its optimiser and the SSL method: what one iteration needs, apart from data.
+/// Split from the data loop so that a step can be checked against the PyTorch reference
+/// (tests/reference/retrain_reference.py) on the same weights and batch.
+pub struct Trainer {
+    pub vs: nn::VarStore,
+    pub net: VNet,
+    pub method: Box<dyn ssl::SslMethod>,
+    opt: nn::Optimizer,
+    cfg: TrainConfig,
+}
+
+impl Trainer {
+    /// A fresh V-Net (seeded by `cfg.seed`) with its method and SGD optimiser.
+    pub fn new(cfg: &TrainConfig, num_classes: usize, device: Device) -> Result<Trainer> {
+        let v = &cfg.vnet;
+        tch::manual_seed(cfg.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let net_cfg = VNetConfig { in_channels: 1, num_classes: num_classes as i64, n_filters: v.n_filters, deep_supervision: false, dropout: Some(0.5) };
+        let net = VNet::new(&vs.root(), &net_cfg)?;
+        let method = ssl::build(cfg.method, &net, v, device)?;
+        let opt = nn::Sgd { momentum: v.momentum, dampening: 0.0, wd: v.weight_decay, nesterov: false }.build(&vs, v.lr)?;
+        Ok(Trainer { vs, net, method, opt, cfg: cfg.clone() })
+    }
+
+    /// Replaces the student's weights (and restarts the teacher from them).
+    pub fn load_student(&mut self, tensors: Vec<(String, Tensor)>, source: &str) -> Result<()> {
+        self.net.load_state_dict(tensors, source)?;
+        self.method = ssl::build(self.cfg.method, &self.net, &self.cfg.vnet, self.vs.device())?;
+        Ok(())
+    }
+
+    /// One iteration: forward of the whole batch in training mode, the losses, backward, SGD at
+    /// the learning rate of iteration `it`, then the method's update (EMA). Returns the loss.
+    pub fn step(&mut self, batch: &Batch, it: usize) -> Result<f64> {
+        let v = &self.cfg.vnet;
+        self.opt.set_lr(learning_rate(&self.cfg, it));
+        let lb = batch.labels.size()[0];
+        let n = batch.images.size()[0];
+        let logits = self.net.f_forward_t(&batch.images, true)?;
+        let mut loss = ce_dice(&logits.narrow(0, 0, lb), &batch.labels);
+        if n > lb {
+            let unl_logits = logits.narrow(0, lb, n - lb);
+            if let Some(pl) = &batch.sam_pseudo {
+                loss = loss + ce_dice(&unl_logits, pl) * v.pseudo_label_weight;
+            }
+            let unl_input = batch.images.narrow(0, lb, n - lb);
+            let u = Unlabeled { input: &unl_input, student_logits: &unl_logits, own_pseudo: batch.own_pseudo.as_ref(), iteration: it };
+            if let Some(extra) = self.method.unsupervised(&u)? {
+                loss = loss + extra;
+            }
+        }
+        self.opt.zero_grad();
+        loss.backward();
+        self.opt.step();
+        self.method.after_step(&self.net, it)?;
+        let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
+        if !lv.is_finite() {
+            return Err(Error::invalid(format!("re-training diverged at iteration {it} (loss {lv})")));
+        }
+        Ok(lv)
+    }
+}
+
 /// Trains the V-Net. Returns its VarStore and the network (the student).
 pub fn retrain(
     cfg: &TrainConfig,
@@ -92,22 +166,17 @@ pub fn retrain(
     }
     let v = &cfg.vnet;
     let patch = cfg.patch_zyx();
-    tch::manual_seed(cfg.seed as i64);
-    let mut vs = nn::VarStore::new(device);
-    let net_cfg = VNetConfig { in_channels: 1, num_classes: num_classes as i64, n_filters: v.n_filters, deep_supervision: false, dropout: Some(0.5) };
-    let mut net = VNet::new(&vs.root(), &net_cfg)?;
-    let mut method = ssl::build(cfg.method, &net, v, device)?;
+    let mut trainer = Trainer::new(cfg, num_classes, device)?;
     let mut start = 0usize;
     if resume {
         if let Some(ck) = checkpoint.filter(|c| c.path.exists()) {
-            let meta = net.load_safetensors(&ck.path)?;
+            let meta = trainer.net.load_safetensors(&ck.path)?;
             start = meta.get("iteration").and_then(|s| s.parse().ok()).unwrap_or(0);
             // The teacher restarts from the resumed student (its EMA is rebuilt quickly).
-            method = ssl::build(cfg.method, &net, v, device)?;
+            trainer.method = ssl::build(cfg.method, &trainer.net, v, device)?;
             reporter.message(&format!("resumed re-training at iteration {start} from {}", ck.path.display()));
         }
     }
-    let mut opt = nn::Sgd { momentum: v.momentum, dampening: 0.0, wd: v.weight_decay, nesterov: false }.build(&vs, v.lr)?;
     let use_sam = cfg.sfr && unlabeled.iter().any(|u| u.sam_pseudo.is_some());
     let use_unlabeled = !unlabeled.is_empty() && (use_sam || cfg.method != Method::Supervised);
     let mut own_pseudo: Option<Vec<Array3<u8>>> = None;
@@ -117,7 +186,7 @@ pub fn retrain(
         v.iterations as u64,
         &format!(
             "V-Net ({} parameters), {} labelled + {} unlabelled volumes, method {}, SFR {}",
-            net.num_parameters(),
+            trainer.net.num_parameters(),
             labeled.len(),
             if use_unlabeled { unlabeled.len() } else { 0 },
             cfg.method.name(),
@@ -131,12 +200,11 @@ pub fn retrain(
             reporter.message("self-training: the teacher (the network so far) pseudo-labels the unlabelled volumes");
             let mut pls = Vec::with_capacity(unlabeled.len());
             for u in unlabeled {
-                pls.push(predict_labels(&net, cfg, &u.sample.image.view(), device)?);
+                pls.push(predict_labels(&trainer.net, cfg, &u.sample.image.view(), device)?);
                 reporter.check()?;
             }
             own_pseudo = Some(pls);
         }
-        opt.set_lr(learning_rate(cfg, it));
 
         let mut imgs = Vec::with_capacity(v.labeled_batch + v.unlabeled_batch);
         let mut labs = Vec::with_capacity(v.labeled_batch);
@@ -171,39 +239,22 @@ pub fn retrain(
                 }
             }
         }
-        let lb = labs.len() as i64;
-        let input = stack_images(&imgs, device);
-        let logits = net.f_forward_t(&input, true)?;
-        let mut loss = ce_dice(&logits.narrow(0, 0, lb), &stack_labels(&labs, device));
-        if use_unlabeled {
-            let n_u = imgs.len() as i64 - lb;
-            let unl_logits = logits.narrow(0, lb, n_u);
-            if use_sam {
-                loss = loss + ce_dice(&unl_logits, &stack_labels(&sam_pl, device)) * v.pseudo_label_weight;
-            }
-            let own = (!own_pl.is_empty()).then(|| stack_labels(&own_pl, device));
-            let unl_input = input.narrow(0, lb, n_u);
-            let u = Unlabeled { input: &unl_input, student_logits: &unl_logits, own_pseudo: own.as_ref(), iteration: it };
-            if let Some(extra) = method.unsupervised(&u)? {
-                loss = loss + extra;
-            }
-        }
-        opt.zero_grad();
-        loss.backward();
-        opt.step();
-        method.after_step(&net, it)?;
-        let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
-        if !lv.is_finite() {
-            return Err(Error::invalid(format!("re-training diverged at iteration {it} (loss {lv})")));
-        }
+        let batch = Batch {
+            images: stack_images(&imgs, device),
+            labels: stack_labels(&labs, device),
+            sam_pseudo: (!sam_pl.is_empty()).then(|| stack_labels(&sam_pl, device)),
+            own_pseudo: (!own_pl.is_empty()).then(|| stack_labels(&own_pl, device)),
+        };
+        let lv = trainer.step(&batch, it)?;
         reporter.step(it as u64 + 1, lv)?;
         if let Some(ck) = checkpoint {
             if ck.every > 0 && (it + 1) % ck.every == 0 && it + 1 < v.iterations {
                 let meta = [("iteration".to_string(), (it + 1).to_string())].into();
-                net.save_safetensors(&ck.path, Some(meta))?;
+                trainer.net.save_safetensors(&ck.path, Some(meta))?;
             }
         }
     }
+    let Trainer { mut vs, net, .. } = trainer;
     vs.freeze();
     Ok((vs, net))
 }

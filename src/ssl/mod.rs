@@ -136,10 +136,11 @@ impl SslMethod for MeanTeacher {
     fn after_step(&mut self, student: &VNet, _iteration: usize) -> Result<()> {
         let alpha = (1.0 - 1.0 / (self.steps as f64 + 1.0)).min(self.cfg.ema_decay);
         self.steps += 1;
+        // In place, one kernel per tensor and no temporaries: t += (1 - α)(s - t).
         tch::no_grad(|| {
             for ((_, mut t), (_, s)) in self.teacher.state_dict().into_iter().zip(student.state_dict()) {
                 if s.requires_grad() {
-                    t.copy_(&(&t * alpha + &s * (1.0 - alpha)));
+                    let _ = t.lerp_(&s, 1.0 - alpha);
                 }
             }
         });

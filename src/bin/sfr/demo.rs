@@ -54,7 +54,7 @@ pub fn demo_config(a: &DemoArgs, method: Method, sfr: bool) -> TrainConfig {
     c.sfr = sfr;
     c.patch = [64, 64, 16];
     c.rot_flip = true; // phantoms have no left/right meaning
-    c.validation_cases = 0;
+    c.validation_cases = Some(0);
     c.checkpoint_every = 0;
     c.sam.iterations = a.sam_iterations;
     c.vnet.iterations = a.iterations;

@@ -168,10 +168,13 @@ struct EvaluateArgs {
     model: PathBuf,
     #[arg(long)]
     data: PathBuf,
-    /// A file of case ids to evaluate (default: the cases after the model's labelled and
-    /// validation cases when the dataset is the one it was trained on, else all).
+    /// A file of case ids to evaluate (default: every case of the folder except those the model
+    /// was trained on — labelled, validation and unlabelled — recorded by id in the model).
     #[arg(long)]
     cases: Option<PathBuf>,
+    /// Also score the cases the model was trained on (not a test of the model).
+    #[arg(long)]
+    include_training_cases: bool,
     #[arg(long)]
     json: bool,
     #[arg(long, default_value = "auto")]
@@ -333,6 +336,9 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         t.elapsed().as_secs_f64(),
         val.map(|d| format!("; validation mean Dice {d:.4}")).unwrap_or_default()
     );
+    if let Some(fit) = model.meta.training["training_fit"]["mean_dice"].as_f64() {
+        eprintln!("no labelled case was held out for validation; fit on the training cases: mean Dice {fit:.4} (not a test: score held-out cases with sfr evaluate)");
+    }
     Ok(())
 }
 
@@ -360,6 +366,20 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
     Ok(())
 }
 
+/// Ids of every case recorded as used in training (`training.case_ids`). Models written before
+/// ids were recorded have none: for those, nothing is skipped, and that is said.
+fn training_case_ids(training: &serde_json::Value) -> std::collections::HashSet<String> {
+    let ids = &training["case_ids"];
+    if ids.is_null() {
+        eprintln!("note: this model does not record which cases it was trained on (older format): no case is skipped");
+    }
+    ["labeled", "validation", "unlabeled"]
+        .iter()
+        .flat_map(|k| ids[*k].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
 fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let device = sfr::nn::parse_device(&a.device)?;
     let model = SfrModel::load(&a.model, device)?;
@@ -367,17 +387,23 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let cases: Vec<_> = match &a.cases {
         Some(f) => read_id_list(f)?.iter().map(|id| ds.case(id).cloned()).collect::<Result<_>>()?,
         None => {
-            let t = &model.meta.training;
-            let skip = if t["dataset"].as_str() == Some(ds.name.as_str()) {
-                t["labeled_cases"].as_u64().unwrap_or(0) as usize + t["validation_cases"].as_array().map(|v| v.len()).unwrap_or(0)
-            } else {
-                0
-            };
-            ds.training.iter().skip(skip).cloned().collect()
+            let seen = training_case_ids(&model.meta.training);
+            let (kept, skipped): (Vec<_>, Vec<_>) = ds.training.iter().cloned().partition(|c| a.include_training_cases || !seen.contains(&c.id));
+            if !skipped.is_empty() {
+                eprintln!(
+                    "skipped {} of {} cases that the model was trained on (labelled, validation or unlabelled, recorded by id in {}); --include-training-cases scores them too",
+                    skipped.len(),
+                    ds.training.len(),
+                    a.model.display()
+                );
+            } else if a.include_training_cases && !seen.is_empty() {
+                eprintln!("scoring training cases too (--include-training-cases): this is not a test of the model");
+            }
+            kept
         }
     };
     if cases.is_empty() {
-        return Err(Error::invalid("no cases to evaluate"));
+        return Err(Error::invalid(format!("no cases to evaluate in {} (every case was used in training, or the list is empty)", a.data.display())));
     }
     let per_case = evaluate_cases(&model, &cases, None)?;
     let rows: Vec<_> = per_case.iter().map(|(_, m)| m.clone()).collect();
