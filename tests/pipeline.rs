@@ -111,14 +111,16 @@ fn cancellation_stops_within_seconds_and_writes_nothing() {
     assert!(!out.exists());
 }
 
-/// A run killed mid-way resumes from its checkpoint and finishes.
+/// A run killed mid-way resumes from its checkpoint and finishes with exactly the model of an
+/// uninterrupted run (student, EMA teacher, momentum and every random draw are restored); a
+/// checkpoint of another configuration is refused.
 #[test]
 fn resume_continues_from_the_checkpoint() {
     let _serial = serial();
     let d = tempfile::tempdir().unwrap();
     let ds = dataset(d.path(), 4, 2);
     let inp = inputs(&ds, 2);
-    let mut cfg = tiny(Method::Supervised, false);
+    let mut cfg = tiny(Method::MeanTeacher, false);
     cfg.vnet.iterations = 30;
     cfg.checkpoint_every = 10;
     let work = d.path().join("work");
@@ -143,10 +145,23 @@ fn resume_continues_from_the_checkpoint() {
     let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let m2 = messages.clone();
     let r = Reporter::detached(Some(Box::new(move |p| m2.lock().unwrap().push(p.message.clone()))));
+    // Another configuration must not continue this checkpoint.
+    let mut other = cfg.clone();
+    other.seed += 1;
+    let err = match train(&other, &inp, &RunOptions { resume: true, ..opts.clone() }, &quiet()) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a checkpoint of another seed was resumed"),
+    };
+    assert!(err.contains("another configuration"), "{err}");
+    assert!(ck.exists(), "a refused resume keeps the checkpoint");
     let model = train(&cfg, &inp, &RunOptions { resume: true, ..opts }, &r).unwrap();
     assert!(messages.lock().unwrap().iter().any(|m| m.contains("resumed re-training at iteration 10")));
     assert!(!ck.exists(), "a finished run removes its checkpoint");
-    assert_eq!(model.meta.training["method"], "supervised");
+    assert_eq!(model.meta.training["method"], "mean-teacher");
+    let straight = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+    for ((k, a), (_, b)) in model.net().state_dict().into_iter().zip(straight.net().state_dict()) {
+        assert!(a.equal(&b), "{k} differs between the resumed and the uninterrupted run");
+    }
 }
 
 fn memory_case(id: &str, img: Volume<f32>, lab: Option<Volume<f64>>) -> CaseSource {

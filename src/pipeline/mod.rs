@@ -33,7 +33,7 @@ pub struct TrainInputs {
 }
 
 /// Where a run keeps its checkpoints and optional outputs.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct RunOptions {
     /// Folder for checkpoints (`--resume` continues from it) and pseudo-label outputs.
     pub work_dir: Option<PathBuf>,

@@ -17,8 +17,10 @@ use crate::pipeline::data::{random_crop, random_rot_flip, Rng, Sample};
 use crate::ssl::{self, Unlabeled};
 use ndarray::{Array3, ArrayView3};
 use rand::{RngExt, SeedableRng};
-use std::path::PathBuf;
-use tch::nn::{self, OptimizerConfig};
+use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 /// An unlabelled volume with what the pipeline knows of it.
@@ -87,6 +89,73 @@ pub struct Batch {
     pub own_pseudo: Option<Tensor>,
 }
 
+/// SGD with momentum and weight decay in PyTorch's formulation (`torch.optim.SGD`, no
+/// dampening, no Nesterov): d = g + wd·p; b = d at the first step, else m·b + d; p -= lr·b.
+/// Written out instead of tch's optimiser so that the momentum buffers can be checkpointed and
+/// a resumed run continues exactly where it stopped.
+pub struct Sgd {
+    /// (name, parameter) of every trainable tensor, in the network's state-dict order.
+    params: Vec<(String, Tensor)>,
+    buffers: Vec<Option<Tensor>>,
+    momentum: f64,
+    weight_decay: f64,
+}
+
+impl Sgd {
+    pub fn new(net: &VNet, momentum: f64, weight_decay: f64) -> Sgd {
+        let params: Vec<(String, Tensor)> = net.state_dict().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let buffers = params.iter().map(|_| None).collect();
+        Sgd { params, buffers, momentum, weight_decay }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &self.params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.detach_();
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        tch::no_grad(|| {
+            for ((_, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let d = if self.weight_decay != 0.0 { g + p * self.weight_decay } else { g.copy() };
+                if let Some(b) = buf.as_mut() {
+                    let _ = b.g_mul_scalar_(self.momentum);
+                    let _ = b.g_add_(&d);
+                } else {
+                    *buf = Some(d);
+                }
+                let b = buf.as_ref().expect("set above");
+                let _ = p.shallow_clone().g_add_(&(b * -lr));
+            }
+        });
+    }
+
+    /// The momentum buffers that exist (named like their parameters).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().zip(&self.buffers).filter_map(|((k, _), b)| b.as_ref().map(|b| (k.clone(), b.shallow_clone()))).collect()
+    }
+
+    /// Restores buffers written by [`Sgd::state`]; a parameter without one starts afresh.
+    pub fn restore(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
+        for ((k, p), buf) in self.params.iter().zip(self.buffers.iter_mut()) {
+            *buf = match state.remove(k) {
+                Some(b) if b.size() == p.size() => Some(b.to_device(p.device()).to_kind(p.kind())),
+                Some(b) => return Err(Error::invalid(format!("momentum of {k}: shape {:?}, parameter {:?}", b.size(), p.size()))),
+                None => None,
+            };
+        }
+        Ok(())
+    }
+}
+
 /// The student, its optimiser and the SSL method: what one iteration needs, apart from data.
 /// Split from the data loop so that a step can be checked against the PyTorch reference
 /// (tests/reference/retrain_reference.py) on the same weights and batch.
@@ -94,7 +163,7 @@ pub struct Trainer {
     pub vs: nn::VarStore,
     pub net: VNet,
     pub method: Box<dyn ssl::SslMethod>,
-    opt: nn::Optimizer,
+    opt: Sgd,
     cfg: TrainConfig,
 }
 
@@ -107,22 +176,14 @@ impl Trainer {
         let net_cfg = VNetConfig { in_channels: 1, num_classes: num_classes as i64, n_filters: v.n_filters, deep_supervision: false, dropout: Some(0.5) };
         let net = VNet::new(&vs.root(), &net_cfg)?;
         let method = ssl::build(cfg.method, &net, v, device)?;
-        let opt = nn::Sgd { momentum: v.momentum, dampening: 0.0, wd: v.weight_decay, nesterov: false }.build(&vs, v.lr)?;
+        let opt = Sgd::new(&net, v.momentum, v.weight_decay);
         Ok(Trainer { vs, net, method, opt, cfg: cfg.clone() })
-    }
-
-    /// Replaces the student's weights (and restarts the teacher from them).
-    pub fn load_student(&mut self, tensors: Vec<(String, Tensor)>, source: &str) -> Result<()> {
-        self.net.load_state_dict(tensors, source)?;
-        self.method = ssl::build(self.cfg.method, &self.net, &self.cfg.vnet, self.vs.device())?;
-        Ok(())
     }
 
     /// One iteration: forward of the whole batch in training mode, the losses, backward, SGD at
     /// the learning rate of iteration `it`, then the method's update (EMA). Returns the loss.
     pub fn step(&mut self, batch: &Batch, it: usize) -> Result<f64> {
         let v = &self.cfg.vnet;
-        self.opt.set_lr(learning_rate(&self.cfg, it));
         let lb = batch.labels.size()[0];
         let n = batch.images.size()[0];
         let logits = self.net.f_forward_t(&batch.images, true)?;
@@ -140,7 +201,7 @@ impl Trainer {
         }
         self.opt.zero_grad();
         loss.backward();
-        self.opt.step();
+        self.opt.step(learning_rate(&self.cfg, it));
         self.method.after_step(&self.net, it)?;
         let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
         if !lv.is_finite() {
@@ -148,7 +209,66 @@ impl Trainer {
         }
         Ok(lv)
     }
+
+    /// Everything a resumed run needs to continue exactly: student, optimiser momentum, the
+    /// method's state (EMA teacher), under prefixes.
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self.net.state_dict().into_iter().map(|(k, t)| (format!("student.{k}"), t)).collect();
+        out.extend(self.opt.state().into_iter().map(|(k, t)| (format!("momentum.{k}"), t)));
+        out.extend(self.method.state().into_iter().map(|(k, t)| (format!("method.{k}"), t)));
+        out
+    }
+
+    fn restore(&mut self, tensors: Vec<(String, Tensor)>, iteration: usize, source: &Path) -> Result<()> {
+        let mut parts: HashMap<&str, Vec<(String, Tensor)>> = HashMap::new();
+        for (k, t) in tensors {
+            let (prefix, rest) = k.split_once('.').ok_or_else(|| Error::format(source, format!("unexpected tensor '{k}'")))?;
+            let prefix = match prefix {
+                "student" => "student",
+                "momentum" => "momentum",
+                "method" => "method",
+                "own_pseudo" => continue, // read by the loop
+                _ => return Err(Error::format(source, format!("unexpected tensor '{k}'"))),
+            };
+            parts.entry(prefix).or_default().push((rest.to_string(), t));
+        }
+        self.net.load_state_dict(parts.remove("student").unwrap_or_default(), &source.display().to_string())?;
+        self.opt.restore(parts.remove("momentum").unwrap_or_default().into_iter().collect()).map_err(|e| Error::format(source, e.to_string()))?;
+        self.method = ssl::build(self.cfg.method, &self.net, &self.cfg.vnet, self.vs.device())?;
+        self.method.restore(parts.remove("method").unwrap_or_default(), iteration).map_err(|e| Error::format(source, e.to_string()))?;
+        Ok(())
+    }
 }
+
+/// The seed of iteration `it`: crops, dropout masks and the teacher's noise of every iteration
+/// are drawn from generators seeded by (run seed, iteration), so a run resumed at any
+/// iteration draws exactly what the uninterrupted run drew.
+fn iteration_seed(seed: u64, it: usize) -> u64 {
+    // splitmix64 of the pair
+    let mut z = seed ^ (it as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Identifies what a checkpoint was made from: the configuration (less settings that do not
+/// change the result: threads, checkpoint interval) and the ids of the cases, in order.
+/// `--resume` refuses a checkpoint of another run.
+fn run_fingerprint(cfg: &TrainConfig, labeled: &[Sample], unlabeled: &[UnlabeledCase]) -> String {
+    let mut c = serde_json::to_value(cfg).expect("serialisable");
+    c["threads"] = 0.into();
+    c["checkpoint_every"] = 0.into();
+    let ids: Vec<&str> = labeled.iter().map(|s| s.id.as_str()).chain(std::iter::once("|")).chain(unlabeled.iter().map(|u| u.sample.id.as_str())).collect();
+    let text = format!("{c}{}{}", ids.join(","), unlabeled.iter().map(|u| if u.sam_pseudo.is_some() { 's' } else { '-' }).collect::<String>());
+    // FNV-1a, 64 bits: stable across builds and platforms (std's hasher is not)
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+const CHECKPOINT_FORMAT: &str = "sfr-retrain-checkpoint-2";
 
 /// Trains the V-Net. Returns its VarStore and the network (the student).
 pub fn retrain(
@@ -167,19 +287,41 @@ pub fn retrain(
     let v = &cfg.vnet;
     let patch = cfg.patch_zyx();
     let mut trainer = Trainer::new(cfg, num_classes, device)?;
+    let fingerprint = run_fingerprint(cfg, labeled, unlabeled);
     let mut start = 0usize;
+    let mut own_pseudo: Option<Vec<Array3<u8>>> = None;
     if resume {
         if let Some(ck) = checkpoint.filter(|c| c.path.exists()) {
-            let meta = trainer.net.load_safetensors(&ck.path)?;
-            start = meta.get("iteration").and_then(|s| s.parse().ok()).unwrap_or(0);
-            // The teacher restarts from the resumed student (its EMA is rebuilt quickly).
-            trainer.method = ssl::build(cfg.method, &trainer.net, v, device)?;
+            let (tensors, meta) = read_safetensors_with_metadata(&ck.path)?;
+            if meta.get("format").map(String::as_str) != Some(CHECKPOINT_FORMAT) {
+                return Err(Error::format(&ck.path, "not a re-training checkpoint of this version (delete it, or run without --resume)"));
+            }
+            if meta.get("run").map(String::as_str) != Some(fingerprint.as_str()) {
+                return Err(Error::format(
+                    &ck.path,
+                    "written by a run with another configuration or other cases (method, seed, iterations, ...): --resume continues only the same run; delete the checkpoint or run without --resume",
+                ));
+            }
+            start = meta.get("iteration").and_then(|s| s.parse().ok()).ok_or_else(|| Error::format(&ck.path, "no iteration recorded"))?;
+            let pls: Vec<Array3<u8>> = tensors
+                .iter()
+                .filter(|(k, _)| k.starts_with("own_pseudo."))
+                .map(|(k, t)| {
+                    let i: usize = k["own_pseudo.".len()..].parse().map_err(|_| Error::format(&ck.path, format!("bad tensor name {k}")))?;
+                    let shape = unlabeled.get(i).map(|u| u.sample.image.raw_dim()).ok_or_else(|| Error::format(&ck.path, format!("{k}: no such unlabelled case")))?;
+                    let v = Vec::<u8>::try_from(t.flatten(0, -1)).map_err(|e| Error::format(&ck.path, e.to_string()))?;
+                    Array3::from_shape_vec(shape, v).map_err(|e| Error::format(&ck.path, format!("{k}: {e}")))
+                })
+                .collect::<Result<_>>()?;
+            if !pls.is_empty() {
+                own_pseudo = Some(pls);
+            }
+            trainer.restore(tensors, start, &ck.path)?;
             reporter.message(&format!("resumed re-training at iteration {start} from {}", ck.path.display()));
         }
     }
     let use_sam = cfg.sfr && unlabeled.iter().any(|u| u.sam_pseudo.is_some());
     let use_unlabeled = !unlabeled.is_empty() && (use_sam || cfg.method != Method::Supervised);
-    let mut own_pseudo: Option<Vec<Array3<u8>>> = None;
     let self_training_switch = v.iterations / 2;
     reporter.stage(
         "retrain",
@@ -193,9 +335,10 @@ pub fn retrain(
             if use_sam { "on" } else { "off" }
         ),
     )?;
-    // A resumed run draws from a stream seeded by the iteration, so it is reproducible too.
-    let mut rng = Rng::seed_from_u64(cfg.seed ^ (start as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for it in start..v.iterations {
+        let seed = iteration_seed(cfg.seed, it);
+        let mut rng = Rng::seed_from_u64(seed);
+        tch::manual_seed(seed as i64);
         if cfg.method == Method::SelfTraining && use_unlabeled && it >= self_training_switch && own_pseudo.is_none() {
             reporter.message("self-training: the teacher (the network so far) pseudo-labels the unlabelled volumes");
             let mut pls = Vec::with_capacity(unlabeled.len());
@@ -249,8 +392,19 @@ pub fn retrain(
         reporter.step(it as u64 + 1, lv)?;
         if let Some(ck) = checkpoint {
             if ck.every > 0 && (it + 1) % ck.every == 0 && it + 1 < v.iterations {
-                let meta = [("iteration".to_string(), (it + 1).to_string())].into();
-                trainer.net.save_safetensors(&ck.path, Some(meta))?;
+                let meta: HashMap<String, String> = [
+                    ("format".to_string(), CHECKPOINT_FORMAT.to_string()),
+                    ("run".to_string(), fingerprint.clone()),
+                    ("iteration".to_string(), (it + 1).to_string()),
+                ]
+                .into();
+                let mut tensors = trainer.checkpoint_tensors();
+                if let Some(pls) = &own_pseudo {
+                    for (i, p) in pls.iter().enumerate() {
+                        tensors.push((format!("own_pseudo.{i}"), Tensor::from_slice(p.as_slice().expect("standard layout"))));
+                    }
+                }
+                save_safetensors(&ck.path, &tensors, &meta)?;
             }
         }
     }

@@ -40,6 +40,14 @@ pub trait SslMethod: Send {
     fn teacher(&self) -> Option<&VNet> {
         None
     }
+    /// State to checkpoint (the EMA teacher's weights), for an exact resume.
+    fn state(&self) -> Vec<(String, Tensor)> {
+        vec![]
+    }
+    /// Restores [`SslMethod::state`] of a run stopped after `steps` optimiser steps.
+    fn restore(&mut self, _state: Vec<(String, Tensor)>, _steps: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `exp(-5 (1 - t)²)` with t = current/length clipped to [0, 1] (Laine & Aila's ramp-up).
@@ -149,6 +157,23 @@ impl SslMethod for MeanTeacher {
 
     fn teacher(&self) -> Option<&VNet> {
         Some(&self.teacher)
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.teacher.state_dict().into_iter().map(|(k, t)| (format!("teacher.{k}"), t)).collect()
+    }
+
+    fn restore(&mut self, state: Vec<(String, Tensor)>, steps: usize) -> Result<()> {
+        let teacher: Vec<(String, Tensor)> = state.into_iter().filter_map(|(k, t)| k.strip_prefix("teacher.").map(|k| (k.to_string(), t))).collect();
+        if teacher.is_empty() {
+            return Err(crate::Error::invalid("the checkpoint holds no mean-teacher weights"));
+        }
+        self.teacher.load_state_dict(teacher, "checkpoint (teacher)")?;
+        for (_, t) in self.teacher.state_dict() {
+            let _ = t.set_requires_grad(false);
+        }
+        self.steps = steps;
+        Ok(())
     }
 }
 
