@@ -33,6 +33,13 @@ impl Method {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BnBatches {
+    Joint,
+    Separate,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
 pub enum LrSchedule {
@@ -82,6 +89,11 @@ pub struct VNetStage {
     pub noise_clamp: f64,
     /// Fraction of voxels ACMT treats as ambiguous.
     pub acmt_ratio: f64,
+    /// BatchNorm batches of the student: `joint` (UA-MT: labelled and unlabelled crops in one
+    /// forward, so BatchNorm statistics mix them) or `separate` (two forwards: the labelled
+    /// crops are normalised by labelled statistics only, the unlabelled by their own, as the
+    /// teacher's already are). See README, "Mixed batches".
+    pub batchnorm: BnBatches,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -178,6 +190,7 @@ impl TrainConfig {
                 noise_std: 0.1,
                 noise_clamp: 0.2,
                 acmt_ratio: 0.2,
+                batchnorm: BnBatches::Joint,
             },
             sfr_plus: SfrPlus { enabled: false, tau: 0.985, rounds: 2 },
             inference: InferenceConfig { stride: [18, 18, 4], weighting: Weighting::Mean, batch: 4 },

@@ -12,7 +12,7 @@ use crate::infer::{argmax, SlidingWindow};
 use crate::job::Reporter;
 use crate::nn::loss::ce_dice;
 use crate::nn::vnet::{VNet, VNetConfig};
-use crate::pipeline::config::{LrSchedule, Method, TrainConfig};
+use crate::pipeline::config::{BnBatches, LrSchedule, Method, TrainConfig};
 use crate::pipeline::data::{random_crop, random_rot_flip, Rng, Sample};
 use crate::ssl::{self, Unlabeled};
 use ndarray::{Array3, ArrayView3};
@@ -186,7 +186,13 @@ impl Trainer {
         let v = &self.cfg.vnet;
         let lb = batch.labels.size()[0];
         let n = batch.images.size()[0];
-        let logits = self.net.f_forward_t(&batch.images, true)?;
+        let logits = if v.batchnorm == BnBatches::Separate && n > lb {
+            let l = self.net.f_forward_t(&batch.images.narrow(0, 0, lb), true)?;
+            let u = self.net.f_forward_t(&batch.images.narrow(0, lb, n - lb), true)?;
+            Tensor::cat(&[l, u], 0)
+        } else {
+            self.net.f_forward_t(&batch.images, true)?
+        };
         let mut loss = ce_dice(&logits.narrow(0, 0, lb), &batch.labels);
         if n > lb {
             let unl_logits = logits.narrow(0, lb, n - lb);

@@ -32,10 +32,11 @@ Sub-commands:
       cases. Options: --method supervised|mean-teacher, --consistency W, --iterations N,
       --seed S, --threads T, --n-filters F, --patch X,Y,Z, --unlabeled-batch U (0 = labelled
       crops only), --stride X,Y,Z.
-  evaluate <model.sfrmodel> <data_dir> [--bn keep|labeled|mixed|unlabeled] [--batches N]
+  evaluate <model.sfrmodel> <data_dir> [--bn keep|labeled|mixed|unlabeled|batch] [--batches N]
       Dice of a model written by `sfr train` on the test cases, with its own BatchNorm
       statistics or with them re-estimated (cumulative average over N batches of random crops
-      of that kind, weights unchanged): the bisection of the BatchNorm question.
+      of that kind, weights unchanged), or `batch`: each window normalised by its own statistics
+      as in training: the bisection of the BatchNorm question.
 
 The EMA uses `lerp_` (t + (1-α)(s - t)), as the Rust side does; UA-MT's `mul_(α).add_(s, 1-α)`
 is the same up to rounding (measured: 7.4e-5 relative on one teacher running mean after 4
@@ -302,7 +303,7 @@ def evaluate(model_path, data_dir, opts):
     patch = meta["patch"][::-1]
     stride = meta["inference"]["stride"][::-1]
     bn = opts.get("bn", "keep")
-    if bn != "keep":
+    if bn not in ("keep", "batch", "train"):
         rng = np.random.default_rng(int(opts.get("seed", 1)))
         n_lab, n_unl = int(opts.get("labeled", 4)), int(opts.get("unlabeled", 146))
         lab = [zscore(read_zyx(nib, i, np.float32)) for i, _ in cases[:n_lab]]
@@ -323,6 +324,15 @@ def evaluate(model_path, data_dir, opts):
                 model.has_dropout = False
                 model(x)
     model.eval()
+    if bn in ("batch", "train"):
+        # BatchNorm with the statistics of each window (as in training); dropout off, or on
+        # for `train` (the whole training-mode network)
+        model.has_dropout = bn == "train"
+        if bn == "train":
+            model.dropout.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.train()
     test_from, test_to = int(opts.get("test_from", 150)), int(opts.get("test_to", 200))
     per_class = {c: [] for c in range(1, num_classes)}
     for i, l in cases[test_from:test_to]:
