@@ -18,7 +18,7 @@ tool="${SFR_C_TEST_TOOL:-valgrind}"
 start=$SECONDS
 
 echo "[test_c] configure ($build -> $prefix, C program under $tool)"
-cmake -S "$here" -B "$build" -DCMAKE_INSTALL_PREFIX="$prefix" -DSFR_C_TEST_TOOL="$tool" >/dev/null
+cmake -S "$here" -B "$build" -DCMAKE_INSTALL_PREFIX="$prefix" -DBUILD_TESTING=ON -DSFR_C_TEST_TOOL="$tool" >/dev/null
 echo "[test_c] build (cargo build --release --lib)"
 cmake --build "$build"
 echo "[test_c] install"
