@@ -87,10 +87,12 @@ if(SFR_C_TEST_TOOL STREQUAL "valgrind")
   find_program(SFR_VALGRIND valgrind)
   if(SFR_VALGRIND AND EXISTS "${SFR_VALGRIND}")
     # Any memory error, or a definite leak (--errors-for-leak-kinds=definite), fails the test.
-    # No suppressions. "Possibly lost" / "still reachable" blocks are not errors: they are the
-    # process-lifetime caches and thread-pool stacks of libtorch and glibc.
+    # One suppression, for a false positive inside glibc's ld.so (see tests/c/valgrind.supp).
+    # "Possibly lost" / "still reachable" blocks are not errors: they are the process-lifetime
+    # caches and thread-pool stacks of libtorch and glibc.
     set(c_cmd "${SFR_VALGRIND}" --error-exitcode=97 --leak-check=full --show-leak-kinds=definite
-              --errors-for-leak-kinds=definite --num-callers=30 "${c_bin}/sfr_c_test")
+              --errors-for-leak-kinds=definite --num-callers=30
+              "--suppressions=${PROJECT_SOURCE_DIR}/tests/c/valgrind.supp" "${c_bin}/sfr_c_test")
   else()
     message(WARNING "valgrind was not found: the test sfr_c_api will fail saying so. Install valgrind "
                     "(scripts/setup.sh does) or configure with -DSFR_C_TEST_TOOL=none or asan.")
