@@ -94,3 +94,36 @@ pub fn parse_device_name(s: &str) -> Result<()> {
         other => Err(Error::invalid(format!("unknown device '{other}' (expected cpu, cuda or auto)"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_info_reports_what_is_loaded() {
+        let info = device_info();
+        // libtorch_cpu is always loaded (this test runs tch), from the folder the loader chose.
+        let dir = info["libtorch_dir"].as_str().expect("libtorch_dir");
+        assert!(std::path::Path::new(dir).join("libtorch_cpu.so").exists(), "{dir}");
+        // build.rs links libtorch_cuda exactly when that folder has it (unless SFR_LINK_CUDA=0).
+        let has_cuda = std::path::Path::new(dir).join("libtorch_cuda.so").exists();
+        if std::env::var("SFR_LINK_CUDA").as_deref() != Ok("0") {
+            assert_eq!(info["cuda_linked"], has_cuda, "{info}");
+        }
+        let cuda = tch::Cuda::is_available();
+        assert_eq!(info["cuda_available"], cuda);
+        assert_eq!(info["auto"], if cuda { "cuda:0" } else { "cpu" });
+    }
+
+    #[test]
+    fn cuda_without_a_device_is_a_clear_error() {
+        if tch::Cuda::is_available() {
+            assert_eq!(parse_device("cuda").unwrap(), Device::Cuda(0));
+            return;
+        }
+        let e = parse_device("cuda").unwrap_err().to_string();
+        assert!(e.contains("no CUDA device is available") && e.contains("libtorch_cuda") && e.contains("\"cpu\""), "{e}");
+        assert_eq!(parse_device("auto").unwrap(), Device::Cpu);
+        assert_eq!(device_name(Device::Cuda(1)), "cuda:1");
+    }
+}

@@ -525,6 +525,8 @@ static void test_models(sfr_model *model, sfr_dataset *ds, const char *dir) {
   EXPECT(sfr_model_metadata_json(model, meta, needed, NULL), SFR_ERR_NULL_POINTER, "needed is NULL");
   OK(sfr_model_metadata_json(model, meta, needed, &needed));
   CHECK(strlen(meta) == needed - 1 && strstr(meta, "\"ball\"") && strstr(meta, "\"library_version\":\"" SFR_VERSION "\""));
+  /* The device the training really ran on ("auto" here). */
+  CHECK(strstr(meta, g_cuda_available == 1 ? "\"device\":\"cuda:0\"" : "\"device\":\"cpu\"") != NULL);
   free(meta);
 
   char path[512], garbage[512];
