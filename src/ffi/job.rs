@@ -181,10 +181,10 @@ unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_ch
 /// {"iterations": 300}}; unknown keys and bad values are SFR_ERR_INVALID_ARGUMENT here, not
 /// later. Poll with `sfr_job_poll`, get the model with `sfr_job_wait`. Thread-safe, with one
 /// caveat: the config's `seed` and `threads` act on libtorch's process-wide state (its global
-/// random generator, reseeded when a training starts, and its intra-op thread count, which
-/// `threads` > 0 sets for the whole process, later segmentations included). Two trainings
-/// running at once in one process are therefore not reproducible: run them one after the
-/// other when results must repeat.
+/// random generator, which a training reseeds from `seed` at every iteration, and its intra-op
+/// thread count, which `threads` > 0 sets for the whole process, later segmentations
+/// included). Two trainings running at once in one process are therefore not reproducible:
+/// run them one after the other when results must repeat.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_train_start(ds: *const super::sfr_dataset, config_json: *const c_char, out: *mut *mut sfr_job) -> sfr_status {
     guard("sfr_train_start", || start_training(ds, config_json, None, std::ptr::null_mut(), out))
