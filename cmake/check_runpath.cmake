@@ -1,17 +1,26 @@
-# ctest sfr_installed_runpath: the installed libsfr.so carries a RUNPATH to libtorch and every
-# dependency resolves without LD_LIBRARY_PATH.
+# ctest sfr_installed_runpath: the installed library's RUNPATH starts with $ORIGIN and names no
+# folder of the build tree; every dependency resolves without LD_LIBRARY_PATH; and where the
+# libtorch it resolves has libtorch_cuda.so, that is a NEEDED entry (linked with --no-as-needed
+# by build.rs, else CUDA would never be used), unless the build had SFR_LINK_CUDA=0.
+# -D: LIB, READELF, BUILD_TREE.
 if(NOT EXISTS "${LIB}")
   message(FATAL_ERROR "${LIB} does not exist: install the package before running ctest")
 endif()
-execute_process(COMMAND readelf -d "${LIB}" OUTPUT_VARIABLE dyn RESULT_VARIABLE rc)
+execute_process(COMMAND "${READELF}" -d "${LIB}" OUTPUT_VARIABLE dyn RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "readelf -d ${LIB} failed")
 endif()
-string(REGEX MATCH "\\((RUNPATH|RPATH)\\)[^\n]*\\[([^]\n]*)\\]" m "${dyn}")
-if(NOT m)
+if(NOT dyn MATCHES "\\((RUNPATH|RPATH)\\)[^\n]*\\[([^]\n]*)\\]")
   message(FATAL_ERROR "${LIB} has no RUNPATH/RPATH: it would need LD_LIBRARY_PATH to find libtorch")
 endif()
 set(runpath "${CMAKE_MATCH_2}")
+if(NOT runpath MATCHES "^\\$ORIGIN(:|/|$)")
+  message(FATAL_ERROR "the RUNPATH of ${LIB} does not start with $ORIGIN: ${runpath}")
+endif()
+string(FIND "${runpath}" "${BUILD_TREE}" at)
+if(NOT at EQUAL -1)
+  message(FATAL_ERROR "the RUNPATH of ${LIB} names the build tree ${BUILD_TREE}: ${runpath}")
+endif()
 execute_process(COMMAND "${CMAKE_COMMAND}" -E env --unset=LD_LIBRARY_PATH ldd "${LIB}"
                 OUTPUT_VARIABLE deps RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0 OR deps MATCHES "not found")
@@ -20,4 +29,19 @@ endif()
 if(NOT deps MATCHES "libtorch_cpu\\.so => ([^ ]+)")
   message(FATAL_ERROR "ldd ${LIB} does not list libtorch_cpu.so:\n${deps}")
 endif()
-message(STATUS "RUNPATH ${runpath}; libtorch_cpu.so => ${CMAKE_MATCH_1}")
+set(torch_cpu "${CMAKE_MATCH_1}")
+get_filename_component(torch_dir "${torch_cpu}" DIRECTORY)
+string(REGEX MATCHALL "\\(NEEDED\\)[^\n]*\\[([^]\n]*)\\]" needed "${dyn}")
+if(EXISTS "${torch_dir}/libtorch_cuda.so" AND NOT "$ENV{SFR_LINK_CUDA}" STREQUAL "0")
+  if(NOT needed MATCHES "\\[libtorch_cuda\\.so\\]")
+    message(FATAL_ERROR "${torch_dir} has libtorch_cuda.so but ${LIB} does not need it "
+                        "(dropped by --as-needed?), so CUDA would never be used:\n${needed}")
+  endif()
+  set(cuda "libtorch_cuda.so NEEDED")
+else()
+  if(needed MATCHES "\\[libtorch_cuda\\.so\\]")
+    message(FATAL_ERROR "${LIB} needs libtorch_cuda.so although ${torch_dir} has none or SFR_LINK_CUDA=0")
+  endif()
+  set(cuda "no libtorch_cuda (CPU-only libtorch or SFR_LINK_CUDA=0)")
+endif()
+message(STATUS "RUNPATH ${runpath}; libtorch_cpu.so => ${torch_cpu}; ${cuda}")

@@ -111,8 +111,21 @@ typedef struct sfr_model sfr_model;
 /**
  * A volume as ITK holds it: voxels x fastest (i, then j, then k); `dims` in ITK `GetSize()`
  * order (i, j, k); LPS geometry with `direction` row-major 3×3 (column c = direction of axis c),
- * exactly `itk::Image::GetDirection()`. An `itk::Image` passes without copying:
- * `data = image->GetBufferPointer()`, `data_len = number of voxels * sizeof(pixel)`.
+ * exactly `itk::Image::GetDirection()`.
+ *
+ * What is copied: the library reads `data` only during the call that receives the view and
+ * never writes it. Whatever it keeps or computes on is its own converted copy: images become
+ * float32 (datasets, segmentation, stitching), labels float64 checked as class indices. So
+ * the caller may free or change its buffer as soon as the call returns, and a volume costs
+ * 4 bytes per voxel (labels 8) inside the library whatever its dtype.
+ *
+ * From an `itk::Image` (whose buffer may be only part of the image: ExtractImageFilter
+ * output, a streamed piece), describe the BUFFERED region:
+ * `data = GetBufferPointer()`, `dims = GetBufferedRegion().GetSize()`,
+ * `data_len = GetBufferedRegion().GetNumberOfPixels() * sizeof(pixel)`,
+ * `origin = TransformIndexToPhysicalPoint(GetBufferedRegion().GetIndex())` (equal to
+ * `GetOrigin()` only when that index is 0), `spacing = GetSpacing()`,
+ * `direction = GetDirection()`. tests/cpp/itk_sfr_test.cxx (`view_of`) does exactly this.
  */
 typedef struct sfr_volume_view {
   /**
@@ -133,7 +146,8 @@ typedef struct sfr_volume_view {
    */
   double spacing[3];
   /**
-   * LPS position (mm) of the centre of voxel (0, 0, 0).
+   * LPS position (mm) of the centre of the first voxel of `data` (for ITK: of the buffered
+   * region's first index, not `GetOrigin()` when that index is not 0).
    */
   double origin[3];
   /**
@@ -177,7 +191,11 @@ typedef struct sfr_progress {
 /**
  * Progress callback: called on the job's thread at every progress update (often: keep it
  * short, copy what you need), the last time with `finished` = 1. `progress` is valid only
- * during the call. It must not call `sfr_job_wait` or `sfr_job_free` on its own job.
+ * during the call. On its own job it must not call `sfr_job_wait` or
+ * `sfr_job_wait_segmentation` (they return SFR_ERR_STATE: the job would wait for itself). It
+ * may call `sfr_job_free` on its own job: that cancels the job and returns at once, and the
+ * callback is then called one last time, with `finished` = 1 (unless this call already had
+ * it), so `user_data` must stay valid until that call.
  */
 typedef void (*sfr_progress_callback)(const struct sfr_progress *progress, void *user_data);
 
@@ -193,6 +211,18 @@ extern "C" {
 const char *sfr_version(void);
 
 /**
+ * What this process can compute on, as NUL-terminated JSON:
+ * `{"library_version": "0.1.0", "libtorch_dir": "/…/torch/lib", "cuda_linked": true,
+ * "cuda_available": false, "cuda_device_count": 0, "cudnn_available": false, "auto": "cpu"}`.
+ * `cuda_linked` says whether libtorch_cuda is loaded in the process (without it CUDA is never
+ * used); `auto` is the device that "auto" (the default of `sfr_model_load` and of the
+ * configs) resolves to. Sized like `sfr_model_metadata_json`: `*needed` (required) receives
+ * the size including the NUL; if `len` < that, SFR_ERR_BUFFER_TOO_SMALL and `buf` is
+ * untouched (call with NULL, 0 first). Thread-safe.
+ */
+enum sfr_status sfr_device_info(char *buf, size_t len, size_t *needed);
+
+/**
  * Copies this thread's last error message into `buf` (NUL-terminated, truncated at a UTF-8
  * character boundary to fit `len` bytes) and returns the length of the whole message + 1, so
  * a caller can size a buffer: `n = sfr_last_error_message(NULL, 0)`. The message is empty
@@ -205,7 +235,8 @@ size_t sfr_last_error_message(char *buf, size_t len);
 /**
  * Creates an empty dataset whose classes are `classes_json`, a JSON object from class index
  * to name with the background included: `{"0": "background", "1": "liver"}` (indices 0..N-1,
- * no gaps). Free it with `sfr_dataset_free`. Thread-safe.
+ * no gaps, 2 ≤ N ≤ 256: labels are stored as bytes, so 255 is the largest class index).
+ * Free it with `sfr_dataset_free`. Thread-safe.
  */
 enum sfr_status sfr_dataset_new(const char *classes_json, struct sfr_dataset **out);
 
@@ -242,13 +273,20 @@ void sfr_dataset_free(struct sfr_dataset *ds);
  * afterwards) and returns the job in `*out`. `config_json` is either a full config (it has
  * "version") or {"preset": NAME, ...overrides}, e.g. {"preset": "cpu-small", "vnet":
  * {"iterations": 300}}; unknown keys and bad values are SFR_ERR_INVALID_ARGUMENT here, not
- * later. Poll with `sfr_job_poll`, get the model with `sfr_job_wait`. Thread-safe.
+ * later. Poll with `sfr_job_poll`, get the model with `sfr_job_wait`. Thread-safe, with one
+ * caveat: the config's `seed` and `threads` act on libtorch's process-wide state (its global
+ * random generator, which a training reseeds from `seed` at every iteration, and its intra-op
+ * thread count, which `threads` > 0 sets for the whole process, later segmentations
+ * included). Two trainings running at once in one process are therefore not reproducible:
+ * run them one after the other when results must repeat.
  */
 enum sfr_status sfr_train_start(const struct sfr_dataset *ds, const char *config_json, struct sfr_job **out);
 
 /**
  * `sfr_train_start` with a progress callback (NULL = none), called on the job's thread with
- * `user_data`; `user_data` must stay valid until `sfr_job_free` returns. Thread-safe.
+ * `user_data`; `user_data` must stay valid until `sfr_job_free` returns (or, when the callback
+ * frees its own job, until the callback's last call, the one with `finished` = 1).
+ * Thread-safe.
  */
 enum sfr_status sfr_train_start_with_callback(const struct sfr_dataset *ds, const char *config_json, sfr_progress_callback cb, void *user_data, struct sfr_job **out);
 
@@ -291,18 +329,22 @@ enum sfr_status sfr_job_wait(struct sfr_job *job, struct sfr_model **out_model);
 enum sfr_status sfr_job_wait_segmentation(struct sfr_job *job, sfr_dtype label_dtype, void *labels, size_t labels_len, float *probabilities, size_t probabilities_len);
 
 /**
- * Frees a job: a running job is cancelled and joined first (so no library thread outlives
- * it, and the progress callback is not called after this returns). NULL is a no-op; so is a
- * second free (detected). Called from the job's own progress callback, it cancels and the
- * join happens on a helper thread. Thread-safe: a `sfr_job_wait` blocked on another thread
- * returns normally (with SFR_ERR_CANCELLED if the job had not finished).
+ * Frees a job: a running job is cancelled and joined first, so no library thread outlives it
+ * and the progress callback is not called after this returns. NULL is a no-op; so is a
+ * second free (detected). It may also be called from the job's own progress callback: then
+ * it cancels the job and returns at once (the join happens on a helper thread), and the
+ * callback is called one last time with `finished` = 1 (see `sfr_progress_callback`).
+ * Thread-safe: a `sfr_job_wait` blocked on another thread returns normally (with
+ * SFR_ERR_CANCELLED if the job had not finished).
  */
 void sfr_job_free(struct sfr_job *job);
 
 /**
  * Loads a `.sfrmodel` file onto `device`: "cpu", "cuda" or "auto" (CUDA when available; NULL
  * means "auto"). Unreadable file: SFR_ERR_IO; not a model or a corrupt one: SFR_ERR_FORMAT;
- * "cuda" without a GPU: SFR_ERR_INVALID_ARGUMENT. Free with `sfr_model_free`. Thread-safe.
+ * "cuda" without a GPU: SFR_ERR_INVALID_ARGUMENT, saying whether libtorch_cuda is loaded at
+ * all (`sfr_device_info` tells beforehand what "auto" picks). Free with `sfr_model_free`.
+ * Thread-safe.
  */
 enum sfr_status sfr_model_load(const char *path, const char *device, struct sfr_model **out);
 
@@ -340,7 +382,8 @@ void sfr_model_free(struct sfr_model *model);
  * bytes ≥ voxels × 1 or 2. `probabilities` may be NULL; else it receives num_classes × voxels
  * floats, class-major ([c][k][j][i]), `probabilities_len` elements. Outputs are written only on
  * success. The labels have exactly the image's geometry (same dims: copy origin, spacing and
- * direction from the input image). Thread-safe: one model may segment from several threads
+ * direction from the input image; with ITK, `CopyInformation(input)` and
+ * `SetRegions(input->GetBufferedRegion())`). Thread-safe: one model may segment from several threads
  * at once.
  */
 enum sfr_status sfr_segment(const struct sfr_model *model, const struct sfr_volume_view *image, sfr_dtype label_dtype, void *labels, size_t labels_len, float *probabilities, size_t probabilities_len);

@@ -58,7 +58,8 @@ pub fn parse_classes(text: &str) -> FfiResult<BTreeMap<u16, String>> {
 
 /// Creates an empty dataset whose classes are `classes_json`, a JSON object from class index
 /// to name with the background included: `{"0": "background", "1": "liver"}` (indices 0..N-1,
-/// no gaps). Free it with `sfr_dataset_free`. Thread-safe.
+/// no gaps, 2 ≤ N ≤ 256: labels are stored as bytes, so 255 is the largest class index).
+/// Free it with `sfr_dataset_free`. Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_dataset_new(classes_json: *const c_char, out: *mut *mut sfr_dataset) -> sfr_status {
     guard("sfr_dataset_new", || {

@@ -43,7 +43,11 @@ pub struct sfr_progress {
 
 /// Progress callback: called on the job's thread at every progress update (often: keep it
 /// short, copy what you need), the last time with `finished` = 1. `progress` is valid only
-/// during the call. It must not call `sfr_job_wait` or `sfr_job_free` on its own job.
+/// during the call. On its own job it must not call `sfr_job_wait` or
+/// `sfr_job_wait_segmentation` (they return SFR_ERR_STATE: the job would wait for itself). It
+/// may call `sfr_job_free` on its own job: that cancels the job and returns at once, and the
+/// callback is then called one last time, with `finished` = 1 (unless this call already had
+/// it), so `user_data` must stay valid until that call.
 pub type sfr_progress_callback = Option<unsafe extern "C" fn(progress: *const sfr_progress, user_data: *mut c_void)>;
 
 pub fn progress_to_c(p: &Progress) -> sfr_progress {
@@ -175,14 +179,21 @@ unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_ch
 /// afterwards) and returns the job in `*out`. `config_json` is either a full config (it has
 /// "version") or {"preset": NAME, ...overrides}, e.g. {"preset": "cpu-small", "vnet":
 /// {"iterations": 300}}; unknown keys and bad values are SFR_ERR_INVALID_ARGUMENT here, not
-/// later. Poll with `sfr_job_poll`, get the model with `sfr_job_wait`. Thread-safe.
+/// later. Poll with `sfr_job_poll`, get the model with `sfr_job_wait`. Thread-safe, with one
+/// caveat: the config's `seed` and `threads` act on libtorch's process-wide state (its global
+/// random generator, which a training reseeds from `seed` at every iteration, and its intra-op
+/// thread count, which `threads` > 0 sets for the whole process, later segmentations
+/// included). Two trainings running at once in one process are therefore not reproducible:
+/// run them one after the other when results must repeat.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_train_start(ds: *const super::sfr_dataset, config_json: *const c_char, out: *mut *mut sfr_job) -> sfr_status {
     guard("sfr_train_start", || start_training(ds, config_json, None, std::ptr::null_mut(), out))
 }
 
 /// `sfr_train_start` with a progress callback (NULL = none), called on the job's thread with
-/// `user_data`; `user_data` must stay valid until `sfr_job_free` returns. Thread-safe.
+/// `user_data`; `user_data` must stay valid until `sfr_job_free` returns (or, when the callback
+/// frees its own job, until the callback's last call, the one with `finished` = 1).
+/// Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_train_start_with_callback(
     ds: *const super::sfr_dataset,
@@ -322,11 +333,13 @@ pub unsafe extern "C" fn sfr_job_wait_segmentation(
     })
 }
 
-/// Frees a job: a running job is cancelled and joined first (so no library thread outlives
-/// it, and the progress callback is not called after this returns). NULL is a no-op; so is a
-/// second free (detected). Called from the job's own progress callback, it cancels and the
-/// join happens on a helper thread. Thread-safe: a `sfr_job_wait` blocked on another thread
-/// returns normally (with SFR_ERR_CANCELLED if the job had not finished).
+/// Frees a job: a running job is cancelled and joined first, so no library thread outlives it
+/// and the progress callback is not called after this returns. NULL is a no-op; so is a
+/// second free (detected). It may also be called from the job's own progress callback: then
+/// it cancels the job and returns at once (the join happens on a helper thread), and the
+/// callback is called one last time with `finished` = 1 (see `sfr_progress_callback`).
+/// Thread-safe: a `sfr_job_wait` blocked on another thread returns normally (with
+/// SFR_ERR_CANCELLED if the job had not finished).
 #[no_mangle]
 pub unsafe extern "C" fn sfr_job_free(job: *mut sfr_job) {
     if job.is_null() {

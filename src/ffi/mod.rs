@@ -185,6 +185,38 @@ pub extern "C" fn sfr_version() -> *const c_char {
     VERSION_C.as_ptr() as *const c_char
 }
 
+/// Copies `text` and a NUL into `buf` when it fits: `*needed` (required) receives the size in
+/// bytes including the NUL; a shorter `len` is SFR_ERR_BUFFER_TOO_SMALL and `buf` is untouched.
+pub(crate) unsafe fn copy_sized(text: &str, buf: *mut c_char, len: usize, needed: *mut usize, what: &str) -> FfiResult<()> {
+    if needed.is_null() {
+        return Err(FfiError::null("needed"));
+    }
+    let need = text.len() + 1;
+    *needed = need;
+    if len < need {
+        return Err(FfiError::too_small(format!("buf has {len} bytes, {what} needs {need}")));
+    }
+    if buf.is_null() {
+        return Err(FfiError::null("buf"));
+    }
+    std::ptr::copy_nonoverlapping(text.as_ptr(), buf as *mut u8, text.len());
+    *buf.add(text.len()) = 0;
+    Ok(())
+}
+
+/// What this process can compute on, as NUL-terminated JSON:
+/// `{"library_version": "0.1.0", "libtorch_dir": "/…/torch/lib", "cuda_linked": true,
+/// "cuda_available": false, "cuda_device_count": 0, "cudnn_available": false, "auto": "cpu"}`.
+/// `cuda_linked` says whether libtorch_cuda is loaded in the process (without it CUDA is never
+/// used); `auto` is the device that "auto" (the default of `sfr_model_load` and of the
+/// configs) resolves to. Sized like `sfr_model_metadata_json`: `*needed` (required) receives
+/// the size including the NUL; if `len` < that, SFR_ERR_BUFFER_TOO_SMALL and `buf` is
+/// untouched (call with NULL, 0 first). Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn sfr_device_info(buf: *mut c_char, len: usize, needed: *mut usize) -> sfr_status {
+    guard("sfr_device_info", || copy_sized(&crate::nn::device_info().to_string(), buf, len, needed, "the device information"))
+}
+
 /// Copies this thread's last error message into `buf` (NUL-terminated, truncated at a UTF-8
 /// character boundary to fit `len` bytes) and returns the length of the whole message + 1, so
 /// a caller can size a buffer: `n = sfr_last_error_message(NULL, 0)`. The message is empty

@@ -72,7 +72,9 @@ pub unsafe fn write_segmentation(
 
 /// Loads a `.sfrmodel` file onto `device`: "cpu", "cuda" or "auto" (CUDA when available; NULL
 /// means "auto"). Unreadable file: SFR_ERR_IO; not a model or a corrupt one: SFR_ERR_FORMAT;
-/// "cuda" without a GPU: SFR_ERR_INVALID_ARGUMENT. Free with `sfr_model_free`. Thread-safe.
+/// "cuda" without a GPU: SFR_ERR_INVALID_ARGUMENT, saying whether libtorch_cuda is loaded at
+/// all (`sfr_device_info` tells beforehand what "auto" picks). Free with `sfr_model_free`.
+/// Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_model_load(path: *const c_char, device: *const c_char, out: *mut *mut sfr_model) -> sfr_status {
     guard("sfr_model_load", || {
@@ -116,21 +118,8 @@ pub unsafe extern "C" fn sfr_model_save(model: *const sfr_model, path: *const c_
 pub unsafe extern "C" fn sfr_model_metadata_json(model: *const sfr_model, buf: *mut c_char, len: usize, needed: *mut usize) -> sfr_status {
     guard("sfr_model_metadata_json", || {
         let m = registry::model(model as usize, "model")?;
-        if needed.is_null() {
-            return Err(FfiError::null("needed"));
-        }
         let json = serde_json::to_string(&m.model.meta).map_err(|e| FfiError::invalid(format!("metadata: {e}")))?;
-        let need = json.len() + 1;
-        *needed = need;
-        if len < need {
-            return Err(FfiError::too_small(format!("buf has {len} bytes, the metadata needs {need}")));
-        }
-        if buf.is_null() {
-            return Err(FfiError::null("buf"));
-        }
-        std::ptr::copy_nonoverlapping(json.as_ptr(), buf as *mut u8, json.len());
-        *buf.add(json.len()) = 0;
-        Ok(())
+        super::copy_sized(&json, buf, len, needed, "the metadata")
     })
 }
 
@@ -164,7 +153,8 @@ pub unsafe extern "C" fn sfr_model_free(model: *mut sfr_model) {
 /// bytes ≥ voxels × 1 or 2. `probabilities` may be NULL; else it receives num_classes × voxels
 /// floats, class-major ([c][k][j][i]), `probabilities_len` elements. Outputs are written only on
 /// success. The labels have exactly the image's geometry (same dims: copy origin, spacing and
-/// direction from the input image). Thread-safe: one model may segment from several threads
+/// direction from the input image; with ITK, `CopyInformation(input)` and
+/// `SetRegions(input->GetBufferedRegion())`). Thread-safe: one model may segment from several threads
 /// at once.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_segment(

@@ -43,8 +43,21 @@ pub fn dtype_from_raw(raw: sfr_dtype_raw, what: &str) -> FfiResult<DType> {
 
 /// A volume as ITK holds it: voxels x fastest (i, then j, then k); `dims` in ITK `GetSize()`
 /// order (i, j, k); LPS geometry with `direction` row-major 3×3 (column c = direction of axis c),
-/// exactly `itk::Image::GetDirection()`. An `itk::Image` passes without copying:
-/// `data = image->GetBufferPointer()`, `data_len = number of voxels * sizeof(pixel)`.
+/// exactly `itk::Image::GetDirection()`.
+///
+/// What is copied: the library reads `data` only during the call that receives the view and
+/// never writes it. Whatever it keeps or computes on is its own converted copy: images become
+/// float32 (datasets, segmentation, stitching), labels float64 checked as class indices. So
+/// the caller may free or change its buffer as soon as the call returns, and a volume costs
+/// 4 bytes per voxel (labels 8) inside the library whatever its dtype.
+///
+/// From an `itk::Image` (whose buffer may be only part of the image: ExtractImageFilter
+/// output, a streamed piece), describe the BUFFERED region:
+/// `data = GetBufferPointer()`, `dims = GetBufferedRegion().GetSize()`,
+/// `data_len = GetBufferedRegion().GetNumberOfPixels() * sizeof(pixel)`,
+/// `origin = TransformIndexToPhysicalPoint(GetBufferedRegion().GetIndex())` (equal to
+/// `GetOrigin()` only when that index is 0), `spacing = GetSpacing()`,
+/// `direction = GetDirection()`. tests/cpp/itk_sfr_test.cxx (`view_of`) does exactly this.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct sfr_volume_view {
@@ -57,7 +70,8 @@ pub struct sfr_volume_view {
     pub dims: [usize; 3],
     /// Voxel size in mm along i, j, k; positive and finite.
     pub spacing: [f64; 3],
-    /// LPS position (mm) of the centre of voxel (0, 0, 0).
+    /// LPS position (mm) of the centre of the first voxel of `data` (for ITK: of the buffered
+    /// region's first index, not `GetOrigin()` when that index is not 0).
     pub origin: [f64; 3],
     /// Row-major 3×3; columns are the (orthonormal) directions of the axes i, j, k.
     pub direction: [f64; 9],

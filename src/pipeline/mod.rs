@@ -140,6 +140,8 @@ pub fn validation_count(requested: Option<usize>, n_labeled: usize) -> Result<us
 pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporter: &Reporter) -> Result<SfrModel> {
     cfg.validate()?;
     let device = crate::nn::parse_device(&cfg.device)?;
+    // Said once per run, so a silent fall-back of "auto" to the CPU shows in the log and GUIs.
+    reporter.message(&format!("training on {} (device \"{}\")", crate::nn::device_name(device), cfg.device));
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
@@ -231,6 +233,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             "sfr_plus": cfg.sfr_plus.enabled,
             "preset": cfg.preset,
             "seed": cfg.seed,
+            "device": crate::nn::device_name(device),
             "dataset": inputs.dataset_name,
             "labeled_cases": train_cases.len(),
             "unlabeled_cases": inputs.unlabeled.len(),

@@ -5,10 +5,15 @@
 //     reads it back with itk::ImageFileReader, segments the reader's buffer (no copy), writes
 //     the labels with itk::ImageFileWriter, reads them back and checks that origin, spacing and
 //     direction equal the input's, and that the voxels are those written;
-//  3. segments one volume as a job and checks it equals the synchronous result.
+//  3. segments one volume as a job and checks it equals the synchronous result;
+//  4. segments a piece of an oblique image as ExtractImageFilter gives it (buffered region
+//     starting at a non-zero index, GetOrigin() still the full image's): the view must carry
+//     the physical position of the piece's first voxel, and the labels written by ITK from
+//     that piece must land where the library saw it.
 // Usage: sfr_itk_test OUTPUT_DIR. Exit status 0 when every check passed.
 #include <sfr.h>
 
+#include <itkExtractImageFilter.h>
 #include <itkImage.h>
 #include <itkImageFileReader.h>
 #include <itkImageFileWriter.h>
@@ -54,18 +59,25 @@ template <typename T> sfr_dtype dtype_of();
 template <> sfr_dtype dtype_of<float>() { return SFR_DTYPE_F32; }
 template <> sfr_dtype dtype_of<unsigned char>() { return SFR_DTYPE_U8; }
 
-// The view of an ITK image: its own buffer (no copy) and its geometry.
+// The view of an ITK image's buffer: the BUFFERED region (which may be only part of the
+// image, e.g. after ExtractImageFilter or in a streamed pipeline), with the physical position
+// of that region's first voxel as origin. GetOrigin() is the position of index 0, which is
+// not in the buffer when the region starts elsewhere. The library reads the buffer during
+// the call only (it converts what it keeps into its own copy).
 template <typename T> sfr_volume_view view_of(const itk::Image<T, 3> *img) {
   sfr_volume_view v;
   std::memset(&v, 0, sizeof v);
-  const auto size = img->GetLargestPossibleRegion().GetSize();
+  const auto region = img->GetBufferedRegion();
+  const auto size = region.GetSize();
+  typename itk::Image<T, 3>::PointType first;
+  img->TransformIndexToPhysicalPoint(region.GetIndex(), first);
   v.data = img->GetBufferPointer();
-  v.data_len = size[0] * size[1] * size[2] * sizeof(T);
+  v.data_len = region.GetNumberOfPixels() * sizeof(T);
   v.dtype = dtype_of<T>();
   for (unsigned a = 0; a < 3; a++) {
     v.dims[a] = size[a];
     v.spacing[a] = img->GetSpacing()[a];
-    v.origin[a] = img->GetOrigin()[a];
+    v.origin[a] = first[a];
     for (unsigned c = 0; c < 3; c++) v.direction[3 * a + c] = img->GetDirection()(a, c);
   }
   return v;
@@ -159,7 +171,7 @@ template <typename T> void write(const itk::Image<T, 3> *img, const std::string 
 }
 
 double dice(const Labels *a, const Labels *b) {
-  const size_t n = a->GetLargestPossibleRegion().GetNumberOfPixels();
+  const size_t n = a->GetBufferedRegion().GetNumberOfPixels();
   size_t inter = 0, sa = 0, sb = 0;
   for (size_t i = 0; i < n; i++) {
     const bool x = a->GetBufferPointer()[i] == 1, y = b->GetBufferPointer()[i] == 1;
@@ -295,6 +307,69 @@ void round_trip(sfr_model *model, const Geometry &g, unsigned seed, const std::s
   CHECK(std::memcmp(back->GetBufferPointer(), seg->GetBufferPointer(), n) == 0);
 }
 
+template <typename T> typename itk::Image<T, 3>::Pointer extract(const itk::Image<T, 3> *img, const Image::RegionType &r) {
+  auto f = itk::ExtractImageFilter<itk::Image<T, 3>, itk::Image<T, 3>>::New();
+  f->SetInput(img);
+  f->SetExtractionRegion(r);
+  f->SetDirectionCollapseToSubmatrix();
+  f->Update();
+  return f->GetOutput();
+}
+
+// Step 4: a buffer that is only part of its image.
+void extracted_piece(sfr_model *model, const Geometry &g, unsigned seed, const std::string &dir) {
+  Labels::Pointer truth;
+  auto full = make_case(g, seed, &truth);
+  Image::RegionType piece;
+  Image::IndexType start;
+  Image::SizeType size;
+  const long offset[3] = {3, 2, 2};
+  for (unsigned a = 0; a < 3; a++) {
+    start[a] = offset[a];
+    size[a] = g.size[a] - offset[a] - 1;
+  }
+  piece.SetIndex(start);
+  piece.SetSize(size);
+  auto part = extract<float>(full, piece);
+  auto truth_part = extract<unsigned char>(truth, piece);
+  CHECK(part->GetBufferedRegion().GetIndex() == start);
+
+  const sfr_volume_view v = view_of<float>(part);
+  Image::PointType first;
+  full->TransformIndexToPhysicalPoint(start, first);
+  double to_first = 0, to_origin = 0;
+  for (unsigned a = 0; a < 3; a++) {
+    CHECK(v.dims[a] == size[a]);
+    to_first = std::max(to_first, std::fabs(v.origin[a] - first[a]));
+    to_origin = std::max(to_origin, std::fabs(v.origin[a] - part->GetOrigin()[a]));
+  }
+  std::printf("extracted piece at index (%ld, %ld, %ld), size %lu x %lu x %lu: view origin is the first "
+              "voxel's (diff %.1e), %.2f mm from GetOrigin()\n", start[0], start[1], start[2], (unsigned long)size[0],
+              (unsigned long)size[1], (unsigned long)size[2], to_first, to_origin);
+  CHECK(to_first < 1e-9);
+  CHECK(to_origin > 1.0);  // so using GetOrigin() would have been wrong here
+
+  auto seg = Labels::New();
+  seg->CopyInformation(part);
+  seg->SetRegions(part->GetBufferedRegion());
+  seg->Allocate();
+  const size_t n = part->GetBufferedRegion().GetNumberOfPixels();
+  ok(sfr_segment(model, &v, SFR_DTYPE_U8, seg->GetBufferPointer(), n, nullptr, 0), "sfr_segment (piece)");
+  const double dc = dice(seg, truth_part);
+  std::printf("  piece: Dice vs truth %.3f\n", dc);
+  CHECK(dc > 0.5);
+  // ITK writes the piece with the position of its first voxel as the file's origin: it must be
+  // the origin the library was given.
+  const std::string out_path = dir + "/piece_seg.nii.gz";
+  write<unsigned char>(seg, out_path);
+  auto back = read<unsigned char>(out_path);
+  double d = 0;
+  for (unsigned a = 0; a < 3; a++) d = std::max(d, std::fabs(back->GetOrigin()[a] - v.origin[a]));
+  std::printf("  piece labels written by ITK: origin differs from the view's by %.2e mm\n", d);
+  CHECK(d < 1e-4);
+  CHECK(back->GetLargestPossibleRegion().GetSize() == size);
+}
+
 }  // namespace
 
 int main(int argc, char **argv) {
@@ -312,6 +387,7 @@ int main(int argc, char **argv) {
     // Oblique (rotated 30 deg about z, then 20 deg about x) and anisotropic.
     const double aniso[3] = {0.7, 0.9, 2.5}, org[3] = {-12.5, 30.25, 7.0};
     round_trip(model, geometry(28, 24, 14, aniso, org, 0.5236, 0.3491), 8, dir, "oblique", false);
+    extracted_piece(model, geometry(28, 24, 14, aniso, org, 0.5236, 0.3491), 9, dir);
     sfr_model_free(model);
   } catch (const std::exception &e) {
     std::fprintf(stderr, "error: %s\n", e.what());

@@ -26,8 +26,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// A volume's dims, dtype, geometry (LPS) and value range, or a model's metadata, as JSON.
-    Info { file: PathBuf },
+    /// A volume's dims, dtype, geometry (LPS) and value range, or a model's metadata, as JSON;
+    /// with --devices, what this build can compute on (libtorch, CUDA).
+    Info {
+        #[arg(required_unless_present = "devices", conflicts_with = "devices")]
+        file: Option<PathBuf>,
+        /// The libtorch in use, whether libtorch_cuda is loaded, CUDA/cuDNN and the device "auto" picks.
+        #[arg(long)]
+        devices: bool,
+    },
     /// Re-write a volume (NIfTI in, NIfTI out), keeping voxels and geometry.
     Convert { input: PathBuf, output: PathBuf },
     /// Stitch a volume's slices into one 2D canvas (the paper's first module) as PNG or 2D NIfTI.
@@ -432,7 +439,13 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { file } => println!("{}", serde_json::to_string_pretty(&info(&file)?).unwrap()),
+        Command::Info { file, devices } => {
+            let v = match file {
+                Some(f) if !devices => info(&f)?,
+                _ => sfr::nn::device_info(),
+            };
+            println!("{}", serde_json::to_string_pretty(&v).unwrap())
+        }
         Command::Convert { input, output } => {
             let v = nifti::read(&input)?;
             nifti::write_any(&output, &v)?;
