@@ -14,6 +14,7 @@ from .jobs import Model
 MODEL_SUFFIX = ".sfrmodel"
 
 
+@dataclass
 class ModelEntry:
     name: str
     path: Path
