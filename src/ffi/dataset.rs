@@ -1,9 +1,10 @@
 //! Datasets in memory: labelled and unlabelled cases copied in from volume views, checked as
 //! they arrive (so a bad label is reported by the call that adds it, not minutes into training).
 use super::registry::{self, Object};
-use super::view::read_view;
+use super::view::{read_view, ViewIn};
 use super::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
-use crate::pipeline::data::{check_label, CaseSource};
+use crate::pipeline::data::{check_label_values, CaseSource};
+use crate::volume::{DType, Volume};
 use std::collections::BTreeMap;
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex};
@@ -95,6 +96,45 @@ fn check_finite(image: &crate::volume::Volume<f32>, id: &str) -> FfiResult<()> {
     Ok(())
 }
 
+/// The label as u8 (classes are fewer than 256), its values checked in the caller's type first
+/// so that nothing is narrowed before it is checked. A u8 label is checked as is; f64 keeps its
+/// precision; every other type is checked as f32, which holds every integer up to 2^24 exactly
+/// (far beyond the class range), instead of widening a big label to f64.
+fn label_u8(lab: &ViewIn<'_>, num_classes: usize, what: &str) -> FfiResult<Volume<u8>> {
+    Ok(match lab.dtype {
+        DType::U8 => {
+            let l = lab.to_volume::<u8>()?;
+            check_label_values(&l, num_classes, what)?;
+            l
+        }
+        DType::F64 => {
+            let l = lab.to_volume::<f64>()?;
+            check_label_values(&l, num_classes, what)?;
+            l.cast()
+        }
+        _ => {
+            let l = lab.to_volume::<f32>()?;
+            check_label_values(&l, num_classes, what)?;
+            l.cast()
+        }
+    })
+}
+
+/// A clear error instead of the out-of-memory killer (which would take the host application,
+/// e.g. Slicer, down with it) when copying a case cannot fit in the memory available now.
+fn check_fits(bytes: usize, id: &str) -> FfiResult<()> {
+    if let Some(avail) = super::job::available_memory() {
+        if bytes as u64 > avail {
+            return Err(FfiError::invalid(format!(
+                "case {id}: copying it needs {:.1} GB of memory, but only {:.1} GB is available",
+                bytes as f64 / 1e9,
+                avail as f64 / 1e9
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Adds a labelled case: `image` (any dtype) and `label` (any dtype with integral values that
 /// are declared classes; same dims and geometry as the image). Both are copied; the caller may
 /// free its buffers when the call returns. `case_id` may be NULL (an id is made up); ids must
@@ -119,11 +159,11 @@ pub unsafe extern "C" fn sfr_dataset_add_labeled(
         if lab.geometry.max_abs_diff(&img.geometry) > tol {
             return Err(FfiError::invalid(format!("case {id}: label geometry {:?} differs from the image's {:?}", lab.geometry, img.geometry)));
         }
+        check_fits(img.voxels() * (4 + 1), &id)?;
         let image = img.to_volume::<f32>()?;
         check_finite(&image, &id)?;
-        let label = lab.to_volume::<f64>()?;
-        check_label(&label, st.classes.len(), &format!("case {id} (label)"))?;
-        st.labeled.push(CaseSource::Memory { id, image, label: Some(label) });
+        let label = label_u8(&lab, st.classes.len(), &format!("case {id} (label)"))?;
+        st.labeled.push(CaseSource::memory(id, image, Some(label)));
         Ok(())
     })
 }
@@ -137,9 +177,10 @@ pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id
         let img = read_view(image, "image")?;
         let mut st = obj.lock();
         let id = make_case_id(&st, case_id)?;
+        check_fits(img.voxels() * 4, &id)?;
         let image = img.to_volume::<f32>()?;
         check_finite(&image, &id)?;
-        st.unlabeled.push(CaseSource::Memory { id, image, label: None });
+        st.unlabeled.push(CaseSource::memory(id, image, None));
         Ok(())
     })
 }
