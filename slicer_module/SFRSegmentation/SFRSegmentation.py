@@ -236,7 +236,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.onLibrarySettingsChanged()
         self.refreshModels()
-        self.updateButtons()
+        self.onInputVolumeChanged(self.ui.inputVolumeSelector.currentNode())
 
     def cleanup(self):
         self.removeObservers()

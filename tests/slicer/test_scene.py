@@ -353,3 +353,13 @@ def test_training_collector_refuses_what_cannot_train(scene, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="no volume file"):
         sc.TrainingCollector([(v, s)], folder=str(empty))
+
+
+def test_copying_a_volume_that_cannot_fit_is_refused(scene, monkeypatch):
+    import SFRSegmentationLib.inputs as inputs
+
+    volume = sc.add_volume(scene, phantom(0)[0], M, "big one")
+    monkeypatch.setattr(inputs, "available_memory_bytes", lambda: 100)
+    with pytest.raises(InputError, match="copying 'big one' needs about .* GB of memory, but only 0.0 GB is available"):
+        sc.volume_array_and_matrix(volume)
+    assert sc.volume_array(volume, copy=False).shape == SHAPE  # a view needs no memory

@@ -100,6 +100,7 @@ class DeferredJob(Job):
         self._error: Optional[BaseException] = None
         self._lock = threading.Lock()
         self._taken = False
+        self._closed = False
         self._thread = threading.Thread(target=self._run, args=(start,), name=name, daemon=True)
         self._thread.start()
 
@@ -113,6 +114,8 @@ class DeferredJob(Job):
             self._inner = inner
             if self._reporter.cancelled.is_set():
                 inner.cancel()
+            if self._closed:
+                inner.close()
 
     def poll(self) -> dict:
         with self._lock:
@@ -148,13 +151,16 @@ class DeferredJob(Job):
             self._inner.close()
 
     def close(self) -> None:
-        thread = getattr(self, "_thread", None)
-        if thread is None:
+        # Never blocks (a GUI closes jobs): a preparation still running is cancelled, and its
+        # thread closes the job it may still start.
+        if getattr(self, "_thread", None) is None:
             return
         self.cancel()
-        thread.join()
-        if self._inner is not None:
-            self._inner.close()
+        with self._lock:
+            self._closed = True
+            inner = self._inner
+        if inner is not None:
+            inner.close()
 
 
 class Model(_Closing):

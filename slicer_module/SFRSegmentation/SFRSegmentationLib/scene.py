@@ -24,7 +24,7 @@ import vtk
 from vtk.util import numpy_support
 
 from . import nifti
-from .inputs import InputError, TrainingData
+from .inputs import InputError, TrainingData, check_memory
 
 # A segmentation node created for a result carries this attribute and a reference (role below)
 # to the volume it segments: the output selector proposes it again only for that volume.
@@ -97,7 +97,10 @@ def volume_array(volume_node, copy: bool = True) -> np.ndarray:
         )
     i, j, k = image.GetDimensions()
     a = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i)
-    return a.copy() if copy else a
+    if not copy:
+        return a
+    check_memory(a.nbytes, f"copying '{_name(volume_node)}'", "close other data or use fewer or smaller volumes")
+    return a.copy()
 
 
 def volume_array_and_matrix(volume_node, copy: bool = True) -> Tuple[np.ndarray, np.ndarray]:
