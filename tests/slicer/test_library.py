@@ -39,18 +39,19 @@ def test_missing_library_names_every_path_tried(empty_module_dir):
 def test_a_given_path_that_points_nowhere_is_an_error_not_a_fallback(monkeypatch, tmp_path):
     """With a working library next to the module and in $SFR_LIBRARY, a setting that points
     nowhere must not quietly load one of them instead."""
-    monkeypatch.setenv("SFR_LIBRARY", str(library_path()))
+    real = library_path()  # (reads $SFR_LIBRARY: before it is changed below)
+    monkeypatch.setenv("SFR_LIBRARY", str(real))
     with pytest.raises(LibraryLoadError) as e:
         load_library(str(tmp_path / "setting" / "libsfr.so"))
     msg = str(e.value)
     assert "set in the module's Setup section points nowhere" in msg and str(tmp_path / "setting" / "libsfr.so") in msg
-    assert str(library_path()) not in msg  # not even tried
+    assert str(real) not in msg  # not even tried
     monkeypatch.setenv("SFR_LIBRARY", str(tmp_path / "env" / "libsfr.so"))
     with pytest.raises(LibraryLoadError, match="environment variable SFR_LIBRARY points nowhere"):
         binding.find_library_path(None)
     # A folder that holds the library stands for it.
-    monkeypatch.setenv("SFR_LIBRARY", str(library_path().parent))
-    assert binding.find_library_path(None) == library_path()
+    monkeypatch.setenv("SFR_LIBRARY", str(real.parent))
+    assert binding.find_library_path(None) == real
 
 
 def test_search_order_setting_then_env_then_module(monkeypatch, tmp_path):
