@@ -213,3 +213,77 @@ pub unsafe extern "C" fn sfr_dataset_free(ds: *mut sfr_dataset) {
     }
     guard_void("sfr_dataset_free", || registry::take_dataset(ds as usize).map(drop));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::view::{sfr_dtype_raw, sfr_volume_view};
+    use crate::pipeline::data::load_source;
+
+    fn view<T>(data: &[T], dtype: sfr_dtype_raw, dims: [usize; 3]) -> sfr_volume_view {
+        sfr_volume_view {
+            data: data.as_ptr() as *const std::ffi::c_void,
+            data_len: std::mem::size_of_val(data),
+            dtype,
+            dims,
+            spacing: [1.0; 3],
+            origin: [0.0; 3],
+            direction: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        }
+    }
+
+    fn last_error() -> String {
+        crate::ffi::LAST_ERROR.with(|m| m.borrow().clone())
+    }
+
+    fn dataset() -> *mut sfr_dataset {
+        let classes = std::ffi::CString::new(r#"{"0": "background", "1": "organ", "2": "lesion"}"#).unwrap();
+        let mut ds: *mut sfr_dataset = std::ptr::null_mut();
+        assert_eq!(unsafe { sfr_dataset_new(classes.as_ptr(), &mut ds) }, sfr_status::SFR_OK);
+        ds
+    }
+
+    #[test]
+    fn labels_of_any_type_are_checked_unnarrowed_and_stored_as_u8() {
+        let ds = dataset();
+        let img = vec![1.0f32; 24];
+        let vi = view(&img, 6, [4, 3, 2]);
+        // u16 300: an error naming 300 (narrowing first would have made it 255 or 44).
+        let mut wide = vec![0u16; 24];
+        wide[5] = 300;
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&wide, 2, [4, 3, 2])) }, sfr_status::SFR_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("label value 300"), "{}", last_error());
+        // f64 1.5: not a class index.
+        let mut half = vec![0.0f64; 24];
+        half[3] = 1.5;
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&half, 7, [4, 3, 2])) }, sfr_status::SFR_ERR_INVALID_ARGUMENT);
+        // i16 and f64 labels with class values are accepted and stored as the same u8 label.
+        let mut ok = vec![0i16; 24];
+        ok[7] = 2;
+        ok[8] = 1;
+        let okf: Vec<f64> = ok.iter().map(|&v| v as f64).collect();
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&ok, 3, [4, 3, 2])) }, sfr_status::SFR_OK);
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&okf, 7, [4, 3, 2])) }, sfr_status::SFR_OK);
+        let obj = registry::dataset(ds as usize, "ds").unwrap();
+        {
+            let st = obj.lock();
+            assert_eq!(st.labeled.len(), 2);
+            for case in &st.labeled {
+                let CaseSource::Memory { label: Some(l), .. } = case else { panic!("not an in-memory labelled case") };
+                assert_eq!(l.data.as_slice().unwrap()[7..9], [2u8, 1]);
+                assert_eq!(load_source(case, 3).unwrap().label.unwrap().sum(), 3);
+            }
+        }
+        unsafe { sfr_dataset_free(ds) };
+    }
+
+    #[test]
+    fn a_case_that_cannot_fit_in_memory_is_an_error() {
+        if super::super::job::available_memory().is_none() {
+            return; // no /proc/meminfo: nothing is checked
+        }
+        let err = check_fits(usize::MAX / 2, "huge").unwrap_err();
+        assert!(err.message.contains("case huge: copying it needs"), "{}", err.message);
+        assert!(check_fits(1, "tiny").is_ok());
+    }
+}

@@ -287,6 +287,37 @@ mod tests {
     }
 
     #[test]
+    fn labels_are_checked_in_their_own_type() {
+        // A u16 300 is reported as 300, not as the 255 or 44 a narrowing would make of it.
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 2), vec![0u16, 300]).unwrap(), Geometry::default());
+        assert!(check_label(&v, 3, "lab").unwrap_err().to_string().contains("label value 300"));
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 2), vec![-1i16, 1]).unwrap(), Geometry::default());
+        assert!(check_label_values(&v, 3, "lab").unwrap_err().to_string().contains("label value -1"));
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 3), vec![0u8, 2, 1]).unwrap(), Geometry::default());
+        assert!(check_label_values(&v, 3, "lab").is_ok());
+    }
+
+    #[test]
+    fn in_memory_cases_share_their_voxels() {
+        let img = Volume::new(Array3::from_elem((2, 3, 4), 1.5f32), Geometry::default());
+        let lab = Volume::new(Array3::from_elem((2, 3, 4), 1u8), Geometry::default());
+        let a = CaseSource::memory("a", img, Some(lab));
+        let b = a.clone();
+        let c = a.without_label();
+        match (&a, &b, &c) {
+            (CaseSource::Memory { image: ia, label: Some(la), .. }, CaseSource::Memory { image: ib, label: Some(lb), .. }, CaseSource::Memory { image: ic, label: None, .. }) => {
+                assert!(Arc::ptr_eq(ia, ib) && Arc::ptr_eq(ia, ic) && Arc::ptr_eq(la, lb), "a clone copied the voxels");
+            }
+            _ => panic!("not in-memory cases"),
+        }
+        let (img, lab, _, _) = a.read().unwrap();
+        assert!(matches!(img, Cow::Borrowed(_)) && matches!(lab, Some(Cow::Borrowed(_))), "read() copied an in-memory case");
+        let s = load_source(&b, 2).unwrap();
+        assert_eq!(s.label.unwrap().sum(), 24);
+        assert!(load_source(&b, 1).unwrap_err().to_string().contains("label value 1"));
+    }
+
+    #[test]
     fn crops_pad_and_keep_image_label_aligned() {
         let mut rng = Rng::seed_from_u64(1);
         let img = Array3::from_shape_fn((3, 5, 6), |(k, j, i)| (k * 100 + j * 10 + i) as f32);

@@ -1,13 +1,16 @@
 """Worker-process mode (the default inside Slicer): the same jobs run by the ``sfr``
 command-line tool in a child process, exchanging NIfTI files through a temporary folder.
 
-Why: libsfr links libtorch 2.13 (found through the path recorded when it was built). If the
-host Python has already imported another PyTorch (``import torch`` by another Slicer
-extension), two libtorch builds would share one process: symbol clashes, wrong CUDA context,
-crashes at best at load time and at worst mid-training. A child process has its own address
-space, so nothing clashes; progress arrives as JSON lines (``--progress json``), and
-cancellation is an interrupt (the tool's Ctrl-C path, which writes no half-finished file),
-followed by a kill if the process has not ended within a few seconds.
+Why: libsfr links libtorch 2.13, and libtorch_cpu.so / libc10.so carry SONAMEs that the dynamic
+loader reuses once loaded. Loading libsfr into a Python that hosts other PyTorch users (Slicer
+extensions) makes whichever comes second bind to the first one's libtorch: symbol clashes,
+crashes at load time or mid-training, for them or for us. A child process has its own address
+space, so nothing clashes; it is started with the environment the host gives (inside Slicer,
+Slicer's startup environment, without the launcher's library paths). Progress arrives as JSON
+lines (``--progress json``); cancellation is an interrupt (the tool's Ctrl-C path, which writes
+no half-finished file), followed by a kill if the process has not ended within a few seconds.
+Each job runs on its own helper thread (writing the inputs, running the tool, reading the
+result), so none of that happens on the thread that started it.
 """
 from __future__ import annotations
 
