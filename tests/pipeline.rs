@@ -165,7 +165,7 @@ fn resume_continues_from_the_checkpoint() {
 }
 
 fn memory_case(id: &str, img: Volume<f32>, lab: Option<Volume<f64>>) -> CaseSource {
-    CaseSource::Memory { id: id.into(), image: img, label: lab }
+    CaseSource::memory(id, img, lab.map(|l| l.cast::<u8>()))
 }
 
 #[test]

@@ -1,37 +1,50 @@
 """SFRSegmentation: train a 3D segmenter from a few segmented cases plus unsegmented volumes
 (SAM stitching, fine-tuning, V-Net re-training), then segment volumes of the scene with it.
 
-The work is done by libsfr through SFRSegmentationLib (plain Python + numpy + ctypes, tested
-without Slicer); this file only moves data between the scene and that library and keeps the
-GUI responsive: every long job is polled from a QTimer, never waited on.
+This file is only the panel: Qt widgets, settings, timers. The work is elsewhere and tested
+without Qt: SFRSegmentationLib/scene.py (everything that touches MRML nodes; tested against
+slicer-core's real MRML classes) and the rest of SFRSegmentationLib (jobs, models, the library
+and the tool; tested against the real libsfr and sfr).
 
-PyTorch: libsfr carries its own libtorch (found through the path recorded when it was built).
-If another extension has already imported PyTorch into Slicer's Python, two libtorch builds
-would share the process, so in "Automatic" mode the jobs then run in a separate worker process
-(the ``sfr`` command-line tool), with the same progress and cancellation.
+Rules this panel keeps, because it lives inside the user's Slicer session:
+- Jobs run in a separate worker process by default (the ``sfr`` tool). libsfr is loaded into
+  Slicer only when the user chooses "In Slicer's process", and only when a job starts: never
+  because the panel opened (see SFRSegmentationLib/logic.py for why).
+- One job at a time: every button that would start another is disabled while one runs (from
+  the moment it is requested, through preparation, until its result is in the scene).
+- Nothing long runs on the GUI thread: scene data is gathered one volume per timer tick; checks,
+  file writes and reads, ``sfr --version`` and model loading run on helper threads; jobs are
+  polled from a QTimer, never waited on. (Exporting or importing one big volume's segments is
+  one Slicer call and stays on the GUI thread: MRML is not thread-safe.)
+- Nodes are held by reference, and Close Scene is observed: nothing attaches to a node of the
+  next scene that happens to get the same ID.
 """
 import datetime
 import logging
 import os
 import shutil
-import time
+import threading
 
 import ctk
 import numpy as np
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
+from slicer.util import VTKObservationMixin
 
 import SFRSegmentationLib as sfrlib
+from SFRSegmentationLib import scene as sfrscene
 
 SETTINGS = "SFRSegmentation/"
-MODE_LABELS = [("auto", "Automatic"), ("in-process", "In Slicer's process"), ("worker", "Separate worker process")]
+MODE_LABELS = [
+    ("worker", "Separate worker process (default)"),
+    ("in-process", "In Slicer's process (faster; see the warning)"),
+]
 METHOD_LABELS = [
     ("mean-teacher", "Mean teacher (default)"),
     ("supervised", "Supervised (labelled cases only)"),
@@ -43,7 +56,7 @@ PRESET_LABELS = [
     ("paper-la", "Paper settings (GPU, hours)"),
     ("test-tiny", "Smoke test (seconds, not accurate)"),
 ]
-POLL_MS = 250
+POLL_MS = 100
 
 
 def _setting(key, default=""):
@@ -74,12 +87,46 @@ def _format_seconds(seconds):
     return f"{seconds} s"
 
 
+def _startupEnvironment():
+    """The environment Slicer was started with (what slicer.util.launchConsoleProcess gives a
+    child process), without the launcher's library and Python paths."""
+    try:
+        return slicer.util.startupEnvironment()
+    except Exception:  # an older Slicer without it: the process's own environment
+        logging.warning("SFRSegmentation: slicer.util.startupEnvironment() unavailable; the worker inherits Slicer's environment")
+        return None
+
+
+def _loadVolumeFile(path):
+    return slicer.util.loadVolume(path, properties={"show": False, "singleFile": True})
+
+
+class _Background:
+    """A function run on a helper thread; the panel's timer picks up its result."""
+
+    def __init__(self, function):
+        self.result = None
+        self.error = None
+        self._thread = threading.Thread(target=self._run, args=(function,), daemon=True)
+        self._thread.start()
+
+    def _run(self, function):
+        try:
+            self.result = function()
+        except Exception as e:
+            self.error = e
+
+    @property
+    def done(self):
+        return not self._thread.is_alive()
+
+
 class SFRSegmentation(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "SFR Segmentation"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["SFR authors"]
         self.parent.helpText = (
             "Train a segmentation model from a few segmented cases and many unsegmented volumes "
@@ -89,196 +136,40 @@ class SFRSegmentation(ScriptedLoadableModule):
         self.parent.acknowledgementText = "Method: Stitching, Fine-tuning, Re-training (SFR)."
 
 
-# ---------------------------------------------------------------------------------------------
-# Logic: scene <-> arrays, and results into segmentation nodes
-
-
 class SFRSegmentationLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side glue. Library work goes through ``self.sfr`` (an SFRSegmentationLib.SFRLogic)."""
+    """Slicer's logic object for this module: an SFRSegmentationLib.SFRLogic (``self.sfr``) set
+    up for Slicer (worker processes get Slicer's startup environment). Scene work is in
+    SFRSegmentationLib.scene."""
 
-    def __init__(self, library_path=None, mode="auto"):
+    def __init__(self, library_path=None, mode="worker", cli_path=None):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.sfr = sfrlib.SFRLogic(library_path=library_path or None, mode=mode)
-        self._models = {}
+        mode = sfrlib.LEGACY_MODES.get(mode, mode)
+        env = _startupEnvironment() if mode == "worker" else None
+        self.sfr = sfrlib.SFRLogic(library_path=library_path or None, mode=mode, cli_path=cli_path or None, env=env)
 
-    # -- volumes ---------------------------------------------------------------------------
-    @staticmethod
-    def volumeArrayAndMatrix(volumeNode):
-        """A volume's voxels ``[k, j, i]`` and its IJK-to-RAS matrix (oblique included)."""
-        if volumeNode.GetParentTransformNode() is not None:
-            raise ValueError(
-                f"'{volumeNode.GetName()}' is under a transform: harden the transform first "
-                "(Data module, right-click > Harden transform), so that voxels and geometry agree"
-            )
-        if volumeNode.GetImageData() is None:
-            raise ValueError(f"'{volumeNode.GetName()}' has no voxels")
-        array = slicer.util.arrayFromVolume(volumeNode)
-        m = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(m)
-        return array, slicer.util.arrayFromVTKMatrix(m)
-
-    @staticmethod
-    def classNamesOf(pairs):
-        """Class names from the segments of the labelled cases (by name, first appearance)."""
-        names = []
-        for _volumeNode, segmentationNode in pairs:
-            segmentation = segmentationNode.GetSegmentation()
-            for segmentId in segmentation.GetSegmentIDs():
-                name = segmentation.GetSegment(segmentId).GetName()
-                if name not in names:
-                    names.append(name)
-        return names
-
-    def trainingDataFromScene(self, pairs, unlabeledNodes=(), unlabeledFolder=None, log=print):
-        """TrainingData from (volume, segmentation) pairs, unlabelled volumes of the scene and
-        the volume files of a folder. Segment masks are exported on each volume's own grid."""
-        if not pairs:
-            raise ValueError("add at least one labelled case (a volume with its segmentation)")
-        names = self.classNamesOf(pairs)
-        if not names:
-            raise ValueError("the segmentations of the labelled cases have no segments")
-        if len(names) > 255:
-            raise ValueError(f"{len(names)} segment names: at most 255 classes are supported")
-        data = sfrlib.TrainingData(["background"] + names)
-        for volumeNode, segmentationNode in pairs:
-            if segmentationNode.GetParentTransformNode() is not None:
-                raise ValueError(f"'{segmentationNode.GetName()}' is under a transform: harden it first")
-            array, m = self.volumeArrayAndMatrix(volumeNode)
-            label = np.zeros(array.shape, dtype=np.uint8)
-            segmentation = segmentationNode.GetSegmentation()
-            present = []
-            for segmentId in segmentation.GetSegmentIDs():
-                name = segmentation.GetSegment(segmentId).GetName()
-                mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-                label[mask > 0] = names.index(name) + 1
-                present.append(name)
-            missing = [n for n in names if n not in present]
-            if missing:
-                log(f"warning: '{segmentationNode.GetName()}' has no segment {', '.join(missing)}: "
-                    "those structures count as absent (background) in this case")
-            data.add_labeled(array, label, m, case_id=self._caseId(volumeNode))
-        for volumeNode in unlabeledNodes:
-            if any(volumeNode is v for v, _ in pairs):
-                continue
-            array, m = self.volumeArrayAndMatrix(volumeNode)
-            data.add_unlabeled(array, m, case_id=self._caseId(volumeNode))
-        if unlabeledFolder:
-            self._addFolder(data, unlabeledFolder, log)
-        return data
-
-    @staticmethod
-    def _caseId(volumeNode):
-        # Names repeat in a scene ("1: Unnamed Series"); node IDs do not.
-        return f"{volumeNode.GetName()} [{volumeNode.GetID()}]"
-
-    def _addFolder(self, data, folder, log):
-        suffixes = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(suffixes))
-        if not files:
-            raise ValueError(f"no volume file (NIfTI, NRRD, MHA) in {folder}")
-        for n, name in enumerate(files):
-            path = os.path.join(folder, name)
-            log(f"reading unlabelled volume {n + 1}/{len(files)}: {name}")
-            slicer.app.processEvents()
-            node = slicer.util.loadVolume(path, properties={"show": False, "singleFile": True})
-            try:
-                array, m = self.volumeArrayAndMatrix(node)
-                data.add_unlabeled(array.copy(), m, case_id=f"{n:04d}_{name}")
-            finally:
-                slicer.mrmlScene.RemoveNode(node)
-
-    # -- models ----------------------------------------------------------------------------
-    def model(self, path):
-        """A loaded model, cached by path (loading costs a second or two)."""
-        path = str(path)
-        if path not in self._models:
-            self._models[path] = self.sfr.load_model(path)
-        return self._models[path]
-
-    def forgetModel(self, path):
-        model = self._models.pop(str(path), None)
-        if model is not None:
-            model.close()
-
-    # -- results ---------------------------------------------------------------------------
-    @staticmethod
-    def _uniqueSegmentName(segmentation, name):
-        existing = {segmentation.GetSegment(s).GetName() for s in segmentation.GetSegmentIDs()}
-        if name not in existing:
-            return name
-        candidate, n = f"{name} (SFR)", 2
-        while candidate in existing:
-            candidate, n = f"{name} (SFR {n})", n + 1
-        return candidate
-
-    def applySegmentation(self, labels, volumeNode, classNames, segmentationNode=None):
-        """Adds one new segment per class found in ``labels`` (an array on ``volumeNode``'s
-        grid) to ``segmentationNode`` (a new node when None). Existing segments are never
-        modified: the labels are imported as new segments with names made unique. Returns an
-        undo record for ``undoSegmentation``."""
-        if segmentationNode is not None and segmentationNode.GetParentTransformNode() is not None:
-            raise ValueError(f"'{segmentationNode.GetName()}' is under a transform: harden it first or create a new segmentation")
-        if hasattr(slicer.mrmlScene, "SaveStateForUndo"):
-            slicer.mrmlScene.SaveStateForUndo()
-        created = segmentationNode is None
-        if created:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} SFR")
-        if segmentationNode.GetDisplayNode() is None:
-            segmentationNode.CreateDefaultDisplayNodes()
-        segmentation = segmentationNode.GetSegmentation()
-        if segmentation.GetNumberOfSegments() == 0:
-            # An empty node takes the volume's grid; a node with segments keeps its own.
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        before = set(segmentation.GetSegmentIDs())
-        # The labelmap takes the volume's full IJK-to-RAS (CopyOrientation: origin, spacing and
-        # axis directions), so oblique volumes land exactly where the voxels were.
-        labelmapNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SFR labels (temporary)")
-        try:
-            labelmapNode.CopyOrientation(volumeNode)
-            slicer.util.updateVolumeFromArray(labelmapNode, np.ascontiguousarray(labels))
-            ok = slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode)
-            if not ok:
-                raise RuntimeError("Slicer could not import the label map into the segmentation")
-        finally:
-            slicer.mrmlScene.RemoveNode(labelmapNode)
-        added = [s for s in segmentation.GetSegmentIDs() if s not in before]
-        values = sorted(int(v) for v in np.unique(labels) if v != 0)
-        for n, segmentId in enumerate(added):
-            segment = segmentation.GetSegment(segmentId)
-            value = segment.GetLabelValue() if hasattr(segment, "GetLabelValue") else values[n]
-            name = classNames.get(int(value), f"class {value}")
-            segment.SetName(self._uniqueSegmentName(segmentation, name))
-        return {"segmentationNode": segmentationNode, "segmentIds": added, "created": created}
-
-    @staticmethod
-    def undoSegmentation(record):
-        """Removes exactly what ``applySegmentation`` added."""
-        node = record["segmentationNode"]
-        if node is None or node.GetScene() is None:
-            return
-        if record["created"]:
-            slicer.mrmlScene.RemoveNode(node)
-            return
-        segmentation = node.GetSegmentation()
-        for segmentId in record["segmentIds"]:
-            if segmentation.GetSegment(segmentId) is not None:
-                segmentation.RemoveSegment(segmentId)
+    def close(self):
+        self.sfr.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # Widget
 
 
-class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
+class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
         self.logic = None
+        self.libraryCheck = None
+        # The one task at a time: gathering scene data (collector), then a job.
+        self.collector = None
+        self.collectorOptions = None
         self.job = None
         self.jobKind = None
         self.jobDone = None
         self.lastProgress = None
-        self.pairs = []  # [(volume node ID, segmentation node ID)]
-        self.undoStack = []
+        self.pairs = sfrscene.LabeledPairs()
+        self.undoStack = []  # sfrscene.ApplyRecord, newest last
         self.download = None
 
     # -- set-up ----------------------------------------------------------------------------
@@ -303,9 +194,10 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.labeledTable.horizontalHeader().setStretchLastSection(True)
         self.ui.modelsTable.horizontalHeader().setStretchLastSection(True)
 
-        # Settings survive restarts.
+        # Settings survive restarts ("auto", saved by earlier versions, becomes the worker).
         self.ui.libraryPathLineEdit.currentPath = _setting("libraryPath")
-        self.ui.modeComboBox.setCurrentIndex(max(0, self.ui.modeComboBox.findData(_setting("mode", "auto"))))
+        mode = sfrlib.LEGACY_MODES.get(_setting("mode", "worker"), _setting("mode", "worker"))
+        self.ui.modeComboBox.setCurrentIndex(max(0, self.ui.modeComboBox.findData(mode)))
         self.ui.modelsFolderLineEdit.currentPath = _setting("modelsFolder", os.path.join(slicer.app.defaultScenePath, "SFRModels"))
         self.ui.samCheckpointLineEdit.currentPath = _setting("samCheckpoint")
         self.ui.methodComboBox.setCurrentIndex(max(0, self.ui.methodComboBox.findData(_setting("method", "mean-teacher"))))
@@ -315,7 +207,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onTimer)
         self.downloadTimer = qt.QTimer()
-        self.downloadTimer.setInterval(POLL_MS)
+        self.downloadTimer.setInterval(250)
         self.downloadTimer.connect("timeout()", self.onDownloadTimer)
 
         self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibrarySettingsChanged)
@@ -334,76 +226,125 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         self.ui.removeModelButton.connect("clicked()", self.onRemoveModel)
         self.ui.segmentButton.connect("clicked()", self.onSegment)
         self.ui.undoSegmentButton.connect("clicked()", self.onUndoSegment)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda n: self.updateButtons())
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         self.ui.modelsTable.connect("itemSelectionChanged()", self.updateButtons)
+
+        # Close Scene: forget every node of the old scene (their IDs will be reused).
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self.onLibrarySettingsChanged()
         self.refreshModels()
-        self.updateButtons()
+        self.onInputVolumeChanged(self.ui.inputVolumeSelector.currentNode())
 
     def cleanup(self):
+        self.removeObservers()
         self.timer.stop()
         self.downloadTimer.stop()
+        self.collector = None
         if self.job is not None:
             self.job.cancel()
-            self.job.close()
+            self.job.close()  # never blocks: a running job is cancelled and cleans up after itself
             self.job = None
         if self.download is not None:
             self.download.cancel()
+        if self.logic is not None:
+            self.logic.close()
+
+    @property
+    def busy(self):
+        return self.collector is not None or self.job is not None
+
+    # -- scene -----------------------------------------------------------------------------
+    def onSceneStartClose(self, caller=None, event=None):
+        if self.collector is not None:
+            self.collector = None
+            self.log("Close Scene: gathering the training data stopped (its volumes are being removed)")
+            self.ui.statusLabel.text = "Training not started: the scene was closed."
+            self.timer.stop()
+        # A running job goes on (training uses copies; a segmentation's result will find its
+        # volume gone and be discarded with a message).
+        self.pairs.clear()
+        self.undoStack = []
+
+    def onSceneEndClose(self, caller=None, event=None):
+        self.refreshPairs()
+        self.onInputVolumeChanged(self.ui.inputVolumeSelector.currentNode())
+
+    def onNodeRemoved(self, caller=None, event=None):
+        # Pairs hold node references and drop removed nodes; refresh lazily, once per burst.
+        qt.QTimer.singleShot(0, self.refreshPairs)
 
     # -- library ---------------------------------------------------------------------------
     def onLibrarySettingsChanged(self, *_):
         path = self.ui.libraryPathLineEdit.currentPath
-        mode = _comboData(self.ui.modeComboBox) or "auto"
+        mode = _comboData(self.ui.modeComboBox) or "worker"
         _set_setting("libraryPath", path)
         _set_setting("mode", mode)
-        if self.job is not None:
-            return  # the running job keeps its library; the new setting applies to the next one
+        if self.busy:
+            self.ui.libraryStatusLabel.text = "The new setting applies to the next job."
+            return
+        if self.logic is not None:
+            self.logic.close()
         self.logic = SFRSegmentationLogic(path, mode)
+        self.libraryCheck = None
+        self.ui.libraryStatusLabel.styleSheet = ""
         try:
-            info = self.logic.sfr.describe()
-            where = "in Slicer's process" if info["mode"] == "in-process" else "in a separate worker process"
-            why = " (PyTorch is already loaded in Slicer's Python)" if mode == "auto" and info["mode"] == "worker" else ""
-            self.ui.libraryStatusLabel.text = f"SFR {info['version']} from {info['path']}, jobs run {where}{why}."
-            self.ui.libraryStatusLabel.styleSheet = ""
+            info = self.logic.sfr.describe()  # file checks only: nothing is loaded or run here
         except Exception as e:
-            self.ui.libraryStatusLabel.text = str(e)
-            self.ui.libraryStatusLabel.styleSheet = "color: #b00000"
-            self.ui.setupCollapsibleButton.collapsed = False
+            self.showLibraryError(e)
+            return
+        if mode == "in-process":
+            warning = sfrlib.IN_PROCESS_RISK
+            if sfrlib.torch_already_loaded():
+                warning = "PyTorch is already imported in Slicer's Python. " + warning
+            loaded = f"SFR {info['version']} " if info["version"] else "libsfr "
+            self.ui.libraryStatusLabel.text = (
+                f"{loaded}from {info['path']}; jobs run in Slicer's process "
+                f"({'loaded' if info['version'] else 'loaded when the first job starts'}).\n\nWarning: {warning}"
+            )
+            self.ui.libraryStatusLabel.styleSheet = "color: #a05000"
+            return
+        self.ui.libraryStatusLabel.text = f"sfr tool {info['path']} (checking its version...); jobs run in a separate worker process."
+        # `sfr --version` starts a process: on a helper thread, picked up by the timer.
+        self.libraryCheck = _Background(self.logic.sfr.check)
+        self.timer.start()
+
+    def showLibraryError(self, error):
+        self.ui.libraryStatusLabel.text = str(error)
+        self.ui.libraryStatusLabel.styleSheet = "color: #b00000"
+        self.ui.setupCollapsibleButton.collapsed = False
+
+    def pollLibraryCheck(self):
+        check = self.libraryCheck
+        if check is None or not check.done:
+            return
+        self.libraryCheck = None
+        if check.error is not None:
+            self.showLibraryError(check.error)
+        else:
+            info = check.result
+            self.ui.libraryStatusLabel.text = f"SFR {info['version']}, tool {info['path']}; jobs run in a separate worker process."
 
     # -- labelled cases --------------------------------------------------------------------
     def onAddPair(self):
-        volumeNode = self.ui.labeledVolumeSelector.currentNode()
-        segmentationNode = self.ui.labeledSegmentationSelector.currentNode()
-        if volumeNode is None or segmentationNode is None:
-            slicer.util.warningDisplay("Choose a volume and its segmentation first.")
+        try:
+            self.pairs.add(self.ui.labeledVolumeSelector.currentNode(), self.ui.labeledSegmentationSelector.currentNode())
+        except sfrlib.InputError as e:
+            slicer.util.warningDisplay(str(e))
             return
-        pair = (volumeNode.GetID(), segmentationNode.GetID())
-        if pair in self.pairs:
-            return
-        self.pairs.append(pair)
         self.refreshPairs()
 
     def onRemovePair(self):
-        rows = sorted(_selectedRows(self.ui.labeledTable), reverse=True)
-        for row in rows:
-            if 0 <= row < len(self.pairs):
-                del self.pairs[row]
+        self.pairs.remove(_selectedRows(self.ui.labeledTable))
         self.refreshPairs()
 
-    def pairNodes(self):
-        nodes = []
-        for volumeId, segmentationId in self.pairs:
-            v, s = slicer.mrmlScene.GetNodeByID(volumeId), slicer.mrmlScene.GetNodeByID(segmentationId)
-            if v is not None and s is not None:
-                nodes.append((v, s))
-        return nodes
-
     def refreshPairs(self):
-        self.pairs = [(v.GetID(), s.GetID()) for v, s in self.pairNodes()]  # drop deleted nodes
+        pairs = self.pairs.pairs()  # drops nodes that left the scene
         table = self.ui.labeledTable
-        table.setRowCount(len(self.pairs))
-        for row, (v, s) in enumerate(self.pairNodes()):
+        table.setRowCount(len(pairs))
+        for row, (v, s) in enumerate(pairs):
             table.setItem(row, 0, qt.QTableWidgetItem(v.GetName()))
             table.setItem(row, 1, qt.QTableWidgetItem(s.GetName()))
         self.updateButtons()
@@ -415,13 +356,16 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         logging.info(f"SFRSegmentation: {text}")
 
     def updateButtons(self):
-        idle = self.job is None
-        self.ui.trainButton.enabled = idle and bool(self.pairs)
+        idle = not self.busy
+        self.ui.trainButton.enabled = idle and len(self.pairs) > 0
         self.ui.segmentButton.enabled = idle and self.ui.inputVolumeSelector.currentNode() is not None and self.selectedModelEntry() is not None
         self.ui.cancelButton.enabled = not idle
         self.ui.undoSegmentButton.enabled = idle and bool(self.undoStack)
         self.ui.removeModelButton.enabled = idle and self.selectedModelEntry() is not None
-        self.ui.removePairButton.enabled = idle and bool(self.pairs)
+        self.ui.removePairButton.enabled = idle and len(self.pairs) > 0
+        self.ui.addPairButton.enabled = idle
+        self.ui.modeComboBox.enabled = idle
+        self.ui.libraryPathLineEdit.enabled = idle
 
     def startJob(self, kind, job, onDone):
         self.job, self.jobKind, self.jobDone, self.lastProgress = job, kind, onDone, None
@@ -431,10 +375,16 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         self.updateButtons()
 
     def onTimer(self):
-        job = self.job
-        if job is None:
+        self.pollLibraryCheck()
+        if self.collector is not None:
+            self.stepCollector()
+        elif self.job is not None:
+            self.pollJob()
+        elif self.libraryCheck is None:
             self.timer.stop()
-            return
+
+    def pollJob(self):
+        job = self.job
         try:
             p = job.poll()
         except Exception as e:
@@ -442,23 +392,24 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         self.showProgress(p)
         if not p["finished"]:
             return
-        self.timer.stop()
         self.job = None
+        kind = self.jobKind
         try:
-            result = job.wait()
+            result = job.wait()  # finished: returns at once
         except sfrlib.Cancelled:
-            self.log(f"{self.jobKind} cancelled")
-            self.ui.statusLabel.text = f"{self.jobKind.capitalize()} cancelled."
+            self.log(f"{kind} cancelled")
+            self.ui.statusLabel.text = f"{kind.capitalize()} cancelled."
         except Exception as e:
-            self.log(f"{self.jobKind} failed: {e}")
-            self.ui.statusLabel.text = f"{self.jobKind.capitalize()} failed."
-            slicer.util.errorDisplay(f"{self.jobKind.capitalize()} failed:\n\n{e}")
+            self.log(f"{kind} failed: {e}")
+            self.ui.statusLabel.text = f"{kind.capitalize()} failed."
+            slicer.util.errorDisplay(f"{kind.capitalize()} failed:\n\n{e}")
         else:
             try:
                 self.jobDone(result)
             except Exception as e:
                 logging.exception("SFRSegmentation")
-                slicer.util.errorDisplay(f"{self.jobKind.capitalize()} finished, but its result could not be used:\n\n{e}")
+                self.log(f"{kind} finished, but its result could not be used: {e}")
+                slicer.util.errorDisplay(f"{kind.capitalize()} finished, but its result could not be used:\n\n{e}")
         finally:
             job.close()
             self.updateButtons()
@@ -486,37 +437,74 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         self.lastProgress = p
 
     def onCancel(self):
-        if self.job is not None:
+        if self.collector is not None:
+            self.collector = None
+            self.log("training cancelled before it started")
+            self.ui.statusLabel.text = "Training cancelled."
+            self.updateButtons()
+        elif self.job is not None:
             self.job.cancel()
             self.log(f"cancelling {self.jobKind}...")
             self.ui.cancelButton.enabled = False
 
     # -- training --------------------------------------------------------------------------
     def onTrain(self):
-        if self.logic is None or self.job is not None:
+        if self.logic is None or self.busy:
             return
         try:
-            data = self.logic.trainingDataFromScene(
-                self.pairNodes(),
+            # Cheap checks now (class names, folder listing); the copies happen one volume per
+            # timer tick in stepCollector.
+            self.collector = sfrscene.TrainingCollector(
+                self.pairs.pairs(),
                 self.ui.unlabeledVolumesSelector.checkedNodes(),
                 self.ui.unlabeledFolderLineEdit.currentPath or None,
+                load_volume_file=_loadVolumeFile,
                 log=self.log,
             )
-            labeled, unlabeled = data.counts()
-            samCheckpoint = self.ui.samCheckpointLineEdit.currentPath or None
-            job = self.logic.sfr.start_training(
-                data,
+            self.collectorOptions = dict(
                 preset=_comboData(self.ui.presetComboBox),
                 method=_comboData(self.ui.methodComboBox),
                 use_sam=self.ui.useSamCheckBox.checked,
-                sam_checkpoint=samCheckpoint,
+                sam_checkpoint=self.ui.samCheckpointLineEdit.currentPath or None,
             )
+            sfrlib.build_config(**self.collectorOptions)  # a missing checkpoint file: said now
         except Exception as e:
+            self.collector = None
             logging.exception("SFRSegmentation")
             slicer.util.errorDisplay(f"Training could not start:\n\n{e}")
             return
-        names = ", ".join(n for c, n in data.classes.items() if c)
-        self.log(f"training on {labeled} labelled and {unlabeled} unlabelled volumes; classes: {names}")
+        self.log(f"training: classes {', '.join(self.collector.class_names)}; gathering {self.collector.total} volumes from the scene")
+        self.ui.progressCollapsibleButton.collapsed = False
+        self.ui.progressBar.setMaximum(max(1, self.collector.total))
+        self.ui.progressBar.setValue(0)
+        self.updateButtons()
+        self.timer.start()
+
+    def stepCollector(self):
+        collector = self.collector
+        self.ui.statusLabel.text = f"prepare: {collector.next_message()} ({collector.done + 1}/{collector.total})"
+        try:
+            more = collector.step()  # one volume
+        except Exception as e:
+            self.collector = None
+            logging.exception("SFRSegmentation")
+            self.log(f"training could not start: {e}")
+            slicer.util.errorDisplay(f"Training could not start:\n\n{e}")
+            self.updateButtons()
+            return
+        self.ui.progressBar.setValue(collector.done)
+        if more:
+            return
+        self.collector = None
+        labeled, unlabeled = len(collector.labeled), len(collector.unlabeled) + len(collector.nifti_files)
+        try:
+            job = self.logic.sfr.start_training(collector.builder(), **self.collectorOptions)
+        except Exception as e:
+            logging.exception("SFRSegmentation")
+            slicer.util.errorDisplay(f"Training could not start:\n\n{e}")
+            self.updateButtons()
+            return
+        self.log(f"training on {labeled} labelled and {unlabeled} unlabelled volumes")
         self.startJob("training", job, self.onTrainingDone)
 
     def onTrainingDone(self, model):
@@ -631,56 +619,68 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget):
         entry = self.selectedModelEntry()
         if entry is None or not slicer.util.confirmYesNoDisplay(f"Delete the model '{entry.name}' ({entry.path})?"):
             return
-        self.logic.forgetModel(entry.path)
+        self.logic.sfr.forget_model(entry.path)
         self.registry().remove(entry.name)
         self.log(f"model '{entry.name}' removed")
         self.refreshModels()
 
     # -- segmentation ----------------------------------------------------------------------
+    def onInputVolumeChanged(self, volumeNode=None):
+        # The output follows the input: this volume's earlier SFR result, or a new node. Never
+        # the previous volume's result (its labels would land in "<previous volume> SFR").
+        self.ui.outputSegmentationSelector.setCurrentNode(sfrscene.result_node_for(volumeNode) if volumeNode is not None else None)
+        self.updateButtons()
+
     def onSegment(self):
         entry = self.selectedModelEntry()
         volumeNode = self.ui.inputVolumeSelector.currentNode()
-        if entry is None or volumeNode is None or self.job is not None:
+        outputNode = self.ui.outputSegmentationSelector.currentNode()
+        if entry is None or volumeNode is None or self.busy:
             return
         try:
-            model = self.logic.model(entry.path)
-            array, m = self.logic.volumeArrayAndMatrix(volumeNode)
-            job = model.start_segmentation(array, m)
+            # A copy (one memcpy): the volume may change while the job reads it.
+            array, m = sfrscene.volume_array_and_matrix(volumeNode)
+            if outputNode is not None:
+                sfrscene.require_untransformed(outputNode)
+            # Model loading and the start run on a helper thread.
+            job = self.logic.sfr.start_segmentation(entry.path, array, m)
         except Exception as e:
             logging.exception("SFRSegmentation")
             slicer.util.errorDisplay(f"Segmentation could not start:\n\n{e}")
             return
-        volumeId = volumeNode.GetID()
-        outputNode = self.ui.outputSegmentationSelector.currentNode()
-        outputId = outputNode.GetID() if outputNode is not None else None
-        classNames = model.class_names()
+        classNames = entry.class_names  # from the file's header: no library needed
         self.log(f"segmenting '{volumeNode.GetName()}' with '{entry.name}'")
 
         def done(labels):
-            volume = slicer.mrmlScene.GetNodeByID(volumeId)
-            if volume is None:
-                raise RuntimeError("the volume was removed from the scene during segmentation")
-            output = slicer.mrmlScene.GetNodeByID(outputId) if outputId else None
-            record = self.logic.applySegmentation(labels, volume, classNames, output)
+            # Node references, not IDs: after Close Scene these nodes are out of the scene and
+            # apply_labels refuses them instead of writing into a new scene's nodes.
+            record = sfrscene.apply_labels(labels, volumeNode, classNames, outputNode)
+            if not record.segment_ids:
+                self.log(f"segmentation of '{volumeNode.GetName()}': no structure found (nothing added)")
+                self.ui.statusLabel.text = "Segmentation found no structure."
+                return
             self.undoStack.append(record)
-            counts = {classNames.get(c, str(c)): int((labels == c).sum()) for c in classNames if c}
+            counts = {classNames.get(c, str(c)): int(np.count_nonzero(labels == c)) for c in classNames if c}
             self.log("segmentation added: " + ", ".join(f"{n} {v} voxels" for n, v in counts.items()))
-            self.ui.statusLabel.text = f"Segmented '{volume.GetName()}' into '{record['segmentationNode'].GetName()}'."
-            self.ui.outputSegmentationSelector.setCurrentNode(record["segmentationNode"])
+            self.ui.statusLabel.text = f"Segmented '{volumeNode.GetName()}' into '{record.segmentation_node.GetName()}'."
+            if self.ui.inputVolumeSelector.currentNode() is volumeNode:
+                self.ui.outputSegmentationSelector.setCurrentNode(record.segmentation_node)
 
         self.startJob("segmentation", job, done)
 
     def onUndoSegment(self):
-        if self.undoStack:
+        while self.undoStack:
             record = self.undoStack.pop()
-            self.logic.undoSegmentation(record)
-            self.log("last segmentation removed")
+            if sfrscene.undo(record):
+                self.log(f"segments {', '.join(record.names.values())} removed from '{record.segmentation_node.GetName()}'")
+                break
         self.updateButtons()
 
 
 # ---------------------------------------------------------------------------------------------
 # Test (runs inside Slicer: Developer mode > Reload and Test, or
 # Slicer --python-code "slicer.util.selectModule('SFRSegmentation'); slicer.modules.SFRSegmentationWidget.onReloadAndTest()")
+# The scene code it uses is also tested without Slicer: tests/slicer/test_scene.py.
 
 
 class SFRSegmentationTest(ScriptedLoadableModuleTest):
@@ -688,8 +688,6 @@ class SFRSegmentationTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_geometry_conversion()
         self.setUp()
         self.test_train_and_segment_oblique_phantom()
 
@@ -712,68 +710,60 @@ class SFRSegmentationTest(ScriptedLoadableModuleTest):
         image = (label * 100.0 + 25.0 * rng.standard_normal(shape) + 40.0).astype(np.int16)
         return image, label
 
-    def test_geometry_conversion(self):
-        """Slicer's own IJK-to-RAS of a volume converts to LPS and back exactly."""
-        m = self.obliqueMatrix()
-        volume = slicer.util.addVolumeFromArray(np.zeros((4, 5, 6), dtype=np.int16), ijkToRAS=m, name="g")
-        _, back = SFRSegmentationLogic.volumeArrayAndMatrix(volume)
-        self.assertTrue(np.allclose(back, m, atol=1e-9))
-        g = sfrlib.ijk_to_ras_to_lps_geometry(back)
-        self.assertTrue(np.allclose(sfrlib.lps_geometry_to_ijk_to_ras(g), m, atol=1e-9))
-        self.delayDisplay("geometry conversion OK")
+    def waitFor(self, job, timeout=600):
+        import time
+
+        start = time.time()
+        while not job.poll()["finished"]:
+            slicer.app.processEvents()  # the test, not the module, may spin the event loop
+            time.sleep(0.1)
+            self.assertLess(time.time() - start, timeout)
+        return job.wait()
 
     def test_train_and_segment_oblique_phantom(self):
-        logic = SFRSegmentationLogic()
+        logic = SFRSegmentationLogic()  # worker process: libsfr never enters Slicer
+        scene = slicer.mrmlScene
         m = self.obliqueMatrix()
         pairs = []
         for seed in range(2):
             image, label = self.phantom(seed)
-            volume = slicer.util.addVolumeFromArray(image, ijkToRAS=m, name=f"labelled{seed}")
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"labels{seed}")
-            record = logic.applySegmentation(label, volume, {1: "blob"}, segmentationNode)
-            self.assertEqual(len(record["segmentIds"]), 1)
+            volume = sfrscene.add_volume(scene, image, m, f"labelled{seed}")
+            segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"labels{seed}")
+            record = sfrscene.apply_labels(label, volume, {0: "background", 1: "blob"}, segmentationNode)
+            self.assertEqual(len(record.segment_ids), 1)
             pairs.append((volume, segmentationNode))
-        unlabeled = [slicer.util.addVolumeFromArray(self.phantom(s)[0], ijkToRAS=m, name=f"unlabelled{s}") for s in (2, 3)]
-        data = logic.trainingDataFromScene(pairs, unlabeled)
+        unlabeled = [sfrscene.add_volume(scene, self.phantom(s)[0], m, f"unlabelled{s}") for s in (2, 3)]
+        data = sfrscene.TrainingCollector(pairs, unlabeled).run().builder()()
         self.assertEqual(data.counts(), (2, 2))
         self.assertEqual(data.classes, {0: "background", 1: "blob"})
-        # The label exported from the segmentation is the phantom's label: geometry round trip.
         self.assertTrue(np.array_equal(data.labeled[0].label, self.phantom(0)[1]))
 
-        self.delayDisplay("training (test-tiny preset)")
-        job = logic.sfr.start_training(data, preset="test-tiny")
-        start = time.time()
-        while not job.poll()["finished"]:
-            slicer.app.processEvents()
-            time.sleep(0.1)
-            self.assertLess(time.time() - start, 600)
-        model = job.wait()
+        self.delayDisplay("training (test-tiny preset, worker process)")
+        model = self.waitFor(logic.sfr.start_training(data, preset="test-tiny"))
         self.assertEqual(model.class_names(), {0: "background", 1: "blob"})
 
         image, truth = self.phantom(11)
-        target = slicer.util.addVolumeFromArray(image, ijkToRAS=m, name="target")
-        # A manual segment that overlaps the blob must survive untouched.
-        output = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+        target = sfrscene.add_volume(scene, image, m, "target")
+        output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
         manual = np.zeros_like(truth)
         manual[5:12, 5:15, 10:20] = 1
-        logic.applySegmentation(manual, target, {1: "blob"}, output)
-        manualId = output.GetSegmentation().GetSegmentIDs()[0]
+        manualId = sfrscene.apply_labels(manual, target, {1: "blob"}, output).segment_ids[0]
         before = slicer.util.arrayFromSegmentBinaryLabelmap(output, manualId, target).copy()
 
-        labels = model.segment(*SFRSegmentationLogic.volumeArrayAndMatrix(target))
+        labels = self.waitFor(model.start_segmentation(*sfrscene.volume_array_and_matrix(target)))
         self.assertEqual(labels.shape, image.shape)
-        record = logic.applySegmentation(labels, target, model.class_names(), output)
+        record = sfrscene.apply_labels(labels, target, model.class_names(), output)
         segmentation = output.GetSegmentation()
-        self.assertEqual(len(segmentation.GetSegmentIDs()), 2)
-        newId = record["segmentIds"][0]
-        self.assertEqual(segmentation.GetSegment(newId).GetName(), "blob (SFR)")  # unique name
+        self.assertEqual(segmentation.GetNumberOfSegments(), 2)
+        newId = record.segment_ids[0]
+        self.assertEqual(segmentation.GetSegment(newId).GetName(), "blob (SFR)")
         after = slicer.util.arrayFromSegmentBinaryLabelmap(output, manualId, target)
         self.assertTrue(np.array_equal(before, after), "the manual segment was modified")
-        # The new segment, read back on the volume's grid, is the label array: no flip, no shift.
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(output, newId, target)
         self.assertTrue(np.array_equal(mask > 0, labels == 1))
 
-        SFRSegmentationLogic.undoSegmentation(record)
+        self.assertTrue(sfrscene.undo(record))
         self.assertEqual(list(segmentation.GetSegmentIDs()), [manualId])
         model.close()
+        logic.close()
         self.delayDisplay("SFRSegmentation test passed")

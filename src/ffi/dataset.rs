@@ -1,9 +1,10 @@
 //! Datasets in memory: labelled and unlabelled cases copied in from volume views, checked as
 //! they arrive (so a bad label is reported by the call that adds it, not minutes into training).
 use super::registry::{self, Object};
-use super::view::read_view;
+use super::view::{read_view, ViewIn};
 use super::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
-use crate::pipeline::data::{check_label, CaseSource};
+use crate::pipeline::data::{check_label_values, CaseSource};
+use crate::volume::{DType, Volume};
 use std::collections::BTreeMap;
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex};
@@ -96,6 +97,45 @@ fn check_finite(image: &crate::volume::Volume<f32>, id: &str) -> FfiResult<()> {
     Ok(())
 }
 
+/// The label as u8 (classes are fewer than 256), its values checked in the caller's type first
+/// so that nothing is narrowed before it is checked. A u8 label is checked as is; f64 keeps its
+/// precision; every other type is checked as f32, which holds every integer up to 2^24 exactly
+/// (far beyond the class range), instead of widening a big label to f64.
+fn label_u8(lab: &ViewIn<'_>, num_classes: usize, what: &str) -> FfiResult<Volume<u8>> {
+    Ok(match lab.dtype {
+        DType::U8 => {
+            let l = lab.to_volume::<u8>()?;
+            check_label_values(&l, num_classes, what)?;
+            l
+        }
+        DType::F64 => {
+            let l = lab.to_volume::<f64>()?;
+            check_label_values(&l, num_classes, what)?;
+            l.cast()
+        }
+        _ => {
+            let l = lab.to_volume::<f32>()?;
+            check_label_values(&l, num_classes, what)?;
+            l.cast()
+        }
+    })
+}
+
+/// A clear error instead of the out-of-memory killer (which would take the host application,
+/// e.g. Slicer, down with it) when copying a case cannot fit in the memory available now.
+fn check_fits(bytes: usize, id: &str) -> FfiResult<()> {
+    if let Some(avail) = super::job::available_memory() {
+        if bytes as u64 > avail {
+            return Err(FfiError::invalid(format!(
+                "case {id}: copying it needs {:.1} GB of memory, but only {:.1} GB is available",
+                bytes as f64 / 1e9,
+                avail as f64 / 1e9
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Adds a labelled case: `image` (any dtype) and `label` (any dtype with integral values that
 /// are declared classes; same dims and geometry as the image). Both are copied; the caller may
 /// free its buffers when the call returns. `case_id` may be NULL (an id is made up); ids must
@@ -120,11 +160,11 @@ pub unsafe extern "C" fn sfr_dataset_add_labeled(
         if lab.geometry.max_abs_diff(&img.geometry) > tol {
             return Err(FfiError::invalid(format!("case {id}: label geometry {:?} differs from the image's {:?}", lab.geometry, img.geometry)));
         }
+        check_fits(img.voxels() * (4 + 1), &id)?;
         let image = img.to_volume::<f32>()?;
         check_finite(&image, &id)?;
-        let label = lab.to_volume::<f64>()?;
-        check_label(&label, st.classes.len(), &format!("case {id} (label)"))?;
-        st.labeled.push(CaseSource::Memory { id, image, label: Some(label) });
+        let label = label_u8(&lab, st.classes.len(), &format!("case {id} (label)"))?;
+        st.labeled.push(CaseSource::memory(id, image, Some(label)));
         Ok(())
     })
 }
@@ -138,9 +178,10 @@ pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id
         let img = read_view(image, "image")?;
         let mut st = obj.lock();
         let id = make_case_id(&st, case_id)?;
+        check_fits(img.voxels() * 4, &id)?;
         let image = img.to_volume::<f32>()?;
         check_finite(&image, &id)?;
-        st.unlabeled.push(CaseSource::Memory { id, image, label: None });
+        st.unlabeled.push(CaseSource::memory(id, image, None));
         Ok(())
     })
 }
@@ -172,4 +213,78 @@ pub unsafe extern "C" fn sfr_dataset_free(ds: *mut sfr_dataset) {
         return;
     }
     guard_void("sfr_dataset_free", || registry::take_dataset(ds as usize).map(drop));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::view::{sfr_dtype_raw, sfr_volume_view};
+    use crate::pipeline::data::load_source;
+
+    fn view<T>(data: &[T], dtype: sfr_dtype_raw, dims: [usize; 3]) -> sfr_volume_view {
+        sfr_volume_view {
+            data: data.as_ptr() as *const std::ffi::c_void,
+            data_len: std::mem::size_of_val(data),
+            dtype,
+            dims,
+            spacing: [1.0; 3],
+            origin: [0.0; 3],
+            direction: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        }
+    }
+
+    fn last_error() -> String {
+        crate::ffi::LAST_ERROR.with(|m| m.borrow().clone())
+    }
+
+    fn dataset() -> *mut sfr_dataset {
+        let classes = std::ffi::CString::new(r#"{"0": "background", "1": "organ", "2": "lesion"}"#).unwrap();
+        let mut ds: *mut sfr_dataset = std::ptr::null_mut();
+        assert_eq!(unsafe { sfr_dataset_new(classes.as_ptr(), &mut ds) }, sfr_status::SFR_OK);
+        ds
+    }
+
+    #[test]
+    fn labels_of_any_type_are_checked_unnarrowed_and_stored_as_u8() {
+        let ds = dataset();
+        let img = vec![1.0f32; 24];
+        let vi = view(&img, 6, [4, 3, 2]);
+        // u16 300: an error naming 300 (narrowing first would have made it 255 or 44).
+        let mut wide = vec![0u16; 24];
+        wide[5] = 300;
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&wide, 2, [4, 3, 2])) }, sfr_status::SFR_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("label value 300"), "{}", last_error());
+        // f64 1.5: not a class index.
+        let mut half = vec![0.0f64; 24];
+        half[3] = 1.5;
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&half, 7, [4, 3, 2])) }, sfr_status::SFR_ERR_INVALID_ARGUMENT);
+        // i16 and f64 labels with class values are accepted and stored as the same u8 label.
+        let mut ok = vec![0i16; 24];
+        ok[7] = 2;
+        ok[8] = 1;
+        let okf: Vec<f64> = ok.iter().map(|&v| v as f64).collect();
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&ok, 3, [4, 3, 2])) }, sfr_status::SFR_OK);
+        assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&okf, 7, [4, 3, 2])) }, sfr_status::SFR_OK);
+        let obj = registry::dataset(ds as usize, "ds").unwrap();
+        {
+            let st = obj.lock();
+            assert_eq!(st.labeled.len(), 2);
+            for case in &st.labeled {
+                let CaseSource::Memory { label: Some(l), .. } = case else { panic!("not an in-memory labelled case") };
+                assert_eq!(l.data.as_slice().unwrap()[7..9], [2u8, 1]);
+                assert_eq!(load_source(case, 3).unwrap().label.unwrap().sum(), 3);
+            }
+        }
+        unsafe { sfr_dataset_free(ds) };
+    }
+
+    #[test]
+    fn a_case_that_cannot_fit_in_memory_is_an_error() {
+        if super::super::job::available_memory().is_none() {
+            return; // no /proc/meminfo: nothing is checked
+        }
+        let err = check_fits(usize::MAX / 2, "huge").unwrap_err();
+        assert!(err.message.contains("case huge: copying it needs"), "{}", err.message);
+        assert!(check_fits(1, "tiny").is_ok());
+    }
 }

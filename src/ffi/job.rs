@@ -11,6 +11,7 @@ use super::{c_str, copy_truncated, guard, guard_void, sfr_status, FfiError, FfiR
 use crate::job::{Job, Progress};
 use crate::model::SfrModel;
 use crate::pipeline::config::TrainConfig;
+use crate::pipeline::data::CaseSource;
 use crate::pipeline::{train, RunOptions, TrainInputs};
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -163,6 +164,21 @@ unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_ch
         if st.labeled.is_empty() {
             return Err(FfiError::invalid("the dataset has no labelled case (sfr_dataset_add_labeled): at least one is needed"));
         }
+        // Training loads every case as a z-scored f32 image plus a u8 label: refuse now, with
+        // a message, what would otherwise end in the out-of-memory killer.
+        let voxels: usize = st.labeled.iter().chain(&st.unlabeled).map(source_voxels).sum();
+        if let Some(avail) = available_memory() {
+            let need = voxels as u64 * 5;
+            if need > avail {
+                return Err(FfiError::invalid(format!(
+                    "training on {} cases ({voxels} voxels) needs about {:.1} GB of memory for the loaded cases, but only {:.1} GB is available",
+                    st.labeled.len() + st.unlabeled.len(),
+                    need as f64 / 1e9,
+                    avail as f64 / 1e9
+                )));
+            }
+        }
+        // Shallow: in-memory volumes are shared (`Arc`), not copied (CaseSource).
         TrainInputs { labeled: st.labeled.clone(), unlabeled: st.unlabeled.clone(), classes: st.classes.clone(), dataset_name: "memory".into() }
     };
     let state = JobState::new();
@@ -173,6 +189,22 @@ unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_ch
     })?;
     *out = register(state, Work::Train(job));
     Ok(())
+}
+
+fn source_voxels(c: &CaseSource) -> usize {
+    match c {
+        CaseSource::Memory { image, .. } => image.len(),
+        CaseSource::Files(_) => 0,
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (what can be allocated without swapping); None
+/// where the system does not say (then no check is made).
+pub(crate) fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Starts training on a copy of the dataset's cases (the dataset may be changed or freed

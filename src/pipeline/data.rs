@@ -5,9 +5,11 @@
 use crate::error::{Error, Result};
 use crate::io::dataset::Case;
 use crate::io::nifti;
-use crate::volume::{Geometry, Volume};
+use crate::volume::{Geometry, Volume, Voxel};
 use ndarray::{s, Array3, ArrayView3, Axis};
 use rand::RngExt;
+use std::borrow::Cow;
+use std::sync::Arc;
 
 pub type Rng = rand_chacha::ChaCha8Rng;
 
@@ -41,33 +43,49 @@ pub fn zscore(v: &ArrayView3<f32>, what: &str) -> Result<Array3<f32>> {
     Ok(v.mapv(|x| ((x as f64 - mean) / std) as f32))
 }
 
-/// Checks a label volume: integral values in `0..num_classes`, returned as u8.
-pub fn check_label(label: &Volume<f64>, num_classes: usize, what: &str) -> Result<Array3<u8>> {
-    let mut bad = None;
-    let out = label.data.mapv(|v| {
-        if v.fract() != 0.0 || v < 0.0 || v >= num_classes as f64 {
-            bad.get_or_insert(v);
-        }
-        v as u8
-    });
+/// Checks a label volume: integral values in `0..num_classes`, returned as u8. Generic over the
+/// voxel type as given, so a label is never widened first (as f64, a 512²×300 label took 629 MB
+/// instead of 79 MB).
+pub fn check_label<T: Voxel>(label: &Volume<T>, num_classes: usize, what: &str) -> Result<Array3<u8>> {
+    check_label_values(label, num_classes, what)?;
+    Ok(label.data.mapv(|v| v.to_f64() as u8))
+}
+
+/// [`check_label`] without making the u8 copy (for a label that is u8 already, or that is
+/// converted afterwards).
+pub fn check_label_values<T: Voxel>(label: &Volume<T>, num_classes: usize, what: &str) -> Result<()> {
+    let n = num_classes as f64;
+    let bad = label.data.iter().map(|v| v.to_f64()).find(|v| v.fract() != 0.0 || *v < 0.0 || *v >= n);
     if let Some(v) = bad {
         return Err(Error::invalid(format!(
             "{what}: label value {v} is outside the declared classes 0..{} (dataset.json labels)",
             num_classes - 1
         )));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A case as the pipeline receives it: files on disk (CLI), or volumes in memory (C ABI,
 /// Slicer). Labels of unlabelled cases are simply absent.
+///
+/// In-memory volumes are shared (`Arc`), never copied, by every clone of the source: a job
+/// started from a dataset trains on the dataset's own voxels (volumes are immutable once
+/// added), and the dataset may still be freed while the job runs.
 #[derive(Clone, Debug)]
 pub enum CaseSource {
     Files(Case),
-    Memory { id: String, image: Volume<f32>, label: Option<Volume<f64>> },
+    Memory { id: String, image: Arc<Volume<f32>>, label: Option<Arc<Volume<u8>>> },
 }
 
+/// Classes are stored as u8 ([`Sample::label`]): a label value outside 0..=255 can never be a
+/// class.
+const MAX_LABEL_CLASSES: usize = 256;
+
 impl CaseSource {
+    /// An in-memory case (the label already checked, or checked by `load_source`).
+    pub fn memory(id: impl Into<String>, image: Volume<f32>, label: Option<Volume<u8>>) -> CaseSource {
+        CaseSource::Memory { id: id.into(), image: Arc::new(image), label: label.map(Arc::new) }
+    }
     pub fn id(&self) -> &str {
         match self {
             CaseSource::Files(c) => &c.id,
@@ -87,16 +105,28 @@ impl CaseSource {
             CaseSource::Memory { id, image, .. } => CaseSource::Memory { id: id.clone(), image: image.clone(), label: None },
         }
     }
-    /// The raw image and label (label values as read, checked later), and names for messages.
-    pub fn read(&self) -> Result<(Volume<f32>, Option<Volume<f64>>, String, String)> {
+    /// The image and label (label values checked to be integers in 0..=255, not yet against
+    /// the classes), and names for messages. In-memory volumes are borrowed, not copied.
+    #[allow(clippy::type_complexity)]
+    pub fn read(&self) -> Result<(Cow<'_, Volume<f32>>, Option<Cow<'_, Volume<u8>>>, String, String)> {
         match self {
             CaseSource::Files(c) => {
                 let img = nifti::read(&c.image)?;
-                let lab = c.label.as_ref().map(nifti::read).transpose()?.map(|l| l.cast::<f64>());
                 let lname = c.label.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-                Ok((img.cast::<f32>(), lab, c.image.display().to_string(), lname))
+                let lab = match &c.label {
+                    None => None,
+                    Some(p) => {
+                        // Checked in the file's own voxel type, then narrowed to u8.
+                        let any = nifti::read(p)?;
+                        crate::with_volume!(&any, v => check_label_values(v, MAX_LABEL_CLASSES, &lname))?;
+                        Some(Cow::Owned(any.cast::<u8>()))
+                    }
+                };
+                Ok((Cow::Owned(img.cast::<f32>()), lab, c.image.display().to_string(), lname))
             }
-            CaseSource::Memory { id, image, label } => Ok((image.clone(), label.clone(), format!("case {id} (image)"), format!("case {id} (label)"))),
+            CaseSource::Memory { id, image, label } => {
+                Ok((Cow::Borrowed(&**image), label.as_deref().map(Cow::Borrowed), format!("case {id} (image)"), format!("case {id} (label)")))
+            }
         }
     }
 }
@@ -117,7 +147,9 @@ pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
             if lab.geometry.max_abs_diff(&geometry) > tol {
                 return Err(Error::invalid(format!("{lname}: label geometry {:?} differs from the image's {:?}", lab.geometry, geometry)));
             }
-            let l = check_label(&lab, num_classes, &lname)?;
+            check_label_values(&*lab, num_classes, &lname)?;
+            // A file's label moves in; an in-memory one is copied (u8: 1 byte per voxel).
+            let l = lab.into_owned().data;
             if l.iter().all(|&v| v == 0) {
                 log::warn!("{lname}: the label is empty (background only)");
             }
@@ -252,6 +284,37 @@ mod tests {
         assert!(check_label(&v, 3, "lab").is_err());
         let v = Volume::new(Array3::from_shape_vec((1, 1, 2), vec![0.0, 2.0]).unwrap(), Geometry::default());
         assert_eq!(check_label(&v, 3, "lab").unwrap().as_slice().unwrap(), &[0, 2]);
+    }
+
+    #[test]
+    fn labels_are_checked_in_their_own_type() {
+        // A u16 300 is reported as 300, not as the 255 or 44 a narrowing would make of it.
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 2), vec![0u16, 300]).unwrap(), Geometry::default());
+        assert!(check_label(&v, 3, "lab").unwrap_err().to_string().contains("label value 300"));
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 2), vec![-1i16, 1]).unwrap(), Geometry::default());
+        assert!(check_label_values(&v, 3, "lab").unwrap_err().to_string().contains("label value -1"));
+        let v = Volume::new(Array3::from_shape_vec((1, 1, 3), vec![0u8, 2, 1]).unwrap(), Geometry::default());
+        assert!(check_label_values(&v, 3, "lab").is_ok());
+    }
+
+    #[test]
+    fn in_memory_cases_share_their_voxels() {
+        let img = Volume::new(Array3::from_elem((2, 3, 4), 1.5f32), Geometry::default());
+        let lab = Volume::new(Array3::from_elem((2, 3, 4), 1u8), Geometry::default());
+        let a = CaseSource::memory("a", img, Some(lab));
+        let b = a.clone();
+        let c = a.without_label();
+        match (&a, &b, &c) {
+            (CaseSource::Memory { image: ia, label: Some(la), .. }, CaseSource::Memory { image: ib, label: Some(lb), .. }, CaseSource::Memory { image: ic, label: None, .. }) => {
+                assert!(Arc::ptr_eq(ia, ib) && Arc::ptr_eq(ia, ic) && Arc::ptr_eq(la, lb), "a clone copied the voxels");
+            }
+            _ => panic!("not in-memory cases"),
+        }
+        let (img, lab, _, _) = a.read().unwrap();
+        assert!(matches!(img, Cow::Borrowed(_)) && matches!(lab, Some(Cow::Borrowed(_))), "read() copied an in-memory case");
+        let s = load_source(&b, 2).unwrap();
+        assert_eq!(s.label.unwrap().sum(), 24);
+        assert!(load_source(&b, 1).unwrap_err().to_string().contains("label value 1"));
     }
 
     #[test]

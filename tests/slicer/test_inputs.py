@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import MODULE_DIR, oblique_matrix, phantom
-from SFRSegmentationLib import InputError, SFRLogic, TrainingData, build_config, torch_already_loaded
+from SFRSegmentationLib import InputError, SFRLogic, TrainingData, available_memory_bytes, build_config, check_memory, torch_already_loaded
 
 M = oblique_matrix()
 
@@ -88,7 +88,7 @@ def test_training_needs_a_labelled_case():
     d = data()
     d.add_unlabeled(phantom(0)[0], M)
     # Refused before the library is even looked for.
-    logic = SFRLogic(library_path="/nonexistent/libsfr.so", mode="in-process")
+    logic = SFRLogic(library_path="/nonexistent/libsfr.so", mode="in-process", cli_path="/nonexistent/sfr")
     with pytest.raises(InputError, match="no labelled case"):
         logic.start_training(d, preset="test-tiny")
 
@@ -102,20 +102,58 @@ def test_build_config():
         build_config({"version": 1}, "cpu-small")
 
 
-def test_auto_mode_uses_a_worker_when_torch_is_loaded(monkeypatch):
-    monkeypatch.delitem(sys.modules, "torch", raising=False)
-    assert not torch_already_loaded()
-    assert SFRLogic().mode == "in-process"
+def test_worker_process_is_the_default_and_auto_is_gone(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", object())
     assert SFRLogic().mode == "worker"
+    monkeypatch.delitem(sys.modules, "torch")
+    assert not torch_already_loaded()
+    # Without torch the old "auto" loaded libsfr in-process; a saved "auto" now means the worker.
+    assert SFRLogic().mode == "worker" and SFRLogic(mode="auto").mode == "worker"
     assert SFRLogic(mode="in-process").mode == "in-process"
     with pytest.raises(ValueError):
         SFRLogic(mode="threads")
 
 
+def _libsfr_mapped_after(code: str) -> int:
+    """Runs `code` in a fresh Python and counts libsfr/libtorch mappings of that process."""
+    import subprocess
+
+    from conftest import library_path
+
+    prog = (
+        f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n"
+        "import SFRSegmentationLib as s\n"
+        f"LIB = {str(library_path())!r}\n" + code + "\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print(sum(1 for l in maps.splitlines() if 'libsfr' in l or 'libtorch' in l))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_opening_the_panel_loads_no_library():
+    """What the panel does when it opens (create the logic, describe it) maps neither libsfr nor
+    libtorch into the process, in either mode; only an explicit check (or a job) in in-process
+    mode loads them."""
+    assert _libsfr_mapped_after("l = s.SFRLogic(library_path=LIB); l.describe()") == 0
+    assert _libsfr_mapped_after("l = s.SFRLogic(library_path=LIB, mode='in-process'); d = l.describe(); assert d['version'] is None") == 0
+    assert _libsfr_mapped_after("l = s.SFRLogic(library_path=LIB, mode='in-process'); l.check()") > 0
+
+
+def test_memory_check_refuses_before_allocating():
+    check_memory(10, "x", available=100)
+    with pytest.raises(InputError, match=r"training on 3 volumes needs about 2\.0 GB of memory, but only 1\.0 GB is available: use the worker"):
+        check_memory(2_000_000_000, "training on 3 volumes", "use the worker", available=1_000_000_000)
+    assert available_memory_bytes() is None or available_memory_bytes() > 0
+
+
 def test_lib_imports_no_slicer_vtk_or_qt():
+    """Only scene.py touches Slicer, and only its MRML classes (no Qt): importing the package
+    imports none of them."""
     forbidden = {"slicer", "vtk", "qt", "ctk", "PythonQt", "torch"}
     for path in (MODULE_DIR / "SFRSegmentationLib").glob("*.py"):
+        allowed = {"slicer", "vtk"} if path.name == "scene.py" else set()
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
@@ -124,7 +162,13 @@ def test_lib_imports_no_slicer_vtk_or_qt():
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
             for n in names:
-                assert n.split(".")[0] not in forbidden, f"{path.name} imports {n}"
+                top = n.split(".")[0]
+                assert top not in forbidden - allowed, f"{path.name} imports {n}"
+    import subprocess
+
+    code = f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r}); import SFRSegmentationLib; print(sorted(m for m in ('slicer', 'vtk', 'qt') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_module_file_compiles(tmp_path):

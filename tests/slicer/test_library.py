@@ -26,16 +26,32 @@ def empty_module_dir(tmp_path, monkeypatch):
     return fake
 
 
-def test_missing_library_names_every_path_tried(empty_module_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv("SFR_LIBRARY", str(tmp_path / "env" / "libsfr.so"))
+def test_missing_library_names_every_path_tried(empty_module_dir):
+    with pytest.raises(LibraryLoadError) as e:
+        load_library()
+    msg = str(e.value)
+    assert "was not found" in msg and "SFR_LIBRARY" in msg
+    for origin, p in candidate_paths():
+        assert str(p) in msg, f"{p} ({origin}) missing from:\n{msg}"
+    assert str(empty_module_dir / "lib" / "libsfr.so") in msg
+
+
+def test_a_given_path_that_points_nowhere_is_an_error_not_a_fallback(monkeypatch, tmp_path):
+    """With a working library next to the module and in $SFR_LIBRARY, a setting that points
+    nowhere must not quietly load one of them instead."""
+    real = library_path()  # (reads $SFR_LIBRARY: before it is changed below)
+    monkeypatch.setenv("SFR_LIBRARY", str(real))
     with pytest.raises(LibraryLoadError) as e:
         load_library(str(tmp_path / "setting" / "libsfr.so"))
     msg = str(e.value)
-    assert "was not found" in msg and "SFR_LIBRARY" in msg
-    for origin, p in candidate_paths(str(tmp_path / "setting" / "libsfr.so")):
-        assert str(p) in msg, f"{p} ({origin}) missing from:\n{msg}"
-    assert str(tmp_path / "setting" / "libsfr.so") in msg and str(tmp_path / "env" / "libsfr.so") in msg
-    assert str(empty_module_dir / "lib" / "libsfr.so") in msg
+    assert "set in the module's Setup section points nowhere" in msg and str(tmp_path / "setting" / "libsfr.so") in msg
+    assert str(real) not in msg  # not even tried
+    monkeypatch.setenv("SFR_LIBRARY", str(tmp_path / "env" / "libsfr.so"))
+    with pytest.raises(LibraryLoadError, match="environment variable SFR_LIBRARY points nowhere"):
+        binding.find_library_path(None)
+    # A folder that holds the library stands for it.
+    monkeypatch.setenv("SFR_LIBRARY", str(real.parent))
+    assert binding.find_library_path(None) == real
 
 
 def test_search_order_setting_then_env_then_module(monkeypatch, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SHAPE, dice, oblique_matrix, phantom, run_to_end, training_data
 from SFRSegmentationLib import Cancelled, InputError, Model, ModelRegistry, SfrError, TrainingData
-from SFRSegmentationLib.logic import _NativeDataset
+from SFRSegmentationLib.native import _NativeDataset
 
 M = oblique_matrix()
 
@@ -147,3 +147,57 @@ def test_mismatched_classes_are_refused_before_training(native_logic):
     img, lab = phantom(0)
     with pytest.raises(InputError, match="outside the classes"):
         data.add_labeled(img, lab * 2, M)
+
+
+def test_in_process_training_refuses_what_memory_cannot_hold(native_logic, monkeypatch):
+    """A clear error before the copies are made, instead of the out-of-memory killer taking
+    Slicer down; the worker mode is named as the way out."""
+    import SFRSegmentationLib.inputs as inputs
+
+    monkeypatch.setattr(inputs, "available_memory_bytes", lambda: 1000)
+    job = native_logic.start_training(training_data(2, 2), preset="test-tiny")
+    run_to_end(job, timeout=30)
+    with pytest.raises(InputError, match=r"training on 4 volumes in this process needs about .* GB of memory.*worker process"):
+        job.wait()
+
+
+def test_deferred_jobs_report_preparation_and_errors():
+    import threading
+
+    from SFRSegmentationLib import DeferredJob
+
+    gate = threading.Event()
+
+    def start(reporter):
+        reporter.report("step one", 1, 3)
+        gate.wait(30)
+        reporter.check()
+        raise ValueError("bad input found while preparing")
+
+    job = DeferredJob(start)
+    t0 = time.time()
+    while job.poll()["message"] != "step one" and time.time() - t0 < 10:
+        time.sleep(0.01)
+    p = job.poll()
+    assert (p["stage"], p["step"], p["total"], p["finished"]) == ("prepare", 1, 3, False)
+    gate.set()
+    run_to_end(job, timeout=10)
+    assert job.poll()["message"] == "bad input found while preparing"
+    with pytest.raises(ValueError, match="bad input"):
+        job.wait()
+    gate.clear()
+    cancelled = DeferredJob(start)
+    cancelled.cancel()
+    gate.set()
+    with pytest.raises(Cancelled):
+        cancelled.wait()
+
+
+def test_segmentation_through_the_logic_in_process(native_trained, native_logic, tmp_path):
+    model, _, _ = native_trained
+    path = model.save(tmp_path / "m.sfrmodel")
+    image, _ = phantom(12)
+    job = native_logic.start_segmentation(path, image, M)
+    run_to_end(job, timeout=60)
+    assert np.array_equal(job.wait(), model.segment(image, M))
+    native_logic.forget_model(path)

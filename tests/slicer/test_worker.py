@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import SHAPE, dice, oblique_matrix, phantom, run_to_end, training_data
-from SFRSegmentationLib import Cancelled, CliNotFoundError, ModelRegistry, SfrError, WorkerModel, find_cli
+from conftest import cli_path
+from SFRSegmentationLib import Cancelled, CliNotFoundError, InputError, ModelRegistry, SfrError, WorkerModel, find_cli
 
 M = oblique_matrix()
 
@@ -77,7 +78,88 @@ def test_missing_cli_names_every_path_tried(tmp_path, monkeypatch):
 
     monkeypatch.setattr(worker, "module_dir", lambda: fake)
     with pytest.raises(CliNotFoundError) as e:
-        find_cli(str(tmp_path / "my-sfr"), str(tmp_path / "libdir" / "libsfr.so"))
+        find_cli(None, str(tmp_path / "libdir" / "libsfr.so"))
     msg = str(e.value)
-    for p in (tmp_path / "my-sfr", tmp_path / "libdir" / "sfr", fake / "lib" / "sfr"):
+    for p in (tmp_path / "libdir" / "sfr", fake / "lib" / "sfr", fake / "bin" / "sfr"):
         assert str(p) in msg, msg
+
+
+def test_a_given_cli_path_that_points_nowhere_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFR_CLI", str(cli_path()))
+    with pytest.raises(CliNotFoundError, match="set in the module is not usable: .*my-sfr does not exist"):
+        find_cli(str(tmp_path / "my-sfr"))
+    monkeypatch.setenv("SFR_CLI", str(tmp_path / "nope"))
+    with pytest.raises(CliNotFoundError, match="SFR_CLI is not usable"):
+        find_cli(None)
+
+
+def test_worker_process_gets_the_environment_it_is_given(tmp_path):
+    """Inside Slicer the module passes slicer.util.startupEnvironment(): the child sees exactly
+    that environment, not Slicer's (launcher paths, another extension's libraries)."""
+    import os
+    import sys
+
+    from SFRSegmentationLib.worker import WorkerProcess
+
+    code = "import json, os; print(json.dumps({'message': os.environ.get('SFR_TEST_ENV', 'unset') + '|' + os.environ.get('LD_LIBRARY_PATH', 'unset')}))"
+    os.environ["LD_LIBRARY_PATH"] = "/slicer/launcher/libs"
+    try:
+        p = WorkerProcess([sys.executable, "-c", code], tmp_path, env={"SFR_TEST_ENV": "startup", "PATH": os.environ.get("PATH", "")})
+        p.wait(30)
+        assert p.poll()["message"] == "startup|unset"
+        inherited = WorkerProcess([sys.executable, "-c", code], tmp_path)
+        inherited.wait(30)
+        assert inherited.poll()["message"].endswith("|/slicer/launcher/libs")
+    finally:
+        del os.environ["LD_LIBRARY_PATH"]
+
+
+def test_worker_jobs_write_and_read_files_off_the_calling_thread(worker_logic, monkeypatch):
+    """The NIfTI writes happen on the job's thread: start_training returns while they are
+    still blocked, and cancelling then stops the job before any process starts."""
+    import threading
+
+    import SFRSegmentationLib.worker as worker
+
+    gate = threading.Event()
+    real_write = worker.nifti.write
+    calls = []
+
+    def slow_write(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        gate.wait(30)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(worker.nifti, "write", slow_write)
+    job = worker_logic.start_training(training_data(2, 1), preset="test-tiny")
+    try:
+        p = job.poll()
+        assert p["stage"] == "prepare" and not p["finished"]
+        t0 = time.time()
+        while not calls and time.time() - t0 < 30:
+            time.sleep(0.01)
+        assert calls and calls[0] == "sfr-worker-job"
+        job.cancel()
+    finally:
+        gate.set()
+    with pytest.raises(Cancelled):
+        job.wait(60)
+    assert job._proc is None  # no worker process was started
+    assert not job._dir.exists()
+
+
+def test_segmentation_through_the_logic_loads_the_model_off_thread(worker_trained, worker_logic, tmp_path):
+    model, _ = worker_trained
+    path = model.save(tmp_path / "m.sfrmodel")
+    image, truth = phantom(11)
+    job = worker_logic.start_segmentation(path, image, M)
+    run_to_end(job, timeout=60)
+    labels = job.wait()
+    assert labels.shape == SHAPE and dice(labels, truth) > 0.3
+    assert worker_logic.model(path) is worker_logic.model(path)  # cached
+    worker_logic.forget_model(path)
+    bad = worker_logic.start_segmentation(tmp_path / "missing.sfrmodel", image, M)
+    run_to_end(bad, timeout=30)
+    assert "does not exist" in bad.poll()["message"]
+    with pytest.raises(InputError, match="missing.sfrmodel does not exist"):
+        bad.wait()

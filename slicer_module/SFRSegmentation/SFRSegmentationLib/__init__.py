@@ -1,11 +1,21 @@
 """SFRSegmentationLib: the logic of the 3D Slicer module SFRSegmentation, as plain Python +
-numpy + ctypes over libsfr. It imports nothing of Slicer, VTK or Qt, so it runs (and is tested)
-in any Python.
+numpy (+ ctypes over libsfr in in-process mode). Importing it imports nothing of Slicer, VTK or
+Qt, and loads no library, so it runs (and is tested) in any Python.
+
+    inputs.py     TrainingData: arrays + IJK-to-RAS matrices, checked; config; memory check
+    jobs.py       the Job / Model interfaces, DeferredJob (preparation on a helper thread)
+    native.py     in-process jobs and models over libsfr (ctypes; opt-in inside Slicer)
+    worker.py     the same through the ``sfr`` tool in a child process (the default)
+    registry.py   the model folder
+    logic.py      SFRLogic: mode, library/tool discovery, model cache
+    scene.py      the MRML side (volumes, segmentations, results, undo); imports ``slicer`` and
+                  ``vtk`` but no Qt, so it is tested against slicer-core's real MRML classes.
+                  Not imported here: ``from SFRSegmentationLib import scene``.
 
 Typical use (arrays are ``slicer.util.arrayFromVolume`` order ``[k, j, i]``, matrices are the
 volumes' IJK-to-RAS)::
 
-    logic = SFRLogic()                         # finds libsfr; worker mode if torch is loaded
+    logic = SFRLogic()                         # worker process mode; loads nothing yet
     data = TrainingData({0: "background", 1: "liver"})
     data.add_labeled(image, label, ijk_to_ras)
     data.add_unlabeled(other, other_ijk_to_ras)
@@ -23,28 +33,18 @@ from .binding import (
     LibraryLoadError,
     SfrError,
     candidate_paths,
+    find_library_path,
     load_library,
 )
-from .geometry import LpsGeometry, ijk_to_ras_to_lps_geometry, lps_geometry_to_ijk_to_ras
-from .logic import (
-    METHODS,
-    MODES,
-    PRESETS,
-    InputError,
-    Job,
-    Model,
-    ModelEntry,
-    ModelRegistry,
-    NativeModel,
-    SFRLogic,
-    TrainingData,
-    WorkerModel,
-    build_config,
-    torch_already_loaded,
-)
 from .download import Download, DownloadCancelled, cached_sam_checkpoint, sam_checkpoint_download
+from .geometry import LpsGeometry, ijk_to_ras_to_lps_geometry, lps_geometry_to_ijk_to_ras
+from .inputs import InputError, TrainingData, available_memory_bytes, build_config, check_memory
+from .jobs import DeferredJob, Job, Model
+from .logic import IN_PROCESS_RISK, LEGACY_MODES, METHODS, MODES, PRESETS, SFRLogic, torch_already_loaded
 from .modelfile import ModelFileError, read_metadata
-from .worker import CliNotFoundError, find_cli
+from .native import NativeModel
+from .registry import ModelEntry, ModelRegistry
+from .worker import CliNotFoundError, WorkerModel, find_cli
 
 __all__ = [
     "ENV_VAR",
@@ -54,30 +54,36 @@ __all__ = [
     "LibraryLoadError",
     "SfrError",
     "candidate_paths",
+    "find_library_path",
     "load_library",
-    "LpsGeometry",
-    "ijk_to_ras_to_lps_geometry",
-    "lps_geometry_to_ijk_to_ras",
-    "METHODS",
-    "MODES",
-    "PRESETS",
-    "InputError",
-    "Job",
-    "Model",
-    "ModelEntry",
-    "ModelRegistry",
-    "NativeModel",
-    "SFRLogic",
-    "TrainingData",
-    "WorkerModel",
-    "build_config",
-    "torch_already_loaded",
     "Download",
     "DownloadCancelled",
     "cached_sam_checkpoint",
     "sam_checkpoint_download",
+    "LpsGeometry",
+    "ijk_to_ras_to_lps_geometry",
+    "lps_geometry_to_ijk_to_ras",
+    "InputError",
+    "TrainingData",
+    "available_memory_bytes",
+    "build_config",
+    "check_memory",
+    "DeferredJob",
+    "Job",
+    "Model",
+    "IN_PROCESS_RISK",
+    "LEGACY_MODES",
+    "METHODS",
+    "MODES",
+    "PRESETS",
+    "SFRLogic",
+    "torch_already_loaded",
     "ModelFileError",
     "read_metadata",
+    "NativeModel",
+    "ModelEntry",
+    "ModelRegistry",
     "CliNotFoundError",
+    "WorkerModel",
     "find_cli",
 ]

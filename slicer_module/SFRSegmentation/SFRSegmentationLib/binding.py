@@ -9,14 +9,15 @@ Search order (the first file that exists is loaded):
   2. the environment variable ``SFR_LIBRARY``,
   3. next to the module: ``SFRSegmentation/lib/``, ``SFRSegmentation/`` and, for a source
      checkout, the crate's ``target/release/``.
-A file that exists but does not load (typically: libtorch not found) is an error naming the
-file and the operating system's message; it is not skipped silently in favour of another copy.
+A path given by 1. or 2. that points nowhere is an error, as is a file that exists but does
+not load (typically: libtorch not found): neither is skipped in favour of another copy.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
+import threading
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -308,19 +309,41 @@ class Library:
 
 
 _loaded = {}
+_load_lock = threading.Lock()
+
+
+def find_library_path(explicit: Optional[str] = None) -> Path:
+    """The library file that ``load_library`` would load, found by file checks only.
+
+    A path that was given (the setting, or ``$SFR_LIBRARY``) and points nowhere is an error: a
+    silent fallback to another copy would run a library the user did not choose."""
+    tried: List[Tuple[str, Path, str]] = []
+    for origin, path in candidate_paths(explicit):
+        if path.is_file():
+            return path
+        tried.append((origin, path, "not found" if not path.exists() else "not a file"))
+        if origin in ("setting", f"${ENV_VAR}"):
+            where = "in the module's Setup section" if origin == "setting" else f"in the environment variable {ENV_VAR}"
+            raise LibraryLoadError(
+                f"the library path set {where} points nowhere: {path} does not exist. Correct or clear "
+                "it (no other copy of libsfr is used in its place).\nTried:\n" + _format_tried(tried)
+            )
+    raise LibraryLoadError(
+        f"libsfr ({library_file_name()}) was not found. Set its path in the module's settings, set the "
+        f"environment variable {ENV_VAR}, or copy it into the module's 'lib' folder.\nTried:\n" + _format_tried(tried)
+    )
 
 
 def load_library(explicit: Optional[str] = None) -> Library:
-    """Finds and loads libsfr (see the module docstring for the order); checks its version and
-    that every function of the contract is present."""
-    tried: List[Tuple[str, Path, str]] = []
-    for origin, path in candidate_paths(explicit):
-        if not path.is_file():
-            tried.append((origin, path, "not found"))
-            continue
-        key = str(path.resolve())
+    """Finds (see ``find_library_path``) and loads libsfr; checks its version and that every
+    function of the contract is present. Thread-safe."""
+    path = find_library_path(explicit)
+    origin = "given"
+    key = str(path.resolve())
+    with _load_lock:
         if key in _loaded:
             return _loaded[key]
+        tried: List[Tuple[str, Path, str]] = []
         try:
             cdll = ctypes.CDLL(str(path))
         except OSError as e:
@@ -350,10 +373,6 @@ def load_library(explicit: Optional[str] = None) -> Library:
             )
         _loaded[key] = lib
         return lib
-    raise LibraryLoadError(
-        f"libsfr ({library_file_name()}) was not found. Set its path in the module's settings, set the "
-        f"environment variable {ENV_VAR}, or copy it into the module's 'lib' folder.\nTried:\n" + _format_tried(tried)
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""Worker-process mode: the same jobs run by the ``sfr`` command-line tool in a child process,
-exchanging NIfTI files through a temporary folder.
+"""Worker-process mode (the default inside Slicer): the same jobs run by the ``sfr``
+command-line tool in a child process, exchanging NIfTI files through a temporary folder.
 
-Why: libsfr links libtorch 2.13 (found through the path recorded when it was built). If the
-host Python has already imported another PyTorch (``import torch`` by another Slicer
-extension), two libtorch builds would share one process: symbol clashes, wrong CUDA context,
-crashes at best at load time and at worst mid-training. A child process has its own address
-space, so nothing clashes; progress arrives as JSON lines (``--progress json``), and
-cancellation is an interrupt (the tool's Ctrl-C path, which writes no half-finished file),
-followed by a kill if the process has not ended within a few seconds.
+Why: libsfr links libtorch 2.13, and libtorch_cpu.so / libc10.so carry SONAMEs that the dynamic
+loader reuses once loaded. Loading libsfr into a Python that hosts other PyTorch users (Slicer
+extensions) makes whichever comes second bind to the first one's libtorch: symbol clashes,
+crashes at load time or mid-training, for them or for us. A child process has its own address
+space, so nothing clashes; it is started with the environment the host gives (inside Slicer,
+Slicer's startup environment, without the launcher's library paths). Progress arrives as JSON
+lines (``--progress json``); cancellation is an interrupt (the tool's Ctrl-C path, which writes
+no half-finished file), followed by a kill if the process has not ended within a few seconds.
+Each job runs on its own helper thread (writing the inputs, running the tool, reading the
+result), so none of that happens on the thread that started it.
 """
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ import tempfile
 import threading
 from collections import deque
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import nifti
+from . import modelfile, nifti
 from .binding import Cancelled, SfrError, library_file_name, module_dir, parse_version, version_is_compatible
+from .inputs import TrainingData, _check_image, _check_matrix
+from .jobs import Job, Model, progress
+
+MODEL_SUFFIX = ".sfrmodel"
 
 CLI_ENV_VAR = "SFR_CLI"
 CANCEL_GRACE_SECONDS = 5.0
@@ -69,16 +76,24 @@ def find_cli(explicit: Optional[str] = None, library_path: Optional[str] = None)
         if p.is_file() and os.access(p, os.X_OK):
             return p
         tried.append(f"  - {p} ({origin}): {'not executable' if p.is_file() else 'not found'}")
+        if origin in ("setting", f"${CLI_ENV_VAR}"):
+            # A path that was given and points nowhere is an error, never a silent fallback.
+            raise CliNotFoundError(
+                f"the sfr tool path set {'in the module' if origin == 'setting' else 'in ' + CLI_ENV_VAR} "
+                f"is not usable: {p} {'is not executable' if p.is_file() else 'does not exist'}. Correct or clear it "
+                "(no other copy is used in its place).\nTried:\n" + "\n".join(tried)
+            )
     raise CliNotFoundError(
         f"the sfr command-line tool ({name}) was not found; worker mode needs it. Set its path, set "
         f"{CLI_ENV_VAR}, or place it next to {library_file_name()}.\nTried:\n" + "\n".join(tried)
     )
 
 
-def cli_version(cli: Path) -> str:
-    """``sfr --version`` -> "0.1.0"; raises when the tool does not run or is incompatible."""
+def cli_version(cli: Path, env: Optional[Dict[str, str]] = None) -> str:
+    """``sfr --version`` -> "0.1.0"; raises when the tool does not run or is incompatible.
+    Runs a process (up to seconds): call it from a helper thread in a GUI."""
     try:
-        out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CliNotFoundError(f"{cli} does not run: {e}") from e
     if out.returncode != 0:
@@ -93,7 +108,7 @@ class WorkerProcess:
     """A running ``sfr`` command: progress from its JSON lines, log from stderr (kept in a
     file, so a chatty process can never block on a full pipe)."""
 
-    def __init__(self, argv: List[str], folder: Path):
+    def __init__(self, argv: List[str], folder: Path, env: Optional[Dict[str, str]] = None):
         self.argv = argv
         self.folder = Path(folder)
         self.stderr_path = self.folder / "worker.log"
@@ -114,8 +129,13 @@ class WorkerProcess:
         if sys.platform.startswith("win"):
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         try:
+            # env: inside Slicer, the environment Slicer was started with
+            # (slicer.util.startupEnvironment(), as slicer.util.launchConsoleProcess uses), so
+            # the launcher's LD_LIBRARY_PATH/PYTHONPATH/PYTHONHOME (Slicer's libraries, possibly
+            # another extension's libtorch) do not leak into the tool. None: this process's.
             self.proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, cwd=str(self.folder), **kwargs
+                argv, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, cwd=str(self.folder),
+                env=env, **kwargs
             )
         except OSError as e:
             self._stderr.close()
@@ -216,13 +236,17 @@ class WorkerProcess:
             self._stderr.close()
 
 
-def write_decathlon(folder: Path, data, dataset_name: str = "slicer") -> int:
-    """Writes a TrainingData as a Decathlon folder (labelled cases first) -> number labelled."""
+def write_decathlon(folder: Path, data, dataset_name: str = "slicer", report: Optional[Callable[[str, int, int], None]] = None) -> int:
+    """Writes a TrainingData as a Decathlon folder (labelled cases first) -> number labelled.
+    ``report(message, step, total)`` is called before each case (and may raise to stop)."""
     folder = Path(folder)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     training = []
-    for n, case in enumerate(data.labeled + data.unlabeled):
+    cases = data.labeled + data.unlabeled
+    for n, case in enumerate(cases):
+        if report is not None:
+            report(f"writing case {n + 1}/{len(cases)} for the worker process", n, len(cases))
         # Ids keep the given order: the tool takes "the first N" as the labelled ones.
         stem = f"{n:04d}_{_safe(case.case_id)}"
         nifti.write(folder / "imagesTr" / f"{stem}.nii", case.image, case.ijk_to_ras)
@@ -276,3 +300,183 @@ def make_temp_dir(prefix: str, root: Optional[str] = None) -> Path:
     if root:
         Path(root).mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs and models through the tool
+
+
+class _WorkerJob(Job):
+    """The whole job runs on a helper thread: write the inputs (NIfTI) -> run the tool -> read
+    its outputs. Neither the file writes nor the reading of the result happen on the thread that
+    started the job (Slicer's GUI thread). ``before`` (e.g. the ``sfr --version`` check) runs
+    first on that thread."""
+
+    def __init__(self, prefix: str, work_root: Optional[str], env: Optional[Dict[str, str]], before: Optional[Callable[[], None]]):
+        self._dir = make_temp_dir(prefix, work_root)
+        self._env = env
+        self._before = before
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._proc: Optional[WorkerProcess] = None
+        self._prep = progress("prepare", "preparing the worker process")
+        self._result = None
+        self._error: Optional[BaseException] = None
+        self._taken = False
+        self._thread = threading.Thread(target=self._run, name="sfr-worker-job", daemon=True)
+
+    # Subclasses: write the inputs and return the command; collect the result.
+    def _prepare(self) -> List[str]:
+        raise NotImplementedError
+
+    def _collect(self):
+        raise NotImplementedError
+
+    def _report(self, message: str, step: int = 0, total: int = 0) -> None:
+        with self._lock:
+            self._prep = progress("prepare", message, step, total)
+        if self._cancel.is_set():
+            raise Cancelled("cancelled while preparing the worker process")
+
+    def _run(self) -> None:
+        try:
+            if self._before is not None:
+                self._report("checking the sfr tool")
+                self._before()
+            argv = self._prepare()
+            with self._lock:
+                if self._cancel.is_set():
+                    raise Cancelled("cancelled while preparing the worker process")
+                self._proc = WorkerProcess(argv, self._dir, self._env)
+            self._proc.wait()
+            self._report("reading the result")
+            self._result = self._collect()
+        except BaseException as e:  # kept for wait(): nothing is lost in the thread
+            self._error = e
+        finally:
+            if self._proc is not None:
+                self._proc.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def poll(self) -> dict:
+        with self._lock:
+            proc, p = self._proc, dict(self._prep)
+        if proc is not None:
+            p = proc.poll()
+        # Finished only once the thread is done: the result has then been read (or failed).
+        p["finished"] = not self._thread.is_alive()
+        if p["finished"] and self._error is not None and not isinstance(self._error, Cancelled):
+            p["message"] = str(self._error)
+        return p
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancel.set()
+            proc = self._proc
+        if proc is not None:
+            proc.cancel()
+
+    def log_tail(self, n: int = 40) -> str:
+        return self._proc.log_tail(n) if self._proc is not None else ""
+
+    def wait(self, timeout: Optional[float] = None):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the worker job is still running after {timeout} s")
+        if self._taken:
+            raise SfrError("SFR_ERR_STATE", "the job's result was already taken")
+        self._taken = True
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def close(self) -> None:
+        # Never blocks: a running job is cancelled; its thread removes the folder when it ends.
+        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
+            self.cancel()
+
+
+class WorkerTrainingJob(_WorkerJob):
+    def __init__(self, cli: Path, data: TrainingData, config: dict, work_root: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None, before: Optional[Callable[[], None]] = None):
+        super().__init__("sfr-train-", work_root, env, before)
+        self._cli, self._data, self._config, self._work_root = Path(cli), data, config, work_root
+        self._out = self._dir / "out" / ("model" + MODEL_SUFFIX)
+        self._thread.start()
+
+    def _prepare(self) -> List[str]:
+        n_labeled = write_decathlon(self._dir / "data", self._data, report=self._report)
+        self._data = None  # the arrays are on disk now: let Python free them
+        self._out.parent.mkdir()
+        return train_argv(self._cli, self._dir / "data", n_labeled, self._out, self._config)
+
+    def _collect(self) -> "WorkerModel":
+        # The model outlives this job's folder: move it into a folder of its own.
+        model_dir = make_temp_dir("sfr-model-", str(self._dir.parent))
+        target = model_dir / self._out.name
+        shutil.move(str(self._out), str(target))
+        return WorkerModel(self._cli, target, owned_dir=model_dir, work_root=self._work_root, env=self._env)
+
+
+class WorkerSegmentationJob(_WorkerJob):
+    def __init__(self, model: "WorkerModel", array: np.ndarray, ijk_to_ras, device: Optional[str] = None,
+                 work_root: Optional[str] = None, env: Optional[Dict[str, str]] = None, before: Optional[Callable[[], None]] = None):
+        a = _check_image("image to segment", array)
+        m = _check_matrix("image to segment, geometry", ijk_to_ras)
+        super().__init__("sfr-segment-", work_root, env, before)
+        self._model, self._array, self._matrix, self._device = model, a, m, device
+        self._shape = a.shape
+        self._thread.start()
+
+    def _prepare(self) -> List[str]:
+        self._report("writing the image for the worker process")
+        nifti.write(self._dir / "image.nii", self._array, self._matrix)
+        self._array = None
+        argv = [str(self._model.cli), "segment", "--model", str(self._model.path), "--input", str(self._dir / "image.nii"),
+                "--output", str(self._dir / "labels.nii"), "--progress", "json"]
+        if self._device:
+            argv += ["--device", self._device]
+        return argv
+
+    def _collect(self) -> np.ndarray:
+        labels = read_segmentation(self._dir / "labels.nii", self._shape, self._matrix)
+        dt, _ = self._model.label_dtype()
+        return np.ascontiguousarray(labels, dtype=dt)
+
+
+class WorkerModel(Model):
+    """A model file used through the ``sfr`` tool. ``owned_dir``: a temporary folder holding a
+    freshly trained model, removed when the model is closed (save it first)."""
+
+    def __init__(self, cli: Path, path, owned_dir: Optional[Path] = None, device: Optional[str] = None,
+                 work_root: Optional[str] = None, env: Optional[Dict[str, str]] = None, before: Optional[Callable[[], None]] = None):
+        self.cli = Path(cli)
+        self.path = Path(path)
+        self._owned_dir = owned_dir
+        self._device = device
+        self._work_root = work_root
+        self._env = env
+        self._before = before
+        self._meta = modelfile.read_metadata(self.path)  # fails early on a non-model file
+
+    def metadata(self) -> dict:
+        return json.loads(json.dumps(self._meta))
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        shutil.copyfile(self.path, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a model
+        if self._owned_dir is not None:
+            self.close()
+            self.path = path
+        return path
+
+    def start_segmentation(self, array, ijk_to_ras) -> Job:
+        return WorkerSegmentationJob(self, array, ijk_to_ras, self._device, self._work_root, self._env, self._before)
+
+    def close(self) -> None:
+        d = getattr(self, "_owned_dir", None)
+        if d is not None:
+            shutil.rmtree(d, ignore_errors=True)
+            self._owned_dir = None

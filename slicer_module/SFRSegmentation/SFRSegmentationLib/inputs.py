@@ -1,0 +1,233 @@
+"""Training inputs: numpy arrays in Slicer's ``[k, j, i]`` order with their IJK-to-RAS matrices,
+checked as they are added (messages name the case and the problem), the training config, and a
+memory check before anything big is allocated in Slicer's process."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+
+from .geometry import ijk_to_ras_to_lps_geometry
+
+
+class InputError(ValueError):
+    """Inputs rejected before reaching the library (shapes, geometry, labels, classes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: np.ndarray
+    ijk_to_ras: np.ndarray
+    label: Optional[np.ndarray] = None
+
+
+def _check_image(what: str, array) -> np.ndarray:
+    a = np.asarray(array)
+    if a.ndim != 3:
+        hint = " (a vector or RGB volume? use a scalar volume)" if a.ndim == 4 else ""
+        raise InputError(f"{what}: expected a 3D array [k, j, i], got {a.ndim} dimensions, shape {a.shape}{hint}")
+    if a.size == 0:
+        raise InputError(f"{what}: empty array, shape {a.shape}")
+    if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) or np.issubdtype(a.dtype, np.complexfloating):
+        raise InputError(f"{what}: voxel type {a.dtype} is not a real number type")
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+        raise InputError(f"{what}: the image contains NaN or infinite voxels")
+    return a
+
+
+def _check_matrix(what: str, m) -> np.ndarray:
+    try:
+        g = ijk_to_ras_to_lps_geometry(m)
+    except ValueError as e:
+        raise InputError(f"{what}: {e}") from e
+    d = g.direction_matrix()
+    # Slicer volumes always have orthonormal axes; a sheared matrix is a caller's mistake that
+    # libsfr (like ITK) would refuse anyway.
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+        raise InputError(f"{what}: the IJK-to-RAS axes are not orthogonal (a sheared matrix); volumes need orthogonal axes")
+    return np.array(m, dtype=float)
+
+
+class TrainingData:
+    """Labelled (image + label) and unlabelled images with their geometry, checked as they are
+    added so that mistakes are reported with the case's name before any work starts. Arrays are
+    kept by reference until the job starts (it copies them)."""
+
+    def __init__(self, classes: Union[Dict[int, str], List[str]]):
+        if isinstance(classes, (list, tuple)):
+            classes = {i: n for i, n in enumerate(classes)}
+        cleaned: Dict[int, str] = {}
+        for k, v in dict(classes).items():
+            try:
+                idx = int(k)
+            except (TypeError, ValueError):
+                raise InputError(f"class index {k!r} is not an integer")
+            if idx < 0 or idx > 65535:
+                raise InputError(f"class index {idx} is outside 0..65535")
+            name = str(v).strip()
+            if not name:
+                raise InputError(f"class {idx} has an empty name")
+            cleaned[idx] = name
+        if 0 not in cleaned:
+            raise InputError("the classes must include 0 (background)")
+        if len(cleaned) < 2:
+            raise InputError("at least one foreground class is needed besides background (0)")
+        if sorted(cleaned) != list(range(len(cleaned))):
+            raise InputError(f"class indices must be 0..{len(cleaned) - 1} without gaps, got {sorted(cleaned)}")
+        self.classes = dict(sorted(cleaned.items()))
+        self.labeled: List[Case] = []
+        self.unlabeled: List[Case] = []
+
+    @property
+    def max_class(self) -> int:
+        return max(self.classes)
+
+    def _new_id(self, case_id: Optional[str], prefix: str) -> str:
+        taken = {c.case_id for c in self.labeled + self.unlabeled}
+        if case_id:
+            if case_id in taken:
+                raise InputError(f"case id '{case_id}' is used twice")
+            return case_id
+        n = len(self.labeled if prefix == "labeled" else self.unlabeled) + 1
+        while f"{prefix}_{n:03d}" in taken:
+            n += 1
+        return f"{prefix}_{n:03d}"
+
+    def add_labeled(self, image, label, ijk_to_ras, label_ijk_to_ras=None, case_id: Optional[str] = None) -> str:
+        """Adds an image with its label map (same shape; label geometry, when given, must match
+        the image's). Returns the case id."""
+        cid = self._new_id(case_id, "labeled")
+        img = _check_image(f"labelled case '{cid}', image", image)
+        m = _check_matrix(f"labelled case '{cid}', image geometry", ijk_to_ras)
+        lab = np.asarray(label)
+        if lab.ndim != 3:
+            raise InputError(f"labelled case '{cid}': the label must be a 3D array [k, j, i], got shape {lab.shape}")
+        if lab.shape != img.shape:
+            raise InputError(
+                f"labelled case '{cid}': label shape {lab.shape} differs from image shape {img.shape} "
+                "(the segmentation must be exported on the volume's grid)"
+            )
+        if label_ijk_to_ras is not None:
+            lm = _check_matrix(f"labelled case '{cid}', label geometry", label_ijk_to_ras)
+            g, lg = ijk_to_ras_to_lps_geometry(m), ijk_to_ras_to_lps_geometry(lm)
+            if not g.is_close(lg):
+                raise InputError(
+                    f"labelled case '{cid}': the label's geometry differs from the image's "
+                    f"(origin {np.round(lg.origin, 3).tolist()} vs {np.round(g.origin, 3).tolist()}, "
+                    f"spacing {np.round(lg.spacing, 4).tolist()} vs {np.round(g.spacing, 4).tolist()}); "
+                    "export the segmentation with the volume as reference geometry"
+                )
+        self._check_label_values(cid, lab)
+        self.labeled.append(Case(cid, img, m, lab))
+        return cid
+
+    def _check_label_values(self, cid: str, lab: np.ndarray) -> None:
+        if lab.dtype == np.bool_:
+            return
+        if not np.issubdtype(lab.dtype, np.number) or np.issubdtype(lab.dtype, np.complexfloating):
+            raise InputError(f"labelled case '{cid}': label voxel type {lab.dtype} is not a number type")
+        if np.issubdtype(lab.dtype, np.floating) and not np.all(np.mod(lab, 1) == 0):
+            raise InputError(f"labelled case '{cid}': the label has non-integer values (a label map holds class indices)")
+        lo, hi = lab.min(), lab.max()
+        if lo < 0 or hi > self.max_class:
+            raise InputError(
+                f"labelled case '{cid}': label values span {lo}..{hi}, outside the classes 0..{self.max_class} "
+                f"({', '.join(f'{k}={v}' for k, v in self.classes.items())})"
+            )
+        if hi == 0:
+            raise InputError(f"labelled case '{cid}': the label is empty (background only)")
+
+    def add_unlabeled(self, image, ijk_to_ras, case_id: Optional[str] = None) -> str:
+        cid = self._new_id(case_id, "unlabeled")
+        img = _check_image(f"unlabelled case '{cid}', image", image)
+        m = _check_matrix(f"unlabelled case '{cid}', geometry", ijk_to_ras)
+        self.unlabeled.append(Case(cid, img, m))
+        return cid
+
+    def counts(self) -> tuple:
+        return len(self.labeled), len(self.unlabeled)
+
+    def label_dtype(self):
+        return np.uint8 if self.max_class <= 255 else np.uint16
+
+    def label_array(self, case: Case) -> np.ndarray:
+        return np.ascontiguousarray(case.label, dtype=self.label_dtype())
+
+    def check_ready(self) -> None:
+        if not self.labeled:
+            raise InputError("no labelled case: add at least one image with its segmentation")
+
+
+def build_config(config: Optional[dict] = None, preset: Optional[str] = None, method: Optional[str] = None,
+                 sam_checkpoint: Optional[str] = None, use_sam: Optional[bool] = None, device: Optional[str] = None) -> dict:
+    """The JSON document for ``sfr_train_start``: a full config (has "version") with the given
+    fields replaced, or ``{"preset": NAME, ...overrides}``. The library rejects unknown keys."""
+    cfg = json.loads(json.dumps(config or {}))  # deep copy, and proves it is JSON
+    if preset is not None:
+        if "version" in cfg:
+            raise InputError("a full config (with \"version\") cannot be combined with a preset")
+        cfg["preset"] = preset
+    if method is not None:
+        cfg["method"] = method
+    if use_sam is not None:
+        cfg["sfr"] = bool(use_sam)
+    if device is not None:
+        cfg["device"] = device
+    if sam_checkpoint:
+        p = Path(sam_checkpoint).expanduser()
+        if not p.is_file():
+            raise InputError(f"SAM checkpoint {p} does not exist")
+        cfg.setdefault("sam", {})["checkpoint"] = str(p)
+    return cfg
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: an allocation that cannot fit must be an error message, not the out-of-memory killer
+# taking Slicer (and the unsaved scene) down.
+
+
+def available_memory_bytes() -> Optional[int]:
+    """``MemAvailable`` of /proc/meminfo (what can be allocated without swapping), or None where
+    the system does not say (then no check is made)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_memory(needed: int, what: str, hint: str = "", available: Optional[int] = None) -> None:
+    """Raises InputError when ``needed`` bytes are more than the memory available now."""
+    avail = available_memory_bytes() if available is None else available
+    if avail is not None and needed > avail:
+        raise InputError(
+            f"{what} needs about {_gb(needed)} of memory, but only {_gb(avail)} is available"
+            + (f": {hint}" if hint else "")
+        )
+
+
+# Bytes per voxel that training in Slicer's process adds (libsfr keeps each case as float32
+# image + uint8 label, and the training loads a z-scored float32 copy plus the label).
+NATIVE_TRAINING_BYTES_PER_VOXEL = 10
+# Worker mode: the NIfTI files are written from the arrays already held, one at a time.
+WORKER_TRAINING_BYTES_PER_VOXEL = 0
+
+
+def training_memory_bytes(data: "TrainingData", per_voxel: int) -> int:
+    return sum(c.image.size for c in data.labeled + data.unlabeled) * per_voxel

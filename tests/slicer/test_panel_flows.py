@@ -1,0 +1,382 @@
+"""The panel's flows (SFRSegmentation.py) end to end, with the real slicer-core scene, the real
+`sfr` tool (worker mode, the default) and *fake* Qt widgets.
+
+The fakes only hold values and record calls (no rendering, no Qt signals: the test calls the
+slots and the timer's slot itself), so this does not test Qt or the .ui layout; it runs the
+panel's own Python through its flows, which otherwise only a real Slicer would: one job at a
+time, the output selector following the input volume, Close Scene with a job running, undo."""
+import os
+import sys
+import time
+import types
+
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed: run scripts/setup.sh")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the 'slicer' module here has no MRML classes (not slicer-core)", allow_module_level=True)
+
+from conftest import MODULE_DIR, cli_path, library_path, oblique_matrix, phantom  # noqa: E402
+from SFRSegmentationLib import scene as sc  # noqa: E402
+
+M = oblique_matrix()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake widgets
+
+
+class Widget:
+    def __init__(self):
+        self.enabled = True
+        self.slots = {}
+        self.toolTip = ""
+
+    def connect(self, signal, slot):
+        self.slots.setdefault(signal, []).append(slot)
+
+    def emit(self, signal, *args):
+        for slot in self.slots.get(signal, []):
+            slot(*args)
+
+
+class Button(Widget):
+    def click(self):
+        if self.enabled:
+            self.emit("clicked()")
+
+
+class Combo(Widget):
+    def __init__(self):
+        super().__init__()
+        self.items = []
+        self.currentIndex = -1
+
+    def addItem(self, label, data):
+        self.items.append((label, data))
+        if self.currentIndex < 0:
+            self.currentIndex = 0
+
+    def findData(self, data):
+        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
+
+    def setCurrentIndex(self, i):
+        changed = i != self.currentIndex
+        self.currentIndex = i
+        if changed:
+            self.emit("currentIndexChanged(int)", i)
+
+    def itemData(self, i):
+        return self.items[i][1] if 0 <= i < len(self.items) else None
+
+
+class PathEdit(Widget):
+    def __init__(self):
+        super().__init__()
+        self.currentPath = ""
+        self.filters = None
+        self.nameFilters = []
+
+
+class NodeSelector(Widget):
+    def __init__(self):
+        super().__init__()
+        self.node = None
+
+    def currentNode(self):
+        return self.node
+
+    def setCurrentNode(self, node):
+        self.node = node
+        self.emit("currentNodeChanged(vtkMRMLNode*)", node)
+
+
+class CheckableSelector(Widget):
+    def __init__(self):
+        super().__init__()
+        self.nodes = []
+
+    def checkedNodes(self):
+        return list(self.nodes)
+
+
+class Table(Widget):
+    def __init__(self):
+        super().__init__()
+        self.rows = {}
+        self.rowCount = 0
+        self.selected = []
+
+    def setRowCount(self, n):
+        self.rowCount = n
+
+    def setItem(self, row, col, item):
+        self.rows.setdefault(row, {})[col] = item.text
+
+    def selectRow(self, row):
+        self.selected = [row]
+
+    def selectionModel(self):
+        table = self
+
+        class Model:
+            def selectedRows(self):
+                return [types.SimpleNamespace(row=lambda r=r: r) for r in table.selected]
+
+        return Model()
+
+    def horizontalHeader(self):
+        return types.SimpleNamespace(setStretchLastSection=lambda on: None)
+
+
+class Label(Widget):
+    def __init__(self):
+        super().__init__()
+        self.text = ""
+        self.styleSheet = ""
+
+
+class Progress(Widget):
+    def setValue(self, v):
+        self.value = v
+
+    def setMaximum(self, v):
+        self.maximum = v
+
+    def setFormat(self, f):
+        self.format = f
+
+
+class Log(Widget):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def appendPlainText(self, text):
+        self.lines.append(text)
+
+
+def make_ui():
+    ui = types.SimpleNamespace()
+    for name in ("modeComboBox", "methodComboBox", "presetComboBox"):
+        setattr(ui, name, Combo())
+    for name in ("libraryPathLineEdit", "modelsFolderLineEdit", "unlabeledFolderLineEdit", "samCheckpointLineEdit"):
+        setattr(ui, name, PathEdit())
+    for name in ("addPairButton", "removePairButton", "downloadSamButton", "trainButton", "cancelButton", "refreshModelsButton",
+                 "importModelButton", "removeModelButton", "segmentButton", "undoSegmentButton"):
+        setattr(ui, name, Button())
+    for name in ("labeledVolumeSelector", "labeledSegmentationSelector", "inputVolumeSelector", "outputSegmentationSelector"):
+        setattr(ui, name, NodeSelector())
+    ui.unlabeledVolumesSelector = CheckableSelector()
+    ui.labeledTable, ui.modelsTable = Table(), Table()
+    ui.libraryStatusLabel, ui.statusLabel = Label(), Label()
+    ui.progressBar = Progress()
+    ui.logTextEdit = Log()
+    ui.useSamCheckBox = types.SimpleNamespace(checked=True)
+    for name in ("setupCollapsibleButton", "progressCollapsibleButton"):
+        setattr(ui, name, types.SimpleNamespace(collapsed=True))
+    return ui
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake Qt modules, Slicer's application object, and the module under test
+
+
+@pytest.fixture
+def panel(monkeypatch, tmp_path):
+    scene = slicer.vtkMRMLScene()
+    qt = types.ModuleType("qt")
+
+    class QTimer:
+        def __init__(self):
+            self.active = False
+
+        def setInterval(self, ms):
+            pass
+
+        def connect(self, signal, slot):
+            self.slot = slot
+
+        def start(self):
+            self.active = True
+
+        def stop(self):
+            self.active = False
+
+        @staticmethod
+        def singleShot(ms, slot):
+            slot()
+
+    settings = {}
+
+    class QSettings:
+        def value(self, key):
+            return settings.get(key)
+
+        def setValue(self, key, value):
+            settings[key] = value
+
+    class QTableWidgetItem:
+        def __init__(self, text):
+            self.text = text
+
+        def setToolTip(self, text):
+            pass
+
+    qt.QTimer, qt.QSettings, qt.QTableWidgetItem = QTimer, QSettings, QTableWidgetItem
+    ctk = types.ModuleType("ctk")
+    ctk.ctkPathLineEdit = types.SimpleNamespace(Files=1, Dirs=2)
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.layout = types.SimpleNamespace(addWidget=lambda w: None)
+
+        def setup(self):
+            pass
+
+        def resourcePath(self, path):
+            return str(MODULE_DIR / "Resources" / path)
+
+    slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None})
+    slm.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
+    slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
+    slm.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    monkeypatch.setitem(sys.modules, "ctk", ctk)
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", slm)
+    monkeypatch.setattr(slicer, "ScriptedLoadableModule", slm, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        defaultScenePath=str(tmp_path), temporaryPath=str(tmp_path), cachePath=str(tmp_path)), raising=False)
+    ui = make_ui()
+    errors = []
+    monkeypatch.setattr(slicer.util, "loadUI", lambda path: types.SimpleNamespace(setMRMLScene=lambda s: None), raising=False)
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda w: ui, raising=False)
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, *a, **k: errors.append(text), raising=False)
+    monkeypatch.setattr(slicer.util, "warningDisplay", lambda text, *a, **k: errors.append(text), raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}, raising=False)
+    monkeypatch.setenv("SFR_CLI", str(cli_path()))
+    monkeypatch.setenv("SFR_LIBRARY", str(library_path()))
+    monkeypatch.syspath_prepend(str(MODULE_DIR))
+    sys.modules.pop("SFRSegmentation", None)
+    import SFRSegmentation as module
+
+    settings["SFRSegmentation/modelsFolder"] = str(tmp_path / "models")
+    settings["SFRSegmentation/preset"] = "test-tiny"
+    widget = module.SFRSegmentationWidget()
+    widget.setup()
+    widget.errors = errors
+    widget.scene = scene
+    yield widget
+    widget.cleanup()
+    sys.modules.pop("SFRSegmentation", None)
+    scene.Clear(1)
+
+
+def spin(widget, until, timeout=180.0):
+    t0 = time.time()
+    while not until():
+        widget.onTimer()
+        time.sleep(0.05)
+        assert time.time() - t0 < timeout, widget.ui.statusLabel.text
+        assert not widget.errors, widget.errors
+
+
+def labelled_scene(widget, n=2):
+    scene = widget.scene
+    for seed in range(n):
+        image, label = phantom(seed)
+        v = sc.add_volume(scene, image, M, f"labelled{seed}")
+        s = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"labels{seed}")
+        sc.apply_labels(label, v, {0: "background", 1: "blob"}, s)
+        widget.ui.labeledVolumeSelector.setCurrentNode(v)
+        widget.ui.labeledSegmentationSelector.setCurrentNode(s)
+        widget.ui.addPairButton.click()
+    widget.ui.unlabeledVolumesSelector.nodes = [sc.add_volume(scene, phantom(5)[0], M, "unlabelled")]
+
+
+def test_panel_opens_in_worker_mode_and_checks_the_tool_off_thread(panel):
+    ui = panel.ui
+    assert ui.modeComboBox.itemData(ui.modeComboBox.currentIndex) == "worker"
+    assert "checking its version" in ui.libraryStatusLabel.text
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    assert ui.libraryStatusLabel.text.startswith("SFR 0.1.") and "separate worker process" in ui.libraryStatusLabel.text
+    ui.modeComboBox.setCurrentIndex(ui.modeComboBox.findData("in-process"))
+    assert "loaded when the first job starts" in ui.libraryStatusLabel.text and "Warning" in ui.libraryStatusLabel.text
+    assert panel.logic.sfr._library is None  # choosing the mode loaded nothing
+
+
+def test_train_then_segment_one_job_at_a_time(panel):
+    ui = panel.ui
+    labelled_scene(panel)
+    assert ui.labeledTable.rowCount == 2 and ui.trainButton.enabled
+    ui.trainButton.click()
+    assert panel.busy and not ui.trainButton.enabled and not ui.segmentButton.enabled and ui.cancelButton.enabled
+    collector = panel.collector
+    ui.trainButton.click()  # a second click while busy starts nothing
+    assert panel.collector is collector and panel.job is None
+    spin(panel, lambda: not panel.busy)
+    assert any("model saved as" in line for line in ui.logTextEdit.lines), ui.logTextEdit.lines
+    assert len(panel.modelEntries) == 1 and ui.modelsTable.selected == [0]
+
+    image, truth = phantom(11)
+    target = sc.add_volume(panel.scene, image, M, "target")
+    other = sc.add_volume(panel.scene, phantom(12)[0], M, "other")
+    ui.inputVolumeSelector.setCurrentNode(target)
+    assert ui.outputSegmentationSelector.currentNode() is None  # create new
+    assert ui.segmentButton.enabled
+    ui.segmentButton.click()
+    assert panel.busy and not ui.segmentButton.enabled and not ui.trainButton.enabled
+    ui.segmentButton.click()
+    spin(panel, lambda: not panel.busy)
+    result = ui.outputSegmentationSelector.currentNode()
+    assert result is not None and result.GetName() == "target SFR"
+    names = [result.GetSegmentation().GetSegment(s).GetName() for s in result.GetSegmentation().GetSegmentIDs()]
+    assert names == ["blob"]
+    # The output follows the input: the next volume does not land in "target SFR".
+    ui.inputVolumeSelector.setCurrentNode(other)
+    assert ui.outputSegmentationSelector.currentNode() is None
+    ui.inputVolumeSelector.setCurrentNode(target)
+    assert ui.outputSegmentationSelector.currentNode() is result
+    # Undo removes the created node.
+    assert ui.undoSegmentButton.enabled
+    ui.undoSegmentButton.click()
+    assert result.GetScene() is None and not ui.undoSegmentButton.enabled
+
+
+def test_close_scene_during_a_segmentation_discards_its_result(panel):
+    ui = panel.ui
+    labelled_scene(panel)
+    ui.trainButton.click()
+    spin(panel, lambda: not panel.busy)
+    target = sc.add_volume(panel.scene, phantom(11)[0], M, "target")
+    ui.inputVolumeSelector.setCurrentNode(target)
+    ui.segmentButton.click()
+    assert panel.job is not None
+    panel.scene.Clear(0)  # File > Close Scene: fires StartCloseEvent / EndCloseEvent
+    assert ui.labeledTable.rowCount == 0 and len(panel.pairs) == 0 and panel.undoStack == []
+    fresh = sc.add_volume(panel.scene, phantom(3)[0], M, "fresh")  # may reuse the old IDs
+    t0 = time.time()
+    while panel.busy and time.time() - t0 < 120:
+        panel.onTimer()
+        time.sleep(0.05)
+    assert not panel.busy
+    assert panel.errors and "removed from the scene" in panel.errors[-1]
+    assert panel.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert fresh.GetScene() is not None
+
+
+def test_cancel_while_gathering_and_close_scene_while_gathering(panel):
+    ui = panel.ui
+    labelled_scene(panel)
+    ui.trainButton.click()
+    assert panel.collector is not None
+    ui.cancelButton.click()
+    assert not panel.busy and ui.trainButton.enabled
+    ui.trainButton.click()
+    panel.onTimer()  # one volume gathered
+    panel.scene.Clear(0)
+    assert not panel.busy and "scene was closed" in ui.statusLabel.text
+    assert not ui.trainButton.enabled  # no pairs left
+    assert panel.errors == []
