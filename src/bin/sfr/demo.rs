@@ -316,7 +316,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     for name in classes.values() {
         header += &format!(" {:>16}", format!("{name} Dice"));
     }
-    header += &format!(" {:>9}", "mean Dice");
+    header += &format!(" {:>10}", "mean Dice");
     for name in classes.values() {
         header += &format!(" {:>14}", format!("{name} HD95"));
     }
@@ -331,7 +331,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         for x in &summ {
             line += &format!(" {:>16}", format!("{:.2} ± {:.2}", 100.0 * x.dice_mean, 100.0 * x.dice_std));
         }
-        line += &format!(" {:>9.2}", 100.0 * mean_dice);
+        line += &format!(" {:>10.2}", 100.0 * mean_dice);
         for x in &summ {
             line += &format!(" {:>14}", fmt_opt(x.hd95_mean));
         }
@@ -351,6 +351,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     if let (Some(mt), Some(sfr)) = (scores.iter().find(|s| s.row.method == Method::MeanTeacher && !s.row.sfr), scores.iter().find(|s| s.row.sfr && !s.row.sfr_plus)) {
         meaning.push(verdict("SFR (mean teacher) vs mean teacher alone", paired_gain(sfr, mt)));
+    }
+    for s in &scores {
+        // A row that segments nothing scores 0 everywhere: say so, it reads differently from a
+        // poor segmentation.
+        if s.per_case.iter().all(|(_, m)| m.iter().all(|c| c.pred_voxels == 0)) {
+            meaning.push(format!("{}: predicted no foreground on any test case (background only)", s.row.name));
+        }
     }
     if let Some(s) = scores.iter().find(|s| s.row.sfr) {
         let ck = &s.sam["checkpoint"];
