@@ -197,16 +197,21 @@ fn paired_gain(a: &Scores, b: &Scores) -> (f64, f64) {
     (m, (var / n).sqrt())
 }
 
+/// Differences of mean Dice smaller than this (percentage points) are not called either way,
+/// however consistent: with a handful of test cases a tiny but uniform shift has a tiny
+/// standard error and would otherwise be announced as a gain.
+const MIN_CALLED_POINTS: f64 = 1.0;
+
 /// A sentence on one comparison, by the size of the paired difference against its standard error.
 fn verdict(what: &str, (m, se): (f64, f64)) -> String {
     let call = if !se.is_finite() {
         "one test case: no call"
-    } else if m > 2.0 * se {
+    } else if m > 2.0 * se && m >= MIN_CALLED_POINTS {
         "better on these test cases"
-    } else if m < -2.0 * se {
+    } else if m < -2.0 * se && m <= -MIN_CALLED_POINTS {
         "worse on these test cases"
     } else {
-        "no clear difference (within 2 standard errors)"
+        "no clear difference (within 2 standard errors, or under 1 point)"
     };
     format!("{what}: {m:+.1} points of mean Dice (paired over test cases, standard error {se:.1}): {call}")
 }
@@ -535,4 +540,52 @@ fn write_stitched_png(path: &Path, img: &Volume<f32>, label: &Volume<u8>) -> Res
     let min = sp[1].min(sp[2]);
     let (zr, zc) = (((base * sp[1] / min).round() as usize).max(1), ((base * sp[2] / min).round() as usize).max(1));
     write_canvas_png(path, &enlarge(&ci.view(), zr, zc).view(), Some(&enlarge(&cl.view(), zr, zc).view()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(dice: &[f64]) -> Scores {
+        let per_case = dice
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let m = ClassMetrics { class: 1, dice: d, jaccard: 0.0, asd: None, assd: None, hd: None, hd95: None, pred_voxels: 1, ref_voxels: 1 };
+                (format!("c{i}"), vec![m])
+            })
+            .collect();
+        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null }
+    }
+
+    #[test]
+    fn gains_are_paired_and_called_only_when_clear() {
+        let base = scores(&[0.50, 0.60, 0.70, 0.80]);
+        // +5 points on every case but one (+3): mean +4.5, small standard error -> better.
+        let up = scores(&[0.55, 0.65, 0.75, 0.83]);
+        let (m, se) = paired_gain(&up, &base);
+        assert!((m - 4.5).abs() < 1e-9 && se > 0.0 && se < 1.0, "{m} {se}");
+        assert!(verdict("x", (m, se)).ends_with("better on these test cases"));
+        assert!(verdict("x", paired_gain(&base, &up)).ends_with("worse on these test cases"));
+        // Large swings either way: within noise.
+        let noisy = scores(&[0.90, 0.30, 0.95, 0.55]);
+        assert!(verdict("x", paired_gain(&noisy, &base)).contains("no clear difference"));
+        // A tiny uniform shift has a tiny standard error but is not announced.
+        let tiny = scores(&[0.502, 0.602, 0.702, 0.802]);
+        assert!(verdict("x", paired_gain(&tiny, &base)).contains("no clear difference"));
+        assert!(verdict("x", paired_gain(&scores(&[0.9]), &scores(&[0.1]))).contains("no call"));
+    }
+
+    #[test]
+    fn centre_slice_follows_the_foreground() {
+        let mut l = ndarray::Array3::<u8>::zeros((10, 4, 4));
+        assert_eq!(centre_slice(&l), 5, "no foreground: the middle");
+        l[[2, 0, 0]] = 1;
+        l[[4, 1, 1]] = 2;
+        l[[9, 0, 0]] = LABEL_PAD; // padding is not foreground
+        assert_eq!(centre_slice(&l), 3);
+        assert_eq!(zoom_for(50, 40, [1.0, 1.0]), (4, 4));
+        assert_eq!(zoom_for(50, 40, [2.0, 1.0]), (8, 4), "pixel aspect kept");
+        assert_eq!(zoom_for(1000, 10, [1.0, 1.0]), (1, 1));
+    }
 }
