@@ -3,7 +3,8 @@
 //! The image is windowed to 8-bit grey; a label canvas, when given, is blended over it with a
 //! fixed colour per class. This is a picture, not data: use NIfTI to keep values.
 use crate::error::{Error, Result};
-use ndarray::ArrayView2;
+use crate::volume::Geometry;
+use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, Axis};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -154,10 +155,103 @@ pub fn write_canvas_png(path: impl AsRef<Path>, image: &ArrayView2<f32>, label: 
     Ok(())
 }
 
+/// The three planes of a viewer's slice views.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Axial,
+    Coronal,
+    Sagittal,
+}
+
+impl View {
+    pub const ALL: [View; 3] = [View::Axial, View::Coronal, View::Sagittal];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            View::Axial => "axial",
+            View::Coronal => "coronal",
+            View::Sagittal => "sagittal",
+        }
+    }
+
+    /// `(normal, down, right)` of the view as (LPS axis, sign): 3D Slicer's default slice views
+    /// (radiological convention). Axial: patient right on the screen's left, anterior up;
+    /// coronal: right on the left, superior up; sagittal: anterior on the left, superior up.
+    /// Normals point to superior, posterior, left (slices are ordered along them).
+    fn screen_axes(self) -> [(usize, f64); 3] {
+        match self {
+            View::Axial => [(2, 1.0), (1, 1.0), (0, 1.0)],
+            View::Coronal => [(1, 1.0), (2, -1.0), (0, 1.0)],
+            View::Sagittal => [(0, 1.0), (2, -1.0), (1, 1.0)],
+        }
+    }
+}
+
+/// For each LPS axis, the voxel axis (0 = i, 1 = j, 2 = k) closest to it: the permutation that
+/// maximises the summed |cosines| (so an oblique volume still maps each axis once, as a viewer's
+/// "closest plane" does).
+fn closest_voxel_axes(g: &Geometry) -> [usize; 3] {
+    const PERMS: [[usize; 3]; 6] = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+    let score = |p: &[usize; 3]| (0..3).map(|a| g.direction[3 * a + p[a]].abs()).sum::<f64>();
+    *PERMS.iter().max_by(|a, b| score(a).total_cmp(&score(b))).expect("six permutations")
+}
+
+/// `volume` (ndarray `[k, j, i]`) re-ordered for a view: axis 0 runs along the view's normal,
+/// axis 1 down the screen, axis 2 to the right, so that `result.index_axis(Axis(0), n)` is a
+/// slice as a viewer shows it (nearest plane, no resampling). Also returns the spacing (mm) of
+/// the three result axes. Only axes are permuted and flipped: the voxels are the volume's own.
+pub fn oriented<T: Clone>(volume: &ArrayView3<T>, geometry: &Geometry, view: View) -> (Array3<T>, [f64; 3]) {
+    let voxel_of_lps = closest_voxel_axes(geometry);
+    let mut axes = [0usize; 3];
+    let mut flip = [false; 3];
+    let mut spacing = [0f64; 3];
+    for (n, (lps, sign)) in view.screen_axes().into_iter().enumerate() {
+        let c = voxel_of_lps[lps];
+        axes[n] = 2 - c; // voxel axis c (i, j, k) is ndarray axis 2 - c
+        flip[n] = geometry.direction[3 * lps + c] * sign < 0.0;
+        spacing[n] = geometry.spacing[c];
+    }
+    let mut v = volume.view().permuted_axes(axes);
+    for (n, &f) in flip.iter().enumerate() {
+        if f {
+            v.invert_axis(Axis(n));
+        }
+    }
+    (v.as_standard_layout().into_owned(), spacing)
+}
+
+/// Nearest-neighbour enlargement by whole factors (rows, columns), for pictures of small slices.
+pub fn enlarge<T: Clone>(a: &ArrayView2<T>, rows: usize, cols: usize) -> Array2<T> {
+    let (rows, cols) = (rows.max(1), cols.max(1));
+    Array2::from_shape_fn((a.nrows() * rows, a.ncols() * cols), |(r, c)| a[[r / rows, c / cols]].clone())
+}
+
+/// Tiles laid out as a grid (`tiles[row][column]`), each centred in its cell, cells as large as
+/// the largest tile of their row and column, `gap` pixels of `pad` between and around them.
+/// Rows may have different lengths.
+pub fn tile_grid<T: Clone>(tiles: &[Vec<Array2<T>>], gap: usize, pad: T) -> Array2<T> {
+    let n_cols = tiles.iter().map(Vec::len).max().unwrap_or(0);
+    let row_h: Vec<usize> = tiles.iter().map(|r| r.iter().map(|t| t.nrows()).max().unwrap_or(0)).collect();
+    let col_w: Vec<usize> = (0..n_cols).map(|c| tiles.iter().filter_map(|r| r.get(c)).map(|t| t.ncols()).max().unwrap_or(0)).collect();
+    let h = row_h.iter().sum::<usize>() + gap * (tiles.len() + 1);
+    let w = col_w.iter().sum::<usize>() + gap * (n_cols + 1);
+    let mut out = Array2::from_elem((h, w), pad);
+    let mut y = gap;
+    for (r, row) in tiles.iter().enumerate() {
+        let mut x = gap;
+        for (c, t) in row.iter().enumerate() {
+            let (ty, tx) = (y + (row_h[r] - t.nrows()) / 2, x + (col_w[c] - t.ncols()) / 2);
+            out.slice_mut(s![ty..ty + t.nrows(), tx..tx + t.ncols()]).assign(t);
+            x += col_w[c] + gap;
+        }
+        y += row_h[r] + gap;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::Array2;
 
     fn decode(path: &Path) -> (png::OutputInfo, Vec<u8>) {
         let dec = png::Decoder::new(std::io::BufReader::new(File::open(path).unwrap()));
@@ -255,5 +349,87 @@ mod tests {
         let empty = Array2::<f32>::zeros((0, 4));
         assert!(write_canvas_png(dir.path().join("b.png"), &empty.view(), None).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+    /// Every signed axis permutation as a direction matrix (column c = direction of voxel axis c).
+    fn signed_permutations() -> Vec<[f64; 9]> {
+        let perms = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+        let mut out = vec![];
+        for p in perms {
+            for signs in 0..8 {
+                let mut d = [0.0; 9];
+                for c in 0..3 {
+                    d[3 * p[c] + c] = if signs >> c & 1 == 1 { -1.0 } else { 1.0 };
+                }
+                out.push(d);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn oriented_slices_run_along_the_viewer_axes_for_any_axis_order() {
+        // Each voxel holds its own linear index, so the reordered array says where it came from.
+        let (nz, ny, nx) = (3usize, 4usize, 5usize);
+        let vol = Array3::from_shape_fn((nz, ny, nx), |(k, j, i)| (k * ny * nx + j * nx + i) as u32);
+        for direction in signed_permutations() {
+            let g = Geometry { origin: [10.0, -3.0, 7.0], spacing: [1.0, 2.0, 3.0], direction };
+            let phys = |v: u32| {
+                let v = v as usize;
+                g.index_to_physical([(v % nx) as f64, (v / nx % ny) as f64, (v / (nx * ny)) as f64])
+            };
+            for view in View::ALL {
+                let (o, spacing) = oriented(&vol.view(), &g, view);
+                let axes = view.screen_axes();
+                assert_eq!(o.len(), vol.len());
+                for (n, &(lps, sign)) in axes.iter().enumerate() {
+                    assert!(o.shape()[n] >= 2);
+                    let mut a = [0usize; 3];
+                    let v0 = phys(o[a]);
+                    a[n] = 1;
+                    let v1 = phys(o[a]);
+                    // One step along result axis n moves one voxel along the view's axis, in its
+                    // direction, and nowhere else.
+                    for (q, (p0, p1)) in v0.iter().zip(&v1).enumerate() {
+                        let want = if q == lps { sign * spacing[n] } else { 0.0 };
+                        assert!((p1 - p0 - want).abs() < 1e-9, "{view:?} axis {n} direction {direction:?}: {v0:?} -> {v1:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn oriented_ras_identity_volume_flips_both_in_plane_axes() {
+        // The hippocampus files: RAS-aligned (LPS direction diag(-1, -1, 1)). A viewer shows the
+        // patient's right (i = 0) on the screen's right in axial slices and anterior (high j) up.
+        let vol = Array3::from_shape_fn((2, 3, 4), |(k, j, i)| (100 * k + 10 * j + i) as u16);
+        let g = Geometry { direction: [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0], ..Geometry::default() };
+        let (o, _) = oriented(&vol.view(), &g, View::Axial);
+        assert_eq!(o.shape(), &[2, 3, 4]);
+        assert_eq!(o[[0, 0, 0]], 23, "top left: highest j (anterior), highest i (patient left)");
+        assert_eq!(o[[1, 2, 3]], 100);
+        let (o, _) = oriented(&vol.view(), &g, View::Coronal);
+        assert_eq!(o.shape(), &[3, 2, 4]);
+        assert_eq!(o[[0, 0, 0]], 100 + 20 + 3, "slice 0 is the most anterior (j = 2); top row is superior");
+        let (o, _) = oriented(&vol.view(), &g, View::Sagittal);
+        assert_eq!(o.shape(), &[4, 2, 3]);
+        assert_eq!(o[[0, 0, 0]], 100 + 20 + 3, "anterior on the left, superior up; slice 0 is the patient's right");
+    }
+
+    #[test]
+    fn grid_centres_tiles_in_cells_with_gaps() {
+        let a = Array2::<u8>::from_elem((2, 3), 1);
+        let b = Array2::<u8>::from_elem((4, 1), 2);
+        let c = Array2::<u8>::from_elem((1, 1), 3);
+        let g = tile_grid(&[vec![a, b], vec![c]], 1, 0u8);
+        // Row heights 4 and 1, column widths 3 and 1, gaps of 1 around: 8 × 7.
+        assert_eq!(g.dim(), (1 + 4 + 1 + 1 + 1, 1 + 3 + 1 + 1 + 1));
+        assert_eq!(g.iter().filter(|&&v| v == 1).count(), 6);
+        assert_eq!(g[[2, 1]], 1, "a centred vertically in its 4-row cell");
+        assert_eq!((g[[1, 5]], g[[4, 5]]), (2, 2));
+        assert_eq!(g[[6, 2]], 3, "c centred in its 1×3 cell");
+        assert_eq!(g.row(0).sum(), 0);
+        let e = enlarge(&Array2::from_shape_vec((1, 2), vec![1u8, 2]).unwrap().view(), 2, 3);
+        assert_eq!(e, Array2::from_shape_vec((2, 6), vec![1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2]).unwrap());
     }
 }

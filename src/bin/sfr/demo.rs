@@ -1,36 +1,69 @@
-//! `sfr demo`: the main job on an embedded default. Makes a synthetic phantom dataset, trains
-//! with few labels — supervised (the lower bound), mean teacher, SFR(mean teacher) — and prints
-//! their Dice on held-out phantoms. Writes the data, the SFR model and an example segmentation so
-//! the user can open them (e.g. in 3D Slicer).
+//! `sfr demo`: the main job on real scans shipped with SFR. On the MSD hippocampus subset in
+//! `demo/hippocampus/` (or `--data`, or synthetic phantoms with `--synthetic`) it trains with few
+//! labels — supervised (the lower bound), mean teacher, SFR(mean teacher), and SFR+ on request —
+//! through the same `sfr::pipeline::train` as `sfr train`, with the same V-Net budget per row,
+//! scores every row on held-out test cases never touched in training, prints the table and what
+//! it says, and writes the SFR model, an example segmentation and pictures.
 use crate::progress::{run_job, ProgressMode};
 use clap::Args;
-use sfr::io::dataset::Dataset;
+use sfr::io::dataset::{Case, Dataset};
 use sfr::io::nifti;
+use sfr::io::png::{enlarge, oriented, tile_grid, write_canvas_png, View};
+use sfr::metrics::ClassMetrics;
 use sfr::model::SfrModel;
 use sfr::phantom::{write_dataset, PhantomSpec};
 use sfr::pipeline::config::{Method, TrainConfig};
 use sfr::pipeline::{evaluate_cases, summarize, RunOptions, TrainInputs};
-use sfr::Result;
-use std::path::PathBuf;
+use sfr::stitch::{stitch_image, stitch_labels, StitchLayout, LABEL_PAD};
+use sfr::volume::Volume;
+use sfr::{Error, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where the shipped demo data lives, relative to the repository.
+const DEMO_DATA: &str = "demo/hippocampus";
+
+/// V-Net iterations per row on real data. Sized so that the three default rows fit 10 minutes on
+/// a 2-core CPU when it is otherwise idle (README, "The demo": the per-iteration times measured).
+pub const REAL_ITERATIONS: usize = 600;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Output folder (data, models, example segmentation).
+    /// A Decathlon folder to run on [default: the hippocampus subset shipped in demo/hippocampus].
+    #[arg(long, conflicts_with = "synthetic")]
+    data: Option<PathBuf>,
+    /// Synthetic phantoms instead of real scans (easy: little for unlabelled data to add).
+    #[arg(long)]
+    synthetic: bool,
+    /// Output folder (model, example segmentation, pictures, results).
     #[arg(long, default_value = "sfr-demo")]
     out: PathBuf,
+    /// Labelled training cases: the first N of dataset.json.
     #[arg(long, default_value_t = 4)]
     labeled: usize,
-    #[arg(long, default_value_t = 12)]
-    unlabeled: usize,
-    #[arg(long, default_value_t = 8)]
-    test: usize,
-    /// V-Net iterations per method.
-    #[arg(long, default_value_t = 300)]
-    iterations: usize,
-    /// SAM fine-tuning iterations (SAM starts from scratch here: at 150 its pseudo-labels were
-    /// poor, SFR row 44% Dice; at 500, 92%).
-    #[arg(long, default_value_t = 500)]
-    sam_iterations: usize,
+    /// Unlabelled training cases: the next N (their labels are never read) [default: 20; 12 synthetic].
+    #[arg(long)]
+    unlabeled: Option<usize>,
+    /// Test cases: the last N of dataset.json, never touched in training [default: 12; 8 synthetic].
+    #[arg(long)]
+    test: Option<usize>,
+    /// V-Net iterations, the same for every row [default: 600 real, 300 synthetic].
+    #[arg(long)]
+    iterations: Option<usize>,
+    /// SAM fine-tuning iterations [default: the config's (cpu-small) on real data; 500 synthetic].
+    #[arg(long)]
+    sam_iterations: Option<usize>,
+    /// SAM checkpoint for the SFR rows (a file, or a name the library resolves) [default: the
+    /// config's choice].
+    #[arg(long)]
+    sam_checkpoint: Option<PathBuf>,
+    /// Add an SFR+ row (two more SAM fine-tuning rounds and one more V-Net training: past the
+    /// 10-minute budget on a 2-core CPU, hence off by default).
+    #[arg(long)]
+    sfr_plus: bool,
+    /// libtorch threads [default: libtorch's].
+    #[arg(long)]
+    threads: Option<usize>,
     #[arg(long, default_value_t = 2026)]
     seed: u64,
     #[arg(long, value_enum, default_value_t = ProgressMode::Bar)]
@@ -44,68 +77,515 @@ pub fn demo_spec() -> PhantomSpec {
     PhantomSpec { dims: [64, 64, 24], num_classes: 2, noise: 0.35 }
 }
 
-/// The demo's config: cpu-small's recipe sized for the phantoms (patch 64×64×16 stitched as a
-/// 4×4 grid on SAM's 256 canvas).
-pub fn demo_config(a: &DemoArgs, method: Method, sfr: bool) -> TrainConfig {
+/// One row of the table: a method, with or without SAM's pseudo-labels.
+#[derive(Clone, Copy)]
+struct Row {
+    name: &'static str,
+    method: Method,
+    sfr: bool,
+    sfr_plus: bool,
+}
+
+const ROWS: [Row; 4] = [
+    Row { name: "supervised (labels only)", method: Method::Supervised, sfr: false, sfr_plus: false },
+    Row { name: "mean teacher", method: Method::MeanTeacher, sfr: false, sfr_plus: false },
+    Row { name: "SFR (mean teacher)", method: Method::MeanTeacher, sfr: true, sfr_plus: false },
+    Row { name: "SFR+ (mean teacher)", method: Method::MeanTeacher, sfr: true, sfr_plus: true },
+];
+
+/// The row whose model the demo writes: SFR (mean teacher), the paper's main configuration.
+const SAVED_ROW: usize = 2;
+
+/// The one place where the demo chooses the SAM checkpoint of its SFR rows: `--sam-checkpoint`
+/// when given, else whatever the config (the library's preset) chooses. The library resolves
+/// what it names (a file, or a known name such as a cached pretrained SAM); a config without a
+/// checkpoint starts SAM from random weights, which the library logs loudly.
+fn choose_sam_checkpoint(c: &mut TrainConfig, a: &DemoArgs) {
+    if let Some(p) = &a.sam_checkpoint {
+        c.sam.checkpoint = Some(p.clone());
+    }
+}
+
+/// The config of a row on real data: the library's `cpu-small` recipe, as `sfr train --preset
+/// cpu-small` uses it, with the demo's V-Net budget. The consistency ramp-up keeps the preset's
+/// shape: its "epoch" is scaled with the iterations, so it ends at the same fraction of training.
+fn real_config(a: &DemoArgs, row: Row, iterations: usize) -> TrainConfig {
     let mut c = TrainConfig::cpu_small();
-    c.preset = "demo".into();
-    c.seed = a.seed;
-    c.method = method;
-    c.sfr = sfr;
-    c.patch = [64, 64, 16];
-    c.rot_flip = true; // phantoms have no left/right meaning
-    c.validation_cases = Some(0);
-    c.checkpoint_every = 0;
-    c.sam.iterations = a.sam_iterations;
-    c.vnet.iterations = a.iterations;
-    c.vnet.iterations_per_epoch = (a.iterations / 20).max(1);
-    c.inference.stride = [32, 32, 8];
+    let base = TrainConfig::cpu_small().vnet;
+    c.vnet.iterations = iterations;
+    c.vnet.iterations_per_epoch = ((base.iterations_per_epoch * iterations) as f64 / base.iterations as f64).round().max(1.0) as usize;
+    if let Some(s) = a.sam_iterations {
+        c.sam.iterations = s;
+    }
+    finish_config(&mut c, a, row);
     c
 }
 
+/// The config on phantoms: cpu-small's recipe sized for them (patch 64×64×16 stitched as a 4×4
+/// grid on SAM's 256 canvas; rot/flip on, phantoms have no left/right meaning).
+fn synthetic_config(a: &DemoArgs, row: Row, iterations: usize) -> TrainConfig {
+    let mut c = TrainConfig::cpu_small();
+    c.preset = "demo-synthetic".into();
+    c.patch = [64, 64, 16];
+    c.rot_flip = true;
+    c.sam.iterations = a.sam_iterations.unwrap_or(500);
+    c.vnet.iterations = iterations;
+    c.vnet.iterations_per_epoch = (iterations / 20).max(1);
+    c.inference.stride = [32, 32, 8];
+    finish_config(&mut c, a, row);
+    c
+}
+
+fn finish_config(c: &mut TrainConfig, a: &DemoArgs, row: Row) {
+    c.seed = a.seed;
+    c.method = row.method;
+    c.sfr = row.sfr;
+    c.sfr_plus.enabled = row.sfr_plus;
+    // A demo is not resumed: no checkpoints to write.
+    c.checkpoint_every = 0;
+    if let Some(t) = a.threads {
+        c.threads = t;
+    }
+    choose_sam_checkpoint(c, a);
+}
+
+/// The shipped demo data: beside the repository the binary was built in (`target/release/sfr`
+/// -> `demo/hippocampus`), an installed `share/sfr/`, or the source tree it was compiled from.
+fn default_data() -> Result<PathBuf> {
+    let mut candidates = vec![];
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("../..").join(DEMO_DATA));
+            candidates.push(dir.join("../share/sfr").join(DEMO_DATA));
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(DEMO_DATA));
+    let found = candidates.iter().find(|c| c.join("dataset.json").is_file());
+    // Canonical, so that printed paths read `…/demo/hippocampus`, not `…/release/../../demo`.
+    found.map(|c| std::fs::canonicalize(c).unwrap_or_else(|_| c.clone())).ok_or_else(|| {
+        let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
+        Error::invalid(format!("the demo data ({DEMO_DATA}/dataset.json) was not found; tried {}; pass --data DIR", tried.join(", ")))
+    })
+}
+
+fn create_dir(d: &Path) -> Result<()> {
+    std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))
+}
+
+/// Per-class Dice (%) and HD95 (mm) of one row over the test cases.
+struct Scores {
+    row: Row,
+    per_case: Vec<(String, Vec<ClassMetrics>)>,
+    train_s: f64,
+    sam: serde_json::Value,
+}
+
+impl Scores {
+    /// Mean Dice over classes, per case, in test-case order.
+    fn case_mean_dice(&self) -> Vec<f64> {
+        self.per_case.iter().map(|(_, m)| m.iter().map(|c| c.dice).sum::<f64>() / m.len().max(1) as f64).collect()
+    }
+}
+
+/// Paired difference of mean Dice (percentage points) of `a` over `b` across the same test
+/// cases: (mean, standard error).
+fn paired_gain(a: &Scores, b: &Scores) -> (f64, f64) {
+    let d: Vec<f64> = a.case_mean_dice().iter().zip(b.case_mean_dice()).map(|(x, y)| 100.0 * (x - y)).collect();
+    let n = d.len() as f64;
+    let m = d.iter().sum::<f64>() / n;
+    let var = if d.len() > 1 { d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0) } else { f64::NAN };
+    (m, (var / n).sqrt())
+}
+
+/// Differences of mean Dice smaller than this (percentage points) are not called either way,
+/// however consistent: with a handful of test cases a tiny but uniform shift has a tiny
+/// standard error and would otherwise be announced as a gain.
+const MIN_CALLED_POINTS: f64 = 1.0;
+
+/// A sentence on one comparison, by the size of the paired difference against its standard error.
+fn verdict(what: &str, (m, se): (f64, f64)) -> String {
+    let call = if !se.is_finite() {
+        "one test case: no call"
+    } else if m > 2.0 * se && m >= MIN_CALLED_POINTS {
+        "better on these test cases"
+    } else if m < -2.0 * se && m <= -MIN_CALLED_POINTS {
+        "worse on these test cases"
+    } else {
+        "no clear difference (within 2 standard errors, or under 1 point)"
+    };
+    format!("{what}: {m:+.1} points of mean Dice (paired over test cases, standard error {se:.1}): {call}")
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|h| format!("{h:.2}")).unwrap_or_else(|| "-".into())
+}
+
 pub fn run(a: DemoArgs) -> Result<()> {
-    let data_dir = a.out.join("data");
-    let spec = demo_spec();
-    let n = a.labeled + a.unlabeled + a.test;
-    eprintln!("== making {n} synthetic phantoms ({:?} voxels, noise, bias field) in {}", spec.dims, data_dir.display());
-    write_dataset(&data_dir, n, &spec, a.seed)?;
+    create_dir(&a.out)?;
+    let (data_dir, unlabeled_n, test_n, iterations) = if a.synthetic {
+        let dir = a.out.join("data");
+        let (u, t) = (a.unlabeled.unwrap_or(12), a.test.unwrap_or(8));
+        let n = a.labeled + u + t;
+        let spec = demo_spec();
+        eprintln!("== making {n} synthetic phantoms ({:?} voxels, noise, bias field) in {}", spec.dims, dir.display());
+        write_dataset(&dir, n, &spec, a.seed)?;
+        (dir, u, t, a.iterations.unwrap_or(300))
+    } else {
+        let dir = match &a.data {
+            Some(d) => d.clone(),
+            None => default_data()?,
+        };
+        (dir, a.unlabeled.unwrap_or(20), a.test.unwrap_or(12), a.iterations.unwrap_or(REAL_ITERATIONS))
+    };
     let ds = Dataset::open(&data_dir)?;
+    let total = ds.training.len();
+    if a.labeled == 0 || unlabeled_n == 0 || test_n == 0 {
+        return Err(Error::invalid("the demo needs at least one labelled, one unlabelled and one test case"));
+    }
+    if a.labeled + unlabeled_n + test_n > total {
+        return Err(Error::invalid(format!(
+            "{}: {} labelled + {unlabeled_n} unlabelled + {test_n} test cases asked for, but dataset.json lists {total}",
+            data_dir.display(),
+            a.labeled
+        )));
+    }
     let (labeled, rest) = ds.split_first(a.labeled)?;
-    let unlabeled = rest[..a.unlabeled].to_vec();
-    // Test cases keep their labels: they are only ever used for evaluation.
-    let test = ds.training[a.labeled + a.unlabeled..].to_vec();
-    let runs = [("supervised (lower bound)", Method::Supervised, false), ("mean teacher", Method::MeanTeacher, false), ("SFR (mean teacher)", Method::MeanTeacher, true)];
-    let mut table = vec![];
-    let mut last_model: Option<SfrModel> = None;
-    for (name, method, sfr) in runs {
-        let cfg = demo_config(&a, method, sfr);
-        eprintln!("== training: {name} ({} labelled, {} unlabelled)", labeled.len(), if method == Method::Supervised && !sfr { 0 } else { unlabeled.len() });
-        let inputs = TrainInputs { labeled: sfr::pipeline::sources(&labeled), unlabeled: sfr::pipeline::sources(&unlabeled), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
+    // Unlabelled cases come without their label path (split_first drops it): never read.
+    let unlabeled: Vec<Case> = rest[..unlabeled_n].to_vec();
+    // The test cases are the last ones of the list, so that they stay the same whatever the
+    // other counts; they keep their labels, used only to score.
+    let test: Vec<Case> = ds.training[total - test_n..].to_vec();
+    if let Some(c) = test.iter().find(|c| c.label.is_none()) {
+        return Err(Error::invalid(format!("{}: test case {} has no label to score against", data_dir.display(), c.id)));
+    }
+    let rows: Vec<Row> = ROWS.iter().copied().filter(|r| !r.sfr_plus || a.sfr_plus).collect();
+    let what = if a.synthetic { "synthetic phantoms".to_string() } else { format!("{} ({})", ds.name, data_dir.display()) };
+    eprintln!(
+        "== {what}: {} labelled ({} ... {}), {} unlabelled, {} test cases; {} rows, {iterations} V-Net iterations each",
+        labeled.len(),
+        labeled[0].id,
+        labeled[labeled.len() - 1].id,
+        unlabeled.len(),
+        test.len(),
+        rows.len()
+    );
+
+    let work = a.out.join("work");
+    let mut scores: Vec<Scores> = vec![];
+    let mut models: Vec<SfrModel> = vec![];
+    let mut pseudo_dir: Option<PathBuf> = None;
+    let demo_start = std::time::Instant::now();
+    for (n, &row) in rows.iter().enumerate() {
+        let cfg = if a.synthetic { synthetic_config(&a, row, iterations) } else { real_config(&a, row, iterations) };
+        eprintln!("== [{}/{}] training: {}", n + 1, rows.len(), row.name);
+        // The first SFR row keeps SAM's pseudo-labels on disk, for the picture.
+        let opts = if row.sfr && pseudo_dir.is_none() {
+            let d = work.join(cfg.method.name());
+            pseudo_dir = Some(d.join("pseudo"));
+            RunOptions { work_dir: Some(d), resume: false, write_pseudo_labels: true }
+        } else {
+            RunOptions::default()
+        };
+        let inputs = TrainInputs {
+            labeled: sfr::pipeline::sources(&labeled),
+            unlabeled: sfr::pipeline::sources(&unlabeled),
+            classes: ds.labels.clone(),
+            dataset_name: ds.name.clone(),
+        };
         let t = std::time::Instant::now();
-        let model = run_job(a.progress, move |r| sfr::pipeline::train(&cfg, &inputs, &RunOptions::default(), r))?;
-        let secs = t.elapsed().as_secs_f64();
+        let model = run_job(a.progress, move |r| sfr::pipeline::train(&cfg, &inputs, &opts, r))?;
+        let train_s = t.elapsed().as_secs_f64();
         let per_case = evaluate_cases(&model, &test, None)?;
-        let rows: Vec<_> = per_case.iter().map(|(_, m)| m.clone()).collect();
-        let s = summarize(&rows, &ds.labels);
-        table.push((name, s[0].dice_mean, s[0].dice_std, s[0].hd95_mean, secs));
-        last_model = Some(model);
+        let sam = model.meta.training["sam"].clone();
+        scores.push(Scores { row, per_case, train_s, sam });
+        models.push(model);
     }
+    let total_s = demo_start.elapsed().as_secs_f64();
+
+    // The table.
+    let classes: BTreeMap<u16, String> = ds.labels.iter().filter(|(&c, _)| c != 0).map(|(&c, n)| (c, n.clone())).collect();
+    let mut text = String::new();
+    text += &format!(
+        "{} held-out test cases of {}: Dice (%) mean ± std over cases, HD95 (mm) mean\n",
+        test.len(),
+        if a.synthetic { "synthetic phantoms".into() } else { ds.name.clone() }
+    );
+    text += &format!(
+        "training: {} labelled + {} unlabelled cases; every row {} V-Net iterations; seed {}\n",
+        labeled.len(),
+        unlabeled.len(),
+        iterations,
+        a.seed
+    );
+    let mut header = format!("{:<26}", "method");
+    for name in classes.values() {
+        header += &format!(" {:>16}", format!("{name} Dice"));
+    }
+    header += &format!(" {:>10}", "mean Dice");
+    for name in classes.values() {
+        header += &format!(" {:>14}", format!("{name} HD95"));
+    }
+    header += &format!(" {:>8}\n", "train s");
+    text += &header;
+    let mut json_rows = vec![];
+    for s in &scores {
+        let rows: Vec<Vec<ClassMetrics>> = s.per_case.iter().map(|(_, m)| m.clone()).collect();
+        let summ = summarize(&rows, &ds.labels);
+        let mean_dice = summ.iter().map(|x| x.dice_mean).sum::<f64>() / summ.len().max(1) as f64;
+        let mut line = format!("{:<26}", s.row.name);
+        for x in &summ {
+            line += &format!(" {:>16}", format!("{:.2} ± {:.2}", 100.0 * x.dice_mean, 100.0 * x.dice_std));
+        }
+        line += &format!(" {:>10.2}", 100.0 * mean_dice);
+        for x in &summ {
+            line += &format!(" {:>14}", fmt_opt(x.hd95_mean));
+        }
+        line += &format!(" {:>8.0}\n", s.train_s);
+        text += &line;
+        json_rows.push(serde_json::json!({
+            "name": s.row.name, "method": s.row.method.name(), "sfr": s.row.sfr, "sfr_plus": s.row.sfr_plus,
+            "mean_dice": mean_dice, "classes": summ, "train_seconds": s.train_s, "sam": s.sam,
+            "per_case": s.per_case.iter().map(|(id, m)| serde_json::json!({"id": id, "metrics": m})).collect::<Vec<_>>(),
+        }));
+    }
+    // What the table says, from the numbers as measured.
+    let mut meaning = vec![];
+    let sup = &scores[0];
+    for s in &scores[1..] {
+        meaning.push(verdict(&format!("{} vs supervised", s.row.name), paired_gain(s, sup)));
+    }
+    if let (Some(mt), Some(sfr)) = (scores.iter().find(|s| s.row.method == Method::MeanTeacher && !s.row.sfr), scores.iter().find(|s| s.row.sfr && !s.row.sfr_plus)) {
+        meaning.push(verdict("SFR (mean teacher) vs mean teacher alone", paired_gain(sfr, mt)));
+    }
+    for s in &scores {
+        // A row that segments nothing scores 0 everywhere: say so, it reads differently from a
+        // poor segmentation.
+        if s.per_case.iter().all(|(_, m)| m.iter().all(|c| c.pred_voxels == 0)) {
+            meaning.push(format!("{}: predicted no foreground on any test case (background only)", s.row.name));
+        }
+    }
+    if let Some(s) = scores.iter().find(|s| s.row.sfr) {
+        let ck = &s.sam["checkpoint"];
+        let conf = s.sam["mean_confidence"].as_f64().map(|c| format!(", mean pseudo-label confidence {c:.3}")).unwrap_or_default();
+        meaning.push(format!(
+            "SAM in the SFR rows: variant {}, {}{conf}",
+            s.sam["variant"].as_str().unwrap_or("?"),
+            if ck.is_null() { "no checkpoint (random initial weights: not pretrained)".to_string() } else { format!("checkpoint {}", ck.as_str().unwrap_or("?")) }
+        ));
+    }
+    meaning.push(format!(
+        "{} test cases are few: differences within about 2 standard errors are noise; one run, one seed.",
+        test.len()
+    ));
     println!();
-    println!("Dice on {} held-out phantoms ({} labelled, {} unlabelled training cases)", test.len(), a.labeled, a.unlabeled);
-    println!("{:<26} {:>16} {:>10} {:>10}", "method", "Dice (%)", "HD95 mm", "train s");
-    for (name, d, sd, hd, secs) in &table {
-        println!("{:<26} {:>9.2} ± {:<5.2} {:>10} {:>10.0}", name, 100.0 * d, 100.0 * sd, hd.map(|h| format!("{h:.2}")).unwrap_or("-".into()), secs);
+    print!("{text}");
+    println!();
+    for m in &meaning {
+        println!("- {m}");
     }
-    let model = last_model.expect("three runs");
+
+    // The SFR model and an example segmentation to open in 3D Slicer.
+    let saved = SAVED_ROW.min(models.len() - 1);
+    let model = &models[saved];
     let model_path = a.out.join("sfr_mean_teacher.sfrmodel");
     model.save(&model_path)?;
     let example = &test[0];
     let img = nifti::read(&example.image)?.cast::<f32>();
-    let (seg, _) = model.segment(&img, None)?;
-    let seg_path = a.out.join(format!("{}_segmentation.nii.gz", example.id));
-    nifti::write(&seg_path, &seg)?;
+    let truth = nifti::read(example.label.as_ref().expect("test cases have labels"))?.cast::<u8>();
+    let mut preds = vec![];
+    for m in &models {
+        preds.push(m.segment(&img, None)?.0);
+    }
+    let seg_path = a.out.join(format!("{}_sfr_segmentation.nii.gz", example.id));
+    nifti::write(&seg_path, &preds[saved])?;
+
+    // Pictures.
+    let pic_dir = a.out.join("pictures");
+    create_dir(&pic_dir)?;
+    let views_png = pic_dir.join(format!("{}_views.png", example.id));
+    write_views_png(&views_png, &img, &truth, &preds)?;
+    let pseudo_png = match (&pseudo_dir, unlabeled.first()) {
+        (Some(d), Some(u)) => {
+            let p = pic_dir.join(format!("{}_sam_pseudo_label.png", u.id));
+            let uimg = nifti::read(&u.image)?.cast::<f32>();
+            let ulab = nifti::read(d.join(format!("{}_pseudo.nii.gz", u.id)))?.cast::<u8>();
+            write_stitched_png(&p, &uimg, &ulab)?;
+            Some((u.id.clone(), p))
+        }
+        _ => None,
+    };
+
+    let results = serde_json::json!({
+        "data": data_dir.display().to_string(),
+        "dataset": ds.name,
+        "synthetic": a.synthetic,
+        "labeled": labeled.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        "unlabeled": unlabeled.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        "test": test.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        "vnet_iterations": iterations,
+        "seed": a.seed,
+        "total_seconds": total_s,
+        "rows": json_rows,
+        "meaning": meaning,
+        "saved_model": {"row": rows[saved].name, "path": model_path.display().to_string()},
+        "example_segmentation": seg_path.display().to_string(),
+        "pictures": {
+            "views": views_png.display().to_string(),
+            "sam_pseudo_label": pseudo_png.as_ref().map(|(_, p)| p.display().to_string()),
+        },
+    });
+    let results_json = a.out.join("results.json");
+    let body = serde_json::to_string_pretty(&results).map_err(|e| Error::invalid(e.to_string()))?;
+    std::fs::write(&results_json, body + "\n").map_err(|e| Error::io(&results_json, e))?;
+    let results_txt = a.out.join("results.txt");
+    std::fs::write(&results_txt, format!("{text}\n{}\n", meaning.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")))
+        .map_err(|e| Error::io(&results_txt, e))?;
+
+    let names: Vec<&str> = rows.iter().map(|r| r.name).collect();
     println!();
-    println!("model:        {}", model_path.display());
-    println!("example:      {} -> {}", example.image.display(), seg_path.display());
+    println!("whole demo: {total_s:.0} s of training and scoring");
+    println!("results:      {} (table), {} (per case)", results_txt.display(), results_json.display());
+    println!("model:        {} ({} row; open with SFR's 3D Slicer module or `sfr segment`)", model_path.display(), rows[saved].name);
+    println!("example:      {} -> {} (open both in 3D Slicer)", example.image.display(), seg_path.display());
+    println!(
+        "picture:      {} — test case {}: rows axial, coronal, sagittal (as 3D Slicer shows them); columns image, ground truth, {}",
+        views_png.display(),
+        example.id,
+        names.join(", ")
+    );
+    if let Some((id, p)) = &pseudo_png {
+        println!("picture:      {} — unlabelled case {id}, axial slices stitched, SAM's pseudo-label overlaid", p.display());
+    }
+    println!("colours:      {}", class_legend(&classes));
     Ok(())
+}
+
+fn class_legend(classes: &BTreeMap<u16, String>) -> String {
+    const NAMES: [&str; 4] = ["red", "green", "yellow", "blue"];
+    classes
+        .iter()
+        .map(|(&c, n)| format!("{} = {n}", NAMES.get((c as usize - 1) % sfr::io::png::CLASS_COLOURS.len()).copied().unwrap_or("other")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Whole-number enlargement so that a slice of `h × w` pixels is about 200 pixels across,
+/// keeping the pixel aspect of `spacing` (rows, columns).
+fn zoom_for(h: usize, w: usize, spacing: [f64; 2]) -> (usize, usize) {
+    let base = (200 / h.max(w).max(1)).clamp(1, 8) as f64;
+    let min = spacing[0].min(spacing[1]);
+    (((base * spacing[0] / min).round() as usize).max(1), ((base * spacing[1] / min).round() as usize).max(1))
+}
+
+/// Index (along a view's normal) of the slice through the centre of the foreground of `label`,
+/// or the middle slice when there is none.
+fn centre_slice(label: &ndarray::Array3<u8>) -> usize {
+    let (mut sum, mut n) = (0usize, 0usize);
+    for ((k, _, _), &v) in label.indexed_iter() {
+        if v != 0 && v != LABEL_PAD {
+            sum += k;
+            n += 1;
+        }
+    }
+    if n == 0 {
+        label.shape()[0] / 2
+    } else {
+        (sum as f64 / n as f64).round() as usize
+    }
+}
+
+/// One test case as a grid: rows axial, coronal, sagittal through the centre of the ground
+/// truth; columns the image, the ground truth, and each prediction, overlaid.
+fn write_views_png(path: &Path, img: &Volume<f32>, truth: &Volume<u8>, preds: &[Volume<u8>]) -> Result<()> {
+    let mut image_tiles = vec![];
+    let mut label_tiles = vec![];
+    for view in View::ALL {
+        let (im, sp) = oriented(&img.data.view(), &img.geometry, view);
+        let (gt, _) = oriented(&truth.data.view(), &truth.geometry, view);
+        let n = centre_slice(&gt);
+        let (h, w) = (im.shape()[1], im.shape()[2]);
+        let (zr, zc) = zoom_for(h, w, [sp[1], sp[2]]);
+        let slice_im = enlarge(&im.index_axis(ndarray::Axis(0), n), zr, zc);
+        let mut labs = vec![ndarray::Array2::<u8>::zeros((h, w))];
+        labs.push(gt.index_axis(ndarray::Axis(0), n).to_owned());
+        for p in preds {
+            labs.push(oriented(&p.data.view(), &p.geometry, view).0.index_axis(ndarray::Axis(0), n).to_owned());
+        }
+        image_tiles.push(vec![slice_im; labs.len()]);
+        label_tiles.push(labs.iter().map(|l| enlarge(&l.view(), zr, zc)).collect::<Vec<_>>());
+    }
+    let image = tile_grid(&image_tiles, 4, 0.0f32);
+    let label = tile_grid(&label_tiles, 4, LABEL_PAD);
+    write_canvas_png(path, &image.view(), Some(&label.view()))
+}
+
+/// An unlabelled case's axial slices (as a viewer shows them) stitched on the smallest square
+/// canvas that holds them all, with SAM's pseudo-label overlaid.
+fn write_stitched_png(path: &Path, img: &Volume<f32>, label: &Volume<u8>) -> Result<()> {
+    if img.dims() != label.dims() {
+        return Err(Error::invalid(format!("{}: pseudo-label dims {:?} differ from the image's {:?}", path.display(), label.dims(), img.dims())));
+    }
+    let (im, sp) = oriented(&img.data.view(), &img.geometry, View::Axial);
+    let (lab, _) = oriented(&label.data.view(), &label.geometry, View::Axial);
+    let [d, h, w] = [im.shape()[0], im.shape()[1], im.shape()[2]];
+    let mut canvas = 64;
+    while canvas < 4096 && StitchLayout::max_slices(h, w, canvas).map_or(true, |m| m < d) {
+        canvas += 64;
+    }
+    let layout = StitchLayout::for_shape(im.shape(), canvas)?;
+    let ci = stitch_image(&im.view(), &layout)?;
+    let cl = stitch_labels(&lab.view(), &layout)?;
+    // About 800 pixels across, keeping the pixel aspect.
+    let base = (800 / canvas).clamp(1, 8) as f64;
+    let min = sp[1].min(sp[2]);
+    let (zr, zc) = (((base * sp[1] / min).round() as usize).max(1), ((base * sp[2] / min).round() as usize).max(1));
+    write_canvas_png(path, &enlarge(&ci.view(), zr, zc).view(), Some(&enlarge(&cl.view(), zr, zc).view()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scores(dice: &[f64]) -> Scores {
+        let per_case = dice
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let m = ClassMetrics { class: 1, dice: d, jaccard: 0.0, asd: None, assd: None, hd: None, hd95: None, pred_voxels: 1, ref_voxels: 1 };
+                (format!("c{i}"), vec![m])
+            })
+            .collect();
+        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null }
+    }
+
+    #[test]
+    fn gains_are_paired_and_called_only_when_clear() {
+        let base = scores(&[0.50, 0.60, 0.70, 0.80]);
+        // +5 points on every case but one (+3): mean +4.5, small standard error -> better.
+        let up = scores(&[0.55, 0.65, 0.75, 0.83]);
+        let (m, se) = paired_gain(&up, &base);
+        assert!((m - 4.5).abs() < 1e-9 && se > 0.0 && se < 1.0, "{m} {se}");
+        assert!(verdict("x", (m, se)).ends_with("better on these test cases"));
+        assert!(verdict("x", paired_gain(&base, &up)).ends_with("worse on these test cases"));
+        // Large swings either way: within noise.
+        let noisy = scores(&[0.90, 0.30, 0.95, 0.55]);
+        assert!(verdict("x", paired_gain(&noisy, &base)).contains("no clear difference"));
+        // A tiny uniform shift has a tiny standard error but is not announced.
+        let tiny = scores(&[0.502, 0.602, 0.702, 0.802]);
+        assert!(verdict("x", paired_gain(&tiny, &base)).contains("no clear difference"));
+        assert!(verdict("x", paired_gain(&scores(&[0.9]), &scores(&[0.1]))).contains("no call"));
+    }
+
+    #[test]
+    fn centre_slice_follows_the_foreground() {
+        let mut l = ndarray::Array3::<u8>::zeros((10, 4, 4));
+        assert_eq!(centre_slice(&l), 5, "no foreground: the middle");
+        l[[2, 0, 0]] = 1;
+        l[[4, 1, 1]] = 2;
+        l[[9, 0, 0]] = LABEL_PAD; // padding is not foreground
+        assert_eq!(centre_slice(&l), 3);
+        assert_eq!(zoom_for(50, 40, [1.0, 1.0]), (4, 4));
+        assert_eq!(zoom_for(50, 40, [2.0, 1.0]), (8, 4), "pixel aspect kept");
+        assert_eq!(zoom_for(1000, 10, [1.0, 1.0]), (1, 1));
+    }
 }

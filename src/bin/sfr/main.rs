@@ -45,7 +45,7 @@ enum Command {
     Segment(SegmentArgs),
     /// Segment labelled cases and report Dice, Jaccard, ASD, HD95 per class.
     Evaluate(EvaluateArgs),
-    /// Train on synthetic phantoms and compare supervised, mean teacher and SFR(mean teacher).
+    /// Train on real MRI shipped with SFR (MSD hippocampus subset) with few labels; compare supervised, mean teacher, SFR and SFR+ on held-out cases; write the model, a segmentation and pictures.
     Demo(demo::DemoArgs),
     /// Run the benchmarks and print one JSON object.
     Bench {
