@@ -19,7 +19,9 @@ use crate::infer::{argmax, SlidingWindow, Weighting};
 use crate::job::Reporter;
 use crate::nn::loss::ce_dice;
 use crate::nn::lora::Lora;
-use crate::nn::sam::{class_probabilities, upscale_logits, HeadPolicy, Sam, SamConfig};
+use crate::nn::sam::checkpoint::{self, Resolved};
+use crate::nn::sam::{class_probabilities, detect_config, upscale_logits, HeadPolicy, Sam, SamConfig};
+use std::collections::HashMap;
 use crate::pipeline::config::TrainConfig;
 use crate::pipeline::data::{random_bezier, random_crop, random_rot_flip, Rng, Sample};
 use crate::stitch::{stitch_image, stitch_labels, unstitch_probabilities, StitchLayout};
@@ -34,6 +36,8 @@ pub struct SamModule {
     pub sam: Sam,
     pub lora: Lora,
     pub layout: StitchLayout,
+    /// The checkpoint SAM was loaded from (None = random weights).
+    pub checkpoint: Option<Resolved>,
 }
 
 /// A labelled volume for fine-tuning: image and (pseudo-)label.
@@ -55,19 +59,36 @@ impl SamModule {
     /// loading the checkpoint when one is given.
     pub fn new(cfg: &TrainConfig, num_classes: usize, device: Device, reporter: &Reporter) -> Result<SamModule> {
         let s = &cfg.sam;
-        let scfg = SamConfig::from_name(&s.variant)?.with_num_classes(num_classes as i64 - 1).with_image_size(s.image_size as i64);
         let patch = cfg.patch_zyx();
         let layout = StitchLayout::for_shape(&patch, s.image_size)
             .map_err(|e| Error::invalid(format!("config: the patch {:?} cannot be stitched at sam.image_size {}: {e}", cfg.patch, s.image_size)))?;
+        // The checkpoint (see nn::sam::checkpoint for the order) decides the variant when it is
+        // `auto`; without one, `auto` is the small `tiny` ViT, the only one cheap enough to train
+        // from scratch on a CPU.
+        let resolved = checkpoint::resolve(s.checkpoint.as_deref(), &s.variant)?;
+        let (file, base) = match &resolved {
+            Some(r) => {
+                let tensors: HashMap<String, Tensor> = crate::nn::weights::load_tensors(&r.path)?.into_iter().collect();
+                let base = if s.variant == "auto" {
+                    detect_config(&tensors).ok_or_else(|| Error::format(&r.path, "not a SAM state dict (no image_encoder.* / mask_decoder.mask_tokens.weight keys of SAM, MobileSAM or LiteMedSAM)"))?
+                } else {
+                    SamConfig::from_name(&s.variant)?
+                };
+                (Some((r, tensors)), base)
+            }
+            None => (None, SamConfig::from_name(if s.variant == "auto" { "tiny" } else { &s.variant })?),
+        };
+        let scfg = base.with_num_classes(num_classes as i64 - 1).with_image_size(s.image_size as i64);
         let vs = nn::VarStore::new(device);
         let sam = Sam::new(&vs.root(), &scfg)?;
-        let pretrained = match &s.checkpoint {
-            Some(ck) => {
-                let report = sam.load_checkpoint(ck, HeadPolicy::ReinitMismatched)?;
+        let pretrained = match file {
+            Some((r, tensors)) => {
+                let report = sam.load_tensors(tensors.into_iter().collect(), &r.path, HeadPolicy::ReinitMismatched)?;
                 reporter.message(&format!(
-                    "SAM {} loaded from {} ({} tensors; {} resized for image size {}; {} decoder-head tensors re-initialised for {} classes)",
-                    s.variant,
-                    ck.display(),
+                    "SAM {} loaded from {} ({}; {} tensors; {} resized for image size {}; {} decoder-head tensors re-initialised for {} classes)",
+                    scfg.name,
+                    r.path.display(),
+                    r.source,
                     report.loaded,
                     report.resized.len(),
                     s.image_size,
@@ -77,12 +98,8 @@ impl SamModule {
                 true
             }
             None => {
-                log::warn!(
-                    "NO SAM CHECKPOINT: SAM '{}' starts from RANDOM weights and its encoder is trained from scratch; \
-                     pseudo-labels will be far weaker than with a pretrained SAM (pass --sam-checkpoint sam_vit_b_01ec64.pth)",
-                    s.variant
-                );
-                reporter.message("no SAM checkpoint given: SAM starts from random weights (see the log)");
+                log::warn!("{}", checkpoint::random_warning(&scfg.name));
+                reporter.message(&format!("no SAM checkpoint: SAM '{}' starts from RANDOM weights (see the log; ./scripts/setup.sh fetches LiteMedSAM)", scfg.name));
                 false
             }
         };
@@ -90,7 +107,7 @@ impl SamModule {
         if !pretrained {
             sam.set_image_encoder_trainable(true);
         }
-        Ok(SamModule { vs, sam, lora, layout })
+        Ok(SamModule { vs, sam, lora, layout, checkpoint: resolved })
     }
 
     /// [B, 3, S, S] canvases of a batch of patches (grey repeated to 3 channels).
@@ -118,7 +135,7 @@ impl SamModule {
         reporter.stage(
             "finetune",
             iterations as u64,
-            &format!("SAM {} + LoRA r={} on {} stitched volumes ({}×{} grid on {}²)", s.variant, s.lora_rank, data.len(), self.layout.n_row, self.layout.n_col, size),
+            &format!("SAM {} + LoRA r={} on {} stitched volumes ({}×{} grid on {}²)", self.sam.cfg.name, s.lora_rank, data.len(), self.layout.n_row, self.layout.n_col, size),
         )?;
         for it in 0..iterations {
             opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
