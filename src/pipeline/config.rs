@@ -62,6 +62,13 @@ pub struct SamStage {
     pub lr: f64,
     pub weight_decay: f64,
     pub batch: usize,
+    /// 0: the paper's fine-tuning (LoRA on the encoder, every step encodes its canvases).
+    /// N > 0, with a pretrained SAM: the encoder stays frozen (no LoRA), N augmented canvases
+    /// are encoded once and the prompt encoder and mask decoder train on their cached
+    /// embeddings — on a CPU a step then costs a decoder pass instead of an encoder forward and
+    /// backward. Ignored (the paper's way) when SAM starts from random weights.
+    #[serde(default)]
+    pub frozen_encoder_canvases: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -163,6 +170,7 @@ impl TrainConfig {
                 lr: 1e-3,
                 weight_decay: 0.1,
                 batch: 2,
+                frozen_encoder_canvases: 0,
             },
             vnet: VNetStage {
                 n_filters: 16,
