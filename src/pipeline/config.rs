@@ -69,6 +69,11 @@ pub struct SamStage {
     /// backward. Ignored (the paper's way) when SAM starts from random weights.
     #[serde(default)]
     pub frozen_encoder_canvases: usize,
+    /// With a pretrained SAM: start every class's mask token, hypernetwork MLP and IoU row from
+    /// the checkpoint's single-mask token (false: heads that do not fit are re-initialised
+    /// randomly, SAMed's way).
+    #[serde(default)]
+    pub class_heads_from_mask_token: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,6 +176,7 @@ impl TrainConfig {
                 weight_decay: 0.1,
                 batch: 2,
                 frozen_encoder_canvases: 0,
+                class_heads_from_mask_token: false,
             },
             vnet: VNetStage {
                 n_filters: 16,

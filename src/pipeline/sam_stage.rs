@@ -89,7 +89,16 @@ impl SamModule {
         let sam = Sam::new(&vs.root(), &scfg)?;
         let pretrained = match file {
             Some((r, tensors)) => {
+                let heads: HashMap<String, Tensor> = if s.class_heads_from_mask_token {
+                    tensors.iter().filter(|(k, _)| crate::nn::sam::is_decoder_head(k)).map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+                } else {
+                    HashMap::new()
+                };
                 let report = sam.load_tensors(tensors.into_iter().collect(), &r.path, HeadPolicy::ReinitMismatched)?;
+                if s.class_heads_from_mask_token {
+                    sam.init_heads_from_token(&heads, &r.path, 0)?;
+                    reporter.message("every class head starts from the checkpoint's single-mask token");
+                }
                 reporter.message(&format!(
                     "SAM {} loaded from {} ({}; {} tensors; {} resized for image size {}; {} decoder-head tensors re-initialised for {} classes)",
                     scfg.name,

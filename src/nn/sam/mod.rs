@@ -594,6 +594,51 @@ impl Sam {
         Ok(report)
     }
 
+    /// Starts every mask token of the per-class decoder, with its hypernetwork MLP and IoU-head
+    /// row, as a copy of the checkpoint's mask token `token` (0 = the single-mask output, the
+    /// one LiteMedSAM was trained to produce). All classes then begin from the pretrained mask
+    /// head instead of random heads (which a pretrained decoder answers with near-constant
+    /// logits); the per-class loss separates them from the first step, as each token's
+    /// gradient follows its own class. Nothing is changed on error.
+    pub fn init_heads_from_token(&self, file: &HashMap<String, Tensor>, source: &Path, token: i64) -> Result<()> {
+        let get = |k: &str| file.get(k).ok_or_else(|| Error::format(source, format!("{k} is missing: cannot initialise the class heads from it")));
+        let tokens = get("mask_decoder.mask_tokens.weight")?;
+        if tokens.size().len() != 2 || token >= tokens.size()[0] || tokens.size()[1] != self.cfg.prompt_embed_dim {
+            return Err(Error::format(source, format!("mask_tokens {:?} has no token {token} of width {}", tokens.size(), self.cfg.prompt_embed_dim)));
+        }
+        let mut plan: Vec<(&Tensor, Tensor)> = Vec::new();
+        let n = self.cfg.num_mask_tokens();
+        let own = |k: &str| self.tensor(k).ok_or_else(|| Error::invalid(format!("SAM has no tensor {k}")));
+        plan.push((own("mask_decoder.mask_tokens.weight")?, tokens.get(token).unsqueeze(0).expand([n, -1], false)));
+        for i in 0..n {
+            for l in 0..3 {
+                for wb in ["weight", "bias"] {
+                    let from = get(&format!("mask_decoder.output_hypernetworks_mlps.{token}.layers.{l}.{wb}"))?;
+                    plan.push((own(&format!("mask_decoder.output_hypernetworks_mlps.{i}.layers.{l}.{wb}"))?, from.shallow_clone()));
+                }
+            }
+        }
+        let last = self.cfg.iou_head_depth - 1;
+        for wb in ["weight", "bias"] {
+            let k = format!("mask_decoder.iou_prediction_head.layers.{last}.{wb}");
+            let from = get(&k)?.get(token).unsqueeze(0);
+            let want = own(&k)?;
+            let shape: Vec<i64> = want.size();
+            plan.push((want, from.expand(shape.as_slice(), false)));
+        }
+        for (dst, src) in &plan {
+            if dst.size() != src.size() {
+                return Err(Error::format(source, format!("class-head init: shape {:?} in the file, {:?} in the model", src.size(), dst.size())));
+            }
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (dst, src) in plan {
+                dst.shallow_clone().f_copy_(&src.to_kind(dst.kind()).to_device(dst.device()))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Writes every tensor under its official key (a state dict the official code can load
     /// after `safetensors.torch.load_file`), with the config as JSON in the metadata
     /// (`sam_config`). The file appears only when complete.
@@ -901,6 +946,36 @@ mod tests {
         assert_eq!(serde_json::from_str::<SamConfig>(&meta["sam_config"]).unwrap(), sam.cfg);
         let lvit = crate::nn::lora::Lora::for_config(&vs.root().sub("lora"), &SamConfig::vit_b(), 1).unwrap();
         assert!(sam.forward(&x, Some(&lvit)).unwrap_err().to_string().contains("does not fit"));
+    }
+
+    #[test]
+    fn class_heads_from_the_single_mask_token() {
+        tch::manual_seed(3);
+        let official = Sam::new(&nn::VarStore::new(Device::Cpu).root(), &SamConfig::tiny()).unwrap();
+        let file: HashMap<String, Tensor> = official.named_tensors().map(|(k, t)| (k.to_string(), t.detach().copy())).collect();
+        let sam = Sam::new(&nn::VarStore::new(Device::Cpu).root(), &SamConfig::tiny().with_num_classes(2)).unwrap();
+        let rep = sam.load_tensors(file.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect(), Path::new("official.pth"), HeadPolicy::ReinitMismatched).unwrap();
+        assert!(!rep.reinitialised.is_empty());
+        let x = Tensor::randn([1, 3, 128, 128], (Kind::Float, Device::Cpu));
+        let before = tch::no_grad(|| sam.forward(&x, None)).unwrap().low_res_logits;
+        sam.init_heads_from_token(&file, Path::new("official.pth"), 0).unwrap();
+        let tokens = sam.tensor("mask_decoder.mask_tokens.weight").unwrap();
+        for i in 0..3 {
+            assert!(tokens.get(i).equal(&file["mask_decoder.mask_tokens.weight"].get(0)));
+        }
+        assert!(sam.tensor("mask_decoder.output_hypernetworks_mlps.2.layers.1.weight").unwrap().equal(&file["mask_decoder.output_hypernetworks_mlps.0.layers.1.weight"]));
+        // Identical tokens and heads give every class the same logits (the probabilities start
+        // uniform; the loss separates them), unlike the random heads before.
+        let after = tch::no_grad(|| sam.forward(&x, None)).unwrap().low_res_logits;
+        for c in 1..3 {
+            let d = f64::try_from((after.narrow(1, c, 1) - after.narrow(1, 0, 1)).abs().max()).unwrap();
+            assert!(d < 1e-4, "class {c}: {d}");
+        }
+        assert!(!before.allclose(&after, 1e-3, 1e-3, false));
+        let mut short: HashMap<String, Tensor> = file.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        short.remove("mask_decoder.output_hypernetworks_mlps.0.layers.2.bias");
+        let err = sam.init_heads_from_token(&short, Path::new("x.pth"), 0).unwrap_err().to_string();
+        assert!(err.contains("x.pth") && err.contains("layers.2.bias is missing"), "{err}");
     }
 
     #[test]
