@@ -217,7 +217,10 @@ impl TrainConfig {
         c.rot_flip = false;
         c.validation_cases = 1;
         c.checkpoint_every = 100;
-        c.sam = SamStage { variant: "auto".into(), image_size: 256, iterations: 300, ..c.sam };
+        // With LiteMedSAM the encoder stays frozen and 16 canvases are encoded once: one
+        // encoder forward costs 6–16 s on a loaded 2-core CPU, so the paper's LoRA fine-tuning
+        // (forward and backward every step) would take hours. Ignored for `tiny` from scratch.
+        c.sam = SamStage { variant: "auto".into(), image_size: 256, iterations: 300, frozen_encoder_canvases: 16, ..c.sam };
         c.vnet = VNetStage {
             n_filters: 8,
             iterations: 2000,
@@ -374,7 +377,13 @@ mod tests {
         assert_eq!(la.sam.image_size, 1024);
         assert_eq!(la.sam.variant, "vit_b");
         let small = TrainConfig::cpu_small();
-        assert_eq!((small.sam.variant.as_str(), small.sam.image_size), ("auto", 256));
+        assert_eq!((small.sam.variant.as_str(), small.sam.image_size, small.sam.frozen_encoder_canvases), ("auto", 256, 16));
+        assert_eq!(la.sam.frozen_encoder_canvases, 0, "paper-la: the paper's LoRA fine-tuning");
+        // Configs written before these keys existed still parse.
+        let mut old: serde_json::Value = serde_json::from_str(&la.to_json()).unwrap();
+        old["sam"].as_object_mut().unwrap().remove("frozen_encoder_canvases");
+        old["sam"].as_object_mut().unwrap().remove("class_heads_from_mask_token");
+        assert_eq!(TrainConfig::from_json(&old.to_string()).unwrap(), la);
         assert_eq!(TrainConfig::test_tiny().sam.variant, "tiny");
         let e = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"variant": "vit_q"}}"#).unwrap_err().to_string();
         assert!(e.contains("sam.variant") && e.contains("vit_q"), "{e}");
