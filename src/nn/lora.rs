@@ -1,6 +1,9 @@
 //! LoRA on the fused qkv projection of SAM image-encoder blocks, as SAMed's `_LoRA_qkv`:
 //! `qkv(x) + [B_q·A_q·x, 0, B_v·A_v·x]` — rank-r updates of the q and v thirds of every block's
-//! qkv output, nothing on k. A is kaiming-uniform (`a = √5`, `nn.Linear`'s default, i.e.
+//! qkv output, nothing on k. A TinyViT (LiteMedSAM, MobileSAM) lays its fused qkv out per head
+//! (`[q_h | k_h | v_h]` for each head h), so there the q and v updates go to each head's q and v
+//! slices; its blocks are the attention blocks of stages 1–3 in order (10 for LiteMedSAM), each
+//! with its stage's width. A is kaiming-uniform (`a = √5`, `nn.Linear`'s default, i.e.
 //! U(±1/√dim)), B is zero, and there is no scaling factor, so a fresh LoRA leaves the model
 //! unchanged.
 //!
@@ -11,7 +14,7 @@
 //! `w_b_{n:03}` with n = 2·block for q and 2·block + 1 for v.
 use crate::error::{Error, Result};
 use crate::nn::sam::common::{InitRule, ParamEntry, Params};
-use crate::nn::sam::{Sam, SamConfig};
+use crate::nn::sam::{ImageEncoder, Sam, SamConfig};
 use crate::nn::weights::{load_tensors, save_safetensors};
 use std::collections::HashMap;
 use std::path::Path;
@@ -28,6 +31,8 @@ pub struct LoraBlock {
     pub linear_a_v: Tensor,
     pub linear_b_v: Tensor,
     dim: i64,
+    /// Some(heads): the qkv output is laid out per head (TinyViT), else [q | k | v] (ViT).
+    per_head: Option<i64>,
 }
 
 impl LoraBlock {
@@ -36,10 +41,29 @@ impl LoraBlock {
     pub fn add_to_qkv(&self, qkv: Tensor, x: &Tensor) -> Tensor {
         let new_q = x.linear(&self.linear_a_q, None::<Tensor>).linear(&self.linear_b_q, None::<Tensor>);
         let new_v = x.linear(&self.linear_a_v, None::<Tensor>).linear(&self.linear_b_v, None::<Tensor>);
-        let mut q = qkv.narrow(-1, 0, self.dim);
-        let _ = q.g_add_(&new_q);
-        let mut v = qkv.narrow(-1, 2 * self.dim, self.dim);
-        let _ = v.g_add_(&new_v);
+        match self.per_head {
+            None => {
+                let mut q = qkv.narrow(-1, 0, self.dim);
+                let _ = q.g_add_(&new_q);
+                let mut v = qkv.narrow(-1, 2 * self.dim, self.dim);
+                let _ = v.g_add_(&new_v);
+            }
+            Some(h) => {
+                // [..., 3·dim] seen as [..., heads, 3, head_dim]: q is slot 0, v slot 2.
+                let mut lead = qkv.size();
+                lead.pop();
+                let hd = self.dim / h;
+                let per_head = |t: &Tensor, extra: &[i64]| {
+                    let mut s = lead.clone();
+                    s.push(h);
+                    s.extend_from_slice(extra);
+                    t.view(s.as_slice())
+                };
+                let view = per_head(&qkv, &[3, hd]);
+                let _ = view.select(-2, 0).g_add_(&per_head(&new_q, &[hd]));
+                let _ = view.select(-2, 2).g_add_(&per_head(&new_v, &[hd]));
+            }
+        }
         qkv
     }
 }
@@ -49,7 +73,9 @@ impl LoraBlock {
 pub struct Lora {
     pub rank: i64,
     pub blocks: Vec<LoraBlock>,
-    dim: i64,
+    /// (width, heads) of each block, as `SamConfig::attention_blocks`.
+    spec: Vec<(i64, i64)>,
+    tiny_vit: bool,
     entries: Vec<ParamEntry>,
 }
 
@@ -69,11 +95,14 @@ impl Lora {
         if rank < 1 {
             return Err(Error::invalid(format!("LoRA rank must be at least 1 (got {rank})")));
         }
-        let dim = cfg.encoder_embed_dim;
+        let spec = cfg.attention_blocks();
+        let tiny_vit = cfg.tiny_vit.is_some();
         let p = Params::root(path);
-        let a = InitRule::Uniform(1.0 / (dim as f64).sqrt());
-        let blocks = (0..cfg.encoder_depth)
-            .map(|i| {
+        let blocks = spec
+            .iter()
+            .enumerate()
+            .map(|(i, &(dim, heads))| {
+                let a = InitRule::Uniform(1.0 / (dim as f64).sqrt());
                 let b = p.sub("blocks").sub(i);
                 LoraBlock {
                     linear_a_q: b.sub("linear_a_q").param("weight", &[rank, dim], a),
@@ -81,10 +110,11 @@ impl Lora {
                     linear_a_v: b.sub("linear_a_v").param("weight", &[rank, dim], a),
                     linear_b_v: b.sub("linear_b_v").param("weight", &[dim, rank], InitRule::Zeros),
                     dim,
+                    per_head: tiny_vit.then_some(heads),
                 }
             })
             .collect();
-        Ok(Lora { rank, blocks, dim, entries: p.take_entries() })
+        Ok(Lora { rank, blocks, spec, tiny_vit, entries: p.take_entries() })
     }
 
     /// Number of LoRA parameters: depth · 4 · r · dim (147,456 for vit_b at r = 4).
@@ -103,14 +133,16 @@ impl Lora {
     }
 
     pub(crate) fn check_fits(&self, cfg: &SamConfig) -> Result<()> {
-        if self.dim != cfg.encoder_embed_dim || self.blocks.len() as i64 != cfg.encoder_depth {
+        let want = cfg.attention_blocks();
+        if self.spec != want || self.tiny_vit != cfg.tiny_vit.is_some() {
+            let widths = |s: &[(i64, i64)]| s.iter().map(|b| b.0).collect::<Vec<_>>();
             return Err(Error::invalid(format!(
-                "LoRA for {} blocks of width {} does not fit SAM '{}' ({} blocks of width {})",
+                "LoRA for {} blocks of widths {:?} does not fit SAM '{}' ({} blocks of widths {:?})",
                 self.blocks.len(),
-                self.dim,
+                widths(&self.spec),
                 cfg.name,
-                cfg.encoder_depth,
-                cfg.encoder_embed_dim
+                want.len(),
+                widths(&want)
             )));
         }
         Ok(())
@@ -130,7 +162,7 @@ impl Lora {
         HashMap::from([
             ("lora_rank".to_string(), self.rank.to_string()),
             ("lora_blocks".to_string(), self.blocks.len().to_string()),
-            ("lora_dim".to_string(), self.dim.to_string()),
+            ("lora_dim".to_string(), self.spec.iter().map(|b| b.0.to_string()).collect::<Vec<_>>().join(",")),
         ])
     }
 
@@ -172,14 +204,27 @@ impl Lora {
     /// LoRA branch. Consumes the LoRA so the update cannot be applied twice.
     pub fn merge(self, sam: &Sam) -> Result<()> {
         self.check_fits(&sam.cfg)?;
-        let d = self.dim;
+        let weights: Vec<&Tensor> = match &sam.image_encoder {
+            ImageEncoder::Vit(e) => e.blocks.iter().map(|b| &b.attn.qkv.weight).collect(),
+            ImageEncoder::TinyVit(t) => t.attentions().into_iter().map(|a| &a.qkv.weight).collect(),
+        };
         tch::no_grad(|| -> Result<()> {
-            for (blk, l) in sam.image_encoder.blocks.iter().zip(&self.blocks) {
-                let w = &blk.attn.qkv.weight;
+            for (w, l) in weights.into_iter().zip(&self.blocks) {
+                let d = l.dim;
                 let dq = l.linear_b_q.matmul(&l.linear_a_q).to_kind(w.kind());
                 let dv = l.linear_b_v.matmul(&l.linear_a_v).to_kind(w.kind());
-                let _ = w.narrow(0, 0, d).f_add_(&dq)?;
-                let _ = w.narrow(0, 2 * d, d).f_add_(&dv)?;
+                match l.per_head {
+                    None => {
+                        let _ = w.narrow(0, 0, d).f_add_(&dq)?;
+                        let _ = w.narrow(0, 2 * d, d).f_add_(&dv)?;
+                    }
+                    Some(h) => {
+                        // Rows of head h: [q_h | k_h | v_h], each head_dim rows.
+                        let rows = w.view([h, 3, d / h, d]);
+                        let _ = rows.select(1, 0).f_add_(&dq.view([h, d / h, d]))?;
+                        let _ = rows.select(1, 2).f_add_(&dv.view([h, d / h, d]))?;
+                    }
+                }
             }
             Ok(())
         })
@@ -352,7 +397,7 @@ mod tests {
         assert!(!trainable.is_empty());
         assert_eq!(trainable.len(), sam.named_tensors().filter(|(k, _)| k.starts_with("mask_decoder.") || (k.starts_with("prompt_encoder.") && !k.contains("gaussian"))).count());
         sam.set_image_encoder_trainable(true);
-        assert!(sam.image_encoder.pos_embed.requires_grad());
+        assert!(sam.tensor("image_encoder.pos_embed").unwrap().requires_grad());
     }
 
     #[test]

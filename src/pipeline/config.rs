@@ -52,9 +52,15 @@ pub enum LrSchedule {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamStage {
-    /// `vit_b`, `vit_l`, `vit_h` (official) or `tiny` (a small ViT for CPUs and tests).
+    /// `vit_b`, `vit_l`, `vit_h` (official SAM), `lite_medsam`, `mobile_sam` (TinyViT), `tiny`
+    /// (a small ViT for tests), or `auto`: the checkpoint's own architecture (detected from its
+    /// keys and shapes), and `tiny` from scratch when there is no checkpoint.
     pub variant: String,
-    /// Official checkpoint (`sam_vit_b_01ec64.pth`) or safetensors; none = random init (logged).
+    /// A checkpoint file (official `sam_vit_b_01ec64.pth`, `lite_medsam.pth`, MobileSAM's, or
+    /// our safetensors), the known name `lite-medsam` (the copy scripts/setup.sh keeps in the
+    /// cache) or `none`. When null: `$SFR_SAM_CHECKPOINT`, then (variant `auto` or
+    /// `lite_medsam`) the cache's LiteMedSAM; otherwise random weights, logged loudly. See
+    /// `nn::sam::checkpoint`.
     pub checkpoint: Option<PathBuf>,
     /// Canvas / SAM input size S.
     pub image_size: usize,
@@ -63,6 +69,18 @@ pub struct SamStage {
     pub lr: f64,
     pub weight_decay: f64,
     pub batch: usize,
+    /// 0: the paper's fine-tuning (LoRA on the encoder, every step encodes its canvases).
+    /// N > 0, with a pretrained SAM: the encoder stays frozen (no LoRA), N augmented canvases
+    /// are encoded once and the prompt encoder and mask decoder train on their cached
+    /// embeddings — on a CPU a step then costs a decoder pass instead of an encoder forward and
+    /// backward. Ignored (the paper's way) when SAM starts from random weights.
+    #[serde(default)]
+    pub frozen_encoder_canvases: usize,
+    /// With a pretrained SAM: start every class's mask token, hypernetwork MLP and IoU row from
+    /// the checkpoint's single-mask token (false: heads that do not fit are re-initialised
+    /// randomly, SAMed's way).
+    #[serde(default)]
+    pub class_heads_from_mask_token: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -172,6 +190,8 @@ impl TrainConfig {
                 lr: 1e-3,
                 weight_decay: 0.1,
                 batch: 2,
+                frozen_encoder_canvases: 0,
+                class_heads_from_mask_token: false,
             },
             vnet: VNetStage {
                 n_filters: 16,
@@ -198,8 +218,10 @@ impl TrainConfig {
     }
 
     /// A 2-core CPU: the hippocampus data end to end in about 15 minutes. The SAM stage uses
-    /// the `tiny` ViT on a 256 canvas (a hippocampus patch of 32×48 slices gives a 5×8 grid),
-    /// the V-Net 8 base filters, and far fewer iterations.
+    /// the pretrained LiteMedSAM when scripts/setup.sh has put it into the cache (variant
+    /// `auto`), else the `tiny` ViT from scratch, on a 256 canvas (LiteMedSAM's own input size;
+    /// a hippocampus patch of 32×48 slices gives a 5×8 grid); the V-Net 8 base filters, and far
+    /// fewer iterations.
     pub fn cpu_small() -> TrainConfig {
         let mut c = TrainConfig::paper_la();
         c.preset = "cpu-small".into();
@@ -210,7 +232,10 @@ impl TrainConfig {
         // 31/37% with rot/flip).
         c.rot_flip = false;
         c.checkpoint_every = 100;
-        c.sam = SamStage { variant: "tiny".into(), image_size: 256, iterations: 300, ..c.sam };
+        // With LiteMedSAM the encoder stays frozen and 16 canvases are encoded once: one
+        // encoder forward costs 6–16 s on a loaded 2-core CPU, so the paper's LoRA fine-tuning
+        // (forward and backward every step) would take hours. Ignored for `tiny` from scratch.
+        c.sam = SamStage { variant: "auto".into(), image_size: 256, iterations: 300, frozen_encoder_canvases: 16, ..c.sam };
         c.vnet = VNetStage {
             n_filters: 8,
             iterations: 2000,
@@ -228,7 +253,8 @@ impl TrainConfig {
         c.preset = "test-tiny".into();
         c.patch = [16, 16, 16];
         c.checkpoint_every = 0;
-        c.sam = SamStage { iterations: 10, image_size: 128, batch: 1, ..c.sam };
+        // `tiny` explicitly: tests must not pick up a cached pretrained SAM.
+        c.sam = SamStage { variant: "tiny".into(), iterations: 10, image_size: 128, batch: 1, ..c.sam };
         c.vnet = VNetStage { n_filters: 4, iterations: 20, iterations_per_epoch: 2, ..c.vnet };
         c.inference = InferenceConfig { stride: [8, 8, 8], weighting: Weighting::Gaussian, batch: 2 };
         c
@@ -318,6 +344,9 @@ impl TrainConfig {
         if self.sam.image_size % 16 != 0 || self.sam.image_size < 64 {
             return Err(Error::invalid(format!("config: sam.image_size {} must be a multiple of 16, at least 64", self.sam.image_size)));
         }
+        if self.sam.variant != "auto" {
+            crate::nn::sam::SamConfig::from_name(&self.sam.variant).map_err(|e| Error::invalid(format!("config: sam.variant: {e} or auto")))?;
+        }
         if !(0.0..=1.0).contains(&self.sfr_plus.tau) {
             return Err(Error::invalid("config: sfr_plus.tau must be in [0, 1]"));
         }
@@ -360,6 +389,20 @@ mod tests {
         assert_eq!(la.patch, [112, 112, 80]);
         assert_eq!(la.patch_zyx(), [80, 112, 112]);
         assert_eq!(la.sam.image_size, 1024);
+        assert_eq!(la.sam.variant, "vit_b");
+        let small = TrainConfig::cpu_small();
+        assert_eq!((small.sam.variant.as_str(), small.sam.image_size, small.sam.frozen_encoder_canvases), ("auto", 256, 16));
+        assert_eq!(la.sam.frozen_encoder_canvases, 0, "paper-la: the paper's LoRA fine-tuning");
+        // Configs written before these keys existed still parse.
+        let mut old: serde_json::Value = serde_json::from_str(&la.to_json()).unwrap();
+        old["sam"].as_object_mut().unwrap().remove("frozen_encoder_canvases");
+        old["sam"].as_object_mut().unwrap().remove("class_heads_from_mask_token");
+        assert_eq!(TrainConfig::from_json(&old.to_string()).unwrap(), la);
+        assert_eq!(TrainConfig::test_tiny().sam.variant, "tiny");
+        let e = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"variant": "vit_q"}}"#).unwrap_err().to_string();
+        assert!(e.contains("sam.variant") && e.contains("vit_q"), "{e}");
+        let c = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"variant": "lite_medsam", "checkpoint": "lite-medsam"}}"#).unwrap();
+        assert_eq!(c.sam.checkpoint.as_deref(), Some(std::path::Path::new("lite-medsam")));
         assert_eq!(la.vnet.iterations, 6000);
     }
 

@@ -178,7 +178,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     let mut unlabeled: Vec<UnlabeledCase> = vec![];
     let mut labeled_for_vnet = labeled;
     if cfg.sfr && !unl_samples.is_empty() {
-        let (_sam, pseudo, confident) = sam_stage::run_sam_stage(cfg, num_classes, &labeled_for_vnet, &unl_samples, device, reporter)?;
+        let (sam_module, pseudo, confident) = sam_stage::run_sam_stage(cfg, num_classes, &labeled_for_vnet, &unl_samples, device, reporter)?;
         let confidences: Vec<f64> = pseudo.iter().map(|p| p.confidence).collect();
         if opts.write_pseudo_labels {
             let dir = opts.work_dir.as_ref().ok_or_else(|| Error::invalid("writing pseudo-labels needs a work folder"))?.join("pseudo");
@@ -191,8 +191,9 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             reporter.message(&format!("pseudo-labels written to {}", dir.display()));
         }
         sam_summary = serde_json::json!({
-            "variant": cfg.sam.variant,
-            "checkpoint": cfg.sam.checkpoint,
+            // What ran, after `auto` and the checkpoint look-up (nn::sam::checkpoint).
+            "variant": sam_module.sam.cfg.name,
+            "checkpoint": sam_module.checkpoint.as_ref().map(|r| &r.path),
             "image_size": cfg.sam.image_size,
             "mean_confidence": confidences.iter().sum::<f64>() / confidences.len().max(1) as f64,
             "confident_samples": confident.iter().filter(|&&c| c).count(),

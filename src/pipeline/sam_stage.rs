@@ -6,7 +6,10 @@
 //! canvas (no resampling; label padding 255 is ignored by the loss), runs SAM without prompts
 //! and minimises 0.5·(CE + Dice) of the upsampled per-class logits. AdamW (lr, wd from the
 //! config, betas 0.9/0.999) with poly decay (1 - it/max)^0.9 on LoRA + prompt encoder + mask
-//! decoder; the image encoder is frozen when it starts from a checkpoint. Without a checkpoint
+//! decoder; the image encoder is frozen when it starts from a checkpoint. With
+//! `sam.frozen_encoder_canvases` N > 0 and a pretrained SAM, N augmented canvases are encoded
+//! once by the frozen encoder (no LoRA) and only the prompt encoder and mask decoder train, on
+//! their cached embeddings (the CPU recipe). Without a checkpoint
 //! (no pretrained SAM available) a frozen random encoder would be meaningless, so the encoder is
 //! trained too; this is logged loudly.
 //!
@@ -19,7 +22,9 @@ use crate::infer::{argmax, SlidingWindow, Weighting};
 use crate::job::Reporter;
 use crate::nn::loss::ce_dice;
 use crate::nn::lora::Lora;
-use crate::nn::sam::{class_probabilities, upscale_logits, HeadPolicy, Sam, SamConfig};
+use crate::nn::sam::checkpoint::{self, Resolved};
+use crate::nn::sam::{class_probabilities, detect_config, upscale_logits, HeadPolicy, Sam, SamConfig};
+use std::collections::HashMap;
 use crate::pipeline::config::TrainConfig;
 use crate::pipeline::data::{random_bezier, random_crop, random_rot_flip, Rng, Sample};
 use crate::stitch::{stitch_image, stitch_labels, unstitch_probabilities, StitchLayout};
@@ -34,6 +39,11 @@ pub struct SamModule {
     pub sam: Sam,
     pub lora: Lora,
     pub layout: StitchLayout,
+    /// The checkpoint SAM was loaded from (None = random weights).
+    pub checkpoint: Option<Resolved>,
+    /// Embeddings and labels of the cached canvases (frozen-encoder fine-tuning), kept across
+    /// SFR+ rounds only for the labelled set they were made from.
+    cache: Option<(usize, Tensor, Tensor)>,
 }
 
 /// A labelled volume for fine-tuning: image and (pseudo-)label.
@@ -55,19 +65,45 @@ impl SamModule {
     /// loading the checkpoint when one is given.
     pub fn new(cfg: &TrainConfig, num_classes: usize, device: Device, reporter: &Reporter) -> Result<SamModule> {
         let s = &cfg.sam;
-        let scfg = SamConfig::from_name(&s.variant)?.with_num_classes(num_classes as i64 - 1).with_image_size(s.image_size as i64);
         let patch = cfg.patch_zyx();
         let layout = StitchLayout::for_shape(&patch, s.image_size)
             .map_err(|e| Error::invalid(format!("config: the patch {:?} cannot be stitched at sam.image_size {}: {e}", cfg.patch, s.image_size)))?;
+        // The checkpoint (see nn::sam::checkpoint for the order) decides the variant when it is
+        // `auto`; without one, `auto` is the small `tiny` ViT, the only one cheap enough to train
+        // from scratch on a CPU.
+        let resolved = checkpoint::resolve(s.checkpoint.as_deref(), &s.variant)?;
+        let (file, base) = match &resolved {
+            Some(r) => {
+                let tensors: HashMap<String, Tensor> = crate::nn::weights::load_tensors(&r.path)?.into_iter().collect();
+                let base = if s.variant == "auto" {
+                    detect_config(&tensors).ok_or_else(|| Error::format(&r.path, "not a SAM state dict (no image_encoder.* / mask_decoder.mask_tokens.weight keys of SAM, MobileSAM or LiteMedSAM)"))?
+                } else {
+                    SamConfig::from_name(&s.variant)?
+                };
+                (Some((r, tensors)), base)
+            }
+            None => (None, SamConfig::from_name(if s.variant == "auto" { "tiny" } else { &s.variant })?),
+        };
+        let scfg = base.with_num_classes(num_classes as i64 - 1).with_image_size(s.image_size as i64);
         let vs = nn::VarStore::new(device);
         let sam = Sam::new(&vs.root(), &scfg)?;
-        let pretrained = match &s.checkpoint {
-            Some(ck) => {
-                let report = sam.load_checkpoint(ck, HeadPolicy::ReinitMismatched)?;
+        let pretrained = match file {
+            Some((r, tensors)) => {
+                let heads: HashMap<String, Tensor> = if s.class_heads_from_mask_token {
+                    tensors.iter().filter(|(k, _)| crate::nn::sam::is_decoder_head(k)).map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+                } else {
+                    HashMap::new()
+                };
+                let report = sam.load_tensors(tensors.into_iter().collect(), &r.path, HeadPolicy::ReinitMismatched)?;
+                if s.class_heads_from_mask_token {
+                    sam.init_heads_from_token(&heads, &r.path, 0)?;
+                    reporter.message("every class head starts from the checkpoint's single-mask token");
+                }
                 reporter.message(&format!(
-                    "SAM {} loaded from {} ({} tensors; {} resized for image size {}; {} decoder-head tensors re-initialised for {} classes)",
-                    s.variant,
-                    ck.display(),
+                    "SAM {} loaded from {} ({}; {} tensors; {} resized for image size {}; {} decoder-head tensors re-initialised for {} classes)",
+                    scfg.name,
+                    r.path.display(),
+                    r.source,
                     report.loaded,
                     report.resized.len(),
                     s.image_size,
@@ -77,12 +113,8 @@ impl SamModule {
                 true
             }
             None => {
-                log::warn!(
-                    "NO SAM CHECKPOINT: SAM '{}' starts from RANDOM weights and its encoder is trained from scratch; \
-                     pseudo-labels will be far weaker than with a pretrained SAM (pass --sam-checkpoint sam_vit_b_01ec64.pth)",
-                    s.variant
-                );
-                reporter.message("no SAM checkpoint given: SAM starts from random weights (see the log)");
+                log::warn!("{}", checkpoint::random_warning(&scfg.name));
+                reporter.message(&format!("no SAM checkpoint: SAM '{}' starts from RANDOM weights (see the log; ./scripts/setup.sh fetches LiteMedSAM)", scfg.name));
                 false
             }
         };
@@ -90,7 +122,7 @@ impl SamModule {
         if !pretrained {
             sam.set_image_encoder_trainable(true);
         }
-        Ok(SamModule { vs, sam, lora, layout })
+        Ok(SamModule { vs, sam, lora, layout, checkpoint: resolved, cache: None })
     }
 
     /// [B, 3, S, S] canvases of a batch of patches (grey repeated to 3 channels).
@@ -105,6 +137,84 @@ impl SamModule {
         Ok(t.expand([images.len() as i64, 3, s, s], false).contiguous())
     }
 
+    /// One random training sample: an augmented patch stitched to a canvas, and its label.
+    fn random_sample(&self, cfg: &TrainConfig, data: &[LabeledVolume], rng: &mut Rng) -> Result<(Array3<f32>, Array2<u8>)> {
+        let v = &data[rng.random_range(0..data.len())];
+        let (mut img, mut lab) = random_crop(rng, &v.image.view(), &[&v.label.view()], cfg.patch_zyx());
+        if cfg.rot_flip {
+            random_rot_flip(rng, &mut img, &mut lab);
+        }
+        random_bezier(rng, &mut img);
+        let l = stitch_labels(&lab[0].view(), &self.layout)?;
+        Ok((img, l))
+    }
+
+    fn label_tensor(&self, labs: &[Array2<u8>]) -> Tensor {
+        let size = self.layout.canvas as i64;
+        let mut lbuf: Vec<u8> = Vec::with_capacity(labs.len() * (size * size) as usize);
+        for l in labs {
+            lbuf.extend(l.iter());
+        }
+        Tensor::from_slice(&lbuf).view([labs.len() as i64, size, size]).to_kind(Kind::Int64).to_device(self.vs.device())
+    }
+
+    /// Whether fine-tuning uses cached embeddings of a frozen pretrained encoder.
+    pub fn frozen_encoder(&self, cfg: &TrainConfig) -> bool {
+        cfg.sam.frozen_encoder_canvases > 0 && self.checkpoint.is_some()
+    }
+
+    /// Frozen-encoder fine-tuning: encodes `frozen_encoder_canvases` augmented canvases once
+    /// (again only when the labelled set grew, as in SFR+), then trains the prompt encoder and
+    /// mask decoder on random batches of the cached embeddings.
+    fn finetune_cached(&mut self, cfg: &TrainConfig, data: &[LabeledVolume], iterations: usize, rng: &mut Rng, reporter: &Reporter) -> Result<()> {
+        let s = &cfg.sam;
+        let n = s.frozen_encoder_canvases;
+        let size = self.layout.canvas as i64;
+        if self.cache.as_ref().is_none_or(|c| c.0 != data.len()) {
+            self.sam.set_image_encoder_trainable(false);
+            reporter.stage("encode", n as u64, &format!("SAM {} frozen encoder: {n} augmented canvases encoded once", self.sam.cfg.name))?;
+            let (mut embs, mut labs) = (Vec::new(), Vec::new());
+            let mut done = 0;
+            while done < n {
+                let b = s.batch.min(n - done);
+                let mut imgs = Vec::with_capacity(b);
+                let mut ls = Vec::with_capacity(b);
+                for _ in 0..b {
+                    let (i, l) = self.random_sample(cfg, data, rng)?;
+                    imgs.push(i);
+                    ls.push(l);
+                }
+                let input = self.canvases(&imgs)?;
+                embs.push(tch::no_grad(|| self.sam.encode_image(&input, None))?);
+                labs.push(self.label_tensor(&ls));
+                done += b;
+                reporter.step(done as u64, f64::NAN)?;
+            }
+            self.cache = Some((data.len(), Tensor::cat(&embs, 0), Tensor::cat(&labs, 0)));
+        }
+        let (_, emb, target) = self.cache.as_ref().expect("cache filled above");
+        let (emb, target) = (emb.shallow_clone(), target.shallow_clone());
+        let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: s.weight_decay, eps: 1e-8, amsgrad: false }.build(&self.vs, s.lr)?;
+        reporter.stage("finetune", iterations as u64, &format!("SAM {} decoder on {n} cached canvases ({}×{} grid on {}²)", self.sam.cfg.name, self.layout.n_row, self.layout.n_col, size))?;
+        for it in 0..iterations {
+            opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
+            let idx: Vec<i64> = (0..s.batch).map(|_| rng.random_range(0..n) as i64).collect();
+            let idx = Tensor::from_slice(&idx).to_device(emb.device());
+            let out = self.sam.decode(&emb.index_select(0, &idx))?;
+            let logits = upscale_logits(&out.low_res_logits, (size, size));
+            let loss = ce_dice(&logits, &target.index_select(0, &idx));
+            opt.zero_grad();
+            loss.backward();
+            opt.step();
+            let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
+            if !lv.is_finite() {
+                return Err(Error::invalid(format!("SAM fine-tuning diverged at iteration {it} (loss {lv})")));
+            }
+            reporter.step(it as u64 + 1, lv)?;
+        }
+        Ok(())
+    }
+
     /// Fine-tunes on `data` for `iterations` steps.
     pub fn finetune(&mut self, cfg: &TrainConfig, data: &[LabeledVolume], iterations: usize, seed: u64, reporter: &Reporter) -> Result<()> {
         if data.is_empty() {
@@ -112,34 +222,27 @@ impl SamModule {
         }
         let s = &cfg.sam;
         let mut rng = Rng::seed_from_u64(seed);
+        if self.frozen_encoder(cfg) {
+            return self.finetune_cached(cfg, data, iterations, &mut rng, reporter);
+        }
         let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: s.weight_decay, eps: 1e-8, amsgrad: false }.build(&self.vs, s.lr)?;
-        let patch = cfg.patch_zyx();
         let size = self.layout.canvas as i64;
         reporter.stage(
             "finetune",
             iterations as u64,
-            &format!("SAM {} + LoRA r={} on {} stitched volumes ({}×{} grid on {}²)", s.variant, s.lora_rank, data.len(), self.layout.n_row, self.layout.n_col, size),
+            &format!("SAM {} + LoRA r={} on {} stitched volumes ({}×{} grid on {}²)", self.sam.cfg.name, s.lora_rank, data.len(), self.layout.n_row, self.layout.n_col, size),
         )?;
         for it in 0..iterations {
             opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
             let mut imgs = Vec::with_capacity(s.batch);
             let mut labs = Vec::with_capacity(s.batch);
             for _ in 0..s.batch {
-                let v = &data[rng.random_range(0..data.len())];
-                let (mut img, mut lab) = random_crop(&mut rng, &v.image.view(), &[&v.label.view()], patch);
-                if cfg.rot_flip {
-                    random_rot_flip(&mut rng, &mut img, &mut lab);
-                }
-                random_bezier(&mut rng, &mut img);
+                let (img, lab) = self.random_sample(cfg, data, &mut rng)?;
                 imgs.push(img);
-                labs.push(stitch_labels(&lab[0].view(), &self.layout)?);
+                labs.push(lab);
             }
             let input = self.canvases(&imgs)?;
-            let mut lbuf: Vec<u8> = Vec::with_capacity(labs.len() * (size * size) as usize);
-            for l in &labs {
-                lbuf.extend(l.iter());
-            }
-            let target = Tensor::from_slice(&lbuf).view([labs.len() as i64, size, size]).to_kind(Kind::Int64).to_device(self.vs.device());
+            let target = self.label_tensor(&labs);
             let out = self.sam.forward(&input, Some(&self.lora))?;
             let logits = upscale_logits(&out.low_res_logits, (size, size));
             let loss = ce_dice(&logits, &target);

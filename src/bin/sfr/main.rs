@@ -123,7 +123,10 @@ struct TrainArgs {
     /// Overrides as a JSON object, e.g. '{"vnet": {"iterations": 200}}'.
     #[arg(long)]
     set: Option<String>,
-    /// Official SAM checkpoint (sam_vit_b_01ec64.pth) or safetensors.
+    /// SAM checkpoint: a file (sam_vit_b_01ec64.pth, lite_medsam.pth, our safetensors), the
+    /// name `lite-medsam` (the copy ./scripts/setup.sh keeps in the cache), or `none` (random
+    /// SAM). Without it: $SFR_SAM_CHECKPOINT, then the cached LiteMedSAM (variant auto or
+    /// lite_medsam), else random weights (warned).
     #[arg(long)]
     sam_checkpoint: Option<PathBuf>,
     #[arg(long)]
@@ -314,6 +317,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if a.print_config {
         println!("{}", cfg.to_json());
         return Ok(());
+    }
+    if cfg.sfr {
+        // Fail before reading data when a named checkpoint is missing, and say which SAM runs.
+        match sfr::nn::sam::checkpoint::resolve(cfg.sam.checkpoint.as_deref(), &cfg.sam.variant)? {
+            Some(r) => eprintln!("SAM checkpoint: {} ({})", r.path.display(), r.source),
+            None => eprintln!("WARNING: {}", sfr::nn::sam::checkpoint::random_warning(if cfg.sam.variant == "auto" { "tiny" } else { &cfg.sam.variant })),
+        }
     }
     let ds = Dataset::open(&a.data)?;
     let (labeled, mut unlabeled) = match (&a.labeled, &a.labeled_list) {

@@ -76,7 +76,12 @@ impl<'a> Params<'a> {
 
     /// A persistent buffer (in the state dict, not a parameter, never trained).
     pub fn buffer(&self, name: &str, dims: &[i64], init: InitRule) -> Tensor {
-        let t = init.sample(dims, self.path.kind(), self.path.device());
+        self.buffer_of_kind(name, dims, init, self.path.kind())
+    }
+
+    /// A persistent buffer of a given element type (BatchNorm's int64 `num_batches_tracked`).
+    pub fn buffer_of_kind(&self, name: &str, dims: &[i64], init: InitRule, kind: Kind) -> Tensor {
+        let t = init.sample(dims, kind, self.path.device());
         let t = self.path.add(name, t, false);
         self.push(name, &t, init, true);
         t

@@ -12,10 +12,12 @@
 //!   image of `image_size` pixels. (`pixel_mean`/`pixel_std` are non-persistent buffers in the
 //!   official module, so they are not part of its state dict either.)
 //! - `image_size` may differ from the checkpoint's 1024: see [`Sam::load_tensors`].
+pub mod checkpoint;
 pub mod common;
 pub mod image_encoder;
 pub mod mask_decoder;
 pub mod prompt_encoder;
+pub mod tiny_vit;
 pub mod transformer;
 
 use crate::error::{Error, Result};
@@ -25,6 +27,7 @@ use image_encoder::ImageEncoderViT;
 use mask_decoder::MaskDecoder;
 use prompt_encoder::PromptEncoder;
 use serde::{Deserialize, Serialize};
+use tiny_vit::{TinyVit, TinyVitConfig};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
@@ -35,10 +38,13 @@ use tch::{nn, Device, Kind, Tensor};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SamConfig {
-    /// "vit_b", "vit_l", "vit_h" or "tiny"; used in messages only.
+    /// "vit_b", "vit_l", "vit_h", "tiny", "lite_medsam" or "mobile_sam"; used in messages only.
     pub name: String,
-    /// Side of the square input image in pixels (1024 for the official models).
+    /// Side of the square input image in pixels (1024 for the official models, 256 for
+    /// LiteMedSAM).
     pub image_size: i64,
+    /// Input pixels per image-embedding cell along a side: the ViT's patch size, or a TinyViT's
+    /// total stride (4 for LiteMedSAM, 16 for MobileSAM).
     pub patch_size: i64,
     pub in_chans: i64,
     pub encoder_embed_dim: i64,
@@ -60,6 +66,11 @@ pub struct SamConfig {
     /// has `num_classes + 1` mask tokens (background + classes), as in SAMed. The official SAM
     /// is `num_classes = 3` (its three multimask outputs).
     pub num_classes: i64,
+    /// A TinyViT image encoder (MobileSAM, LiteMedSAM) instead of the ViT. The `encoder_*`,
+    /// `window_size` and `mlp_ratio` fields then only matter through `mlp_ratio` (the TinyViT
+    /// blocks' MLP ratio); the others are informative (last stage's width, attention blocks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tiny_vit: Option<TinyVitConfig>,
 }
 
 impl SamConfig {
@@ -83,6 +94,7 @@ impl SamConfig {
             iou_head_depth: 3,
             iou_head_hidden_dim: 256,
             num_classes: 3,
+            tiny_vit: None,
         }
     }
 
@@ -121,17 +133,50 @@ impl SamConfig {
             iou_head_depth: 3,
             iou_head_hidden_dim: 32,
             num_classes: 3,
+            tiny_vit: None,
         }
     }
 
-    /// "vit_b" | "vit_l" | "vit_h" | "tiny".
+    fn tiny_vit_official(name: &str, image_size: i64, patch_embed_kernel: i64) -> Self {
+        let t = TinyVitConfig::mobile_sam_like(patch_embed_kernel);
+        let mut c = Self::official(name, *t.embed_dims.last().unwrap(), t.attention_blocks().len() as i64, *t.num_heads.last().unwrap(), [0; 4]);
+        c.encoder_global_attn_indexes = vec![];
+        c.window_size = *t.window_sizes.last().unwrap();
+        c.image_size = image_size;
+        c.patch_size = t.total_stride();
+        c.tiny_vit = Some(t);
+        c
+    }
+
+    /// LiteMedSAM (Ma et al., MedSAM, Nature Communications 2024): TinyViT with a 1×1 stride-1
+    /// patch embedding, 256 input, 64×64 embedding, SAM's prompt encoder and mask decoder.
+    pub fn lite_medsam() -> Self {
+        Self::tiny_vit_official("lite_medsam", 256, 1)
+    }
+
+    /// MobileSAM: the same TinyViT with a 3×3 stride-2 patch embedding at 1024 input.
+    pub fn mobile_sam() -> Self {
+        Self::tiny_vit_official("mobile_sam", 1024, 3)
+    }
+
+    /// "vit_b" | "vit_l" | "vit_h" | "tiny" | "lite_medsam" | "mobile_sam".
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "vit_b" => Ok(Self::vit_b()),
             "vit_l" => Ok(Self::vit_l()),
             "vit_h" => Ok(Self::vit_h()),
             "tiny" => Ok(Self::tiny()),
-            other => Err(Error::invalid(format!("unknown SAM variant '{other}' (expected vit_b, vit_l, vit_h or tiny)"))),
+            "lite_medsam" => Ok(Self::lite_medsam()),
+            "mobile_sam" => Ok(Self::mobile_sam()),
+            other => Err(Error::invalid(format!("unknown SAM variant '{other}' (expected vit_b, vit_l, vit_h, tiny, lite_medsam or mobile_sam)"))),
+        }
+    }
+
+    /// (width, heads) of every encoder attention block, in LoRA order.
+    pub fn attention_blocks(&self) -> Vec<(i64, i64)> {
+        match &self.tiny_vit {
+            Some(t) => t.attention_blocks(),
+            None => vec![(self.encoder_embed_dim, self.encoder_num_heads); self.encoder_depth.max(0) as usize],
         }
     }
 
@@ -189,6 +234,12 @@ impl SamConfig {
         if !errs.is_empty() {
             return Err(Error::invalid(format!("SAM config '{}': {}", c.name, errs.join("; "))));
         }
+        if let Some(t) = &c.tiny_vit {
+            t.validate(&mut errs);
+            if errs.is_empty() && t.total_stride() != c.patch_size {
+                errs.push(format!("patch_size {} must equal the TinyViT's total stride {}", c.patch_size, t.total_stride()));
+            }
+        }
         if c.image_size % c.patch_size != 0 {
             errs.push(format!("image_size {} is not a multiple of patch_size {}", c.image_size, c.patch_size));
         }
@@ -207,7 +258,7 @@ impl SamConfig {
         if !(c.mlp_ratio > 0.0 && c.mlp_ratio.is_finite()) {
             errs.push(format!("mlp_ratio must be positive (got {})", c.mlp_ratio));
         }
-        for &i in &c.encoder_global_attn_indexes {
+        for &i in c.encoder_global_attn_indexes.iter().filter(|_| c.tiny_vit.is_none()) {
             if i < 0 || i >= c.encoder_depth {
                 errs.push(format!("global attention index {i} is outside 0..{}", c.encoder_depth));
             }
@@ -256,11 +307,37 @@ pub struct SamOutput {
     pub iou_predictions: Tensor,
 }
 
+/// The image encoder of a SAM model: SAM's ViT or a TinyViT (MobileSAM, LiteMedSAM).
+#[derive(Debug)]
+pub enum ImageEncoder {
+    Vit(ImageEncoderViT),
+    TinyVit(TinyVit),
+}
+
+impl ImageEncoder {
+    /// Images [B, 3, S, S] -> embedding [B, C, S/p, S/p]; `lora` adds its update to every
+    /// attention block's fused qkv.
+    pub fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> Tensor {
+        match self {
+            ImageEncoder::Vit(e) => e.forward(x, lora),
+            ImageEncoder::TinyVit(e) => e.forward(x, lora),
+        }
+    }
+
+    /// The ViT position embedding (none for TinyViT, which has no absolute positions).
+    pub fn pos_embed(&self) -> Option<&Tensor> {
+        match self {
+            ImageEncoder::Vit(e) => Some(&e.pos_embed),
+            ImageEncoder::TinyVit(_) => None,
+        }
+    }
+}
+
 /// SAM: image encoder, prompt encoder and per-class mask decoder.
 #[derive(Debug)]
 pub struct Sam {
     pub cfg: SamConfig,
-    pub image_encoder: ImageEncoderViT,
+    pub image_encoder: ImageEncoder,
     pub prompt_encoder: PromptEncoder,
     pub mask_decoder: MaskDecoder,
     entries: Vec<ParamEntry>,
@@ -280,7 +357,10 @@ impl Sam {
     pub fn new(path: &nn::Path, cfg: &SamConfig) -> Result<Sam> {
         cfg.validate()?;
         let p = Params::root(path);
-        let image_encoder = ImageEncoderViT::new(&p.sub("image_encoder"), cfg);
+        let image_encoder = match &cfg.tiny_vit {
+            Some(t) => ImageEncoder::TinyVit(TinyVit::new(&p.sub("image_encoder"), cfg, t)),
+            None => ImageEncoder::Vit(ImageEncoderViT::new(&p.sub("image_encoder"), cfg)),
+        };
         let prompt_encoder = PromptEncoder::new(&p.sub("prompt_encoder"), cfg);
         let mask_decoder = MaskDecoder::new(&p.sub("mask_decoder"), cfg);
         Ok(Sam { cfg: cfg.clone(), image_encoder, prompt_encoder, mask_decoder, entries: p.take_entries(), device: path.device() })
@@ -331,7 +411,7 @@ impl Sam {
         if !images.is_floating_point() {
             return Err(Error::invalid(format!("SAM expects floating-point images, got {:?}", images.kind())));
         }
-        let kind = self.image_encoder.pos_embed.kind();
+        let kind = self.prompt_encoder.no_mask_embed.kind();
         Ok(images.to_device(self.device).to_kind(kind))
     }
 
@@ -353,6 +433,25 @@ impl Sam {
         }
         let b = s[0];
         let (sparse, dense) = self.prompt_encoder.no_prompt(b);
+        let image_pe = self.prompt_encoder.get_dense_pe();
+        let (low_res_logits, iou_predictions) = self.mask_decoder.predict_masks(image_embeddings, &image_pe, &sparse, &dense)?;
+        Ok(SamOutput { low_res_logits, iou_predictions })
+    }
+
+    /// The mask decoder prompted by one box per image (boxes [B, 4], x0 y0 x1 y1 in input
+    /// pixels). Every mask token's logits are returned; for an official checkpoint, token 0 is
+    /// the single-mask output (`multimask_output=False`), which is what LiteMedSAM was trained
+    /// to produce for a box.
+    pub fn decode_with_boxes(&self, image_embeddings: &Tensor, boxes: &Tensor) -> Result<SamOutput> {
+        let s = image_embeddings.size();
+        let (c, g) = (self.cfg.prompt_embed_dim, self.cfg.grid_size());
+        if s.len() != 4 || s[1] != c || s[2] != g || s[3] != g {
+            return Err(Error::invalid(format!("SAM '{}' mask decoder expects embeddings [B, {c}, {g}, {g}], got {s:?}", self.cfg.name)));
+        }
+        if boxes.size() != [s[0], 4] || !boxes.is_floating_point() {
+            return Err(Error::invalid(format!("SAM box prompts must be floating-point [{}, 4], got {:?} {:?}", s[0], boxes.kind(), boxes.size())));
+        }
+        let (sparse, dense) = self.prompt_encoder.embed_boxes(boxes);
         let image_pe = self.prompt_encoder.get_dense_pe();
         let (low_res_logits, iou_predictions) = self.mask_decoder.predict_masks(image_embeddings, &image_pe, &sparse, &dense)?;
         Ok(SamOutput { low_res_logits, iou_predictions })
@@ -409,7 +508,8 @@ impl Sam {
         for e in &self.entries {
             let want = e.tensor.size();
             match file.get(&e.key) {
-                Some(t) if !t.is_floating_point() => mismatched.push(format!("{} (dtype {:?} in the file)", e.key, t.kind())),
+                // Integer buffers (BatchNorm's num_batches_tracked) stay integer, floats float.
+                Some(t) if t.is_floating_point() != e.tensor.is_floating_point() => mismatched.push(format!("{} (dtype {:?} in the file, {:?} in the model)", e.key, t.kind(), e.tensor.kind())),
                 Some(t) if t.size() == want => plan.push((e, Plan::Copy(t))),
                 Some(t) => {
                     let have = t.size();
@@ -494,6 +594,51 @@ impl Sam {
         Ok(report)
     }
 
+    /// Starts every mask token of the per-class decoder, with its hypernetwork MLP and IoU-head
+    /// row, as a copy of the checkpoint's mask token `token` (0 = the single-mask output, the
+    /// one LiteMedSAM was trained to produce). All classes then begin from the pretrained mask
+    /// head instead of random heads (which a pretrained decoder answers with near-constant
+    /// logits); the per-class loss separates them from the first step, as each token's
+    /// gradient follows its own class. Nothing is changed on error.
+    pub fn init_heads_from_token(&self, file: &HashMap<String, Tensor>, source: &Path, token: i64) -> Result<()> {
+        let get = |k: &str| file.get(k).ok_or_else(|| Error::format(source, format!("{k} is missing: cannot initialise the class heads from it")));
+        let tokens = get("mask_decoder.mask_tokens.weight")?;
+        if tokens.size().len() != 2 || token >= tokens.size()[0] || tokens.size()[1] != self.cfg.prompt_embed_dim {
+            return Err(Error::format(source, format!("mask_tokens {:?} has no token {token} of width {}", tokens.size(), self.cfg.prompt_embed_dim)));
+        }
+        let mut plan: Vec<(&Tensor, Tensor)> = Vec::new();
+        let n = self.cfg.num_mask_tokens();
+        let own = |k: &str| self.tensor(k).ok_or_else(|| Error::invalid(format!("SAM has no tensor {k}")));
+        plan.push((own("mask_decoder.mask_tokens.weight")?, tokens.get(token).unsqueeze(0).expand([n, -1], false)));
+        for i in 0..n {
+            for l in 0..3 {
+                for wb in ["weight", "bias"] {
+                    let from = get(&format!("mask_decoder.output_hypernetworks_mlps.{token}.layers.{l}.{wb}"))?;
+                    plan.push((own(&format!("mask_decoder.output_hypernetworks_mlps.{i}.layers.{l}.{wb}"))?, from.shallow_clone()));
+                }
+            }
+        }
+        let last = self.cfg.iou_head_depth - 1;
+        for wb in ["weight", "bias"] {
+            let k = format!("mask_decoder.iou_prediction_head.layers.{last}.{wb}");
+            let from = get(&k)?.get(token).unsqueeze(0);
+            let want = own(&k)?;
+            let shape: Vec<i64> = want.size();
+            plan.push((want, from.expand(shape.as_slice(), false)));
+        }
+        for (dst, src) in &plan {
+            if dst.size() != src.size() {
+                return Err(Error::format(source, format!("class-head init: shape {:?} in the file, {:?} in the model", src.size(), dst.size())));
+            }
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (dst, src) in plan {
+                dst.shallow_clone().f_copy_(&src.to_kind(dst.kind()).to_device(dst.device()))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Writes every tensor under its official key (a state dict the official code can load
     /// after `safetensors.torch.load_file`), with the config as JSON in the metadata
     /// (`sam_config`). The file appears only when complete.
@@ -541,8 +686,17 @@ fn list_head(list: &[String], n: usize) -> String {
     s
 }
 
-/// Names the SAM variant a state dict looks like, from its patch-embedding width and depth.
+/// Names the SAM variant a state dict looks like: a TinyViT (LiteMedSAM, MobileSAM) from its
+/// patch embedding and stages, a ViT from its patch-embedding width and depth.
 fn guess_variant(file: &HashMap<String, Tensor>) -> Option<String> {
+    if let Some(t) = detect_tiny_vit(file) {
+        let name = match t.patch_embed_kernel {
+            _ if t.same_weights(SamConfig::lite_medsam().tiny_vit.as_ref().unwrap()) => "LiteMedSAM (lite_medsam)",
+            _ if t.same_weights(SamConfig::mobile_sam().tiny_vit.as_ref().unwrap()) => "MobileSAM (mobile_sam)",
+            _ => "a TinyViT SAM",
+        };
+        return Some(format!("{name} (TinyViT, widths {:?}, depths {:?}, patch embedding {k}×{k})", t.embed_dims, t.depths, k = t.patch_embed_kernel));
+    }
     let dim = file.get("image_encoder.patch_embed.proj.weight").map(|t| t.size()).filter(|s| !s.is_empty())?[0];
     let depth = file
         .keys()
@@ -555,6 +709,118 @@ fn guess_variant(file: &HashMap<String, Tensor>) -> Option<String> {
         .map(|c| format!("SAM {}", c.name))
         .unwrap_or_else(|| "a SAM model".to_string());
     Some(format!("{name} (embed dim {dim}, {depth} blocks)"))
+}
+
+fn dims(file: &HashMap<String, Tensor>, key: &str) -> Option<Vec<i64>> {
+    file.get(key).map(|t| t.size())
+}
+
+/// Distinct integer indices `i` of keys `<prefix>{i}.…`, counted as max + 1.
+fn count_indexed(file: &HashMap<String, Tensor>, prefix: &str) -> i64 {
+    file.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<i64>().ok()).max().map_or(0, |m| m + 1)
+}
+
+/// The TinyViT configuration of a state dict with `image_encoder.patch_embed.seq.*` keys, read
+/// from its shapes (widths, depths, heads from `attention_biases` [heads, window²], window,
+/// local conv, MLP ratio, MBConv expansion); the PatchMerging strides follow the official rule.
+fn detect_tiny_vit(file: &HashMap<String, Tensor>) -> Option<TinyVitConfig> {
+    let pe = dims(file, "image_encoder.patch_embed.seq.0.c.weight").filter(|d| d.len() == 4)?;
+    let stages = count_indexed(file, "image_encoder.layers.");
+    if stages < 2 {
+        return None;
+    }
+    let mut t = TinyVitConfig { embed_dims: vec![], depths: vec![], num_heads: vec![], window_sizes: vec![], mbconv_expand_ratio: 4.0, local_conv_size: 3, patch_embed_kernel: pe[2], merge_strides: vec![] };
+    for s in 0..stages {
+        let pre = format!("image_encoder.layers.{s}.");
+        t.depths.push(count_indexed(file, &format!("{pre}blocks.")));
+        let width = if s == 0 {
+            dims(file, "image_encoder.patch_embed.seq.2.c.weight")?[0]
+        } else {
+            dims(file, &format!("image_encoder.layers.{}.downsample.conv1.c.weight", s - 1))?[0]
+        };
+        t.embed_dims.push(width);
+        if s == 0 {
+            if let Some(d) = dims(file, &format!("{pre}blocks.0.conv1.c.weight")) {
+                t.mbconv_expand_ratio = d[0] as f64 / width as f64;
+            }
+            t.num_heads.push(1);
+            t.window_sizes.push(1);
+        } else {
+            let ab = dims(file, &format!("{pre}blocks.0.attn.attention_biases")).filter(|d| d.len() == 2).unwrap_or(vec![1, 1]);
+            t.num_heads.push(ab[0]);
+            t.window_sizes.push((ab[1] as f64).sqrt().round() as i64);
+            if s == 1 {
+                if let Some(d) = dims(file, &format!("{pre}blocks.0.local_conv.c.weight")) {
+                    t.local_conv_size = d[2];
+                }
+            }
+        }
+        if s > 0 {
+            t.merge_strides.push(TinyVitConfig::official_merge_stride(width));
+        }
+    }
+    Some(t)
+}
+
+/// The configuration a SAM state dict was made for, from its keys and shapes: LiteMedSAM and
+/// MobileSAM (TinyViT encoders), or SAM's ViT (width, depth, heads from the relative tables,
+/// global-attention blocks, window, image size from `pos_embed`). The class count is that of
+/// the file's mask tokens (3 for official checkpoints); the name is the official one when the
+/// encoder equals an official configuration. `None` when the keys are not a SAM state dict.
+pub fn detect_config(file: &HashMap<String, Tensor>) -> Option<SamConfig> {
+    let tokens = dims(file, "mask_decoder.mask_tokens.weight").filter(|d| d.len() == 2)?;
+    let mut c = if let Some(t) = detect_tiny_vit(file) {
+        let mut c = if t.patch_embed_kernel == 1 { SamConfig::lite_medsam() } else { SamConfig::mobile_sam() };
+        if !c.tiny_vit.as_ref().is_some_and(|o| o.same_weights(&t)) {
+            c.name = "tiny_vit".into();
+            c.patch_size = t.total_stride();
+            c.encoder_embed_dim = *t.embed_dims.last().unwrap();
+            c.encoder_depth = t.attention_blocks().len() as i64;
+            if let Some(fc1) = dims(file, "image_encoder.layers.1.blocks.0.mlp.fc1.weight") {
+                c.mlp_ratio = fc1[0] as f64 / t.embed_dims[1] as f64;
+            }
+            c.tiny_vit = Some(t);
+        }
+        c
+    } else {
+        let pw = dims(file, "image_encoder.patch_embed.proj.weight").filter(|d| d.len() == 4)?;
+        let (dim, patch) = (pw[0], pw[2]);
+        let depth = count_indexed(file, "image_encoder.blocks.");
+        let grid = dims(file, "image_encoder.pos_embed").filter(|d| d.len() == 4)?[1];
+        let rel = |i: i64| dims(file, &format!("image_encoder.blocks.{i}.attn.rel_pos_h")).filter(|d| d.len() == 2);
+        let head_dim = rel(0)?[1];
+        let global: Vec<i64> = (0..depth).filter(|&i| rel(i).is_some_and(|d| d[0] == 2 * grid - 1)).collect();
+        let window = (0..depth).filter(|i| !global.contains(i)).find_map(rel).map_or(14, |d| (d[0] + 1) / 2);
+        let mut c = [SamConfig::vit_b(), SamConfig::vit_l(), SamConfig::vit_h()].into_iter().find(|c| c.encoder_embed_dim == dim && c.encoder_depth == depth).unwrap_or_else(SamConfig::vit_b);
+        if (c.encoder_embed_dim, c.encoder_depth) != (dim, depth) {
+            c.name = "vit".into();
+        }
+        c.encoder_embed_dim = dim;
+        c.encoder_depth = depth;
+        c.encoder_num_heads = dim / head_dim.max(1);
+        c.encoder_global_attn_indexes = global;
+        c.window_size = window;
+        c.patch_size = patch;
+        c.image_size = grid * patch;
+        if let Some(l1) = dims(file, "image_encoder.blocks.0.mlp.lin1.weight") {
+            c.mlp_ratio = l1[0] as f64 / dim as f64;
+        }
+        c
+    };
+    c.prompt_embed_dim = tokens[1];
+    c.num_classes = tokens[0] - 1;
+    if let Some(d) = dims(file, "mask_decoder.transformer.layers.0.mlp.lin1.weight") {
+        c.decoder_mlp_dim = d[0];
+    }
+    c.decoder_depth = count_indexed(file, "mask_decoder.transformer.layers.");
+    if let Some(d) = dims(file, "prompt_encoder.mask_downscaling.3.weight") {
+        c.mask_in_chans = d[0];
+    }
+    if let Some(d) = dims(file, "mask_decoder.iou_prediction_head.layers.0.weight") {
+        c.iou_head_hidden_dim = d[0];
+    }
+    c.iou_head_depth = count_indexed(file, "mask_decoder.iou_prediction_head.layers.");
+    Some(c)
 }
 
 #[cfg(test)]
@@ -680,6 +946,36 @@ mod tests {
         assert_eq!(serde_json::from_str::<SamConfig>(&meta["sam_config"]).unwrap(), sam.cfg);
         let lvit = crate::nn::lora::Lora::for_config(&vs.root().sub("lora"), &SamConfig::vit_b(), 1).unwrap();
         assert!(sam.forward(&x, Some(&lvit)).unwrap_err().to_string().contains("does not fit"));
+    }
+
+    #[test]
+    fn class_heads_from_the_single_mask_token() {
+        tch::manual_seed(3);
+        let official = Sam::new(&nn::VarStore::new(Device::Cpu).root(), &SamConfig::tiny()).unwrap();
+        let file: HashMap<String, Tensor> = official.named_tensors().map(|(k, t)| (k.to_string(), t.detach().copy())).collect();
+        let sam = Sam::new(&nn::VarStore::new(Device::Cpu).root(), &SamConfig::tiny().with_num_classes(2)).unwrap();
+        let rep = sam.load_tensors(file.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect(), Path::new("official.pth"), HeadPolicy::ReinitMismatched).unwrap();
+        assert!(!rep.reinitialised.is_empty());
+        let x = Tensor::randn([1, 3, 128, 128], (Kind::Float, Device::Cpu));
+        let before = tch::no_grad(|| sam.forward(&x, None)).unwrap().low_res_logits;
+        sam.init_heads_from_token(&file, Path::new("official.pth"), 0).unwrap();
+        let tokens = sam.tensor("mask_decoder.mask_tokens.weight").unwrap();
+        for i in 0..3 {
+            assert!(tokens.get(i).equal(&file["mask_decoder.mask_tokens.weight"].get(0)));
+        }
+        assert!(sam.tensor("mask_decoder.output_hypernetworks_mlps.2.layers.1.weight").unwrap().equal(&file["mask_decoder.output_hypernetworks_mlps.0.layers.1.weight"]));
+        // Identical tokens and heads give every class the same logits (the probabilities start
+        // uniform; the loss separates them), unlike the random heads before.
+        let after = tch::no_grad(|| sam.forward(&x, None)).unwrap().low_res_logits;
+        for c in 1..3 {
+            let d = f64::try_from((after.narrow(1, c, 1) - after.narrow(1, 0, 1)).abs().max()).unwrap();
+            assert!(d < 1e-4, "class {c}: {d}");
+        }
+        assert!(!before.allclose(&after, 1e-3, 1e-3, false));
+        let mut short: HashMap<String, Tensor> = file.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        short.remove("mask_decoder.output_hypernetworks_mlps.0.layers.2.bias");
+        let err = sam.init_heads_from_token(&short, Path::new("x.pth"), 0).unwrap_err().to_string();
+        assert!(err.contains("x.pth") && err.contains("layers.2.bias is missing"), "{err}");
     }
 
     #[test]

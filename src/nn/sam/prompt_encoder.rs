@@ -1,8 +1,9 @@
 //! SAM's prompt encoder (`modeling/prompt_encoder.py`). Every tensor of the official module is
 //! created (so checkpoints map one to one and the prompt encoder can be fine-tuned and saved),
-//! but only the path SFR uses is run: no points, no boxes, no mask — an empty sparse embedding,
-//! the `no_mask_embed` dense embedding, and the random-Fourier positional encoding of the
-//! image-embedding grid.
+//! but only the paths SFR uses are run: no prompt (an empty sparse embedding, the
+//! `no_mask_embed` dense embedding) for pseudo-labelling, box prompts (LiteMedSAM's training
+//! prompt, used to check it against the reference), and the random-Fourier positional
+//! encoding of the image-embedding grid. Point and mask prompts are not implemented.
 use super::common::{Conv2d, InitRule, LayerNorm2d, Params};
 use super::SamConfig;
 use tch::{Kind, Tensor};
@@ -49,6 +50,7 @@ pub struct PromptEncoder {
     pub no_mask_embed: Tensor,
     embed_dim: i64,
     image_embedding_size: (i64, i64),
+    input_image_size: i64,
 }
 
 impl PromptEncoder {
@@ -68,12 +70,27 @@ impl PromptEncoder {
             Conv2d::new(&md.sub(6), mic, c, 1, 1, 0, true),
         );
         let no_mask_embed = p.sub("no_mask_embed").param("weight", &[1, c], InitRule::Normal(1.0));
-        PromptEncoder { pe_layer, point_embeddings, not_a_point_embed, mask_downscaling, no_mask_embed, embed_dim: c, image_embedding_size: (grid, grid) }
+        PromptEncoder { pe_layer, point_embeddings, not_a_point_embed, mask_downscaling, no_mask_embed, embed_dim: c, image_embedding_size: (grid, grid), input_image_size: cfg.image_size }
     }
 
     /// `get_dense_pe()`: [1, C, h, w].
     pub fn get_dense_pe(&self) -> Tensor {
         self.pe_layer.forward(self.image_embedding_size.0, self.image_embedding_size.1).unsqueeze(0)
+    }
+
+    /// The embeddings of one box per image: boxes [B, 4] as (x0, y0, x1, y1) in input pixels
+    /// -> sparse [B, 2, C] (the corners' encodings plus `point_embeddings.2` / `.3`) and the
+    /// `no_mask_embed` dense embedding [B, C, h, w], as the official `_embed_boxes`.
+    pub fn embed_boxes(&self, boxes: &Tensor) -> (Tensor, Tensor) {
+        let w = &self.no_mask_embed;
+        let b = boxes.size()[0];
+        let coords = (boxes.to_kind(w.kind()).to_device(w.device()) + 0.5).reshape([-1, 2, 2]) / self.input_image_size as f64;
+        let corners = self.pe_layer.pe_encoding(&coords);
+        let corner_kind = Tensor::cat(&[&self.point_embeddings[2], &self.point_embeddings[3]], 0).unsqueeze(0);
+        let sparse = corners + corner_kind;
+        let (h, wd) = self.image_embedding_size;
+        let dense = w.reshape([1, -1, 1, 1]).expand([b, -1, h, wd], false);
+        (sparse, dense)
     }
 
     /// The embeddings of "no prompt" for a batch: sparse [B, 0, C] and dense [B, C, h, w]
