@@ -218,10 +218,11 @@ impl TrainConfig {
     }
 
     /// A 2-core CPU: the hippocampus data end to end in about 15 minutes. The SAM stage uses
-    /// the pretrained LiteMedSAM when scripts/setup.sh has put it into the cache (variant
-    /// `auto`), else the `tiny` ViT from scratch, on a 256 canvas (LiteMedSAM's own input size;
-    /// a hippocampus patch of 32×48 slices gives a 5×8 grid); the V-Net 8 base filters, and far
-    /// fewer iterations.
+    /// the `tiny` ViT from scratch on a 256 canvas (a hippocampus patch of 32×48 slices gives a
+    /// 5×8 grid); the V-Net 8 base filters, and far fewer iterations. The pretrained LiteMedSAM
+    /// (`{"sam": {"variant": "auto"}}` or `--sam-checkpoint lite-medsam`) is not the default
+    /// yet: measured on hippocampus, its prompt-free per-class decoder collapsed to background
+    /// (pseudo-label Dice 0.0) and its stage took hours on this CPU (README, "LiteMedSAM").
     pub fn cpu_small() -> TrainConfig {
         let mut c = TrainConfig::paper_la();
         c.preset = "cpu-small".into();
@@ -235,7 +236,7 @@ impl TrainConfig {
         // With LiteMedSAM the encoder stays frozen and 16 canvases are encoded once: one
         // encoder forward costs 6–16 s on a loaded 2-core CPU, so the paper's LoRA fine-tuning
         // (forward and backward every step) would take hours. Ignored for `tiny` from scratch.
-        c.sam = SamStage { variant: "auto".into(), image_size: 256, iterations: 300, frozen_encoder_canvases: 16, ..c.sam };
+        c.sam = SamStage { variant: "tiny".into(), image_size: 256, iterations: 300, frozen_encoder_canvases: 16, ..c.sam };
         c.vnet = VNetStage {
             n_filters: 8,
             iterations: 2000,
@@ -391,7 +392,7 @@ mod tests {
         assert_eq!(la.sam.image_size, 1024);
         assert_eq!(la.sam.variant, "vit_b");
         let small = TrainConfig::cpu_small();
-        assert_eq!((small.sam.variant.as_str(), small.sam.image_size, small.sam.frozen_encoder_canvases), ("auto", 256, 16));
+        assert_eq!((small.sam.variant.as_str(), small.sam.image_size, small.sam.frozen_encoder_canvases), ("tiny", 256, 16));
         assert_eq!(la.sam.frozen_encoder_canvases, 0, "paper-la: the paper's LoRA fine-tuning");
         // Configs written before these keys existed still parse.
         let mut old: serde_json::Value = serde_json::from_str(&la.to_json()).unwrap();
