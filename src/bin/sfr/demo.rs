@@ -67,7 +67,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let data_dir = a.out.join("data");
     let spec = demo_spec();
     let n = a.labeled + a.unlabeled + a.test;
-    eprintln!("== making {n} synthetic phantoms ({:?} voxels, noise, bias field) in {}", spec.dims, data_dir.display());
+    note!("== making {n} synthetic phantoms ({:?} voxels, noise, bias field) in {}", spec.dims, data_dir.display());
     write_dataset(&data_dir, n, &spec, a.seed)?;
     let ds = Dataset::open(&data_dir)?;
     let (labeled, rest) = ds.split_first(a.labeled)?;
@@ -79,7 +79,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let mut last_model: Option<SfrModel> = None;
     for (name, method, sfr) in runs {
         let cfg = demo_config(&a, method, sfr);
-        eprintln!("== training: {name} ({} labelled, {} unlabelled)", labeled.len(), if method == Method::Supervised && !sfr { 0 } else { unlabeled.len() });
+        note!("== training: {name} ({} labelled, {} unlabelled)", labeled.len(), if method == Method::Supervised && !sfr { 0 } else { unlabeled.len() });
         let inputs = TrainInputs { labeled: sfr::pipeline::sources(&labeled), unlabeled: sfr::pipeline::sources(&unlabeled), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
         let t = std::time::Instant::now();
         let model = run_job(a.progress, move |r| sfr::pipeline::train(&cfg, &inputs, &RunOptions::default(), r))?;
@@ -90,11 +90,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         table.push((name, s[0].dice_mean, s[0].dice_std, s[0].hd95_mean, secs));
         last_model = Some(model);
     }
-    println!();
-    println!("Dice on {} held-out phantoms ({} labelled, {} unlabelled training cases)", test.len(), a.labeled, a.unlabeled);
-    println!("{:<26} {:>16} {:>10} {:>10}", "method", "Dice (%)", "HD95 mm", "train s");
+    out!("");
+    out!("Dice on {} held-out phantoms ({} labelled, {} unlabelled training cases)", test.len(), a.labeled, a.unlabeled);
+    out!("{:<26} {:>16} {:>10} {:>10}", "method", "Dice (%)", "HD95 mm", "train s");
     for (name, d, sd, hd, secs) in &table {
-        println!("{:<26} {:>9.2} ± {:<5.2} {:>10} {:>10.0}", name, 100.0 * d, 100.0 * sd, hd.map(|h| format!("{h:.2}")).unwrap_or("-".into()), secs);
+        out!("{:<26} {:>9.2} ± {:<5.2} {:>10} {:>10.0}", name, 100.0 * d, 100.0 * sd, hd.map(|h| format!("{h:.2}")).unwrap_or("-".into()), secs);
     }
     let model = last_model.expect("three runs");
     let model_path = a.out.join("sfr_mean_teacher.sfrmodel");
@@ -104,8 +104,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let (seg, _) = model.segment(&img, None)?;
     let seg_path = a.out.join(format!("{}_segmentation.nii.gz", example.id));
     nifti::write(&seg_path, &seg)?;
-    println!();
-    println!("model:        {}", model_path.display());
-    println!("example:      {} -> {}", example.image.display(), seg_path.display());
+    out!("");
+    out!("model:        {}", model_path.display());
+    out!("example:      {} -> {}", example.image.display(), seg_path.display());
     Ok(())
 }
