@@ -67,6 +67,16 @@ fn read_meta_unchecked(path: &Path) -> Result<ModelMeta> {
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
     let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::format(path, format!("not a valid safetensors file: header: {e}")))?;
+    // The tensors' byte ranges must end where the file does: a cut file is found here too,
+    // without reading the weights (safetensors checks the ranges in detail when they are read).
+    let data_len = file_len - 8 - n;
+    let end = json
+        .as_object()
+        .map(|o| o.iter().filter(|(k, _)| *k != "__metadata__").filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0))
+        .unwrap_or(0);
+    if end != data_len {
+        return Err(Error::format(path, format!("truncated or corrupt model file: its header describes {end} bytes of weights, the file holds {data_len}")));
+    }
     let text = json
         .get("__metadata__")
         .and_then(|m| m.get(META_KEY))
