@@ -198,7 +198,7 @@ fn corpus() -> Vec<(String, Option<Vec<u8>>, Expect)> {
         "dims_lie.nii",
         with(&|b| {
             for a in 1..=3 {
-                put_i16(b, DIM + 2 * a, 2000);
+                put_i16(b, DIM + 2 * a, 1000);
             }
         }),
         Error,
