@@ -443,14 +443,20 @@ fn is_gz(path: &Path) -> bool {
     path.to_string_lossy().to_ascii_lowercase().ends_with(".gz")
 }
 
-/// Writes a volume as NIfTI-1 (gzip when the name ends in `.gz`). The file appears only when
-/// complete: it is written to a hidden sibling and renamed.
-pub fn write<T: Voxel + bytemuck::Pod>(path: impl AsRef<Path>, vol: &Volume<T>) -> Result<()> {
-    let path = path.as_ref();
+/// A NIfTI output must be named `*.nii` or `*.nii.gz` (callers check it before long work).
+pub fn check_output_name(path: &Path) -> Result<()> {
     let name = path.to_string_lossy().to_ascii_lowercase();
     if !(name.ends_with(".nii") || name.ends_with(".nii.gz")) {
         return Err(Error::format(path, "output must end in .nii or .nii.gz"));
     }
+    Ok(())
+}
+
+/// Writes a volume as NIfTI-1 (gzip when the name ends in `.gz`). The file appears only when
+/// complete: it is written to a hidden sibling and renamed.
+pub fn write<T: Voxel + bytemuck::Pod>(path: impl AsRef<Path>, vol: &Volume<T>) -> Result<()> {
+    let path = path.as_ref();
+    check_output_name(path)?;
     let header = header_for(vol.dims(), T::DTYPE, &vol.geometry).map_err(|e| Error::format(path, e.to_string()))?;
     let tmp = crate::io::temp_sibling(path, if is_gz(path) { ".nii.gz" } else { ".nii" });
     let dtype = match T::DTYPE {

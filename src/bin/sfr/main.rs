@@ -408,6 +408,7 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
     // Refused before any work: an output that is an input, or one that cannot be written.
     let inputs = [a.input.as_path(), a.model.as_path()];
     sfr::io::check_output(&a.output, &inputs)?;
+    nifti::check_output_name(&a.output)?;
     let model = SfrModel::load(&a.model, device)?;
     let prob_paths = a.probabilities.as_deref().map(|p| probability_paths(p, model.num_classes())).unwrap_or_default();
     for p in &prob_paths {
@@ -503,6 +504,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info { file } => out!("{}", serde_json::to_string_pretty(&info(&file)?).unwrap()),
         Command::Convert { input, output } => {
             sfr::io::check_output(&output, &[&input])?;
+            nifti::check_output_name(&output)?;
             let v = nifti::read(&input)?;
             nifti::write_any(&output, &v)?;
             note!("wrote {} ({} {:?})", output.display(), v.dtype().name(), v.dims());
