@@ -153,19 +153,14 @@ unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_ch
         return Err(FfiError::null("out"));
     }
     let ds = registry::dataset(ds as usize, "ds")?;
-    let text = c_str(config_json, "config_json")?;
-    let cfg = TrainConfig::from_user_json(text)?;
+    let cfg = TrainConfig::from_user_json(c_str(config_json, "config_json")?)?;
     let inputs = {
         let st = ds.lock();
         if st.labeled.is_empty() {
             return Err(FfiError::invalid("the dataset has no labelled case (sfr_dataset_add_labeled): at least one is needed"));
         }
-        // Only a request the caller made (a full config, or the key given) can be impossible;
-        // a preset's default adapts to the data.
-        let explicit = serde_json::from_str::<serde_json::Value>(text).ok().is_some_and(|v| v.get("version").is_some() || v.get("validation_cases").is_some());
-        if explicit {
-            crate::io::dataset::check_validation_request(cfg.validation_cases, st.labeled.len())?;
-        }
+        // A validation split that cannot be met is refused here, not when the job starts.
+        crate::pipeline::validation_count(cfg.validation_cases, st.labeled.len())?;
         TrainInputs { labeled: st.labeled.clone(), unlabeled: st.unlabeled.clone(), classes: st.classes.clone(), dataset_name: "memory".into() }
     };
     let state = JobState::new();

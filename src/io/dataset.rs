@@ -179,25 +179,6 @@ pub fn check_classes(classes: &BTreeMap<u16, String>) -> Result<usize> {
     crate::limits::check_classes("labels", classes.keys())
 }
 
-/// Most labelled cases that can be held out for validation: half of them, so that at least
-/// as many remain for training.
-pub fn max_validation_cases(labeled: usize) -> usize {
-    labeled / 2
-}
-
-/// An explicit request for `requested` validation cases out of `labeled` labelled ones: an
-/// error when it cannot be met (rather than silently holding out fewer).
-pub fn check_validation_request(requested: usize, labeled: usize) -> Result<()> {
-    let max = max_validation_cases(labeled);
-    if requested > max {
-        return Err(Error::invalid(format!(
-            "validation_cases = {requested} cannot be met: with {labeled} labelled case(s) at most {max} can be held out \
-             for validation (half, so that training keeps the rest); lower validation_cases or label more cases"
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,14 +260,5 @@ mod tests {
         assert!(e.contains("list.txt") && e.contains("line 4") && e.contains("c_0"), "{e}");
         std::fs::write(&list, "c_0\n\nc_1.nii.gz # second\n").unwrap();
         assert_eq!(read_id_list(&list).unwrap(), vec!["c_0".to_string(), "c_1".to_string()]);
-    }
-
-    #[test]
-    fn impossible_validation_requests_are_errors() {
-        assert!(check_validation_request(0, 1).is_ok());
-        assert!(check_validation_request(2, 4).is_ok());
-        let e = check_validation_request(3, 4).unwrap_err().to_string();
-        assert!(e.contains("validation_cases = 3") && e.contains("at most 2"), "{e}");
-        assert!(check_validation_request(1, 1).is_err());
     }
 }

@@ -330,14 +330,6 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
-/// Whether the user asked for `validation_cases` themselves (a config file or `--set`), as
-/// opposed to taking the preset's default: only an explicit request that cannot be met is an
-/// error (a default adapts to the data).
-fn validation_explicit(a: &TrainArgs) -> bool {
-    let in_set = a.set.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()).is_some_and(|v| v.get("validation_cases").is_some());
-    a.config.is_some() || in_set
-}
-
 fn train_cmd(a: TrainArgs) -> Result<()> {
     let cfg = train_config(&a)?;
     if a.print_config {
@@ -366,9 +358,8 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         (None, Some(f)) => ds.split_by_ids(&read_id_list(f)?)?,
         _ => return Err(Error::invalid("say which cases are labelled: --labeled N or --labeled-list FILE")),
     };
-    if validation_explicit(&a) {
-        sfr::io::dataset::check_validation_request(cfg.validation_cases, labeled.len())?;
-    }
+    // The pipeline's own rule, applied before any work: a request that cannot be met is an error.
+    sfr::pipeline::validation_count(cfg.validation_cases, labeled.len())?;
     if let Some(m) = a.max_unlabeled {
         unlabeled.truncate(m);
     }
