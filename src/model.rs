@@ -66,7 +66,7 @@ fn read_meta_unchecked(path: &Path) -> Result<ModelMeta> {
     }
     let mut header = vec![0u8; n as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::format(path, format!("not a valid safetensors file: header: {e}")))?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::format(path, format!("not an SFR model: the safetensors header is not valid JSON ({e})")))?;
     // The tensors' byte ranges must end where the file does: a cut file is found here too,
     // without reading the weights (safetensors checks the ranges in detail when they are read).
     let data_len = file_len - 8 - n;
