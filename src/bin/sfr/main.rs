@@ -383,7 +383,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         val.map(|d| format!("; validation mean Dice {d:.4}")).unwrap_or_default()
     );
     if let Some(fit) = model.meta.training["training_fit"]["mean_dice"].as_f64() {
-        eprintln!("no labelled case was held out for validation; fit on the training cases: mean Dice {fit:.4} (not a test: score held-out cases with sfr evaluate)");
+        note!("no labelled case was held out for validation; fit on the training cases: mean Dice {fit:.4} (not a test: score held-out cases with sfr evaluate)");
     }
     Ok(())
 }
@@ -431,7 +431,7 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
 fn training_case_ids(training: &serde_json::Value) -> std::collections::HashSet<String> {
     let ids = &training["case_ids"];
     if ids.is_null() {
-        eprintln!("note: this model does not record which cases it was trained on (older format): no case is skipped");
+        note!("note: this model does not record which cases it was trained on (older format): no case is skipped");
     }
     ["labeled", "validation", "unlabeled"]
         .iter()
@@ -450,14 +450,14 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
             let seen = training_case_ids(&model.meta.training);
             let (kept, skipped): (Vec<_>, Vec<_>) = ds.training.iter().cloned().partition(|c| a.include_training_cases || !seen.contains(&c.id));
             if !skipped.is_empty() {
-                eprintln!(
+                note!(
                     "skipped {} of {} cases that the model was trained on (labelled, validation or unlabelled, recorded by id in {}); --include-training-cases scores them too",
                     skipped.len(),
                     ds.training.len(),
                     a.model.display()
                 );
             } else if a.include_training_cases && !seen.is_empty() {
-                eprintln!("scoring training cases too (--include-training-cases): this is not a test of the model");
+                note!("scoring training cases too (--include-training-cases): this is not a test of the model");
             }
             kept
         }
