@@ -18,6 +18,7 @@ pub mod ffi;
 pub mod infer;
 pub mod io;
 pub mod job;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod nn;

@@ -45,6 +45,80 @@ pub struct ModelMeta {
     pub created_unix: u64,
 }
 
+/// Largest safetensors header read for the metadata: real models have a few kB.
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// The `sfr` metadata of a safetensors file, from its header only (8-byte little-endian
+/// length, then that many bytes of JSON), without reading the tensors. Not yet validated.
+fn read_meta_unchecked(path: &Path) -> Result<ModelMeta> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let md = f.metadata().map_err(|e| Error::io(path, e))?;
+    if md.is_dir() {
+        return Err(Error::format(path, "is a folder, not a model file"));
+    }
+    let file_len = md.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| Error::format(path, format!("not an SFR model: {file_len} bytes, too short for a safetensors header")))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_BYTES || n > file_len.saturating_sub(8) {
+        return Err(Error::format(path, format!("not an SFR model: the safetensors header claims {n} bytes, the file has {file_len}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::format(path, format!("not an SFR model: the safetensors header is not valid JSON ({e})")))?;
+    // The tensors' byte ranges must end where the file does: a cut file is found here too,
+    // without reading the weights (safetensors checks the ranges in detail when they are read).
+    let data_len = file_len - 8 - n;
+    let end = json
+        .as_object()
+        .map(|o| o.iter().filter(|(k, _)| *k != "__metadata__").filter_map(|(_, t)| t.get("data_offsets")?.get(1)?.as_u64()).max().unwrap_or(0))
+        .unwrap_or(0);
+    if end != data_len {
+        return Err(Error::format(path, format!("truncated or corrupt model file: its header describes {end} bytes of weights, the file holds {data_len}")));
+    }
+    let text = json
+        .get("__metadata__")
+        .and_then(|m| m.get(META_KEY))
+        .and_then(|t| t.as_str())
+        .ok_or_else(|| Error::format(path, "not an SFR model: the safetensors metadata has no 'sfr' entry"))?;
+    let meta: ModelMeta = serde_json::from_str(text).map_err(|e| Error::format(path, format!("bad model metadata: {e}")))?;
+    if meta.format != FORMAT || meta.format_version > FORMAT_VERSION {
+        return Err(Error::format(
+            path,
+            format!("model format {} v{} is not readable by this library (sfrmodel v{FORMAT_VERSION})", meta.format, meta.format_version),
+        ));
+    }
+    Ok(meta)
+}
+
+impl ModelMeta {
+    /// Checks every field that sizes work or memory against [`crate::limits`] (the same bounds
+    /// as a training config), so that a corrupt or tampered file cannot make a load or a
+    /// segmentation allocate without bound or index out of range.
+    pub fn validate(&self) -> Result<()> {
+        use crate::limits::{self as lim, check_batch, check_positive, check_range};
+        let n = lim::check_classes("classes", self.classes.keys())?;
+        let v = &self.vnet;
+        if v.num_classes != n as i64 {
+            return Err(Error::invalid(format!("vnet.num_classes {} differs from the {n} classes listed", v.num_classes)));
+        }
+        check_range("vnet.in_channels", v.in_channels, 1, 1)?;
+        check_range("vnet.n_filters", v.n_filters, 1, lim::MAX_N_FILTERS)?;
+        v.validate()?;
+        lim::check_patch("patch", self.patch)?;
+        let s = self.inference.stride;
+        if s.contains(&0) || s.iter().zip(&self.patch).any(|(s, p)| s > p) {
+            return Err(Error::invalid(format!("inference stride {s:?} must be in 1..=patch {:?}", self.patch)));
+        }
+        check_batch("inference.batch", self.inference.batch, self.patch.iter().product())?;
+        for (a, &sp) in self.spacing.iter().enumerate() {
+            check_positive(&format!("spacing[{a}]"), sp)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct SfrModel {
     pub meta: ModelMeta,
     net: VNet,
@@ -78,23 +152,20 @@ impl SfrModel {
         save_safetensors(path, &self.net.state_dict(), &metadata)
     }
 
-    /// Reads only the metadata of a `.sfrmodel` file.
+    /// Reads only the metadata of a `.sfrmodel` file (the safetensors header, not the weights),
+    /// checked by [`ModelMeta::validate`].
     pub fn read_meta(path: impl AsRef<Path>) -> Result<ModelMeta> {
-        Ok(Self::read(path.as_ref())?.1)
+        let path = path.as_ref();
+        let meta = read_meta_unchecked(path)?;
+        meta.validate().map_err(|e| Error::format(path, format!("refusing this model: {e}")))?;
+        Ok(meta)
     }
 
     fn read(path: &Path) -> Result<(Vec<(String, tch::Tensor)>, ModelMeta)> {
-        let (tensors, metadata) = read_safetensors_with_metadata(path)?;
-        let text = metadata
-            .get(META_KEY)
-            .ok_or_else(|| Error::format(path, "not an SFR model: the safetensors metadata has no 'sfr' entry"))?;
-        let meta: ModelMeta = serde_json::from_str(text).map_err(|e| Error::format(path, format!("bad model metadata: {e}")))?;
-        if meta.format != FORMAT || meta.format_version > FORMAT_VERSION {
-            return Err(Error::format(
-                path,
-                format!("model format {} v{} is not readable by this library (sfrmodel v{FORMAT_VERSION})", meta.format, meta.format_version),
-            ));
-        }
+        // The metadata is read and checked first, from the header alone, so that a tampered
+        // file claiming (say) a 4096³ patch is refused before any tensor is allocated.
+        let meta = Self::read_meta(path)?;
+        let (tensors, _) = read_safetensors_with_metadata(path)?;
         Ok((tensors, meta))
     }
 
@@ -119,6 +190,19 @@ impl SfrModel {
         let t = self.meta.spacing;
         if (0..3).any(|a| (s[a] / t[a] - 1.0).abs() > 0.25) {
             log::warn!("input spacing {s:?} mm differs from the training spacing {t:?} mm by more than 25%: results may suffer (no resampling is done)");
+        }
+        // The probabilities of every class for every voxel are held in memory: refuse sizes
+        // that cannot be held (an allocation failure would abort the host process).
+        let voxels = image.data.len();
+        let values = voxels.saturating_mul(self.num_classes());
+        if voxels > crate::limits::MAX_VOXELS || values > crate::limits::MAX_PROBABILITY_VALUES {
+            return Err(Error::invalid(format!(
+                "input image of {:?} voxels × {} classes is too large to segment in one piece (limit {} voxels, {} class probabilities)",
+                image.dims(),
+                self.num_classes(),
+                crate::limits::MAX_VOXELS,
+                crate::limits::MAX_PROBABILITY_VALUES
+            )));
         }
         let norm = zscore(&image.data.view(), "input image")?;
         self.sliding_window().run(&norm.view(), self.device, reporter, |x| self.net.f_forward_t(x, false))

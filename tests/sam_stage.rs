@@ -24,7 +24,7 @@ fn sam_overfits_one_stitched_volume() {
     let mut sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
     let data = [LabeledVolume { image: &image, label: &lab.data }];
     sam.finetune(&cfg, &data, 300, 1, &r).unwrap();
-    let p = sam.pseudo_label(&cfg, &image).unwrap();
+    let p = sam.pseudo_label(&cfg, &image, None).unwrap();
     let m = binary_metrics(&p.label.mapv(|v| v == 1).view(), &lab.data.mapv(|v| v == 1).view(), [1.0; 3]).unwrap();
     eprintln!("dice {:.3}, loss {:.3}, confidence {:.3}", m.dice, r.progress().loss, p.confidence);
     // A SAM trained from scratch (no checkpoint can be downloaded here) on one volume reaches

@@ -47,13 +47,8 @@ pub fn parse_classes(text: &str) -> FfiResult<BTreeMap<u16, String>> {
             return Err(FfiError::invalid(format!("classes_json: class {idx} is given twice")));
         }
     }
-    let n = classes.len();
-    if n < 2 {
-        return Err(FfiError::invalid("classes_json must name the background (0) and at least one foreground class"));
-    }
-    if let Some(missing) = (0..n as u16).find(|i| !classes.contains_key(i)) {
-        return Err(FfiError::invalid(format!("classes_json: class indices must be 0..{} without gaps; {missing} is missing", n - 1)));
-    }
+    // The same check as dataset.json's and the pipeline's (io::dataset::check_classes).
+    crate::limits::check_classes("classes_json", classes.keys())?;
     Ok(classes)
 }
 

@@ -164,6 +164,8 @@ unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_ch
         if st.labeled.is_empty() {
             return Err(FfiError::invalid("the dataset has no labelled case (sfr_dataset_add_labeled): at least one is needed"));
         }
+        // A validation split that cannot be met is refused here, not when the job starts.
+        crate::pipeline::validation_count(cfg.validation_cases, st.labeled.len())?;
         // Training loads every case as a z-scored f32 image plus a u8 label: refuse now, with
         // a message, what would otherwise end in the out-of-memory killer.
         let voxels: usize = st.labeled.iter().chain(&st.unlabeled).map(source_voxels).sum();

@@ -63,22 +63,30 @@ impl Dataset {
             let idx: u16 = k.parse().map_err(|_| Error::format(&json_path, format!("label key '{k}' is not a class index")))?;
             labels.insert(idx, v);
         }
-        if !labels.contains_key(&0) {
-            return Err(Error::format(&json_path, "labels must include 0 (background)"));
-        }
+        check_classes(&labels).map_err(|e| Error::format(&json_path, e.to_string()))?;
+        let path_of = |rel: &str| root.join(rel.trim_start_matches("./"));
         let resolve = |rel: &str| -> Result<PathBuf> {
-            let p = root.join(rel.trim_start_matches("./"));
+            let p = path_of(rel);
             if p.is_file() {
                 Ok(p)
             } else {
                 Err(Error::format(&json_path, format!("listed file {} does not exist", p.display())))
             }
         };
-        let mut training = Vec::with_capacity(parsed.training.len());
+        let mut training: Vec<Case> = Vec::with_capacity(parsed.training.len());
         for pair in &parsed.training {
             let image = resolve(&pair.image)?;
-            let label = pair.label.as_deref().map(resolve).transpose()?;
-            training.push(Case { id: case_id(&image), image, label });
+            // A label is checked only when its case is made labelled (split_first/split_by_ids):
+            // an unlabelled case needs none, so a missing label file is no error for it.
+            let label = pair.label.as_deref().map(path_of);
+            let id = case_id(&image);
+            if let Some(first) = training.iter().find(|c| c.id == id) {
+                return Err(Error::format(
+                    &json_path,
+                    format!("case '{id}' is listed twice in \"training\" ({} and {}): every case must appear once", first.image.display(), image.display()),
+                ));
+            }
+            training.push(Case { id, image, label });
         }
         let mut test = vec![];
         for t in &parsed.test {
@@ -93,6 +101,18 @@ impl Dataset {
 
     pub fn num_classes(&self) -> usize {
         self.labels.keys().max().map(|&m| m as usize + 1).unwrap_or(1)
+    }
+
+    /// The label file of a case that is to be labelled: listed and present, else a clear error.
+    fn labelled(&self, c: &Case) -> Result<Case> {
+        match &c.label {
+            None => Err(Error::invalid(format!("case {} is to be labelled but dataset.json lists no label for it", c.id))),
+            Some(p) if !p.is_file() => Err(Error::format(
+                self.root.join("dataset.json"),
+                format!("case {} is to be labelled but its label file {} does not exist", c.id, p.display()),
+            )),
+            Some(_) => Ok(c.clone()),
+        }
     }
 
     /// A case by id, or a clear error.
@@ -110,23 +130,19 @@ impl Dataset {
         if n > self.training.len() {
             return Err(Error::invalid(format!("--labeled {n}: the dataset has only {} training cases", self.training.len())));
         }
-        let labelled: Vec<Case> = self.training[..n].to_vec();
-        if let Some(c) = labelled.iter().find(|c| c.label.is_none()) {
-            return Err(Error::invalid(format!("case {} is to be labelled but dataset.json lists no label for it", c.id)));
-        }
+        let labelled: Vec<Case> = self.training[..n].iter().map(|c| self.labelled(c)).collect::<Result<_>>()?;
         let unlabelled = self.training[n..].iter().map(|c| Case { label: None, ..c.clone() }).collect();
         Ok((labelled, unlabelled))
     }
 
     /// Splits by an explicit list of labelled case ids (one per line in `--labeled-list`).
     pub fn split_by_ids(&self, ids: &[String]) -> Result<(Vec<Case>, Vec<Case>)> {
-        let mut labelled = vec![];
+        let mut labelled: Vec<Case> = vec![];
         for id in ids {
-            let c = self.case(id)?;
-            if c.label.is_none() {
-                return Err(Error::invalid(format!("case {id} is to be labelled but dataset.json lists no label for it")));
+            if labelled.iter().any(|c| &c.id == id) {
+                return Err(Error::invalid(format!("case '{id}' is in the labelled list twice")));
             }
-            labelled.push(c.clone());
+            labelled.push(self.labelled(self.case(id)?)?);
         }
         if labelled.is_empty() {
             return Err(Error::invalid("the labelled list is empty"));
@@ -136,11 +152,31 @@ impl Dataset {
     }
 }
 
-/// Reads a list of case ids: one per line, blank lines and `#` comments ignored.
+/// Reads a list of case ids: one per line, blank lines and `#` comments ignored. An id given
+/// twice is an error (it would count the case twice).
 pub fn read_id_list(path: impl AsRef<Path>) -> Result<Vec<String>> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    Ok(text.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()).map(|l| case_id(Path::new(l))).collect())
+    let mut ids: Vec<String> = vec![];
+    for (n, line) in text.lines().enumerate() {
+        let l = line.split('#').next().unwrap_or("").trim();
+        if l.is_empty() {
+            continue;
+        }
+        let id = case_id(Path::new(l));
+        if ids.contains(&id) {
+            return Err(Error::format(path, format!("line {}: case '{id}' is listed twice", n + 1)));
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// The classes of a dataset (index -> name): 0 (background) and 1..N-1 without gaps (a gap
+/// would make the networks learn a class nobody declared). Returns N. The one check of
+/// classes for dataset.json, the pipeline and the C ABI.
+pub fn check_classes(classes: &BTreeMap<u16, String>) -> Result<usize> {
+    crate::limits::check_classes("labels", classes.keys())
 }
 
 #[cfg(test)]
@@ -181,8 +217,48 @@ mod tests {
     fn missing_files_are_named() {
         let d = tempfile::tempdir().unwrap();
         make(d.path());
+        // A missing label only matters for a case that is to be labelled.
         std::fs::remove_file(d.path().join("labelsTr/c_3.nii.gz")).unwrap();
+        let ds = Dataset::open(d.path()).unwrap();
+        let (l, u) = ds.split_first(3).unwrap();
+        assert_eq!((l.len(), u.len()), (3, 1));
+        let e = ds.split_first(4).unwrap_err().to_string();
+        assert!(e.contains("labelsTr/c_3.nii.gz") && e.contains("does not exist"), "{e}");
+        let e = ds.split_by_ids(&["c_3".into()]).unwrap_err().to_string();
+        assert!(e.contains("labelsTr/c_3.nii.gz"), "{e}");
+        // A missing image is an error at once.
+        std::fs::remove_file(d.path().join("imagesTr/c_1.nii.gz")).unwrap();
         let e = Dataset::open(d.path()).unwrap_err().to_string();
-        assert!(e.contains("c_3.nii.gz"), "{e}");
+        assert!(e.contains("imagesTr/c_1.nii.gz"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_and_class_gaps_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        make(d.path());
+        let jp = d.path().join("dataset.json");
+        let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+        let first = j["training"][0].clone();
+        j["training"].as_array_mut().unwrap().push(first);
+        std::fs::write(&jp, j.to_string()).unwrap();
+        let e = Dataset::open(d.path()).unwrap_err().to_string();
+        assert!(e.contains("c_0") && e.contains("twice") && e.contains("dataset.json"), "{e}");
+
+        make(d.path());
+        let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+        j["labels"] = serde_json::json!({"0": "background", "2": "b"});
+        std::fs::write(&jp, j.to_string()).unwrap();
+        let e = Dataset::open(d.path()).unwrap_err().to_string();
+        assert!(e.contains("1 is missing") && e.contains("dataset.json"), "{e}");
+
+        make(d.path());
+        let ds = Dataset::open(d.path()).unwrap();
+        assert!(ds.split_by_ids(&["c_1".into(), "c_1".into()]).unwrap_err().to_string().contains("twice"));
+        let list = d.path().join("list.txt");
+        std::fs::write(&list, "c_0\n# comment\nc_1.nii.gz\nc_0\n").unwrap();
+        let e = read_id_list(&list).unwrap_err().to_string();
+        assert!(e.contains("list.txt") && e.contains("line 4") && e.contains("c_0"), "{e}");
+        std::fs::write(&list, "c_0\n\nc_1.nii.gz # second\n").unwrap();
+        assert_eq!(read_id_list(&list).unwrap(), vec!["c_0".to_string(), "c_1".to_string()]);
     }
 }

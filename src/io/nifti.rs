@@ -29,9 +29,18 @@ pub struct HeaderInfo {
     pub header: NiftiHeader,
 }
 
-const MAX_VOXELS: usize = 1 << 34; // 16 Gi voxels: far beyond any scan, far below overflow
+use crate::limits::MAX_VOXELS;
 
-fn open(path: &Path) -> Result<Box<dyn Read>> {
+/// Decompressed bytes tolerated after the voxel data of a `.nii.gz` (read to reach and check
+/// the gzip trailer); more means the header does not describe the file.
+const MAX_TRAILING_BYTES: u64 = 64 << 20;
+
+/// Opens a NIfTI file, transparently decompressing gzip; says whether it is gzip.
+fn open(path: &Path) -> Result<(Box<dyn Read>, bool)> {
+    let md = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if md.is_dir() {
+        return Err(Error::format(path, "is a folder, not a NIfTI file"));
+    }
     let mut file = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
     // gzip is detected by its magic bytes, not by the file name.
     let mut magic = [0u8; 2];
@@ -39,9 +48,9 @@ fn open(path: &Path) -> Result<Box<dyn Read>> {
     let head = std::io::Cursor::new(magic[..n].to_vec());
     let chained = head.chain(file);
     if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(flate2::read::MultiGzDecoder::new(chained)))
+        Ok((Box::new(flate2::read::MultiGzDecoder::new(chained)), true))
     } else {
-        Ok(Box::new(chained))
+        Ok((Box::new(chained), false))
     }
 }
 
@@ -128,7 +137,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<NiftiHeader> {
 /// Reads and checks the header only.
 pub fn read_header(path: impl AsRef<Path>) -> Result<HeaderInfo> {
     let path = path.as_ref();
-    let mut r = open(path)?;
+    let (mut r, _) = open(path)?;
     let mut buf = [0u8; 348];
     let n = read_full(&mut r, &mut buf).map_err(|e| corrupt(path, e))?;
     header_info(path, parse_header(path, &buf[..n])?)
@@ -139,10 +148,15 @@ fn corrupt(path: &Path, e: std::io::Error) -> Error {
 }
 
 fn header_info(path: &Path, h: NiftiHeader) -> Result<HeaderInfo> {
-    let ndim = h.dim[0];
+    // dim[] is signed in the standard (the nifti crate reads it unsigned): show what was written.
+    let ndim = h.dim[0] as i16;
     if !(1..=7).contains(&ndim) {
         return Err(Error::format(path, format!("invalid dim[0] = {ndim} (must be 1..7)")));
     }
+    if let Some(a) = (1..=ndim as usize).find(|&a| (h.dim[a] as i16) < 0) {
+        return Err(Error::format(path, format!("invalid dim[{a}] = {} (negative)", h.dim[a] as i16)));
+    }
+    let ndim = ndim as u16;
     let d = |i: usize| if i <= ndim as usize { h.dim[i] as usize } else { 1 };
     let dims = [d(1), d(2), d(3)];
     if dims.contains(&0) {
@@ -177,7 +191,7 @@ fn header_info(path: &Path, h: NiftiHeader) -> Result<HeaderInfo> {
 /// asks for scl_slope/scl_inter scaling, which is applied).
 pub fn read(path: impl AsRef<Path>) -> Result<AnyVolume> {
     let path = path.as_ref();
-    let mut r = open(path)?;
+    let (mut r, gz) = open(path)?;
     let mut hbuf = [0u8; 348];
     let n = read_full(&mut r, &mut hbuf).map_err(|e| corrupt(path, e))?;
     let info = header_info(path, parse_header(path, &hbuf[..n])?)?;
@@ -208,6 +222,15 @@ pub fn read(path: impl AsRef<Path>) -> Result<AnyVolume> {
                 bytes.len()
             ),
         ));
+    }
+    if gz {
+        // The gzip decoder checks the CRC-32 and the length (ISIZE) of the data only when it
+        // reaches the end of the stream, and a concatenated member or garbage after it only
+        // then too: read on to the end, or a damaged file would be taken as valid.
+        let extra = std::io::copy(&mut (&mut r).take(MAX_TRAILING_BYTES + 1), &mut std::io::sink()).map_err(|e| corrupt(path, e))?;
+        if extra > MAX_TRAILING_BYTES {
+            return Err(Error::format(path, format!("the file holds far more data than its header claims ({:?} {})", info.dims, info.dtype.name())));
+        }
     }
     let big = h.endianness == nifti::Endianness::Big;
     let vol = decode(&bytes, &info, big);
@@ -420,14 +443,20 @@ fn is_gz(path: &Path) -> bool {
     path.to_string_lossy().to_ascii_lowercase().ends_with(".gz")
 }
 
-/// Writes a volume as NIfTI-1 (gzip when the name ends in `.gz`). The file appears only when
-/// complete: it is written to a hidden sibling and renamed.
-pub fn write<T: Voxel + bytemuck::Pod>(path: impl AsRef<Path>, vol: &Volume<T>) -> Result<()> {
-    let path = path.as_ref();
+/// A NIfTI output must be named `*.nii` or `*.nii.gz` (callers check it before long work).
+pub fn check_output_name(path: &Path) -> Result<()> {
     let name = path.to_string_lossy().to_ascii_lowercase();
     if !(name.ends_with(".nii") || name.ends_with(".nii.gz")) {
         return Err(Error::format(path, "output must end in .nii or .nii.gz"));
     }
+    Ok(())
+}
+
+/// Writes a volume as NIfTI-1 (gzip when the name ends in `.gz`). The file appears only when
+/// complete: it is written to a hidden sibling and renamed.
+pub fn write<T: Voxel + bytemuck::Pod>(path: impl AsRef<Path>, vol: &Volume<T>) -> Result<()> {
+    let path = path.as_ref();
+    check_output_name(path)?;
     let header = header_for(vol.dims(), T::DTYPE, &vol.geometry).map_err(|e| Error::format(path, e.to_string()))?;
     let tmp = crate::io::temp_sibling(path, if is_gz(path) { ".nii.gz" } else { ".nii" });
     let dtype = match T::DTYPE {

@@ -323,39 +323,92 @@ impl TrainConfig {
         [s[2], s[1], s[0]]
     }
 
+    /// Checks every value against the bounds of [`crate::limits`] before any work starts (the
+    /// CLI, the C ABI and the Slicer module all come through here), so that a bad value is a
+    /// clear error at once, never a crash, an abort on a huge allocation or a failure after
+    /// the SAM stage has run for an hour.
     pub fn validate(&self) -> Result<()> {
+        use crate::limits::{self as lim, check_batch, check_non_negative, check_positive, check_range};
         if self.version != CONFIG_VERSION {
             return Err(Error::invalid(format!("config version {} is not supported (this library reads version {CONFIG_VERSION})", self.version)));
         }
-        if self.patch.contains(&0) {
-            return Err(Error::invalid("config: patch sizes must be positive"));
-        }
-        if self.patch.iter().any(|&p| p % 16 != 0) {
-            return Err(Error::invalid(format!("config: patch {:?} must be a multiple of 16 on every axis (the V-Net halves it four times)", self.patch)));
-        }
-        if self.inference.stride.contains(&0) || self.inference.stride.iter().zip(&self.patch).any(|(s, p)| s > p) {
-            return Err(Error::invalid(format!("config: inference stride {:?} must be in 1..=patch {:?}", self.inference.stride, self.patch)));
-        }
-        if self.inference.batch == 0 || self.vnet.labeled_batch == 0 || self.sam.batch == 0 {
-            return Err(Error::invalid("config: batch sizes must be positive"));
-        }
-        if self.vnet.iterations == 0 {
-            return Err(Error::invalid("config: vnet.iterations must be positive"));
-        }
-        if self.sam.image_size % 16 != 0 || self.sam.image_size < 64 {
-            return Err(Error::invalid(format!("config: sam.image_size {} must be a multiple of 16, at least 64", self.sam.image_size)));
-        }
-        if self.sam.variant != "auto" {
-            crate::nn::sam::SamConfig::from_name(&self.sam.variant).map_err(|e| Error::invalid(format!("config: sam.variant: {e} or auto")))?;
-        }
-        if !(0.0..=1.0).contains(&self.sfr_plus.tau) {
-            return Err(Error::invalid("config: sfr_plus.tau must be in [0, 1]"));
-        }
-        if !(0.0..1.0).contains(&self.vnet.ema_decay) || !(0.0..=1.0).contains(&self.vnet.acmt_ratio) {
-            return Err(Error::invalid("config: vnet.ema_decay must be in [0, 1) and acmt_ratio in [0, 1]"));
-        }
-        crate::nn::parse_device_name(&self.device)?;
-        Ok(())
+        let err = |e: Error| Error::invalid(format!("config: {}", e.to_string().trim_start_matches("config: ")));
+        let run = || -> Result<()> {
+            crate::nn::parse_device_name(&self.device)?;
+            if self.threads != 0 {
+                check_range("threads", self.threads, 1, lim::MAX_THREADS)?;
+            }
+            lim::check_patch("patch", self.patch)?;
+            let patch_voxels = self.patch.iter().product::<usize>();
+            if self.inference.stride.contains(&0) || self.inference.stride.iter().zip(&self.patch).any(|(s, p)| s > p) {
+                return Err(Error::invalid(format!("inference stride {:?} must be in 1..=patch {:?}", self.inference.stride, self.patch)));
+            }
+            check_batch("inference.batch", self.inference.batch, patch_voxels)?;
+
+            let v = &self.vnet;
+            check_range("vnet.n_filters", v.n_filters, 1, lim::MAX_N_FILTERS)?;
+            check_range("vnet.iterations", v.iterations, 1, lim::MAX_ITERATIONS)?;
+            check_range("vnet.iterations_per_epoch", v.iterations_per_epoch, 1, lim::MAX_ITERATIONS)?;
+            check_positive("vnet.lr", v.lr)?;
+            if !(0.0..1.0).contains(&v.momentum) {
+                return Err(Error::invalid(format!("vnet.momentum = {} must be in [0, 1)", v.momentum)));
+            }
+            check_non_negative("vnet.weight_decay", v.weight_decay)?;
+            match v.schedule {
+                LrSchedule::Step { every, gamma } => {
+                    check_range("vnet.schedule.every", every, 1, lim::MAX_ITERATIONS)?;
+                    check_positive("vnet.schedule.gamma", gamma)?;
+                }
+                LrSchedule::Poly { power } => check_non_negative("vnet.schedule.power", power)?,
+            }
+            check_range("vnet.labeled_batch", v.labeled_batch, 1, lim::MAX_BATCH)?;
+            check_range("vnet.unlabeled_batch", v.unlabeled_batch, 0, lim::MAX_BATCH)?;
+            check_batch("vnet.labeled_batch + vnet.unlabeled_batch", v.labeled_batch + v.unlabeled_batch, patch_voxels)?;
+            check_non_negative("vnet.pseudo_label_weight", v.pseudo_label_weight)?;
+            check_non_negative("vnet.consistency", v.consistency)?;
+            check_non_negative("vnet.rampup_epochs", v.rampup_epochs)?;
+            if !(0.0..1.0).contains(&v.ema_decay) || !(0.0..=1.0).contains(&v.acmt_ratio) {
+                return Err(Error::invalid("vnet.ema_decay must be in [0, 1) and acmt_ratio in [0, 1]"));
+            }
+            check_non_negative("vnet.noise_std", v.noise_std)?;
+            check_non_negative("vnet.noise_clamp", v.noise_clamp)?;
+
+            let s = &self.sam;
+            if s.variant != "auto" {
+                crate::nn::sam::SamConfig::from_name(&s.variant).map_err(|e| Error::invalid(format!("sam.variant: {e} or auto")))?;
+            }
+            if s.image_size % 16 != 0 || !(lim::MIN_SAM_IMAGE_SIZE..=lim::MAX_CANVAS).contains(&s.image_size) {
+                return Err(Error::invalid(format!(
+                    "sam.image_size {} must be a multiple of 16 in {}..={}",
+                    s.image_size,
+                    lim::MIN_SAM_IMAGE_SIZE,
+                    lim::MAX_CANVAS
+                )));
+            }
+            check_range("sam.lora_rank", s.lora_rank, 1, lim::MAX_LORA_RANK)?;
+            check_range("sam.iterations", s.iterations, if self.sfr { 1 } else { 0 }, lim::MAX_ITERATIONS)?;
+            check_positive("sam.lr", s.lr)?;
+            check_non_negative("sam.weight_decay", s.weight_decay)?;
+            check_batch("sam.batch", s.batch, s.image_size * s.image_size)?;
+            if self.sfr {
+                // The patch must fit the canvas: found now, not after loading every case.
+                crate::stitch::StitchLayout::for_shape(&self.patch_zyx(), s.image_size).map_err(|e| {
+                    Error::invalid(format!("the patch {:?} cannot be stitched at sam.image_size {}: {e}", self.patch, s.image_size))
+                })?;
+                if let Some(ck) = s.checkpoint.as_ref().filter(|c| !matches!(c.to_str(), Some(crate::nn::sam::checkpoint::LITE_MEDSAM | crate::nn::sam::checkpoint::NONE))) {
+                    if !ck.is_file() {
+                        return Err(Error::invalid(format!("sam.checkpoint {} does not exist or is not a file", ck.display())));
+                    }
+                }
+            }
+            if !(0.0..=1.0).contains(&self.sfr_plus.tau) {
+                return Err(Error::invalid("sfr_plus.tau must be in [0, 1]"));
+            }
+            check_range("sfr_plus.rounds", self.sfr_plus.rounds, 1, lim::MAX_SFR_PLUS_ROUNDS)?;
+            check_range("checkpoint_every", self.checkpoint_every, 0, lim::MAX_ITERATIONS)?;
+            Ok(())
+        };
+        run().map_err(err)
     }
 }
 

@@ -145,10 +145,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     if cfg.threads > 0 {
         tch::set_num_threads(cfg.threads as i32);
     }
-    let num_classes = inputs.classes.keys().max().map(|&m| m as usize + 1).unwrap_or(0);
-    if num_classes < 2 {
-        return Err(Error::invalid("the dataset declares no foreground class"));
-    }
+    // Classes 0..N-1 without gaps (a gap would train an undeclared class).
+    let num_classes = crate::io::dataset::check_classes(&inputs.classes)?;
     if inputs.labeled.is_empty() {
         return Err(Error::invalid("zero labelled cases: at least one is needed"));
     }

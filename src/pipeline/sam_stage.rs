@@ -258,14 +258,18 @@ impl SamModule {
         Ok(())
     }
 
-    /// Per-voxel class probabilities of a normalised volume (see the module doc).
-    pub fn pseudo_label(&self, cfg: &TrainConfig, image: &Array3<f32>) -> Result<PseudoLabel> {
+    /// Per-voxel class probabilities of a normalised volume (see the module doc). A cancel
+    /// through `reporter` is honoured between batches of windows (a big volume takes minutes).
+    pub fn pseudo_label(&self, cfg: &TrainConfig, image: &Array3<f32>, reporter: Option<&Reporter>) -> Result<PseudoLabel> {
         let patch = cfg.patch_zyx();
         let sw = SlidingWindow { patch, stride: patch.map(|p| (p / 2).max(1)), weighting: Weighting::Mean, batch: cfg.sam.batch };
         let size = self.layout.canvas as i64;
         let probs = sw.run(&image.view(), self.vs.device(), None, |x| {
             // x: [B, 1, pz, py, px] -> stitched -> SAM -> unstitched log-probabilities, so the
             // sliding window's softmax gives back SAM's probabilities.
+            if let Some(r) = reporter {
+                r.check()?;
+            }
             let b = x.size()[0];
             let host = x.to_device(Device::Cpu).contiguous();
             let mut patches = Vec::with_capacity(b as usize);
@@ -326,7 +330,7 @@ pub fn run_sam_stage(
         reporter.stage("pseudolabel", unlabeled.len() as u64, &format!("SAM pseudo-labels for {} unlabelled volumes (round {})", unlabeled.len(), round + 1))?;
         let mut next = Vec::with_capacity(unlabeled.len());
         for (i, u) in unlabeled.iter().enumerate() {
-            next.push(sam.pseudo_label(cfg, &u.image)?);
+            next.push(sam.pseudo_label(cfg, &u.image, Some(reporter))?);
             reporter.step(i as u64 + 1, f64::NAN)?;
         }
         pseudo = next;

@@ -1,4 +1,20 @@
 //! `sfr`: the command-line tool. Thin: parses arguments, calls the library, prints results.
+
+/// A line of results on stdout. A failed write (full disk) is an error of the command; a
+/// closed pipe (`sfr info M | head -0`) ends the program quietly in `main`. (`println!` would
+/// panic on either.)
+macro_rules! out {
+    ($($arg:tt)*) => { crate::write_stdout(format_args!($($arg)*))? };
+}
+
+/// A line for people on stderr; a closed or full stderr is not worth failing (or panicking) for.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod demo;
 mod progress;
@@ -191,6 +207,15 @@ struct EvaluateArgs {
     device: String,
 }
 
+/// The name under which write errors of stdout are reported.
+const STDOUT: &str = "<stdout>";
+
+fn write_stdout(args: std::fmt::Arguments) -> Result<()> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    o.write_fmt(args).and_then(|_| o.write_all(b"\n")).and_then(|_| o.flush()).map_err(|e| Error::io(STDOUT, e))
+}
+
 fn parse_xyz(s: &str) -> std::result::Result<[usize; 3], String> {
     let v: Vec<usize> = s.split([',', 'x']).map(|p| p.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|e| e.to_string())?;
     <[usize; 3]>::try_from(v).map_err(|_| "expected X,Y,Z".to_string())
@@ -236,6 +261,9 @@ fn centre_crop<T: Clone>(v: &Volume<T>, patch: [usize; 3]) -> Volume<T> {
 }
 
 fn stitch_cmd(a: &StitchArgs) -> Result<()> {
+    sfr::limits::check_range("--canvas", a.canvas, 1, sfr::limits::MAX_CANVAS)?;
+    let inputs: Vec<&Path> = std::iter::once(a.input.as_path()).chain(a.label.as_deref()).collect();
+    sfr::io::check_output(&a.output, &inputs)?;
     let img = nifti::read(&a.input)?.cast::<f32>();
     let lab = a.label.as_ref().map(|p| nifti::read(p).map(|v| v.cast::<u8>())).transpose()?;
     if let Some(l) = &lab {
@@ -263,7 +291,7 @@ fn stitch_cmd(a: &StitchArgs) -> Result<()> {
             None => nifti::write(&a.output, &Volume::new(canvas.into_shape_with_order((1, s, s)).unwrap(), g))?,
         }
     }
-    eprintln!(
+    note!(
         "stitched {:?} (x,y,z) as a {}x{} grid on a {}x{} canvas -> {}",
         img.dims(),
         layout.n_row,
@@ -315,7 +343,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
 fn train_cmd(a: TrainArgs) -> Result<()> {
     let cfg = train_config(&a)?;
     if a.print_config {
-        println!("{}", cfg.to_json());
+        out!("{}", cfg.to_json());
         return Ok(());
     }
     if cfg.sfr {
@@ -326,16 +354,34 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         }
     }
     let ds = Dataset::open(&a.data)?;
+    // Before any work: the model must not overwrite any file the run reads (a dataset image,
+    // the config...), and its folder and the work folder must be writable, so that a run
+    // cannot fail at its end.
+    let json_path = a.data.join("dataset.json");
+    let mut inputs: Vec<&Path> = vec![&json_path];
+    for c in &ds.training {
+        inputs.push(&c.image);
+        inputs.extend(c.label.as_deref());
+    }
+    inputs.extend(ds.test.iter().map(|p| p.as_path()));
+    inputs.extend(a.config.as_deref());
+    inputs.extend(a.labeled_list.as_deref());
+    inputs.extend(cfg.sam.checkpoint.as_deref());
+    sfr::io::check_output(&a.out, &inputs)?;
+    let work_dir = a.work_dir.clone().unwrap_or_else(|| default_work_dir(&a.out));
+    sfr::io::check_dir_creatable(&work_dir)?;
     let (labeled, mut unlabeled) = match (&a.labeled, &a.labeled_list) {
         (Some(n), None) => ds.split_first(*n)?,
         (None, Some(f)) => ds.split_by_ids(&read_id_list(f)?)?,
         _ => return Err(Error::invalid("say which cases are labelled: --labeled N or --labeled-list FILE")),
     };
+    // The pipeline's own rule, applied before any work: a request that cannot be met is an error.
+    sfr::pipeline::validation_count(cfg.validation_cases, labeled.len())?;
     if let Some(m) = a.max_unlabeled {
         unlabeled.truncate(m);
     }
     let inputs = TrainInputs { labeled: sfr::pipeline::sources(&labeled), unlabeled: sfr::pipeline::sources(&unlabeled), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
-    let opts = RunOptions { work_dir: Some(a.work_dir.clone().unwrap_or_else(|| default_work_dir(&a.out))), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels };
+    let opts = RunOptions { work_dir: Some(work_dir), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels };
     let out = a.out.clone();
     let t = std::time::Instant::now();
     let model = run_job(a.progress, move |r| {
@@ -344,7 +390,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         Ok(m)
     })?;
     let val = model.meta.validation.as_ref().and_then(|v| v.get("mean_dice")).and_then(|d| d.as_f64());
-    eprintln!(
+    note!(
         "saved {} ({} V-Net parameters, method {}, SFR {}) in {:.0} s{}",
         a.out.display(),
         model.net().num_parameters(),
@@ -354,24 +400,38 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         val.map(|d| format!("; validation mean Dice {d:.4}")).unwrap_or_default()
     );
     if let Some(fit) = model.meta.training["training_fit"]["mean_dice"].as_f64() {
-        eprintln!("no labelled case was held out for validation; fit on the training cases: mean Dice {fit:.4} (not a test: score held-out cases with sfr evaluate)");
+        note!("no labelled case was held out for validation; fit on the training cases: mean Dice {fit:.4} (not a test: score held-out cases with sfr evaluate)");
     }
     Ok(())
 }
 
+/// `P.nii.gz` -> `P_class<c>.nii.gz` for each class `c`.
+fn probability_paths(p: &Path, classes: usize) -> Vec<PathBuf> {
+    let stem = p.to_string_lossy().trim_end_matches(".gz").trim_end_matches(".nii").to_string();
+    (0..classes).map(|c| PathBuf::from(format!("{stem}_class{c}.nii.gz"))).collect()
+}
+
 fn segment_cmd(a: SegmentArgs) -> Result<()> {
     let device = sfr::nn::parse_device(&a.device)?;
+    // Refused before any work: an output that is an input, or one that cannot be written.
+    let inputs = [a.input.as_path(), a.model.as_path()];
+    sfr::io::check_output(&a.output, &inputs)?;
+    nifti::check_output_name(&a.output)?;
     let model = SfrModel::load(&a.model, device)?;
+    let prob_paths = a.probabilities.as_deref().map(|p| probability_paths(p, model.num_classes())).unwrap_or_default();
+    for p in &prob_paths {
+        sfr::io::check_output(p, &inputs)?;
+        if sfr::io::same_file(p, &a.output) || *p == a.output {
+            return Err(Error::invalid(format!("{}: the label output and a probability output are the same file", p.display())));
+        }
+    }
     let img = nifti::read(&a.input)?.cast::<f32>();
-    let (out, probs_path) = (a.output.clone(), a.probabilities.clone());
+    let out = a.output.clone();
     let classes = model.meta.classes.clone();
     let (seg, probs) = run_job(a.progress, move |r| model.segment(&img, Some(r)))?;
     // Write probabilities first, the label last: the label file is the "done" signal.
-    if let Some(p) = probs_path {
-        let stem = p.to_string_lossy().trim_end_matches(".gz").trim_end_matches(".nii").to_string();
-        for (c, map) in probs.outer_iter().enumerate() {
-            nifti::write(format!("{stem}_class{c}.nii.gz"), &seg.with_data(map.to_owned())?)?;
-        }
+    for (p, map) in prob_paths.iter().zip(probs.outer_iter()) {
+        nifti::write(p, &seg.with_data(map.to_owned())?)?;
     }
     if classes.keys().max().copied().unwrap_or(0) > 255 {
         nifti::write(&out, &seg.cast::<u16>())?;
@@ -379,7 +439,7 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
         nifti::write(&out, &seg)?;
     }
     let counts: Vec<String> = classes.iter().map(|(c, n)| format!("{n}: {}", seg.data.iter().filter(|&&v| v as u16 == *c).count())).collect();
-    eprintln!("wrote {} (voxels per class: {})", out.display(), counts.join(", "));
+    note!("wrote {} (voxels per class: {})", out.display(), counts.join(", "));
     Ok(())
 }
 
@@ -388,7 +448,7 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
 fn training_case_ids(training: &serde_json::Value) -> std::collections::HashSet<String> {
     let ids = &training["case_ids"];
     if ids.is_null() {
-        eprintln!("note: this model does not record which cases it was trained on (older format): no case is skipped");
+        note!("note: this model does not record which cases it was trained on (older format): no case is skipped");
     }
     ["labeled", "validation", "unlabeled"]
         .iter()
@@ -407,14 +467,14 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
             let seen = training_case_ids(&model.meta.training);
             let (kept, skipped): (Vec<_>, Vec<_>) = ds.training.iter().cloned().partition(|c| a.include_training_cases || !seen.contains(&c.id));
             if !skipped.is_empty() {
-                eprintln!(
+                note!(
                     "skipped {} of {} cases that the model was trained on (labelled, validation or unlabelled, recorded by id in {}); --include-training-cases scores them too",
                     skipped.len(),
                     ds.training.len(),
                     a.model.display()
                 );
             } else if a.include_training_cases && !seen.is_empty() {
-                eprintln!("scoring training cases too (--include-training-cases): this is not a test of the model");
+                note!("scoring training cases too (--include-training-cases): this is not a test of the model");
             }
             kept
         }
@@ -427,13 +487,13 @@ fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let summary = summarize(&rows, &model.meta.classes);
     if a.json {
         let cases_json: Vec<_> = per_case.iter().map(|(id, m)| json!({"case": id, "classes": m})).collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"model": a.model, "cases": cases_json, "summary": summary})).unwrap());
+        out!("{}", serde_json::to_string_pretty(&json!({"model": a.model, "cases": cases_json, "summary": summary})).unwrap());
     } else {
-        println!("{} cases from {}", cases.len(), a.data.display());
-        println!("{:<16} {:>16} {:>10} {:>10} {:>10}", "class", "Dice (%)", "Jaccard", "ASD mm", "HD95 mm");
+        out!("{} cases from {}", cases.len(), a.data.display());
+        out!("{:<16} {:>16} {:>10} {:>10} {:>10}", "class", "Dice (%)", "Jaccard", "ASD mm", "HD95 mm");
         let f = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
         for s in &summary {
-            println!(
+            out!(
                 "{:<16} {:>9.2} ± {:<5.2} {:>10.2} {:>10} {:>10}",
                 s.name,
                 100.0 * s.dice_mean,
@@ -454,12 +514,14 @@ fn run(cli: Cli) -> Result<()> {
                 Some(f) if !devices => info(&f)?,
                 _ => sfr::nn::device_info(),
             };
-            println!("{}", serde_json::to_string_pretty(&v).unwrap())
+            out!("{}", serde_json::to_string_pretty(&v).unwrap())
         }
         Command::Convert { input, output } => {
+            sfr::io::check_output(&output, &[&input])?;
+            nifti::check_output_name(&output)?;
             let v = nifti::read(&input)?;
             nifti::write_any(&output, &v)?;
-            eprintln!("wrote {} ({} {:?})", output.display(), v.dtype().name(), v.dims());
+            note!("wrote {} ({} {:?})", output.display(), v.dtype().name(), v.dims());
         }
         Command::Stitch(a) => stitch_cmd(&a)?,
         Command::Train(a) => train_cmd(a)?,
@@ -468,7 +530,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo::run(a)?,
         Command::Bench { json: _, quick, threads, only, device, reps, no_pytorch } => {
             let opts = bench::BenchOptions { quick, threads, only, device, reps, pytorch: !no_pytorch };
-            println!("{}", serde_json::to_string_pretty(&bench::run_with(&opts)?).unwrap())
+            out!("{}", serde_json::to_string_pretty(&bench::run_with(&opts)?).unwrap())
         }
     }
     Ok(())
@@ -478,12 +540,15 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp(None).init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`sfr info M | head -0`): nothing to report to
+        // anyone; the status of a program killed by SIGPIPE, as other tools give.
+        Err(Error::Io { path, source }) if path == Path::new(STDOUT) && source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(141),
         Err(Error::Cancelled) => {
-            eprintln!("cancelled: nothing was written");
+            note!("cancelled: nothing was written");
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            note!("error: {e}");
             ExitCode::FAILURE
         }
     }

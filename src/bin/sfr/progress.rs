@@ -26,9 +26,16 @@ fn install_ctrlc() {
     ONCE.call_once(|| {
         let _ = ctrlc::set_handler(|| {
             if INTERRUPTED.swap(true, Ordering::SeqCst) {
-                std::process::exit(130);
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "\ninterrupted: nothing was written");
+                // `_exit`, not `exit`: `exit` runs libtorch's static destructors and atexit
+                // handlers while the job thread is still inside libtorch, which then panics
+                // or aborts with a message. Every output is written to a temporary file and
+                // renamed, so stopping here leaves no partial file (at most a hidden temporary).
+                unsafe { libc::_exit(130) };
             }
-            eprintln!("\ncancelling (Ctrl-C again to quit at once)...");
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "\ncancelling (Ctrl-C again to quit at once)...");
         });
     });
 }
@@ -52,10 +59,11 @@ pub fn run_job<T: Send + 'static>(mode: ProgressMode, work: impl FnOnce(&Reporte
             if p.stage != last.stage || p.step != last.step || p.message != last.message || p.finished != last.finished {
                 let loss = if p.loss.is_finite() { serde_json::json!(p.loss) } else { serde_json::Value::Null };
                 let eta = if p.eta_seconds >= 0.0 { serde_json::json!(p.eta_seconds) } else { serde_json::Value::Null };
-                println!(
-                    "{}",
-                    serde_json::json!({"stage": p.stage, "step": p.step, "total": p.total, "loss": loss, "eta_seconds": eta, "message": p.message, "finished": p.finished})
-                );
+                // A reader that went away or a full disk must not kill the job (println! panics).
+                use std::io::Write as _;
+                let line = serde_json::json!({"stage": p.stage, "step": p.step, "total": p.total, "loss": loss, "eta_seconds": eta, "message": p.message, "finished": p.finished});
+                let mut o = std::io::stdout().lock();
+                let _ = writeln!(o, "{line}").and_then(|_| o.flush());
                 *last = p.clone();
             }
         }))
