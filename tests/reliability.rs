@@ -827,7 +827,7 @@ fn dataset_mistakes_are_errors_and_missing_unlabelled_labels_are_not() {
     assert_clean_failure(&o, "1 is missing", "class gap");
     // ...the same through the pipeline with in-memory cases (the C ABI's path)
     let (img, lab) = phantom(3, &PhantomSpec { dims: [16, 16, 16], num_classes: 2, noise: 0.3 });
-    let case = CaseSource::Memory { id: "a".into(), image: img, label: Some(lab.cast::<f64>()) };
+    let case = CaseSource::memory("a", img, Some(lab.cast::<u8>()));
     let inputs = TrainInputs { labeled: vec![case], unlabeled: vec![], classes: [(0, "bg".into()), (2, "x".into())].into(), dataset_name: "m".into() };
     let e = train_err(&inputs);
     assert!(e.contains("1 is missing"), "{e}");
