@@ -314,6 +314,9 @@ pub fn run_sam_stage(
     device: Device,
     reporter: &Reporter,
 ) -> Result<(SamModule, Vec<PseudoLabel>, Vec<bool>)> {
+    // libtorch's generator is global: seed it here, so that the SAM's fresh weights and every
+    // later draw depend on the run's seed only, not on what the process did before.
+    tch::manual_seed(cfg.seed as i64);
     let mut sam = SamModule::new(cfg, num_classes, device, reporter)?;
     let rounds = if cfg.sfr_plus.enabled { cfg.sfr_plus.rounds.max(1) } else { 1 };
     let mut confident = vec![false; unlabeled.len()];
