@@ -22,7 +22,8 @@ Sub-commands:
       <dir>/batches.safetensors (x0.., y0.. for each step). Runs the steps with
       torch.manual_seed(seed) (so dropout masks and noise come from the same generator as
       libtorch's in the Rust run when both draw in the same order) and writes losses.json,
-      grads0.safetensors (student gradients after the first backward), student.safetensors,
+      grads0.safetensors (student gradients after the first backward), student0.safetensors
+      (the student after the first update), student.safetensors,
       teacher.safetensors (mean teacher only).
   train <data_dir> <out.json> [options]
       a whole run on a Decathlon folder (hippocampus): first --labeled cases labelled, the next
@@ -153,6 +154,7 @@ def steps(d):
         losses.append(loss)
         if i == 0:
             save_file(grads, os.path.join(d, "grads0.safetensors"))
+            save_file(state(loop.student), os.path.join(d, "student0.safetensors"))
     json.dump(losses, open(os.path.join(d, "losses.json"), "w"))
     save_file(state(loop.student), os.path.join(d, "student.safetensors"))
     if loop.teacher is not None:
