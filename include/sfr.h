@@ -115,9 +115,10 @@ typedef struct sfr_model sfr_model;
  *
  * What is copied: the library reads `data` only during the call that receives the view and
  * never writes it. Whatever it keeps or computes on is its own converted copy: images become
- * float32 (datasets, segmentation, stitching), labels float64 checked as class indices. So
- * the caller may free or change its buffer as soon as the call returns, and a volume costs
- * 4 bytes per voxel (labels 8) inside the library whatever its dtype.
+ * float32 (datasets, segmentation, stitching), labels uint8 after a check that every value
+ * is a declared class index. So the caller may free or change its buffer as soon as the call
+ * returns, and a volume costs 4 bytes per voxel (labels 1) inside the library whatever its
+ * dtype.
  *
  * From an `itk::Image` (whose buffer may be only part of the image: ExtractImageFilter
  * output, a streamed piece), describe the BUFFERED region:
