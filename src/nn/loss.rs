@@ -44,6 +44,17 @@ pub fn ce_dice(logits: &Tensor, target: &Tensor) -> Tensor {
     (ce + dice) * 0.5
 }
 
+/// The value of a training loss, or an error naming the stage when it is NaN or infinite
+/// (training has diverged: continuing would only write a broken model).
+pub fn finite_loss(loss: &Tensor, stage: &str, iteration: usize) -> crate::error::Result<f64> {
+    let v = f64::try_from(loss).unwrap_or(f64::NAN);
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(crate::error::Error::invalid(format!("{stage} diverged at iteration {iteration} (loss {v})")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

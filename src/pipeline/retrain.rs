@@ -10,7 +10,7 @@
 use crate::error::{Error, Result};
 use crate::infer::{argmax, SlidingWindow};
 use crate::job::Reporter;
-use crate::nn::loss::ce_dice;
+use crate::nn::loss::{ce_dice, finite_loss};
 use crate::nn::vnet::{VNet, VNetConfig};
 use crate::pipeline::config::{BnBatches, LrSchedule, Method, TrainConfig};
 use crate::pipeline::data::{random_crop, random_rot_flip, Rng, Sample};
@@ -44,7 +44,7 @@ pub fn learning_rate(cfg: &TrainConfig, it: usize) -> f64 {
     }
 }
 
-pub fn stack_images(v: &[Array3<f32>], device: Device) -> Tensor {
+fn stack_images(v: &[Array3<f32>], device: Device) -> Tensor {
     let s = v[0].shape();
     let mut buf: Vec<f32> = Vec::with_capacity(v.len() * v[0].len());
     for a in v {
@@ -53,7 +53,7 @@ pub fn stack_images(v: &[Array3<f32>], device: Device) -> Tensor {
     Tensor::from_slice(&buf).view([v.len() as i64, 1, s[0] as i64, s[1] as i64, s[2] as i64]).to_device(device)
 }
 
-pub fn stack_labels(v: &[Array3<u8>], device: Device) -> Tensor {
+fn stack_labels(v: &[Array3<u8>], device: Device) -> Tensor {
     let s = v[0].shape();
     let mut buf: Vec<u8> = Vec::with_capacity(v.len() * v[0].len());
     for a in v {
@@ -209,11 +209,7 @@ impl Trainer {
         loss.backward();
         self.opt.step(learning_rate(&self.cfg, it));
         self.method.after_step(&self.net, it)?;
-        let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
-        if !lv.is_finite() {
-            return Err(Error::invalid(format!("re-training diverged at iteration {it} (loss {lv})")));
-        }
-        Ok(lv)
+        finite_loss(&loss, "re-training", it)
     }
 
     /// Everything a resumed run needs to continue exactly: student, optimiser momentum, the

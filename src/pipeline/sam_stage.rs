@@ -20,7 +20,7 @@
 use crate::error::{Error, Result};
 use crate::infer::{argmax, SlidingWindow, Weighting};
 use crate::job::Reporter;
-use crate::nn::loss::ce_dice;
+use crate::nn::loss::{ce_dice, finite_loss};
 use crate::nn::lora::Lora;
 use crate::nn::sam::checkpoint::{self, Resolved};
 use crate::nn::sam::{class_probabilities, detect_config, upscale_logits, HeadPolicy, Sam, SamConfig};
@@ -206,11 +206,7 @@ impl SamModule {
             opt.zero_grad();
             loss.backward();
             opt.step();
-            let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
-            if !lv.is_finite() {
-                return Err(Error::invalid(format!("SAM fine-tuning diverged at iteration {it} (loss {lv})")));
-            }
-            reporter.step(it as u64 + 1, lv)?;
+            reporter.step(it as u64 + 1, finite_loss(&loss, "SAM fine-tuning", it)?)?;
         }
         Ok(())
     }
@@ -249,11 +245,7 @@ impl SamModule {
             opt.zero_grad();
             loss.backward();
             opt.step();
-            let lv = f64::try_from(&loss).unwrap_or(f64::NAN);
-            if !lv.is_finite() {
-                return Err(Error::invalid(format!("SAM fine-tuning diverged at iteration {it} (loss {lv})")));
-            }
-            reporter.step(it as u64 + 1, lv)?;
+            reporter.step(it as u64 + 1, finite_loss(&loss, "SAM fine-tuning", it)?)?;
         }
         Ok(())
     }

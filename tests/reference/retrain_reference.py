@@ -315,16 +315,14 @@ def evaluate(model_path, data_dir, opts):
                 m.reset_running_stats()
                 m.momentum = None  # cumulative average over all batches
         model.train()
+        model.has_dropout = False  # dropout off while estimating (train-mode BatchNorm only)
         with torch.no_grad():
             for _ in range(int(opts.get("batches", 50))):
                 xs = []
                 for kind in {"labeled": "llll", "mixed": "lluu", "unlabeled": "uuuu"}[bn]:
                     pool = lab if kind == "l" else unl
                     xs.append(crop(rng, pool[rng.integers(len(pool))], None, patch)[0])
-                x = torch.from_numpy(np.stack(xs))[:, None]
-                # dropout off while estimating (eval-mode dropout, train-mode BN)
-                model.has_dropout = False
-                model(x)
+                model(torch.from_numpy(np.stack(xs))[:, None])
     model.eval()
     if bn in ("batch", "train"):
         # BatchNorm with the statistics of each window (as in training); dropout off, or on
