@@ -58,6 +58,17 @@ fn main() {
         Some(dir) => {
             println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:{dir}");
             println!("cargo:rustc-env=SFR_LIBTORCH_LIB={dir}");
+            // The Python whose torch we link (`sfr bench` compares against it without the user
+            // naming a venv): the one torch-sys was told to use, else the interpreter of the
+            // environment that holds `<prefix>/lib/pythonX.Y/site-packages/torch/lib`.
+            let python = std::env::var("PYTHON_SYS_EXECUTABLE").ok().or_else(|| {
+                let prefix = Path::new(dir).ancestors().nth(5)?;
+                let p = prefix.join("bin/python");
+                p.exists().then(|| p.display().to_string())
+            });
+            if let Some(python) = python {
+                println!("cargo:rustc-env=SFR_BUILD_PYTHON={python}");
+            }
         }
         None => println!("cargo:warning=libtorch folder not found: binaries will need LD_LIBRARY_PATH"),
     }

@@ -969,3 +969,83 @@ fn ctrl_c_during_pseudo_labelling_once_and_twice() {
         assert!(!out.exists(), "a model was written");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// An archive: `segment --manifest` split into shards
+
+/// Three shards of one manifest, run at the same time as a job array would: every volume is
+/// segmented by exactly one shard, a broken input fails its row only (that shard exits 1, the
+/// others 0), and a rerun skips every finished output and retries only the failed row.
+#[test]
+fn manifest_shards_segment_every_volume_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_model(dir.path());
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    let mut manifest = String::from("input,output\n");
+    for k in 0..7 {
+        let input = dir.path().join(format!("v{k}.nii.gz"));
+        if k == 4 {
+            std::fs::write(&input, b"not a NIfTI file").unwrap();
+        } else {
+            nifti::write(&input, &small_volume()).unwrap();
+        }
+        // relative paths: resolved against the manifest's folder
+        manifest += &format!("v{k}.nii.gz,out/s{k}.nii.gz\n");
+    }
+    let mpath = dir.path().join("archive.csv");
+    std::fs::write(&mpath, manifest).unwrap();
+    let shard = |i: usize| {
+        sfr_bin()
+            .args(["segment", "--model", model.to_str().unwrap(), "--manifest", mpath.to_str().unwrap(), "--shard", &format!("{i}/3"), "--progress", "none"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let outputs: Vec<Output> = (0..3).map(shard).collect::<Vec<_>>().into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let mut segmented: Vec<String> = vec![];
+    for (i, o) in outputs.iter().enumerate() {
+        let err = stderr(o);
+        assert!(!err.contains("panicked"), "shard {i}: {err}");
+        // row 4 (the broken input) belongs to shard 4 mod 3 = 1
+        assert_eq!(o.status.code(), Some(if i == 1 { 1 } else { 0 }), "shard {i}: {err}");
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let (word, rest) = line.split_once(' ').unwrap();
+            match word {
+                "segmented" => segmented.push(rest.to_string()),
+                "failed" => assert!(rest.contains("v4.nii.gz"), "shard {i}: {line}"),
+                other => panic!("shard {i}: unexpected {other}: {line}"),
+            }
+        }
+        if i == 1 {
+            assert!(err.contains("v4.nii.gz") && err.contains("1 failed"), "{err}");
+        }
+    }
+    segmented.sort();
+    let expected: Vec<String> = [0, 1, 2, 3, 5, 6].iter().map(|k| format!("{} -> {}", dir.path().join(format!("v{k}.nii.gz")).display(), dir.path().join(format!("out/s{k}.nii.gz")).display())).collect();
+    assert_eq!(segmented, expected, "each volume exactly once");
+    for k in [0, 1, 2, 3, 5, 6] {
+        let seg = nifti::read(dir.path().join(format!("out/s{k}.nii.gz"))).unwrap();
+        assert_eq!(seg.dims(), small_volume().dims());
+    }
+    assert!(!dir.path().join("out/s4.nii.gz").exists(), "no output for the failed row");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("out")).unwrap().map(|e| file_name(&e.unwrap().path())).filter(|n| !n.starts_with('s')).collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+
+    // the broken input repaired, the whole manifest once more without sharding: six skipped,
+    // one segmented
+    nifti::write(dir.path().join("v4.nii.gz"), &small_volume()).unwrap();
+    let o = run(&["segment", "--model", model.to_str().unwrap(), "--manifest", mpath.to_str().unwrap(), "--progress", "none"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().filter(|l| l.starts_with("skipped ")).count(), 6, "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("segmented ")).map(|l| l.contains("v4.nii.gz")).collect::<Vec<_>>(), vec![true], "{out}");
+
+    // a manifest mistake is refused before any work, naming the file and the lines
+    std::fs::write(&mpath, "v0.nii.gz,out/x.nii.gz\nv1.nii.gz,out/x.nii.gz\n").unwrap();
+    let o = run(&["segment", "--model", model.to_str().unwrap(), "--manifest", mpath.to_str().unwrap()]);
+    assert_clean_failure(&o, "archive.csv", "duplicate output");
+    assert!(stderr(&o).contains("lines 1 and 2"), "{}", stderr(&o));
+    let o = run(&["segment", "--model", model.to_str().unwrap(), "--manifest", mpath.to_str().unwrap(), "--shard", "3/3"]);
+    assert!(!o.status.success() && stderr(&o).contains("0 <= i < n"), "{}", stderr(&o));
+}

@@ -2,7 +2,9 @@
 //!
 //! Sections: `stitch` (stitch/unstitch beside memcpy), `sam` (SAM vit_b image encoder) and
 //! `vnet` (V-Net training step and inference), the last two each beside PyTorch eager
-//! (see `bench_models.rs`); `machine` describes where the numbers came from.
+//! (see `bench_models.rs`); `retrain` (iterations per second of each method, the mean
+//! teacher's cost, contention; `bench_retrain.rs`); `machine` describes where the numbers came
+//! from.
 use ndarray::{s, Array2, Array3};
 use serde_json::{json, Value};
 use sfr::stitch::{self, StitchLayout};
@@ -12,9 +14,11 @@ use std::time::Instant;
 
 #[path = "bench_models.rs"]
 mod models;
+#[path = "bench_retrain.rs"]
+mod retrain;
 
 /// Sections `--only` accepts (besides the names of single model cases).
-pub const SECTIONS: [&str; 3] = ["stitch", "sam", "vnet"];
+pub const SECTIONS: [&str; 4] = ["stitch", "sam", "vnet", "retrain"];
 
 /// What `sfr bench` runs.
 #[derive(Debug, Clone)]
@@ -51,6 +55,9 @@ pub fn run_with(opts: &BenchOptions) -> Result<Value> {
     if let Ok(spec) = std::env::var(models::WORKER_ENV) {
         models::worker_main(&spec);
     }
+    if std::env::var_os(retrain::BUSY_ENV).is_some() {
+        retrain::busy_main();
+    }
     let all_cases = models::cases();
     for name in &opts.only {
         if !SECTIONS.contains(&name.as_str()) && !all_cases.iter().any(|c| c.name == name) {
@@ -83,6 +90,10 @@ pub fn run_with(opts: &BenchOptions) -> Result<Value> {
             .build()
             .map_err(|e| Error::invalid(format!("cannot build a thread pool: {e}")))?;
         out.insert("stitch".into(), pool.install(stitch_bench));
+    }
+    if wanted("retrain", None) {
+        let reps = opts.reps.unwrap_or(if opts.quick { 3 } else { 10 });
+        out.insert("retrain".into(), retrain::retrain_bench(reps)?);
     }
     let chosen: Vec<&models::Case> = all_cases
         .iter()

@@ -384,6 +384,8 @@ pub fn find_python() -> Result<PathBuf, String> {
         .map(PathBuf::from)
         .into_iter()
         .chain(std::env::var_os("SFR_VENV").map(|v| PathBuf::from(v).join("bin/python")))
+        // the Python whose torch this binary was linked against (scripts/setup.sh's venv)
+        .chain(option_env!("SFR_BUILD_PYTHON").map(PathBuf::from))
         .chain(std::iter::once(PathBuf::from("python3")))
         .collect();
     for c in &candidates {

@@ -17,6 +17,7 @@ macro_rules! note {
 
 mod bench;
 mod demo;
+mod manifest;
 mod progress;
 
 use clap::{Args, Parser, Subcommand};
@@ -175,13 +176,19 @@ struct TrainArgs {
 struct SegmentArgs {
     #[arg(long)]
     model: PathBuf,
-    #[arg(long)]
-    input: PathBuf,
-    #[arg(long)]
-    output: PathBuf,
+    #[arg(long, required_unless_present = "manifest", conflicts_with = "manifest")]
+    input: Option<PathBuf>,
+    #[arg(long, required_unless_present = "manifest", conflicts_with = "manifest")]
+    output: Option<PathBuf>,
     /// Also write the class probabilities (one volume per class: `P_class<c>.nii.gz`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "manifest")]
     probabilities: Option<PathBuf>,
+    /// Segment every `input,output` row of a CSV file instead (finished outputs are skipped).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// With --manifest: only the rows k with k mod n = i (`$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`).
+    #[arg(long, requires = "manifest", value_parser = manifest::parse_shard)]
+    shard: Option<(usize, usize)>,
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, value_enum, default_value_t = ProgressMode::Bar)]
@@ -413,20 +420,24 @@ fn probability_paths(p: &Path, classes: usize) -> Vec<PathBuf> {
 
 fn segment_cmd(a: SegmentArgs) -> Result<()> {
     let device = sfr::nn::parse_device(&a.device)?;
+    if let Some(m) = &a.manifest {
+        return segment_manifest(&a, m, device);
+    }
+    let (input, output) = (a.input.clone().expect("clap: --input"), a.output.clone().expect("clap: --output"));
     // Refused before any work: an output that is an input, or one that cannot be written.
-    let inputs = [a.input.as_path(), a.model.as_path()];
-    sfr::io::check_output(&a.output, &inputs)?;
-    nifti::check_output_name(&a.output)?;
+    let inputs = [input.as_path(), a.model.as_path()];
+    sfr::io::check_output(&output, &inputs)?;
+    nifti::check_output_name(&output)?;
     let model = SfrModel::load(&a.model, device)?;
     let prob_paths = a.probabilities.as_deref().map(|p| probability_paths(p, model.num_classes())).unwrap_or_default();
     for p in &prob_paths {
         sfr::io::check_output(p, &inputs)?;
-        if sfr::io::same_file(p, &a.output) || *p == a.output {
+        if sfr::io::same_file(p, &output) || *p == output {
             return Err(Error::invalid(format!("{}: the label output and a probability output are the same file", p.display())));
         }
     }
-    let img = nifti::read(&a.input)?.cast::<f32>();
-    let out = a.output.clone();
+    let img = nifti::read(&input)?.cast::<f32>();
+    let out = output;
     let classes = model.meta.classes.clone();
     let (seg, probs) = run_job(a.progress, move |r| model.segment(&img, Some(r)))?;
     // Write probabilities first, the label last: the label file is the "done" signal.
@@ -440,6 +451,36 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
     }
     let counts: Vec<String> = classes.iter().map(|(c, n)| format!("{n}: {}", seg.data.iter().filter(|&&v| v as u16 == *c).count())).collect();
     note!("wrote {} (voxels per class: {})", out.display(), counts.join(", "));
+    Ok(())
+}
+
+/// `segment --manifest`: one model, the rows of one shard; a summary on stderr, one line per row
+/// on stdout (`segmented|skipped|failed <input> -> <output>`), and failure if any row failed.
+fn segment_manifest(a: &SegmentArgs, manifest_path: &Path, device: tch::Device) -> Result<()> {
+    let all = manifest::read(manifest_path)?;
+    let total = all.len();
+    let (i, n) = a.shard.unwrap_or((0, 1));
+    let rows = manifest::shard(all, (i, n));
+    let model = SfrModel::load(&a.model, device)?;
+    note!("{}: shard {i}/{n}: {} of {total} rows", manifest_path.display(), rows.len());
+    let results = run_job(a.progress, move |r| manifest::run(&model, &rows, r))?;
+    let mut counts = [0usize; 3];
+    for (row, outcome) in &results {
+        let (k, word) = match outcome {
+            manifest::Outcome::Segmented => (0, "segmented"),
+            manifest::Outcome::Skipped => (1, "skipped"),
+            manifest::Outcome::Failed(why) => {
+                note!("line {}: {}: {why}", row.line, row.input.display());
+                (2, "failed")
+            }
+        };
+        counts[k] += 1;
+        out!("{word} {} -> {}", row.input.display(), row.output.display());
+    }
+    note!("shard {i}/{n}: {} segmented, {} skipped (output exists), {} failed", counts[0], counts[1], counts[2]);
+    if counts[2] > 0 {
+        return Err(Error::invalid(format!("{}: {} of {} rows failed (see above); rerun to retry them", manifest_path.display(), counts[2], results.len())));
+    }
     Ok(())
 }
 
