@@ -3,13 +3,11 @@
 //! patch, normalisation, training spacing, method, data summary, validation metrics, library
 //! version). SAM is not part of it: only the re-trained V-Net segments new scans.
 use crate::error::{Error, Result};
-use crate::infer::{argmax, SlidingWindow};
+use crate::infer::{argmax, InferenceConfig, SlidingWindow};
 use crate::job::Reporter;
 use crate::nn::vnet::{VNet, VNetConfig};
 use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
-use crate::pipeline::config::InferenceConfig;
-use crate::pipeline::data::zscore;
-use crate::volume::Volume;
+use crate::volume::{zscore, Volume};
 use ndarray::Array4;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
