@@ -119,6 +119,15 @@ pub fn check_classes<'a>(what: &str, classes: impl IntoIterator<Item = &'a u16>)
     Ok(n)
 }
 
+/// `MemAvailable` of /proc/meminfo in bytes (what can be allocated without swapping); None
+/// where the system does not say (then no check is made).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,13 +1,13 @@
 //! Datasets in memory: labelled and unlabelled cases copied in from volume views, checked as
 //! they arrive (so a bad label is reported by the call that adds it, not minutes into training).
-use super::registry::{self, Object};
+use super::registry::{self, HandleKind};
 use super::view::{read_view, ViewIn};
 use super::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
 use crate::pipeline::data::{check_label_values, CaseSource};
 use crate::volume::{DType, Volume};
 use std::collections::BTreeMap;
 use std::ffi::c_char;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// An in-memory dataset: class names and cases (opaque).
 pub struct sfr_dataset {
@@ -22,6 +22,10 @@ pub struct DatasetState {
 
 pub struct DatasetObj {
     pub state: Mutex<DatasetState>,
+}
+
+impl HandleKind for DatasetObj {
+    const C_TYPE: &'static str = "sfr_dataset";
 }
 
 impl DatasetObj {
@@ -64,7 +68,7 @@ pub unsafe extern "C" fn sfr_dataset_new(classes_json: *const c_char, out: *mut 
         }
         let classes = parse_classes(c_str(classes_json, "classes_json")?)?;
         let obj = DatasetObj { state: Mutex::new(DatasetState { classes, labeled: vec![], unlabeled: vec![] }) };
-        *out = registry::insert(Object::Dataset(Arc::new(obj))) as *mut sfr_dataset;
+        *out = registry::insert(obj) as *mut sfr_dataset;
         Ok(())
     })
 }
@@ -119,7 +123,7 @@ fn label_u8(lab: &ViewIn<'_>, num_classes: usize, what: &str) -> FfiResult<Volum
 /// A clear error instead of the out-of-memory killer (which would take the host application,
 /// e.g. Slicer, down with it) when copying a case cannot fit in the memory available now.
 fn check_fits(bytes: usize, id: &str) -> FfiResult<()> {
-    if let Some(avail) = super::job::available_memory() {
+    if let Some(avail) = crate::limits::available_memory() {
         if bytes as u64 > avail {
             return Err(FfiError::invalid(format!(
                 "case {id}: copying it needs {:.1} GB of memory, but only {:.1} GB is available",
@@ -143,7 +147,7 @@ pub unsafe extern "C" fn sfr_dataset_add_labeled(
     label: *const super::sfr_volume_view,
 ) -> sfr_status {
     guard("sfr_dataset_add_labeled", || {
-        let obj = registry::dataset(ds as usize, "ds")?;
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
         let img = read_view(image, "image")?;
         let lab = read_view(label, "label")?;
         let mut st = obj.lock();
@@ -169,7 +173,7 @@ pub unsafe extern "C" fn sfr_dataset_add_labeled(
 #[no_mangle]
 pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id: *const c_char, image: *const super::sfr_volume_view) -> sfr_status {
     guard("sfr_dataset_add_unlabeled", || {
-        let obj = registry::dataset(ds as usize, "ds")?;
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
         let img = read_view(image, "image")?;
         let mut st = obj.lock();
         let id = make_case_id(&st, case_id)?;
@@ -186,7 +190,7 @@ pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id
 #[no_mangle]
 pub unsafe extern "C" fn sfr_dataset_counts(ds: *const sfr_dataset, labeled: *mut usize, unlabeled: *mut usize) -> sfr_status {
     guard("sfr_dataset_counts", || {
-        let obj = registry::dataset(ds as usize, "ds")?;
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
         let st = obj.lock();
         if !labeled.is_null() {
             *labeled = st.labeled.len();
@@ -207,7 +211,7 @@ pub unsafe extern "C" fn sfr_dataset_free(ds: *mut sfr_dataset) {
     if ds.is_null() {
         return;
     }
-    guard_void("sfr_dataset_free", || registry::take_dataset(ds as usize).map(drop));
+    guard_void("sfr_dataset_free", || registry::take::<DatasetObj>(ds as usize).map(drop));
 }
 
 #[cfg(test)]
@@ -260,7 +264,7 @@ mod tests {
         let okf: Vec<f64> = ok.iter().map(|&v| v as f64).collect();
         assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&ok, 3, [4, 3, 2])) }, sfr_status::SFR_OK);
         assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&okf, 7, [4, 3, 2])) }, sfr_status::SFR_OK);
-        let obj = registry::dataset(ds as usize, "ds").unwrap();
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds").unwrap();
         {
             let st = obj.lock();
             assert_eq!(st.labeled.len(), 2);
@@ -275,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_case_that_cannot_fit_in_memory_is_an_error() {
-        if super::super::job::available_memory().is_none() {
+        if crate::limits::available_memory().is_none() {
             return; // no /proc/meminfo: nothing is checked
         }
         let err = check_fits(usize::MAX / 2, "huge").unwrap_err();
