@@ -3,6 +3,7 @@
 use super::registry::{self, HandleKind};
 use super::view::{read_view, ViewIn};
 use super::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
+use crate::limits::Classes;
 use crate::pipeline::data::{check_label_values, CaseSource};
 use crate::volume::{DType, Volume};
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ pub struct sfr_dataset {
 }
 
 pub struct DatasetState {
-    pub classes: BTreeMap<u16, String>,
+    pub classes: Classes,
     pub labeled: Vec<CaseSource>,
     pub unlabeled: Vec<CaseSource>,
 }
@@ -36,7 +37,7 @@ impl DatasetObj {
 
 /// Parses `{"0": "background", "1": "liver"}`: integer keys 0..N-1 (all present, N ≥ 2,
 /// N ≤ 256 since labels are stored as bytes), string names.
-pub fn parse_classes(text: &str) -> FfiResult<BTreeMap<u16, String>> {
+pub fn parse_classes(text: &str) -> FfiResult<Classes> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| FfiError::invalid(format!("classes_json is not JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| FfiError::invalid("classes_json must be a JSON object such as {\"0\": \"background\", \"1\": \"liver\"}"))?;
     let mut classes = BTreeMap::new();
@@ -51,9 +52,8 @@ pub fn parse_classes(text: &str) -> FfiResult<BTreeMap<u16, String>> {
             return Err(FfiError::invalid(format!("classes_json: class {idx} is given twice")));
         }
     }
-    // The same check as dataset.json's and the pipeline's (io::dataset::check_classes).
-    crate::limits::check_classes("classes_json", classes.keys())?;
-    Ok(classes)
+    // The same rule as dataset.json's, the pipeline's and model files' (limits::Classes).
+    Ok(Classes::new("classes_json", classes)?)
 }
 
 /// Creates an empty dataset whose classes are `classes_json`, a JSON object from class index
