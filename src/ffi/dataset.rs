@@ -2,7 +2,7 @@
 //! they arrive (so a bad label is reported by the call that adds it, not minutes into training).
 use super::registry::{self, HandleKind};
 use super::view::{read_view, ViewIn};
-use super::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
+use super::boundary::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
 use crate::limits::Classes;
 use crate::pipeline::data::{check_label_values, CaseSource};
 use crate::volume::{DType, Volume};
@@ -143,8 +143,8 @@ fn check_fits(bytes: usize, id: &str) -> FfiResult<()> {
 pub unsafe extern "C" fn sfr_dataset_add_labeled(
     ds: *mut sfr_dataset,
     case_id: *const c_char,
-    image: *const super::sfr_volume_view,
-    label: *const super::sfr_volume_view,
+    image: *const super::view::sfr_volume_view,
+    label: *const super::view::sfr_volume_view,
 ) -> sfr_status {
     guard("sfr_dataset_add_labeled", || {
         let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
@@ -171,7 +171,7 @@ pub unsafe extern "C" fn sfr_dataset_add_labeled(
 /// Adds an unlabelled case (`image` of any dtype, copied). `case_id` may be NULL.
 /// Thread-safe (calls on one dataset are serialised).
 #[no_mangle]
-pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id: *const c_char, image: *const super::sfr_volume_view) -> sfr_status {
+pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id: *const c_char, image: *const super::view::sfr_volume_view) -> sfr_status {
     guard("sfr_dataset_add_unlabeled", || {
         let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
         let img = read_view(image, "image")?;
@@ -233,7 +233,7 @@ mod tests {
     }
 
     fn last_error() -> String {
-        crate::ffi::LAST_ERROR.with(|m| m.borrow().clone())
+        crate::ffi::boundary::LAST_ERROR.with(|m| m.borrow().clone())
     }
 
     fn dataset() -> *mut sfr_dataset {

@@ -8,7 +8,7 @@ use super::dataset::DatasetObj;
 use super::model::{ModelObj, SegmentationOut};
 use super::registry::{self, HandleKind};
 use super::view::{read_view, sfr_dtype_raw, SegmentationBuffers};
-use super::{c_str, copy_truncated, guard, guard_void, sfr_status, FfiError, FfiResult};
+use super::boundary::{c_str, copy_truncated, guard, guard_void, sfr_status, FfiError, FfiResult};
 use crate::job::{Job, Progress};
 use crate::model::SfrModel;
 use crate::pipeline::config::TrainConfig;
@@ -158,7 +158,7 @@ fn register(state: Arc<JobState>, work: Work) -> *mut sfr_job {
     registry::insert(obj) as *mut sfr_job
 }
 
-unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_char, cb: sfr_progress_callback, user_data: *mut c_void, out: *mut *mut sfr_job) -> FfiResult<()> {
+unsafe fn start_training(ds: *const super::dataset::sfr_dataset, config_json: *const c_char, cb: sfr_progress_callback, user_data: *mut c_void, out: *mut *mut sfr_job) -> FfiResult<()> {
     if out.is_null() {
         return Err(FfiError::null("out"));
     }
@@ -216,7 +216,7 @@ fn source_voxels(c: &CaseSource) -> usize {
 /// included). Two trainings running at once in one process are therefore not reproducible:
 /// run them one after the other when results must repeat.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_train_start(ds: *const super::sfr_dataset, config_json: *const c_char, out: *mut *mut sfr_job) -> sfr_status {
+pub unsafe extern "C" fn sfr_train_start(ds: *const super::dataset::sfr_dataset, config_json: *const c_char, out: *mut *mut sfr_job) -> sfr_status {
     guard("sfr_train_start", || start_training(ds, config_json, None, std::ptr::null_mut(), out))
 }
 
@@ -226,7 +226,7 @@ pub unsafe extern "C" fn sfr_train_start(ds: *const super::sfr_dataset, config_j
 /// Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_train_start_with_callback(
-    ds: *const super::sfr_dataset,
+    ds: *const super::dataset::sfr_dataset,
     config_json: *const c_char,
     cb: sfr_progress_callback,
     user_data: *mut c_void,
@@ -239,7 +239,7 @@ pub unsafe extern "C" fn sfr_train_start_with_callback(
 /// is collected with `sfr_job_wait_segmentation`. The job keeps the model alive: freeing the
 /// model handle meanwhile is allowed. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_segment_start(model: *const super::sfr_model, image: *const super::sfr_volume_view, out: *mut *mut sfr_job) -> sfr_status {
+pub unsafe extern "C" fn sfr_segment_start(model: *const super::model::sfr_model, image: *const super::view::sfr_volume_view, out: *mut *mut sfr_job) -> sfr_status {
     guard("sfr_segment_start", || {
         if out.is_null() {
             return Err(FfiError::null("out"));
@@ -308,7 +308,7 @@ fn not_on_job_thread(j: &JobObj) -> FfiResult<()> {
 /// second call gives SFR_ERR_STATE, as does calling it on a segmentation job (use
 /// `sfr_job_wait_segmentation`). Thread-safe; other threads may poll and cancel meanwhile.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_job_wait(job: *mut sfr_job, out_model: *mut *mut super::sfr_model) -> sfr_status {
+pub unsafe extern "C" fn sfr_job_wait(job: *mut sfr_job, out_model: *mut *mut super::model::sfr_model) -> sfr_status {
     guard("sfr_job_wait", || {
         if out_model.is_null() {
             return Err(FfiError::null("out_model"));

@@ -1,7 +1,7 @@
 //! Models (`.sfrmodel` files) and synchronous segmentation.
 use super::registry::{self, HandleKind};
 use super::view::{read_view, sfr_dtype_raw, SegmentationBuffers};
-use super::{c_path, c_str, guard, guard_void, sfr_status, FfiError};
+use super::boundary::{c_path, c_str, guard, guard_void, sfr_status, FfiError};
 use crate::job::Reporter;
 use crate::model::SfrModel;
 use crate::volume::Volume;
@@ -90,7 +90,7 @@ pub unsafe extern "C" fn sfr_model_metadata_json(model: *const sfr_model, buf: *
     guard("sfr_model_metadata_json", || {
         let m = registry::get::<ModelObj>(model as usize, "model")?;
         let json = serde_json::to_string(&m.model.meta).map_err(|e| FfiError::invalid(format!("metadata: {e}")))?;
-        super::copy_sized(&json, buf, len, needed, "the metadata")
+        super::boundary::copy_sized(&json, buf, len, needed, "the metadata")
     })
 }
 
@@ -130,7 +130,7 @@ pub unsafe extern "C" fn sfr_model_free(model: *mut sfr_model) {
 #[no_mangle]
 pub unsafe extern "C" fn sfr_segment(
     model: *const sfr_model,
-    image: *const super::sfr_volume_view,
+    image: *const super::view::sfr_volume_view,
     label_dtype: sfr_dtype_raw,
     labels: *mut c_void,
     labels_len: usize,

@@ -6,7 +6,7 @@
 //! The registry knows no kind of handle: each kind (`DatasetObj`, `JobObj`, `ModelObj`)
 //! implements [`HandleKind`] in its own file, as rustls-ffi's castable types do, while keeping
 //! our integer handles (never dereferenced, so a foreign pointer is caught rather than read).
-use super::{FfiError, FfiResult, SFR_ERR_BAD_HANDLE};
+use super::boundary::{FfiError, FfiResult, SFR_ERR_BAD_HANDLE};
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,7 +84,7 @@ pub fn live_count() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ffi::SFR_ERR_NULL_POINTER;
+    use crate::ffi::boundary::SFR_ERR_NULL_POINTER;
 
     #[derive(Debug)]
     struct Apple;

@@ -1,7 +1,7 @@
 //! Volumes crossing the boundary: `sfr_volume_view`, the shape of an `itk::Image` buffer plus its
 //! geometry, read into owned `Volume`s (inputs are always copied, so the caller may free its
 //! buffer as soon as a call returns).
-use super::{FfiError, FfiResult};
+use super::boundary::{FfiError, FfiResult};
 use crate::volume::{DType, Geometry, Volume, Voxel};
 use ndarray::Array4;
 use std::ffi::c_void;
