@@ -145,7 +145,8 @@ pub fn is_decoder_head(key: &str) -> bool {
     key.starts_with("mask_decoder.mask_tokens.") || key.starts_with("mask_decoder.output_hypernetworks_mlps.") || key.starts_with("mask_decoder.iou_prediction_head.")
 }
 
-/// Copies a state dict into the model.
+/// Copies a state dict into the tensors `entries` of a SAM built from `cfg` (what
+/// `Sam::load_tensors` does; a free function so that this file needs nothing of `Sam`).
 ///
 /// - Every key must match: a missing, extra or wrongly shaped tensor is an error naming the
 ///   keys (and saying which SAM variant the file looks like), except for the cases below.
