@@ -30,6 +30,17 @@ pub struct SlidingWindow {
     pub batch: usize,
 }
 
+/// The inference section of a training run's config (`"inference"`), kept in the model file:
+/// the sliding window's step, weighting and batch; the patch comes from the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// Window step `[x, y, z]`.
+    pub stride: [usize; 3],
+    pub weighting: Weighting,
+    pub batch: usize,
+}
+
 /// Start positions along one axis of length `n` (≥ `p`): every `stride`, plus a last window
 /// flush with the end so that every voxel is covered.
 fn starts(n: usize, p: usize, stride: usize) -> Vec<usize> {

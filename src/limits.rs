@@ -9,6 +9,8 @@
 //! 2+2, 16 filters, LoRA rank 4) and far below what would overflow or exhaust a machine. They
 //! are documented in README ("Limits") where users set these values.
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Display;
 
 /// Largest volume read, written or segmented: 2³¹ voxels (e.g. 1290³, or 1024×1024×2048).
@@ -119,6 +121,55 @@ pub fn check_classes<'a>(what: &str, classes: impl IntoIterator<Item = &'a u16>)
     Ok(n)
 }
 
+/// The classes of a dataset or a model: index -> name, background (0) included, indices 0..N-1
+/// without gaps, 2 ≤ N ≤ [`MAX_CLASSES`]. Only [`Classes::new`] makes one (a model file's
+/// metadata is read through it too), so every entry point — `dataset.json`, the C ABI's
+/// `classes_json`, the pipeline's inputs and model files — applies the one rule of
+/// [`check_classes`], and code holding a `Classes` need not check again. Read-only: it derefs
+/// to its map; N is its `len()`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<u16, String>", into = "BTreeMap<u16, String>")]
+pub struct Classes(BTreeMap<u16, String>);
+
+impl Classes {
+    /// Checks `classes` ([`check_classes`]); `what` names the source in the error
+    /// ("labels", "classes_json", ...).
+    pub fn new(what: &str, classes: BTreeMap<u16, String>) -> Result<Classes> {
+        check_classes(what, classes.keys())?;
+        Ok(Classes(classes))
+    }
+}
+
+impl std::ops::Deref for Classes {
+    type Target = BTreeMap<u16, String>;
+    fn deref(&self) -> &BTreeMap<u16, String> {
+        &self.0
+    }
+}
+
+/// For serde: model metadata (`"classes"`).
+impl TryFrom<BTreeMap<u16, String>> for Classes {
+    type Error = Error;
+    fn try_from(classes: BTreeMap<u16, String>) -> Result<Classes> {
+        Classes::new("classes", classes)
+    }
+}
+
+impl From<Classes> for BTreeMap<u16, String> {
+    fn from(c: Classes) -> Self {
+        c.0
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (what can be allocated without swapping); None
+/// where the system does not say (then no check is made).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +197,15 @@ mod tests {
     #[test]
     fn classes() {
         assert_eq!(check_classes("c", &[0u16, 1, 2]).unwrap(), 3);
+        let named = |keys: &[u16]| keys.iter().map(|&k| (k, format!("c{k}"))).collect::<BTreeMap<u16, String>>();
+        assert_eq!(Classes::new("c", named(&[0, 1, 2])).unwrap().len(), 3);
+        let e = Classes::new("labels", named(&[0, 2])).unwrap_err().to_string();
+        assert!(e.contains("labels") && e.contains("1 is missing"), "{e}");
+        // model files: the same rule when parsed, the same JSON when written
+        let c: Classes = serde_json::from_str(r#"{"0": "bg", "1": "a"}"#).unwrap();
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#"{"0":"bg","1":"a"}"#);
+        let e = serde_json::from_str::<Classes>(r#"{"0": "bg", "2": "x"}"#).unwrap_err().to_string();
+        assert!(e.contains("classes") && e.contains("1 is missing"), "{e}");
         let e = check_classes("c", &[0u16, 2]).unwrap_err().to_string();
         assert!(e.contains("1 is missing"), "{e}");
         assert!(check_classes("c", &[0u16]).is_err());

@@ -3,16 +3,15 @@
 //! patch, normalisation, training spacing, method, data summary, validation metrics, library
 //! version). SAM is not part of it: only the re-trained V-Net segments new scans.
 use crate::error::{Error, Result};
-use crate::infer::{argmax, SlidingWindow};
+use crate::infer::{argmax, InferenceConfig, SlidingWindow};
 use crate::job::Reporter;
+use crate::limits::Classes;
 use crate::nn::vnet::{VNet, VNetConfig};
 use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
-use crate::pipeline::config::InferenceConfig;
-use crate::pipeline::data::zscore;
-use crate::volume::Volume;
+use crate::volume::{zscore, Volume};
 use ndarray::Array4;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use tch::{nn, Device};
 
@@ -28,7 +27,7 @@ pub struct ModelMeta {
     pub format_version: u32,
     pub library_version: String,
     /// Class index -> name, background (0) included.
-    pub classes: BTreeMap<u16, String>,
+    pub classes: Classes,
     /// Patch `[x, y, z]` the network was trained on (and inference windows).
     pub patch: [usize; 3],
     /// Intensity normalisation applied to every input volume.
@@ -98,7 +97,8 @@ impl ModelMeta {
     /// segmentation allocate without bound or index out of range.
     pub fn validate(&self) -> Result<()> {
         use crate::limits::{self as lim, check_batch, check_positive, check_range};
-        let n = lim::check_classes("classes", self.classes.keys())?;
+        // The classes were checked when parsed or made (`Classes`).
+        let n = self.classes.len();
         let v = &self.vnet;
         if v.num_classes != n as i64 {
             return Err(Error::invalid(format!("vnet.num_classes {} differs from the {n} classes listed", v.num_classes)));
@@ -231,7 +231,7 @@ mod tests {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,
             library_version: crate::VERSION.into(),
-            classes: [(0, "background".into()), (1, "a".into()), (2, "b".into())].into(),
+            classes: Classes::new("classes", [(0, "background".into()), (1, "a".into()), (2, "b".into())].into()).unwrap(),
             patch: [16, 16, 16],
             normalization: "zscore".into(),
             spacing: [1.0, 1.0, 1.0],

@@ -5,7 +5,7 @@
 //! is indexed `data[[k, j, i]]`, exactly like numpy's `[k, j, i]` in Slicer. Nothing here ever
 //! transposes.
 use crate::error::{Error, Result};
-use ndarray::Array3;
+use ndarray::{Array3, ArrayView3};
 use serde::{Deserialize, Serialize};
 
 /// ITK geometry in LPS: physical point = origin + direction · diag(spacing) · (i, j, k).
@@ -280,9 +280,44 @@ from_volume!(i32, I32);
 from_volume!(f32, F32);
 from_volume!(f64, F64);
 
+/// Per-volume z-score (intensities differ wildly between files and scanners). A NaN or
+/// infinite voxel is an error; a constant image has nothing to normalise and becomes zeros
+/// (logged).
+pub fn zscore(v: &ArrayView3<f32>, what: &str) -> Result<Array3<f32>> {
+    let n = v.len() as f64;
+    if n == 0.0 {
+        return Err(Error::invalid(format!("{what}: empty image")));
+    }
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(Error::invalid(format!("{what}: the image contains NaN or infinite voxels")));
+    }
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let std = var.sqrt();
+    if std < 1e-8 * mean.abs().max(1.0) {
+        log::warn!("{what}: constant image (all voxels {mean}); normalised to zeros");
+        return Ok(Array3::zeros(v.raw_dim()));
+    }
+    Ok(v.mapv(|x| ((x as f64 - mean) / std) as f32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zscore_and_bad_images() {
+        let a = Array3::from_shape_fn((2, 3, 4), |(k, j, i)| (k * 12 + j * 4 + i) as f32);
+        let z = zscore(&a.view(), "t").unwrap();
+        let mean: f32 = z.iter().sum::<f32>() / 24.0;
+        let var: f32 = z.iter().map(|v| v * v).sum::<f32>() / 24.0;
+        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
+        let mut nan = a.clone();
+        nan[[1, 1, 1]] = f32::NAN;
+        assert!(zscore(&nan.view(), "t").unwrap_err().to_string().contains("NaN"));
+        let c = Array3::from_elem((2, 2, 2), 7.0f32);
+        assert!(zscore(&c.view(), "t").unwrap().iter().all(|&v| v == 0.0));
+    }
 
     #[test]
     fn layout_is_x_fastest() {

@@ -174,7 +174,7 @@ fn bad_input_is_a_clear_error() {
     let spec = PhantomSpec { dims: [20, 20, 16], num_classes: 2, noise: 0.2 };
     let (img, lab) = phantom(1, &spec);
     let labf = lab.cast::<f64>();
-    let classes: std::collections::BTreeMap<u16, String> = [(0, "background".into()), (1, "organ".into())].into();
+    let classes = sfr::limits::Classes::new("labels", [(0, "background".into()), (1, "organ".into())].into()).unwrap();
     let cfg = tiny(Method::Supervised, false);
     let run = |labeled: Vec<CaseSource>, unlabeled: Vec<CaseSource>| {
         let inp = TrainInputs { labeled, unlabeled, classes: classes.clone(), dataset_name: "t".into() };

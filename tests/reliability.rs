@@ -21,7 +21,6 @@ use sfr::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
 use sfr::nn::vnet::{VNet, VNetConfig};
 use sfr::phantom::{phantom, write_dataset, PhantomSpec};
 use sfr::pipeline::config::{InferenceConfig, TrainConfig};
-use sfr::pipeline::data::CaseSource;
 use sfr::pipeline::{train, RunOptions, TrainInputs};
 use sfr::volume::{Geometry, Volume};
 use std::ffi::{c_char, CStr, CString};
@@ -74,7 +73,7 @@ fn tiny_model() -> SfrModel {
         format: FORMAT.into(),
         format_version: FORMAT_VERSION,
         library_version: sfr::VERSION.into(),
-        classes: [(0, "background".into()), (1, "organ".into())].into(),
+        classes: sfr::limits::Classes::new("classes", [(0, "background".into()), (1, "organ".into())].into()).unwrap(),
         patch: [16, 16, 16],
         normalization: "zscore-per-volume".into(),
         spacing: [1.0, 1.0, 1.0],
@@ -825,11 +824,9 @@ fn dataset_mistakes_are_errors_and_missing_unlabelled_labels_are_not() {
     std::fs::write(&jp, j.to_string()).unwrap();
     let o = train(&["--labeled", "2"]);
     assert_clean_failure(&o, "1 is missing", "class gap");
-    // ...the same through the pipeline with in-memory cases (the C ABI's path)
-    let (img, lab) = phantom(3, &PhantomSpec { dims: [16, 16, 16], num_classes: 2, noise: 0.3 });
-    let case = CaseSource::memory("a", img, Some(lab.cast::<u8>()));
-    let inputs = TrainInputs { labeled: vec![case], unlabeled: vec![], classes: [(0, "bg".into()), (2, "x".into())].into(), dataset_name: "m".into() };
-    let e = train_err(&inputs);
+    // ...the same rule for the pipeline's in-memory inputs (the C ABI's path): its classes are
+    // a `Classes`, which cannot be made with a gap
+    let e = sfr::limits::Classes::new("labels", [(0, "bg".into()), (2, "x".into())].into()).unwrap_err().to_string();
     assert!(e.contains("1 is missing"), "{e}");
     std::fs::write(&jp, &original).unwrap();
 
@@ -843,14 +840,6 @@ fn dataset_mistakes_are_errors_and_missing_unlabelled_labels_are_not() {
     let o = train_set(r#"{"validation_cases": 3, "vnet": {"iterations": 2}}"#, &["--labeled", "2"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("validation_cases 3"), "{}", stderr(&o));
-}
-
-fn train_err(inputs: &TrainInputs) -> String {
-    let cfg = TrainConfig::test_tiny();
-    match train(&cfg, inputs, &RunOptions::default(), &Reporter::detached(None)) {
-        Ok(_) => panic!("accepted"),
-        Err(e) => e.to_string(),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,13 +1,14 @@
 //! Datasets in memory: labelled and unlabelled cases copied in from volume views, checked as
 //! they arrive (so a bad label is reported by the call that adds it, not minutes into training).
-use super::registry::{self, Object};
+use super::registry::{self, HandleKind};
 use super::view::{read_view, ViewIn};
-use super::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
+use super::boundary::{c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
+use crate::limits::Classes;
 use crate::pipeline::data::{check_label_values, CaseSource};
 use crate::volume::{DType, Volume};
 use std::collections::BTreeMap;
 use std::ffi::c_char;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// An in-memory dataset: class names and cases (opaque).
 pub struct sfr_dataset {
@@ -15,13 +16,17 @@ pub struct sfr_dataset {
 }
 
 pub struct DatasetState {
-    pub classes: BTreeMap<u16, String>,
+    pub classes: Classes,
     pub labeled: Vec<CaseSource>,
     pub unlabeled: Vec<CaseSource>,
 }
 
 pub struct DatasetObj {
     pub state: Mutex<DatasetState>,
+}
+
+impl HandleKind for DatasetObj {
+    const C_TYPE: &'static str = "sfr_dataset";
 }
 
 impl DatasetObj {
@@ -32,7 +37,7 @@ impl DatasetObj {
 
 /// Parses `{"0": "background", "1": "liver"}`: integer keys 0..N-1 (all present, N ≥ 2,
 /// N ≤ 256 since labels are stored as bytes), string names.
-pub fn parse_classes(text: &str) -> FfiResult<BTreeMap<u16, String>> {
+pub fn parse_classes(text: &str) -> FfiResult<Classes> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| FfiError::invalid(format!("classes_json is not JSON: {e}")))?;
     let obj = v.as_object().ok_or_else(|| FfiError::invalid("classes_json must be a JSON object such as {\"0\": \"background\", \"1\": \"liver\"}"))?;
     let mut classes = BTreeMap::new();
@@ -47,9 +52,8 @@ pub fn parse_classes(text: &str) -> FfiResult<BTreeMap<u16, String>> {
             return Err(FfiError::invalid(format!("classes_json: class {idx} is given twice")));
         }
     }
-    // The same check as dataset.json's and the pipeline's (io::dataset::check_classes).
-    crate::limits::check_classes("classes_json", classes.keys())?;
-    Ok(classes)
+    // The same rule as dataset.json's, the pipeline's and model files' (limits::Classes).
+    Ok(Classes::new("classes_json", classes)?)
 }
 
 /// Creates an empty dataset whose classes are `classes_json`, a JSON object from class index
@@ -64,7 +68,7 @@ pub unsafe extern "C" fn sfr_dataset_new(classes_json: *const c_char, out: *mut 
         }
         let classes = parse_classes(c_str(classes_json, "classes_json")?)?;
         let obj = DatasetObj { state: Mutex::new(DatasetState { classes, labeled: vec![], unlabeled: vec![] }) };
-        *out = registry::insert(Object::Dataset(Arc::new(obj))) as *mut sfr_dataset;
+        *out = registry::insert(obj) as *mut sfr_dataset;
         Ok(())
     })
 }
@@ -119,7 +123,7 @@ fn label_u8(lab: &ViewIn<'_>, num_classes: usize, what: &str) -> FfiResult<Volum
 /// A clear error instead of the out-of-memory killer (which would take the host application,
 /// e.g. Slicer, down with it) when copying a case cannot fit in the memory available now.
 fn check_fits(bytes: usize, id: &str) -> FfiResult<()> {
-    if let Some(avail) = super::job::available_memory() {
+    if let Some(avail) = crate::limits::available_memory() {
         if bytes as u64 > avail {
             return Err(FfiError::invalid(format!(
                 "case {id}: copying it needs {:.1} GB of memory, but only {:.1} GB is available",
@@ -139,11 +143,11 @@ fn check_fits(bytes: usize, id: &str) -> FfiResult<()> {
 pub unsafe extern "C" fn sfr_dataset_add_labeled(
     ds: *mut sfr_dataset,
     case_id: *const c_char,
-    image: *const super::sfr_volume_view,
-    label: *const super::sfr_volume_view,
+    image: *const super::view::sfr_volume_view,
+    label: *const super::view::sfr_volume_view,
 ) -> sfr_status {
     guard("sfr_dataset_add_labeled", || {
-        let obj = registry::dataset(ds as usize, "ds")?;
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
         let img = read_view(image, "image")?;
         let lab = read_view(label, "label")?;
         let mut st = obj.lock();
@@ -167,9 +171,9 @@ pub unsafe extern "C" fn sfr_dataset_add_labeled(
 /// Adds an unlabelled case (`image` of any dtype, copied). `case_id` may be NULL.
 /// Thread-safe (calls on one dataset are serialised).
 #[no_mangle]
-pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id: *const c_char, image: *const super::sfr_volume_view) -> sfr_status {
+pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id: *const c_char, image: *const super::view::sfr_volume_view) -> sfr_status {
     guard("sfr_dataset_add_unlabeled", || {
-        let obj = registry::dataset(ds as usize, "ds")?;
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
         let img = read_view(image, "image")?;
         let mut st = obj.lock();
         let id = make_case_id(&st, case_id)?;
@@ -186,7 +190,7 @@ pub unsafe extern "C" fn sfr_dataset_add_unlabeled(ds: *mut sfr_dataset, case_id
 #[no_mangle]
 pub unsafe extern "C" fn sfr_dataset_counts(ds: *const sfr_dataset, labeled: *mut usize, unlabeled: *mut usize) -> sfr_status {
     guard("sfr_dataset_counts", || {
-        let obj = registry::dataset(ds as usize, "ds")?;
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds")?;
         let st = obj.lock();
         if !labeled.is_null() {
             *labeled = st.labeled.len();
@@ -207,7 +211,7 @@ pub unsafe extern "C" fn sfr_dataset_free(ds: *mut sfr_dataset) {
     if ds.is_null() {
         return;
     }
-    guard_void("sfr_dataset_free", || registry::take_dataset(ds as usize).map(drop));
+    guard_void("sfr_dataset_free", || registry::take::<DatasetObj>(ds as usize).map(drop));
 }
 
 #[cfg(test)]
@@ -229,7 +233,7 @@ mod tests {
     }
 
     fn last_error() -> String {
-        crate::ffi::LAST_ERROR.with(|m| m.borrow().clone())
+        crate::ffi::boundary::LAST_ERROR.with(|m| m.borrow().clone())
     }
 
     fn dataset() -> *mut sfr_dataset {
@@ -260,7 +264,7 @@ mod tests {
         let okf: Vec<f64> = ok.iter().map(|&v| v as f64).collect();
         assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&ok, 3, [4, 3, 2])) }, sfr_status::SFR_OK);
         assert_eq!(unsafe { sfr_dataset_add_labeled(ds, std::ptr::null(), &vi, &view(&okf, 7, [4, 3, 2])) }, sfr_status::SFR_OK);
-        let obj = registry::dataset(ds as usize, "ds").unwrap();
+        let obj = registry::get::<DatasetObj>(ds as usize, "ds").unwrap();
         {
             let st = obj.lock();
             assert_eq!(st.labeled.len(), 2);
@@ -275,7 +279,7 @@ mod tests {
 
     #[test]
     fn a_case_that_cannot_fit_in_memory_is_an_error() {
-        if super::super::job::available_memory().is_none() {
+        if crate::limits::available_memory().is_none() {
             return; // no /proc/meminfo: nothing is checked
         }
         let err = check_fits(usize::MAX / 2, "huge").unwrap_err();

@@ -4,10 +4,11 @@
 //! The job's progress is mirrored (through `Job`'s progress callback) into this module's own
 //! state, so that `sfr_job_poll` takes only a short lock, and `sfr_job_wait` can block on a
 //! condition variable without holding the lock that `sfr_job_cancel` needs.
+use super::dataset::DatasetObj;
 use super::model::{ModelObj, SegmentationOut};
-use super::registry::{self, Object};
-use super::view::{check_label_out, read_view, sfr_dtype_raw};
-use super::{c_str, copy_truncated, guard, guard_void, sfr_status, FfiError, FfiResult};
+use super::registry::{self, HandleKind};
+use super::view::{read_view, sfr_dtype_raw, SegmentationBuffers};
+use super::boundary::{c_str, copy_truncated, guard, guard_void, sfr_status, FfiError, FfiResult};
 use crate::job::{Job, Progress};
 use crate::model::SfrModel;
 use crate::pipeline::config::TrainConfig;
@@ -139,6 +140,10 @@ impl JobState {
     }
 }
 
+impl HandleKind for JobObj {
+    const C_TYPE: &'static str = "sfr_job";
+}
+
 impl JobObj {
     fn cancel(&self) {
         match &lock(&self.inner).work {
@@ -150,14 +155,14 @@ impl JobObj {
 
 fn register(state: Arc<JobState>, work: Work) -> *mut sfr_job {
     let obj = JobObj { state, inner: Mutex::new(Inner { work, taken: false }) };
-    registry::insert(Object::Job(Arc::new(obj))) as *mut sfr_job
+    registry::insert(obj) as *mut sfr_job
 }
 
-unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_char, cb: sfr_progress_callback, user_data: *mut c_void, out: *mut *mut sfr_job) -> FfiResult<()> {
+unsafe fn start_training(ds: *const super::dataset::sfr_dataset, config_json: *const c_char, cb: sfr_progress_callback, user_data: *mut c_void, out: *mut *mut sfr_job) -> FfiResult<()> {
     if out.is_null() {
         return Err(FfiError::null("out"));
     }
-    let ds = registry::dataset(ds as usize, "ds")?;
+    let ds = registry::get::<DatasetObj>(ds as usize, "ds")?;
     let cfg = TrainConfig::from_user_json(c_str(config_json, "config_json")?)?;
     let inputs = {
         let st = ds.lock();
@@ -169,7 +174,7 @@ unsafe fn start_training(ds: *const super::sfr_dataset, config_json: *const c_ch
         // Training loads every case as a z-scored f32 image plus a u8 label: refuse now, with
         // a message, what would otherwise end in the out-of-memory killer.
         let voxels: usize = st.labeled.iter().chain(&st.unlabeled).map(source_voxels).sum();
-        if let Some(avail) = available_memory() {
+        if let Some(avail) = crate::limits::available_memory() {
             let need = voxels as u64 * 5;
             if need > avail {
                 return Err(FfiError::invalid(format!(
@@ -200,15 +205,6 @@ fn source_voxels(c: &CaseSource) -> usize {
     }
 }
 
-/// `MemAvailable` of /proc/meminfo in bytes (what can be allocated without swapping); None
-/// where the system does not say (then no check is made).
-pub(crate) fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Starts training on a copy of the dataset's cases (the dataset may be changed or freed
 /// afterwards) and returns the job in `*out`. `config_json` is either a full config (it has
 /// "version") or {"preset": NAME, ...overrides}, e.g. {"preset": "cpu-small", "vnet":
@@ -220,7 +216,7 @@ pub(crate) fn available_memory() -> Option<u64> {
 /// included). Two trainings running at once in one process are therefore not reproducible:
 /// run them one after the other when results must repeat.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_train_start(ds: *const super::sfr_dataset, config_json: *const c_char, out: *mut *mut sfr_job) -> sfr_status {
+pub unsafe extern "C" fn sfr_train_start(ds: *const super::dataset::sfr_dataset, config_json: *const c_char, out: *mut *mut sfr_job) -> sfr_status {
     guard("sfr_train_start", || start_training(ds, config_json, None, std::ptr::null_mut(), out))
 }
 
@@ -230,7 +226,7 @@ pub unsafe extern "C" fn sfr_train_start(ds: *const super::sfr_dataset, config_j
 /// Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_train_start_with_callback(
-    ds: *const super::sfr_dataset,
+    ds: *const super::dataset::sfr_dataset,
     config_json: *const c_char,
     cb: sfr_progress_callback,
     user_data: *mut c_void,
@@ -243,12 +239,12 @@ pub unsafe extern "C" fn sfr_train_start_with_callback(
 /// is collected with `sfr_job_wait_segmentation`. The job keeps the model alive: freeing the
 /// model handle meanwhile is allowed. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_segment_start(model: *const super::sfr_model, image: *const super::sfr_volume_view, out: *mut *mut sfr_job) -> sfr_status {
+pub unsafe extern "C" fn sfr_segment_start(model: *const super::model::sfr_model, image: *const super::view::sfr_volume_view, out: *mut *mut sfr_job) -> sfr_status {
     guard("sfr_segment_start", || {
         if out.is_null() {
             return Err(FfiError::null("out"));
         }
-        let m = registry::model(model as usize, "model")?;
+        let m = registry::get::<ModelObj>(model as usize, "model")?;
         let v = read_view(image, "image")?;
         let img = v.to_volume::<f32>()?;
         let (dims, classes) = (v.dims, m.model.num_classes());
@@ -271,7 +267,7 @@ pub unsafe extern "C" fn sfr_job_poll(job: *const sfr_job, out: *mut sfr_progres
         if out.is_null() {
             return Err(FfiError::null("out"));
         }
-        let j = registry::job(job as usize, "job")?;
+        let j = registry::get::<JobObj>(job as usize, "job")?;
         let p = lock(&j.state.progress).clone();
         *out = progress_to_c(&p);
         Ok(())
@@ -284,7 +280,7 @@ pub unsafe extern "C" fn sfr_job_poll(job: *const sfr_job, out: *mut sfr_progres
 #[no_mangle]
 pub unsafe extern "C" fn sfr_job_cancel(job: *mut sfr_job) -> sfr_status {
     guard("sfr_job_cancel", || {
-        registry::job(job as usize, "job")?.cancel();
+        registry::get::<JobObj>(job as usize, "job")?.cancel();
         Ok(())
     })
 }
@@ -312,12 +308,12 @@ fn not_on_job_thread(j: &JobObj) -> FfiResult<()> {
 /// second call gives SFR_ERR_STATE, as does calling it on a segmentation job (use
 /// `sfr_job_wait_segmentation`). Thread-safe; other threads may poll and cancel meanwhile.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_job_wait(job: *mut sfr_job, out_model: *mut *mut super::sfr_model) -> sfr_status {
+pub unsafe extern "C" fn sfr_job_wait(job: *mut sfr_job, out_model: *mut *mut super::model::sfr_model) -> sfr_status {
     guard("sfr_job_wait", || {
         if out_model.is_null() {
             return Err(FfiError::null("out_model"));
         }
-        let j = registry::job(job as usize, "job")?;
+        let j = registry::get::<JobObj>(job as usize, "job")?;
         not_on_job_thread(&j)?;
         if matches!(lock(&j.inner).work, Work::Segment { .. }) {
             return Err(FfiError::state("this is a segmentation job: collect it with sfr_job_wait_segmentation"));
@@ -347,23 +343,20 @@ pub unsafe extern "C" fn sfr_job_wait_segmentation(
     probabilities_len: usize,
 ) -> sfr_status {
     guard("sfr_job_wait_segmentation", || {
-        let j = registry::job(job as usize, "job")?;
+        let j = registry::get::<JobObj>(job as usize, "job")?;
         not_on_job_thread(&j)?;
         let (dims, classes) = match &lock(&j.inner).work {
             Work::Segment { dims, classes, .. } => (*dims, *classes),
             Work::Train(_) => return Err(FfiError::state("this is a training job: collect it with sfr_job_wait")),
         };
-        let voxels: usize = dims.iter().product();
-        check_label_out(label_dtype, voxels, labels, labels_len, "labels")?;
-        if !probabilities.is_null() && probabilities_len < classes * voxels {
-            return Err(FfiError::too_small(format!("probabilities has {probabilities_len} floats, needs {} ({classes} classes × {voxels} voxels)", classes * voxels)));
-        }
+        let out = SegmentationBuffers { label_dtype, labels, labels_len, probabilities, probabilities_len };
+        out.check(classes, dims.iter().product())?;
         j.state.wait_finished();
         let (lab, probs) = take(&j, |w| match w {
             Work::Segment { job, .. } => Ok(job.wait()?),
             Work::Train(_) => unreachable!("checked above"),
         })?;
-        super::model::write_segmentation(&lab, &probs, label_dtype, labels, labels_len, probabilities, probabilities_len)
+        out.write(&lab, &probs)
     })
 }
 
@@ -380,7 +373,7 @@ pub unsafe extern "C" fn sfr_job_free(job: *mut sfr_job) {
         return;
     }
     guard_void("sfr_job_free", || {
-        let j = registry::take_job(job as usize)?;
+        let j = registry::take::<JobObj>(job as usize)?;
         j.cancel();
         if j.state.on_job_thread() {
             std::thread::spawn(move || drop(j));

@@ -1,13 +1,12 @@
 //! Models (`.sfrmodel` files) and synchronous segmentation.
-use super::registry::{self, Object};
-use super::view::{check_label_out, read_view, sfr_dtype_raw, write_labels};
-use super::{c_path, c_str, guard, guard_void, sfr_status, FfiError, FfiResult};
+use super::registry::{self, HandleKind};
+use super::view::{read_view, sfr_dtype_raw, SegmentationBuffers};
+use super::boundary::{c_path, c_str, guard, guard_void, sfr_status, FfiError};
 use crate::job::Reporter;
 use crate::model::SfrModel;
 use crate::volume::Volume;
 use ndarray::Array4;
 use std::ffi::{c_char, c_void};
-use std::sync::Arc;
 
 /// A trained model (opaque).
 pub struct sfr_model {
@@ -28,46 +27,18 @@ unsafe impl Sync for ModelObj {}
 
 pub type SegmentationOut = (Volume<u8>, Array4<f32>);
 
+impl HandleKind for ModelObj {
+    const C_TYPE: &'static str = "sfr_model";
+}
+
 impl ModelObj {
     pub fn register(model: SfrModel) -> *mut sfr_model {
-        registry::insert(Object::Model(Arc::new(ModelObj { model }))) as *mut sfr_model
+        registry::insert(ModelObj { model }) as *mut sfr_model
     }
 
     pub fn segment(&self, image: &Volume<f32>, reporter: Option<&Reporter>) -> crate::Result<SegmentationOut> {
         self.model.segment(image, reporter)
     }
-}
-
-/// Writes labels (as U8 or U16) and, if requested, probabilities [C][k][j][i].
-pub unsafe fn write_segmentation(
-    labels: &Volume<u8>,
-    probs: &Array4<f32>,
-    label_dtype: sfr_dtype_raw,
-    out: *mut c_void,
-    out_len: usize,
-    probabilities: *mut f32,
-    probabilities_len: usize,
-) -> FfiResult<()> {
-    let lab = labels.data.as_slice().ok_or_else(|| FfiError::invalid("internal: labels not contiguous"))?;
-    // Check both buffers before writing either (outputs only on success).
-    check_label_out(label_dtype, lab.len(), out, out_len, "labels")?;
-    if !probabilities.is_null() && probabilities_len < probs.len() {
-        return Err(FfiError::too_small(format!(
-            "probabilities has {probabilities_len} floats, needs {} ({} classes × {} voxels)",
-            probs.len(),
-            probs.shape()[0],
-            lab.len()
-        )));
-    }
-    write_labels(lab, label_dtype, out, out_len, "labels")?;
-    if !probabilities.is_null() {
-        let dst = std::slice::from_raw_parts_mut(probabilities, probs.len());
-        match probs.as_slice() {
-            Some(src) => dst.copy_from_slice(src),
-            None => dst.iter_mut().zip(probs.iter()).for_each(|(d, s)| *d = *s),
-        }
-    }
-    Ok(())
 }
 
 /// Loads a `.sfrmodel` file onto `device`: "cpu", "cuda" or "auto" (CUDA when available; NULL
@@ -95,7 +66,7 @@ pub unsafe extern "C" fn sfr_model_load(path: *const c_char, device: *const c_ch
 #[no_mangle]
 pub unsafe extern "C" fn sfr_model_save(model: *const sfr_model, path: *const c_char) -> sfr_status {
     guard("sfr_model_save", || {
-        let m = registry::model(model as usize, "model")?;
+        let m = registry::get::<ModelObj>(model as usize, "model")?;
         let path = c_path(path, "path")?;
         // A missing folder is the caller's I/O problem; say so before the writer reports it
         // as a failed write of the format.
@@ -117,9 +88,9 @@ pub unsafe extern "C" fn sfr_model_save(model: *const sfr_model, path: *const c_
 #[no_mangle]
 pub unsafe extern "C" fn sfr_model_metadata_json(model: *const sfr_model, buf: *mut c_char, len: usize, needed: *mut usize) -> sfr_status {
     guard("sfr_model_metadata_json", || {
-        let m = registry::model(model as usize, "model")?;
+        let m = registry::get::<ModelObj>(model as usize, "model")?;
         let json = serde_json::to_string(&m.model.meta).map_err(|e| FfiError::invalid(format!("metadata: {e}")))?;
-        super::copy_sized(&json, buf, len, needed, "the metadata")
+        super::boundary::copy_sized(&json, buf, len, needed, "the metadata")
     })
 }
 
@@ -128,7 +99,7 @@ pub unsafe extern "C" fn sfr_model_metadata_json(model: *const sfr_model, buf: *
 #[no_mangle]
 pub unsafe extern "C" fn sfr_model_num_classes(model: *const sfr_model, out: *mut usize) -> sfr_status {
     guard("sfr_model_num_classes", || {
-        let m = registry::model(model as usize, "model")?;
+        let m = registry::get::<ModelObj>(model as usize, "model")?;
         if out.is_null() {
             return Err(FfiError::null("out"));
         }
@@ -145,7 +116,7 @@ pub unsafe extern "C" fn sfr_model_free(model: *mut sfr_model) {
     if model.is_null() {
         return;
     }
-    guard_void("sfr_model_free", || registry::take_model(model as usize).map(drop));
+    guard_void("sfr_model_free", || registry::take::<ModelObj>(model as usize).map(drop));
 }
 
 /// Segments `image` (any dtype; x fastest, dims i, j, k) synchronously. `labels` receives one
@@ -159,7 +130,7 @@ pub unsafe extern "C" fn sfr_model_free(model: *mut sfr_model) {
 #[no_mangle]
 pub unsafe extern "C" fn sfr_segment(
     model: *const sfr_model,
-    image: *const super::sfr_volume_view,
+    image: *const super::view::sfr_volume_view,
     label_dtype: sfr_dtype_raw,
     labels: *mut c_void,
     labels_len: usize,
@@ -167,17 +138,13 @@ pub unsafe extern "C" fn sfr_segment(
     probabilities_len: usize,
 ) -> sfr_status {
     guard("sfr_segment", || {
-        let m = registry::model(model as usize, "model")?;
+        let m = registry::get::<ModelObj>(model as usize, "model")?;
         let v = read_view(image, "image")?;
         // Fail fast on bad output buffers, before minutes of inference.
-        let voxels = v.voxels();
-        check_label_out(label_dtype, voxels, labels, labels_len, "labels")?;
-        let classes = m.model.num_classes();
-        if !probabilities.is_null() && probabilities_len < classes * voxels {
-            return Err(FfiError::too_small(format!("probabilities has {probabilities_len} floats, needs {} ({classes} classes × {voxels} voxels)", classes * voxels)));
-        }
+        let out = SegmentationBuffers { label_dtype, labels, labels_len, probabilities, probabilities_len };
+        out.check(m.model.num_classes(), v.voxels())?;
         let img = v.to_volume::<f32>()?;
         let (lab, probs) = m.segment(&img, None)?;
-        write_segmentation(&lab, &probs, label_dtype, labels, labels_len, probabilities, probabilities_len)
+        out.write(&lab, &probs)
     })
 }

@@ -1,7 +1,7 @@
 //! Stitching on caller buffers: a volume's slices as tiles of one square canvas (DESIGN.md,
 //! "Stitching") and back. Canvases are row-major `canvas × canvas`, row = j, column = i.
 use super::view::{out_slice, read_view, voxel_count};
-use super::{guard, sfr_status, FfiError, FfiResult};
+use super::boundary::{guard, sfr_status, FfiError, FfiResult};
 use crate::stitch::{self, StitchLayout, IMAGE_PAD, LABEL_PAD};
 use crate::volume::DType;
 use ndarray::{ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
@@ -45,7 +45,7 @@ pub unsafe extern "C" fn sfr_stitch_layout(dims: *const usize, canvas: usize, n_
 /// elements and must be at least canvas*canvas. The view's geometry is checked but not used.
 /// Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_stitch_image(volume: *const super::sfr_volume_view, canvas: usize, out: *mut f32, out_len: usize) -> sfr_status {
+pub unsafe extern "C" fn sfr_stitch_image(volume: *const super::view::sfr_volume_view, canvas: usize, out: *mut f32, out_len: usize) -> sfr_status {
     guard("sfr_stitch_image", || {
         let v = read_view(volume, "volume")?;
         let l = layout(v.dims, canvas)?;
@@ -61,7 +61,7 @@ pub unsafe extern "C" fn sfr_stitch_image(volume: *const super::sfr_volume_view,
 /// Stitches a label volume (dtype must be SFR_DTYPE_U8) into `out`, `canvas × canvas` bytes,
 /// padding with 255 (the value losses ignore). `out_len` in bytes ≥ canvas*canvas. Thread-safe.
 #[no_mangle]
-pub unsafe extern "C" fn sfr_stitch_labels(labels: *const super::sfr_volume_view, canvas: usize, out: *mut u8, out_len: usize) -> sfr_status {
+pub unsafe extern "C" fn sfr_stitch_labels(labels: *const super::view::sfr_volume_view, canvas: usize, out: *mut u8, out_len: usize) -> sfr_status {
     guard("sfr_stitch_labels", || {
         let v = read_view(labels, "labels")?;
         if v.dtype != DType::U8 {

@@ -1,8 +1,9 @@
 //! Volumes crossing the boundary: `sfr_volume_view`, the shape of an `itk::Image` buffer plus its
 //! geometry, read into owned `Volume`s (inputs are always copied, so the caller may free its
 //! buffer as soon as a call returns).
-use super::{FfiError, FfiResult};
+use super::boundary::{FfiError, FfiResult};
 use crate::volume::{DType, Geometry, Volume, Voxel};
+use ndarray::Array4;
 use std::ffi::c_void;
 
 /// Voxel types of a volume view. (The C enum is int-sized; fields and arguments declared
@@ -205,4 +206,52 @@ pub fn check_label_out(dtype: sfr_dtype_raw, voxels: usize, out: *mut c_void, le
         return Err(FfiError::too_small(format!("{what} has {len} bytes, needs {need} ({voxels} voxels × {} bytes of {})", dt.size(), dt.name())));
     }
     Ok((dt, need))
+}
+
+/// The output buffers of a segmentation (`sfr_segment`, `sfr_job_wait_segmentation`): labels
+/// as `label_dtype` (U8 or U16, `labels_len` bytes) and, when `probabilities` is not NULL, the
+/// class probabilities [c][k][j][i] (`probabilities_len` floats). One check and one writer for
+/// both calls, so they cannot drift apart.
+pub struct SegmentationBuffers {
+    pub label_dtype: sfr_dtype_raw,
+    pub labels: *mut c_void,
+    pub labels_len: usize,
+    pub probabilities: *mut f32,
+    pub probabilities_len: usize,
+}
+
+impl SegmentationBuffers {
+    /// Checks both buffers for `classes` × `voxels` without writing either: called before the
+    /// work (fail fast, not after minutes of inference) and again by `write`.
+    pub fn check(&self, classes: usize, voxels: usize) -> FfiResult<()> {
+        check_label_out(self.label_dtype, voxels, self.labels, self.labels_len, "labels")?;
+        if !self.probabilities.is_null() && self.probabilities_len < classes * voxels {
+            return Err(FfiError::too_small(format!(
+                "probabilities has {} floats, needs {} ({classes} classes × {voxels} voxels)",
+                self.probabilities_len,
+                classes * voxels
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the labels and, if asked for, the probabilities; both buffers are checked before
+    /// either is written (outputs only on success).
+    pub unsafe fn write(&self, labels: &Volume<u8>, probs: &Array4<f32>) -> FfiResult<()> {
+        let lab = labels.data.as_slice().ok_or_else(|| FfiError::invalid("internal: labels not contiguous"))?;
+        let classes = probs.shape()[0];
+        if probs.len() != classes * lab.len() {
+            return Err(FfiError::invalid(format!("internal: probabilities {:?} do not match {} voxels", probs.shape(), lab.len())));
+        }
+        self.check(classes, lab.len())?;
+        write_labels(lab, self.label_dtype, self.labels, self.labels_len, "labels")?;
+        if !self.probabilities.is_null() {
+            let dst = std::slice::from_raw_parts_mut(self.probabilities, probs.len());
+            match probs.as_slice() {
+                Some(src) => dst.copy_from_slice(src),
+                None => dst.iter_mut().zip(probs.iter()).for_each(|(d, s)| *d = *s),
+            }
+        }
+        Ok(())
+    }
 }

@@ -4,6 +4,7 @@
 //! Which cases are labelled is the caller's choice (`first(n)`, the LA benchmark's convention,
 //! or an explicit list); the label of an unlabelled case is never opened.
 use crate::error::{Error, Result};
+use crate::limits::Classes;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ pub struct Dataset {
     pub root: PathBuf,
     pub name: String,
     /// Class index -> name, background (0) included.
-    pub labels: BTreeMap<u16, String>,
+    pub labels: Classes,
     /// Cases of `training`, in the order of dataset.json.
     pub training: Vec<Case>,
     /// Images of `test` (no labels).
@@ -63,7 +64,7 @@ impl Dataset {
             let idx: u16 = k.parse().map_err(|_| Error::format(&json_path, format!("label key '{k}' is not a class index")))?;
             labels.insert(idx, v);
         }
-        check_classes(&labels).map_err(|e| Error::format(&json_path, e.to_string()))?;
+        let labels = Classes::new("labels", labels).map_err(|e| Error::format(&json_path, e.to_string()))?;
         let path_of = |rel: &str| root.join(rel.trim_start_matches("./"));
         let resolve = |rel: &str| -> Result<PathBuf> {
             let p = path_of(rel);
@@ -100,7 +101,7 @@ impl Dataset {
     }
 
     pub fn num_classes(&self) -> usize {
-        self.labels.keys().max().map(|&m| m as usize + 1).unwrap_or(1)
+        self.labels.len()
     }
 
     /// The label file of a case that is to be labelled: listed and present, else a clear error.
@@ -170,13 +171,6 @@ pub fn read_id_list(path: impl AsRef<Path>) -> Result<Vec<String>> {
         ids.push(id);
     }
     Ok(ids)
-}
-
-/// The classes of a dataset (index -> name): 0 (background) and 1..N-1 without gaps (a gap
-/// would make the networks learn a class nobody declared). Returns N. The one check of
-/// classes for dataset.json, the pipeline and the C ABI.
-pub fn check_classes(classes: &BTreeMap<u16, String>) -> Result<usize> {
-    crate::limits::check_classes("labels", classes.keys())
 }
 
 #[cfg(test)]

@@ -8,6 +8,19 @@
 //! `<prefix>/version`, ... The prefix is whatever the writer chose (the file's stem in recent
 //! PyTorch, `archive` in older ones), so it is found from the `data.pkl` entry.
 //!
+//! Why not the `pytorch-reader` crate (burn project, 0.22.1, tried for issue 16 against
+//! tests/pytorch_checkpoint.rs; it reads `lite_medsam.pth` fine): it fails that suite unchanged.
+//! `bigendian.pth` is refused ("Big-endian PyTorch files are not supported"); tensors come back
+//! in a `HashMap`, so file order (the test's "names in file order", our load reports) is lost;
+//! `nested.pth` flattens `model.*` with `optimizer.state.*` (no state-dict choice) and its tree
+//! shows tensors as opaque `Unsupported("torch.Tensor")`; `evil_reduce.pth` opens as an empty
+//! state dict with `posix.system` silently dropped; `storage_lies.pth` (storage declared 1000
+//! elements, entry of 4) reads as a valid tensor; `view_beyond.pth` is refused with other words;
+//! `legacy.pth` is read (the test expects our "legacy" error). A byte-flip sweep found no panic,
+//! but 68 single-byte flips of `dtypes.pth` (in the storage of a strided view, whose CRC it only
+//! checks when a tensor spans the whole storage) read back as different values; ours reads every
+//! storage whole, so the zip CRC always sees such a flip.
+//!
 //! Security: pickle is a program. This module never executes anything; it runs a small stack
 //! machine that can only build lists, tuples, dicts, numbers, strings and tensors, and it only
 //! resolves an allow-list of globals (OrderedDict, the tensor/parameter rebuild functions and

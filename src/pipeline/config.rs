@@ -6,48 +6,12 @@ use crate::infer::Weighting;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+// Each section belongs to the layer that uses it; re-exported so `pipeline::config::X` keeps
+// working for the CLI, the tests and older code.
+pub use crate::infer::InferenceConfig;
+pub use crate::ssl::config::{BnBatches, LrSchedule, Method, VNetStage};
+
 pub const CONFIG_VERSION: u32 = 1;
-
-/// The re-training method (the paper's SSL module), orthogonal to `sfr`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Method {
-    /// Labelled data only (with `sfr`: labels + SAM pseudo-labels).
-    Supervised,
-    /// Teacher trained first, its pseudo-labels then train the student (one round per half).
-    SelfTraining,
-    /// EMA teacher, softmax-MSE consistency under input noise.
-    MeanTeacher,
-    /// Mean teacher whose consistency acts only on the most ambiguous voxels.
-    Acmt,
-}
-
-impl Method {
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Supervised => "supervised",
-            Method::SelfTraining => "self-training",
-            Method::MeanTeacher => "mean-teacher",
-            Method::Acmt => "acmt",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BnBatches {
-    Joint,
-    Separate,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
-pub enum LrSchedule {
-    /// lr × gamma every `every` iterations (the LA recipe: 0.1 every 2500).
-    Step { every: usize, gamma: f64 },
-    /// lr × (1 - it/max)^power.
-    Poly { power: f64 },
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,51 +49,11 @@ pub struct SamStage {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct VNetStage {
-    pub n_filters: i64,
-    pub iterations: usize,
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    pub schedule: LrSchedule,
-    pub labeled_batch: usize,
-    pub unlabeled_batch: usize,
-    /// Weight of the SAM pseudo-label term (SFR).
-    pub pseudo_label_weight: f64,
-    /// Maximum weight of the method's consistency term, ramped as 0.1·exp(-5(1-t)²).
-    pub consistency: f64,
-    /// Ramp-up length in "epochs" of `iterations_per_epoch` iterations.
-    pub rampup_epochs: f64,
-    pub iterations_per_epoch: usize,
-    pub ema_decay: f64,
-    /// Std and clamp of the teacher's input noise (mean teacher, ACMT).
-    pub noise_std: f64,
-    pub noise_clamp: f64,
-    /// Fraction of voxels ACMT treats as ambiguous.
-    pub acmt_ratio: f64,
-    /// BatchNorm batches of the student: `separate` (the default: two forwards, the labelled
-    /// crops normalised by labelled statistics only, the unlabelled by their own, as the
-    /// teacher's already are) or `joint` (UA-MT's code: labelled and unlabelled crops in one
-    /// forward, so BatchNorm statistics mix them). See README, "Mixed batches".
-    pub batchnorm: BnBatches,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SfrPlus {
     pub enabled: bool,
     /// Samples with mean max-class probability ≥ tau go back to fine-tune SAM.
     pub tau: f64,
     pub rounds: usize,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InferenceConfig {
-    /// Window step `[x, y, z]`.
-    pub stride: [usize; 3],
-    pub weighting: Weighting,
-    pub batch: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -22,26 +22,8 @@ pub struct Sample {
     pub geometry: Geometry,
 }
 
-/// Per-volume z-score (intensities differ wildly between files and scanners). A NaN or
-/// infinite voxel is an error; a constant image has nothing to normalise and becomes zeros
-/// (logged).
-pub fn zscore(v: &ArrayView3<f32>, what: &str) -> Result<Array3<f32>> {
-    let n = v.len() as f64;
-    if n == 0.0 {
-        return Err(Error::invalid(format!("{what}: empty image")));
-    }
-    if v.iter().any(|x| !x.is_finite()) {
-        return Err(Error::invalid(format!("{what}: the image contains NaN or infinite voxels")));
-    }
-    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-    let std = var.sqrt();
-    if std < 1e-8 * mean.abs().max(1.0) {
-        log::warn!("{what}: constant image (all voxels {mean}); normalised to zeros");
-        return Ok(Array3::zeros(v.raw_dim()));
-    }
-    Ok(v.mapv(|x| ((x as f64 - mean) / std) as f32))
-}
+// The z-score belongs to the volume layer (the model file's inference uses it too).
+pub use crate::volume::zscore;
 
 /// Checks a label volume: integral values in `0..num_classes`, returned as u8. Generic over the
 /// voxel type as given, so a label is never widened first (as f64, a 512²×300 label took 629 MB
@@ -261,20 +243,6 @@ pub fn random_bezier(rng: &mut Rng, image: &mut Array3<f32>) {
 mod tests {
     use super::*;
     use rand::SeedableRng;
-
-    #[test]
-    fn zscore_and_bad_images() {
-        let a = Array3::from_shape_fn((2, 3, 4), |(k, j, i)| (k * 12 + j * 4 + i) as f32);
-        let z = zscore(&a.view(), "t").unwrap();
-        let mean: f32 = z.iter().sum::<f32>() / 24.0;
-        let var: f32 = z.iter().map(|v| v * v).sum::<f32>() / 24.0;
-        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4);
-        let mut nan = a.clone();
-        nan[[1, 1, 1]] = f32::NAN;
-        assert!(zscore(&nan.view(), "t").unwrap_err().to_string().contains("NaN"));
-        let c = Array3::from_elem((2, 2, 2), 7.0f32);
-        assert!(zscore(&c.view(), "t").unwrap().iter().all(|&v| v == 0.0));
-    }
 
     #[test]
     fn labels_outside_classes_are_errors() {

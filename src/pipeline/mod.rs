@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::io::dataset::Case;
 use crate::io::nifti;
 use crate::job::Reporter;
+use crate::limits::Classes;
 use crate::metrics::{evaluate_labels, ClassMetrics};
 use crate::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
 use crate::volume::Volume;
@@ -28,7 +29,7 @@ pub struct TrainInputs {
     pub labeled: Vec<CaseSource>,
     pub unlabeled: Vec<CaseSource>,
     /// Class index -> name, background (0) included.
-    pub classes: BTreeMap<u16, String>,
+    pub classes: Classes,
     pub dataset_name: String,
 }
 
@@ -146,7 +147,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         tch::set_num_threads(cfg.threads as i32);
     }
     // Classes 0..N-1 without gaps (a gap would train an undeclared class).
-    let num_classes = crate::io::dataset::check_classes(&inputs.classes)?;
+    let num_classes = inputs.classes.len();
     if inputs.labeled.is_empty() {
         return Err(Error::invalid("zero labelled cases: at least one is needed"));
     }

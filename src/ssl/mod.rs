@@ -15,8 +15,10 @@
 use crate::error::Result;
 use crate::nn::loss::ce_dice;
 use crate::nn::vnet::VNet;
-use crate::pipeline::config::{Method, VNetStage};
 use tch::{nn, Device, Kind, Tensor};
+
+pub mod config;
+pub use config::{BnBatches, LrSchedule, Method, VNetStage};
 
 /// What a method sees of the unlabelled half of a batch.
 pub struct Unlabeled<'a> {

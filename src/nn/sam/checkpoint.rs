@@ -1,3 +1,7 @@
+//! SAM checkpoints: where the file comes from, and how its state dict goes into a `Sam`
+//! (`load_into`: image-size resizing, per-class decoder heads per [`HeadPolicy`], a
+//! [`LoadReport`]; `detect_config`: the variant a file was made for).
+//!
 //! Where a SAM checkpoint comes from. The library never downloads anything: it finds a file
 //! the user named, or the one `scripts/setup.sh` put into the cache, and otherwise says how to
 //! get one.
@@ -17,8 +21,12 @@
 //!
 //! The cache is `$SFR_CACHE`, else `$XDG_CACHE_HOME/sfr`, else `$HOME/.cache/sfr` — the folder
 //! `scripts/env.sh` uses.
+use super::config::{SamConfig, TinyVitConfig};
 use crate::error::{Error, Result};
+use crate::nn::layers::ParamEntry;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
 
 /// Known checkpoint name for LiteMedSAM.
 pub const LITE_MEDSAM: &str = "lite-medsam";
@@ -101,6 +109,365 @@ pub fn random_warning(variant: &str) -> String {
          pseudo-labels will be far weaker than with a pretrained SAM. To use the pretrained LiteMedSAM, {}",
         how_to_get()
     )
+}
+
+// ------------------------------------------------------------ from a state dict into a Sam
+
+/// What to do with the mask-decoder heads (`mask_tokens`, `output_hypernetworks_mlps.*`,
+/// `iou_prediction_head.*`) when the checkpoint was made for another number of mask tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadPolicy {
+    /// Re-initialise only the head tensors whose shape does not fit or that the checkpoint lacks
+    /// (with the official 4 tokens and 9 wanted: `mask_tokens.weight`, hypernetwork MLPs 4..8,
+    /// `iou_prediction_head.layers.2.*`); the fitting ones (MLPs 0..3, IoU layers 0–1) are loaded.
+    #[default]
+    ReinitMismatched,
+    /// SAMed's `load_from`: as soon as any head tensor does not fit, all head tensors are
+    /// re-initialised (including MLPs 0..3 and the whole IoU head).
+    ReinitAllHeads,
+}
+
+/// What a checkpoint load did besides copying tensors one to one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    /// Keys copied from the file (resized ones included).
+    pub loaded: usize,
+    /// Keys resized for a different image size: (key, shape in the file, shape in the model).
+    pub resized: Vec<(String, Vec<i64>, Vec<i64>)>,
+    /// Decoder-head keys left with a fresh PyTorch-default initialisation, with the reason.
+    pub reinitialised: Vec<(String, String)>,
+    /// Decoder-head keys of the file that this model has no place for (fewer mask tokens).
+    pub unused: Vec<String>,
+}
+
+/// True for the mask-decoder tensors whose shapes depend on the number of mask tokens.
+pub fn is_decoder_head(key: &str) -> bool {
+    key.starts_with("mask_decoder.mask_tokens.") || key.starts_with("mask_decoder.output_hypernetworks_mlps.") || key.starts_with("mask_decoder.iou_prediction_head.")
+}
+
+/// Copies a state dict into the tensors `entries` of a SAM built from `cfg` (what
+/// `Sam::load_tensors` does; a free function so that this file needs nothing of `Sam`).
+///
+/// - Every key must match: a missing, extra or wrongly shaped tensor is an error naming the
+///   keys (and saying which SAM variant the file looks like), except for the cases below.
+/// - Image size: when the file's `image_encoder.pos_embed` has another grid than this model,
+///   it is resized bilinearly (align_corners = false), and the relative position tables of
+///   the global-attention blocks (`blocks.{i}.attn.rel_pos_{h,w}`, i in the config's global
+///   indexes, length 2g-1) are resized bilinearly along their length to 2g'-1 — SAMed's
+///   `load_from`, which is also what the official `get_rel_pos` would compute on the fly.
+///   Windowed blocks keep their tables (the window does not change).
+/// - Per-class decoder: head tensors (see [`is_decoder_head`]) that do not fit are
+///   re-initialised with PyTorch's default initialisation and reported, per `policy`.
+///
+/// Nothing is modified when an error is returned.
+pub fn load_into(entries: &[ParamEntry], cfg: &SamConfig, tensors: Vec<(String, Tensor)>, source: &Path, policy: HeadPolicy) -> Result<LoadReport> {
+    let file: HashMap<String, Tensor> = tensors.into_iter().collect();
+    let own: HashMap<&str, &ParamEntry> = entries.iter().map(|e| (e.key.as_str(), e)).collect();
+    let g = cfg.grid_size();
+    let file_grid = file.get("image_encoder.pos_embed").map(|t| t.size()).filter(|s| s.len() == 4 && s[1] == s[2]).map(|s| s[1]);
+    let global: BTreeSet<String> = cfg
+        .encoder_global_attn_indexes
+        .iter()
+        .flat_map(|i| [format!("image_encoder.blocks.{i}.attn.rel_pos_h"), format!("image_encoder.blocks.{i}.attn.rel_pos_w")])
+        .collect();
+
+    enum Plan<'a> {
+        Copy(&'a Tensor),
+        Resize(&'a Tensor),
+        Reinit(String),
+    }
+    let mut plan: Vec<(&ParamEntry, Plan)> = Vec::new();
+    let (mut missing, mut mismatched, mut extra, mut unused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut head_misfit = false;
+    for e in entries {
+        let want = e.tensor.size();
+        match file.get(&e.key) {
+            // Integer buffers (BatchNorm's num_batches_tracked) stay integer, floats float.
+            Some(t) if t.is_floating_point() != e.tensor.is_floating_point() => mismatched.push(format!("{} (dtype {:?} in the file, {:?} in the model)", e.key, t.kind(), e.tensor.kind())),
+            Some(t) if t.size() == want => plan.push((e, Plan::Copy(t))),
+            Some(t) => {
+                let have = t.size();
+                let resizable_grid = file_grid.is_some_and(|fg| fg != g);
+                let pos_resizable = e.key == "image_encoder.pos_embed" && have.len() == 4 && have[0] == 1 && have[1] == have[2] && have[3] == want[3];
+                let rel_resizable = global.contains(&e.key) && have.len() == 2 && have[1] == want[1] && Some(have[0]) == file_grid.map(|fg| 2 * fg - 1);
+                if resizable_grid && (pos_resizable || rel_resizable) {
+                    plan.push((e, Plan::Resize(t)));
+                } else if is_decoder_head(&e.key) {
+                    head_misfit = true;
+                    plan.push((e, Plan::Reinit(format!("shape {have:?} in the file, {want:?} here"))));
+                } else {
+                    mismatched.push(format!("{}: {have:?} in the file, {want:?} in the model", e.key));
+                }
+            }
+            None if is_decoder_head(&e.key) => {
+                head_misfit = true;
+                plan.push((e, Plan::Reinit("not in the file (more mask tokens here)".into())));
+            }
+            None => missing.push(e.key.clone()),
+        }
+    }
+    for k in file.keys() {
+        if !own.contains_key(k.as_str()) {
+            if is_decoder_head(k) {
+                head_misfit = true;
+                unused.push(k.clone());
+            } else {
+                extra.push(k.clone());
+            }
+        }
+    }
+    if !(missing.is_empty() && mismatched.is_empty() && extra.is_empty()) {
+        missing.sort();
+        extra.sort();
+        mismatched.sort();
+        let mut msg = format!("checkpoint does not fit SAM '{}' (embed dim {}, {} blocks)", cfg.name, cfg.encoder_embed_dim, cfg.encoder_depth);
+        if let Some(guess) = guess_variant(&file) {
+            msg.push_str(&format!("; the file looks like {guess}"));
+        }
+        for (what, list) in [("shape mismatch", &mismatched), ("missing from the file", &missing), ("not in the model", &extra)] {
+            if !list.is_empty() {
+                msg.push_str(&format!("; {} {what}: {}", list.len(), list_head(list, 8)));
+            }
+        }
+        return Err(Error::format(source, msg));
+    }
+
+    let mut report = LoadReport { unused, ..Default::default() };
+    tch::no_grad(|| -> Result<()> {
+        for (e, p) in plan {
+            let p = match p {
+                Plan::Copy(_) if policy == HeadPolicy::ReinitAllHeads && head_misfit && is_decoder_head(&e.key) => Plan::Reinit("SAMed rule: another head tensor does not fit".into()),
+                p => p,
+            };
+            let mut dst = e.tensor.shallow_clone();
+            match p {
+                Plan::Copy(t) => {
+                    dst.f_copy_(&t.to_kind(dst.kind()).to_device(dst.device()))?;
+                    report.loaded += 1;
+                }
+                Plan::Resize(t) => {
+                    let want = dst.size();
+                    let r = if e.key == "image_encoder.pos_embed" {
+                        resize_pos_embed(t, want[1], want[2])
+                    } else {
+                        resize_rel_pos(t, want[0])
+                    };
+                    dst.f_copy_(&r.to_kind(dst.kind()).to_device(dst.device()))?;
+                    report.resized.push((e.key.clone(), t.size(), want));
+                    report.loaded += 1;
+                }
+                Plan::Reinit(why) => {
+                    let fresh = e.init.sample(&dst.size(), dst.kind(), dst.device());
+                    dst.f_copy_(&fresh)?;
+                    report.reinitialised.push((e.key.clone(), why));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(report)
+}
+
+/// Starts every mask token of the per-class decoder, with its hypernetwork MLP and IoU-head
+/// row, as a copy of the checkpoint's mask token `token` (0 = the single-mask output, the
+/// one LiteMedSAM was trained to produce). All classes then begin from the pretrained mask
+/// head instead of random heads (which a pretrained decoder answers with near-constant
+/// logits); the per-class loss separates them from the first step, as each token's
+/// gradient follows its own class. Nothing is changed on error.
+pub fn init_heads_from_token(entries: &[ParamEntry], cfg: &SamConfig, file: &HashMap<String, Tensor>, source: &Path, token: i64) -> Result<()> {
+    let get = |k: &str| file.get(k).ok_or_else(|| Error::format(source, format!("{k} is missing: cannot initialise the class heads from it")));
+    let tokens = get("mask_decoder.mask_tokens.weight")?;
+    if tokens.size().len() != 2 || token >= tokens.size()[0] || tokens.size()[1] != cfg.prompt_embed_dim {
+        return Err(Error::format(source, format!("mask_tokens {:?} has no token {token} of width {}", tokens.size(), cfg.prompt_embed_dim)));
+    }
+    let mut plan: Vec<(&Tensor, Tensor)> = Vec::new();
+    let n = cfg.num_mask_tokens();
+    let own = |k: &str| entries.iter().find(|e| e.key == k).map(|e| &e.tensor).ok_or_else(|| Error::invalid(format!("SAM has no tensor {k}")));
+    plan.push((own("mask_decoder.mask_tokens.weight")?, tokens.get(token).unsqueeze(0).expand([n, -1], false)));
+    for i in 0..n {
+        for l in 0..3 {
+            for wb in ["weight", "bias"] {
+                let from = get(&format!("mask_decoder.output_hypernetworks_mlps.{token}.layers.{l}.{wb}"))?;
+                plan.push((own(&format!("mask_decoder.output_hypernetworks_mlps.{i}.layers.{l}.{wb}"))?, from.shallow_clone()));
+            }
+        }
+    }
+    let last = cfg.iou_head_depth - 1;
+    for wb in ["weight", "bias"] {
+        let k = format!("mask_decoder.iou_prediction_head.layers.{last}.{wb}");
+        let from = get(&k)?.get(token).unsqueeze(0);
+        let want = own(&k)?;
+        let shape: Vec<i64> = want.size();
+        plan.push((want, from.expand(shape.as_slice(), false)));
+    }
+    for (dst, src) in &plan {
+        if dst.size() != src.size() {
+            return Err(Error::format(source, format!("class-head init: shape {:?} in the file, {:?} in the model", src.size(), dst.size())));
+        }
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (dst, src) in plan {
+            dst.shallow_clone().f_copy_(&src.to_kind(dst.kind()).to_device(dst.device()))?;
+        }
+        Ok(())
+    })
+}
+
+/// Bilinear (align_corners = false) resize of a [1, g, g, C] position embedding.
+pub fn resize_pos_embed(pos: &Tensor, h: i64, w: i64) -> Tensor {
+    pos.to_kind(Kind::Float).permute([0, 3, 1, 2]).upsample_bilinear2d([h, w], false, None, None).permute([0, 2, 3, 1])
+}
+
+/// Bilinear (align_corners = false) resize of a [L, C] relative position table to [len, C]
+/// (linear along L; C is unchanged), as SAMed does.
+pub fn resize_rel_pos(rel: &Tensor, len: i64) -> Tensor {
+    let c = rel.size()[1];
+    rel.to_kind(Kind::Float).unsqueeze(0).unsqueeze(0).upsample_bilinear2d([len, c], false, None, None).get(0).get(0)
+}
+
+fn list_head(list: &[String], n: usize) -> String {
+    let mut s = list.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
+    if list.len() > n {
+        s.push_str(&format!(", ... ({} more)", list.len() - n));
+    }
+    s
+}
+
+/// Names the SAM variant a state dict looks like: a TinyViT (LiteMedSAM, MobileSAM) from its
+/// patch embedding and stages, a ViT from its patch-embedding width and depth.
+fn guess_variant(file: &HashMap<String, Tensor>) -> Option<String> {
+    if let Some(t) = detect_tiny_vit(file) {
+        let name = match t.patch_embed_kernel {
+            _ if t.same_weights(SamConfig::lite_medsam().tiny_vit.as_ref().unwrap()) => "LiteMedSAM (lite_medsam)",
+            _ if t.same_weights(SamConfig::mobile_sam().tiny_vit.as_ref().unwrap()) => "MobileSAM (mobile_sam)",
+            _ => "a TinyViT SAM",
+        };
+        return Some(format!("{name} (TinyViT, widths {:?}, depths {:?}, patch embedding {k}×{k})", t.embed_dims, t.depths, k = t.patch_embed_kernel));
+    }
+    let dim = file.get("image_encoder.patch_embed.proj.weight").map(|t| t.size()).filter(|s| !s.is_empty())?[0];
+    let depth = file
+        .keys()
+        .filter_map(|k| k.strip_prefix("image_encoder.blocks.")?.split('.').next()?.parse::<i64>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    let name = [SamConfig::vit_b(), SamConfig::vit_l(), SamConfig::vit_h()]
+        .into_iter()
+        .find(|c| c.encoder_embed_dim == dim && c.encoder_depth == depth)
+        .map(|c| format!("SAM {}", c.name))
+        .unwrap_or_else(|| "a SAM model".to_string());
+    Some(format!("{name} (embed dim {dim}, {depth} blocks)"))
+}
+
+fn dims(file: &HashMap<String, Tensor>, key: &str) -> Option<Vec<i64>> {
+    file.get(key).map(|t| t.size())
+}
+
+/// Distinct integer indices `i` of keys `<prefix>{i}.…`, counted as max + 1.
+fn count_indexed(file: &HashMap<String, Tensor>, prefix: &str) -> i64 {
+    file.keys().filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse::<i64>().ok()).max().map_or(0, |m| m + 1)
+}
+
+/// The TinyViT configuration of a state dict with `image_encoder.patch_embed.seq.*` keys, read
+/// from its shapes (widths, depths, heads from `attention_biases` [heads, window²], window,
+/// local conv, MLP ratio, MBConv expansion); the PatchMerging strides follow the official rule.
+fn detect_tiny_vit(file: &HashMap<String, Tensor>) -> Option<TinyVitConfig> {
+    let pe = dims(file, "image_encoder.patch_embed.seq.0.c.weight").filter(|d| d.len() == 4)?;
+    let stages = count_indexed(file, "image_encoder.layers.");
+    if stages < 2 {
+        return None;
+    }
+    let mut t = TinyVitConfig { embed_dims: vec![], depths: vec![], num_heads: vec![], window_sizes: vec![], mbconv_expand_ratio: 4.0, local_conv_size: 3, patch_embed_kernel: pe[2], merge_strides: vec![] };
+    for s in 0..stages {
+        let pre = format!("image_encoder.layers.{s}.");
+        t.depths.push(count_indexed(file, &format!("{pre}blocks.")));
+        let width = if s == 0 {
+            dims(file, "image_encoder.patch_embed.seq.2.c.weight")?[0]
+        } else {
+            dims(file, &format!("image_encoder.layers.{}.downsample.conv1.c.weight", s - 1))?[0]
+        };
+        t.embed_dims.push(width);
+        if s == 0 {
+            if let Some(d) = dims(file, &format!("{pre}blocks.0.conv1.c.weight")) {
+                t.mbconv_expand_ratio = d[0] as f64 / width as f64;
+            }
+            t.num_heads.push(1);
+            t.window_sizes.push(1);
+        } else {
+            let ab = dims(file, &format!("{pre}blocks.0.attn.attention_biases")).filter(|d| d.len() == 2).unwrap_or(vec![1, 1]);
+            t.num_heads.push(ab[0]);
+            t.window_sizes.push((ab[1] as f64).sqrt().round() as i64);
+            if s == 1 {
+                if let Some(d) = dims(file, &format!("{pre}blocks.0.local_conv.c.weight")) {
+                    t.local_conv_size = d[2];
+                }
+            }
+        }
+        if s > 0 {
+            t.merge_strides.push(TinyVitConfig::official_merge_stride(width));
+        }
+    }
+    Some(t)
+}
+
+/// The configuration a SAM state dict was made for, from its keys and shapes: LiteMedSAM and
+/// MobileSAM (TinyViT encoders), or SAM's ViT (width, depth, heads from the relative tables,
+/// global-attention blocks, window, image size from `pos_embed`). The class count is that of
+/// the file's mask tokens (3 for official checkpoints); the name is the official one when the
+/// encoder equals an official configuration. `None` when the keys are not a SAM state dict.
+pub fn detect_config(file: &HashMap<String, Tensor>) -> Option<SamConfig> {
+    let tokens = dims(file, "mask_decoder.mask_tokens.weight").filter(|d| d.len() == 2)?;
+    let mut c = if let Some(t) = detect_tiny_vit(file) {
+        let mut c = if t.patch_embed_kernel == 1 { SamConfig::lite_medsam() } else { SamConfig::mobile_sam() };
+        if !c.tiny_vit.as_ref().is_some_and(|o| o.same_weights(&t)) {
+            c.name = "tiny_vit".into();
+            c.patch_size = t.total_stride();
+            c.encoder_embed_dim = *t.embed_dims.last().unwrap();
+            c.encoder_depth = t.attention_blocks().len() as i64;
+            if let Some(fc1) = dims(file, "image_encoder.layers.1.blocks.0.mlp.fc1.weight") {
+                c.mlp_ratio = fc1[0] as f64 / t.embed_dims[1] as f64;
+            }
+            c.tiny_vit = Some(t);
+        }
+        c
+    } else {
+        let pw = dims(file, "image_encoder.patch_embed.proj.weight").filter(|d| d.len() == 4)?;
+        let (dim, patch) = (pw[0], pw[2]);
+        let depth = count_indexed(file, "image_encoder.blocks.");
+        let grid = dims(file, "image_encoder.pos_embed").filter(|d| d.len() == 4)?[1];
+        let rel = |i: i64| dims(file, &format!("image_encoder.blocks.{i}.attn.rel_pos_h")).filter(|d| d.len() == 2);
+        let head_dim = rel(0)?[1];
+        let global: Vec<i64> = (0..depth).filter(|&i| rel(i).is_some_and(|d| d[0] == 2 * grid - 1)).collect();
+        let window = (0..depth).filter(|i| !global.contains(i)).find_map(rel).map_or(14, |d| (d[0] + 1) / 2);
+        let mut c = [SamConfig::vit_b(), SamConfig::vit_l(), SamConfig::vit_h()].into_iter().find(|c| c.encoder_embed_dim == dim && c.encoder_depth == depth).unwrap_or_else(SamConfig::vit_b);
+        if (c.encoder_embed_dim, c.encoder_depth) != (dim, depth) {
+            c.name = "vit".into();
+        }
+        c.encoder_embed_dim = dim;
+        c.encoder_depth = depth;
+        c.encoder_num_heads = dim / head_dim.max(1);
+        c.encoder_global_attn_indexes = global;
+        c.window_size = window;
+        c.patch_size = patch;
+        c.image_size = grid * patch;
+        if let Some(l1) = dims(file, "image_encoder.blocks.0.mlp.lin1.weight") {
+            c.mlp_ratio = l1[0] as f64 / dim as f64;
+        }
+        c
+    };
+    c.prompt_embed_dim = tokens[1];
+    c.num_classes = tokens[0] - 1;
+    if let Some(d) = dims(file, "mask_decoder.transformer.layers.0.mlp.lin1.weight") {
+        c.decoder_mlp_dim = d[0];
+    }
+    c.decoder_depth = count_indexed(file, "mask_decoder.transformer.layers.");
+    if let Some(d) = dims(file, "prompt_encoder.mask_downscaling.3.weight") {
+        c.mask_in_chans = d[0];
+    }
+    if let Some(d) = dims(file, "mask_decoder.iou_prediction_head.layers.0.weight") {
+        c.iou_head_hidden_dim = d[0];
+    }
+    c.iou_head_depth = count_indexed(file, "mask_decoder.iou_prediction_head.layers.");
+    Some(c)
 }
 
 #[cfg(test)]

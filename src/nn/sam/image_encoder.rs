@@ -1,8 +1,8 @@
 //! SAM's ViT image encoder (`modeling/image_encoder.py`): patch embedding, absolute position
 //! embedding, blocks with windowed or global attention and decomposed relative position bias,
 //! and the convolutional neck.
-use super::common::{Activation, Conv2d, InitRule, LayerNorm, LayerNorm2d, Linear, MlpBlock, Params};
-use super::SamConfig;
+use crate::nn::layers::{Activation, Conv2d, InitRule, LayerNorm, LayerNorm2d, Linear, MlpBlock, Params};
+use super::config::SamConfig;
 use crate::nn::lora::{Lora, LoraBlock};
 use tch::{Kind, Tensor};
 

@@ -2,9 +2,9 @@
 //! decoder is built with `num_multimask_outputs = num_classes`, so it has `num_classes + 1` mask
 //! tokens, and every token's mask is returned (token 0 = background, token c = class c) instead
 //! of the official single-mask / multimask slice.
-use super::common::{Activation, ConvTranspose2d, InitRule, LayerNorm2d, Mlp, Params};
+use crate::nn::layers::{Activation, ConvTranspose2d, InitRule, LayerNorm2d, Mlp, Params};
 use super::transformer::TwoWayTransformer;
-use super::SamConfig;
+use super::config::SamConfig;
 use crate::error::Result;
 use tch::Tensor;
 

@@ -4,8 +4,8 @@
 //! `no_mask_embed` dense embedding) for pseudo-labelling, box prompts (LiteMedSAM's training
 //! prompt, used to check it against the reference), and the random-Fourier positional
 //! encoding of the image-embedding grid. Point and mask prompts are not implemented.
-use super::common::{Conv2d, InitRule, LayerNorm2d, Params};
-use super::SamConfig;
+use crate::nn::layers::{Conv2d, InitRule, LayerNorm2d, Params};
+use super::config::SamConfig;
 use tch::{Kind, Tensor};
 
 /// `PositionEmbeddingRandom`: a fixed Gaussian matrix (a buffer) mapping 2-D coordinates to

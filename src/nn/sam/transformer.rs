@@ -1,6 +1,6 @@
 //! SAM's two-way transformer (`modeling/transformer.py`): tokens attend to the image embedding
 //! and the image embedding attends back to the tokens.
-use super::common::{Activation, LayerNorm, Linear, MlpBlock, Params};
+use crate::nn::layers::{Activation, LayerNorm, Linear, MlpBlock, Params};
 use tch::{Kind, Tensor};
 
 /// Attention with an optional down-projection of q/k/v (`downsample_rate`).

@@ -1,5 +1,6 @@
-//! Building blocks shared by the SAM modules, and the registry that gives every tensor the key it
-//! has in the official PyTorch state dict.
+//! Building blocks shared by the SAM modules and LoRA, and the registry that gives every tensor
+//! the key it has in the official PyTorch state dict. (Below `sam` and `lora`, so that LoRA
+//! needs nothing of SAM.)
 //!
 //! Each tensor is created through [`Params`], which both creates it in the caller's
 //! `tch::nn::VarStore` (under the caller's path) and records it with its state-dict key relative
