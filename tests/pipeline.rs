@@ -9,7 +9,10 @@ use sfr::model::SfrModel;
 use sfr::phantom::{phantom, write_dataset, PhantomSpec};
 use sfr::pipeline::config::{Method, TrainConfig};
 use sfr::pipeline::data::CaseSource;
+use sfr::pipeline::retrain::{Batch, Trainer};
 use sfr::pipeline::{evaluate_cases, sources, summarize, train, RunOptions, TrainInputs};
+use sfr::pipeline::config::BnBatches;
+use tch::{Device, Kind, Tensor};
 use sfr::volume::{Geometry, Volume};
 use sfr::Error;
 use std::path::Path;
@@ -295,4 +298,42 @@ fn real_hippocampus_mixed_batches_train_like_supervised() {
     assert!(sup > 0.2, "supervised did not learn ({sup:.3}): the comparison would say nothing");
     assert!((mt0 - sup).abs() <= 0.05, "mean teacher with consistency 0: {mt0:.3}, supervised {sup:.3}");
     assert!(mt >= mt0 - 0.05, "mean teacher {mt:.3} below its consistency-0 run {mt0:.3}");
+}
+
+/// Issue 9's mechanism, pinned: with `separate` BatchNorm batches, a mean teacher whose
+/// consistency weight is 0 trains the student exactly as supervised does (the unlabelled
+/// crops change only the running statistics); with `joint` batches the labelled loss already
+/// differs at the first step, through the batch statistics of the unlabelled crops.
+#[test]
+fn unlabelled_crops_do_not_change_supervised_training_with_separate_batchnorm() {
+    // libtorch's generator is process-global: no other test may draw from it meanwhile
+    let _serial = serial();
+    let run = |method: Method, bn: BnBatches| -> (Vec<f64>, Vec<(String, Tensor)>) {
+        let mut cfg = TrainConfig::test_tiny();
+        cfg.method = method;
+        cfg.vnet.consistency = 0.0;
+        cfg.vnet.batchnorm = bn;
+        let mut t = Trainer::new(&cfg, 3, Device::Cpu).unwrap();
+        let mut losses = vec![];
+        for it in 0..4 {
+            // the same crops for every run; the labelled ones first, as the loop stacks them
+            tch::manual_seed(100 + it as i64);
+            let images = Tensor::randn([4, 1, 16, 16, 16], (Kind::Float, Device::Cpu));
+            let labels = Tensor::randint(3, [2, 16, 16, 16], (Kind::Int64, Device::Cpu));
+            let with_unlabelled = Batch { images: images.shallow_clone(), labels: labels.shallow_clone(), sam_pseudo: None, own_pseudo: None };
+            let batch = if method == Method::Supervised { Batch { images: images.narrow(0, 0, 2), ..with_unlabelled } } else { with_unlabelled };
+            tch::manual_seed(it as i64); // dropout masks: the labelled forward draws first
+            losses.push(t.step(&batch, it).unwrap());
+        }
+        let weights = t.net.state_dict().into_iter().filter(|(k, _)| !k.contains("running_") && !k.contains("num_batches")).collect();
+        (losses, weights)
+    };
+    let (sup, sup_w) = run(Method::Supervised, BnBatches::Separate);
+    let (sep, sep_w) = run(Method::MeanTeacher, BnBatches::Separate);
+    let (joint, _) = run(Method::MeanTeacher, BnBatches::Joint);
+    assert_eq!(sup, sep, "separate batches: the same losses as supervised");
+    for ((k, a), (_, b)) in sup_w.iter().zip(&sep_w) {
+        assert!(a.equal(b), "{k}: the student's weights differ from supervised's");
+    }
+    assert!((sup[0] - joint[0]).abs() > 1e-6, "joint batches: the unlabelled crops should move the first loss ({} vs {})", sup[0], joint[0]);
 }
