@@ -18,6 +18,8 @@ Sub-commands:
       <dir>/config.json: {"lb", "steps", "lr": [per step], "momentum", "weight_decay",
       "method": "supervised"|"mean-teacher", "consistency", "rampup_epochs",
       "iterations_per_epoch", "ema_decay", "noise_std", "noise_clamp", "dropout", "seed",
+      "batchnorm": "joint"|"separate" (one student forward of the whole batch, or one of the
+      labelled crops and one of the unlabelled),
       "n_filters", "num_classes", "threads"}; <dir>/init.safetensors (student state dict);
       <dir>/batches.safetensors (x0.., y0.. for each step). Runs the steps with
       torch.manual_seed(seed) (so dropout masks and noise come from the same generator as
@@ -110,7 +112,11 @@ class Loop:
         lb = y.shape[0]
         for g in self.opt.param_groups:
             g["lr"] = lr
-        logits = self.student(x)
+        if cfg.get("batchnorm", "joint") == "separate" and x.shape[0] > lb:
+            # two forwards: BatchNorm statistics of the labelled crops alone, then of the rest
+            logits = torch.cat([self.student(x[:lb]), self.student(x[lb:])], 0)
+        else:
+            logits = self.student(x)
         loss = ce_dice(logits[:lb], y, cfg["num_classes"])
         if x.shape[0] > lb:
             unl_logits = logits[lb:]
