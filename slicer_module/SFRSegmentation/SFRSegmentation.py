@@ -399,23 +399,25 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = task.message
             return
         self.task = None
+        what = task.what
+        What = what[:1].upper() + what[1:]
         try:
             result = task.take()
         except sfrlib.Cancelled:
-            self.log(f"{task.what}: cancelled")
-            self.ui.statusLabel.text = "Cancelled."
+            self.log(f"{what} cancelled")
+            self.ui.statusLabel.text = f"{What} cancelled."
         except Exception as e:
             logging.exception("SFRSegmentation")
-            self.log(f"{task.what} failed: {e}")
-            self.ui.statusLabel.text = f"Failed: {task.what}."
-            slicer.util.errorDisplay(f"{task.what[:1].upper() + task.what[1:]} failed:\n\n{e}")
+            self.log(f"{what} failed: {e}")
+            self.ui.statusLabel.text = f"{What} failed."
+            slicer.util.errorDisplay(f"{What} failed:\n\n{e}")
         else:
             try:
                 self.taskDone(result)
             except Exception as e:
                 logging.exception("SFRSegmentation")
-                self.log(f"{task.what}: {e}")
-                slicer.util.errorDisplay(f"{task.what[:1].upper() + task.what[1:]}:\n\n{e}")
+                self.log(f"{what} finished, but its result could not be used: {e}")
+                slicer.util.errorDisplay(f"{What} finished, but its result could not be used:\n\n{e}")
         finally:
             self.updateButtons()
 
@@ -440,26 +442,16 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not p["finished"]:
             return
         self.job = None
-        kind = self.jobKind
-        try:
-            result = job.wait()  # finished: returns at once
-        except sfrlib.Cancelled:
-            self.log(f"{kind} cancelled")
-            self.ui.statusLabel.text = f"{kind.capitalize()} cancelled."
-        except Exception as e:
-            self.log(f"{kind} failed: {e}")
-            self.ui.statusLabel.text = f"{kind.capitalize()} failed."
-            slicer.util.errorDisplay(f"{kind.capitalize()} failed:\n\n{e}")
-        else:
+
+        def take():
+            # Finished: the result is ready, but taking it can copy a whole label map out of
+            # libsfr (in-process mode): on a helper thread too.
             try:
-                self.jobDone(result)
-            except Exception as e:
-                logging.exception("SFRSegmentation")
-                self.log(f"{kind} finished, but its result could not be used: {e}")
-                slicer.util.errorDisplay(f"{kind.capitalize()} finished, but its result could not be used:\n\n{e}")
-        finally:
-            job.close()
-            self.updateButtons()
+                return job.wait()
+            finally:
+                job.close()
+
+        self.startTask(sfrsteps.in_background(take, self.jobKind), self.jobDone)
 
     def showProgress(self, p):
         last = self.lastProgress or {}
@@ -746,12 +738,18 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startTask(reading, copied)
 
     def onUndoSegment(self):
-        while self.undoStack:
-            record = self.undoStack.pop()
-            if sfrscene.undo(record):
+        if self.busy or not self.undoStack:
+            return
+        record = self.undoStack.pop()
+
+        def undone(removed):
+            if removed:
                 self.log(f"segments {', '.join(record.names.values())} removed from '{record.segmentation_node.GetName()}'")
-                break
-        self.updateButtons()
+            elif self.undoStack:
+                self.onUndoSegment()  # nothing left of that one (node deleted): the one before
+
+        # One segment per tick (SFRSegmentationLib.scene.undo_steps).
+        self.startTask(sfrsteps.Task(sfrscene.undo_steps(record), "undoing the segmentation"), undone)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -433,3 +433,48 @@ def test_training_collector_slices_are_bounded(scenes, monkeypatch):
     data = collector.builder()()
     assert data.counts() == (1, 1)
     assert np.array_equal(data.unlabeled[0].image, phantom(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Undo: one segment per slice, same result as removing the segments one by one
+
+
+def slicer_undo(record):
+    """The reference: the undo as it was (RemoveSegment of each segment in one go)."""
+    segmentation = record.segmentation_node.GetSegmentation()
+    for segment_id in record.segment_ids:
+        segmentation.RemoveSegment(segment_id)
+    if record.created and segmentation.GetNumberOfSegments() == 0:
+        record.segmentation_node.GetScene().RemoveNode(record.segmentation_node)
+
+
+@pytest.mark.parametrize("part", ["whole result", "part of a shared layer"])
+def test_undo_in_slices_equals_removing_the_segments(scenes, part):
+    shape = (30, 36, 40)
+    states, slices = [], []
+    for mode in ("slicer", "slices"):
+        scene, volume = new_scene_with_volume(scenes, shape)
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+        manual = np.zeros(shape, np.uint8)
+        manual[3:20, 5:30, 10:40] = 1
+        sc.apply_labels(manual, volume, {1: "liver"}, node)
+        record = sc.apply_labels(organs(shape), volume, CLASSES, node)
+        if part != "whole result":
+            # Two of the five segments of one labelmap: the others keep their voxels there.
+            record = sc.ApplyRecord(node, record.segment_ids[1:3], False)
+        if mode == "slicer":
+            slicer_undo(record)
+        else:
+            added_per_slice = []
+
+            def between(task):
+                added_per_slice.append(node.GetSegmentation().GetNumberOfSegments())
+
+            task = drive(steps.Task(sc.undo_steps(record)), between)
+            assert task.take() is True
+            slices.append((task.slices, added_per_slice))
+        states.append(state(node))
+    assert_same_state(states[0], states[1])
+    n = len(record.segment_ids)
+    assert slices[0][0] == n  # one segment per slice
+    assert slices[0][1] == list(range(1 + 5 - 1, 1 + 5 - n, -1)) if part == "whole result" else slices[0][1] == [5]

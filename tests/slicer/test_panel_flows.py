@@ -342,7 +342,10 @@ def test_train_then_segment_one_job_at_a_time(panel):
     # Undo removes the created node.
     assert ui.undoSegmentButton.enabled
     ui.undoSegmentButton.click()
+    assert panel.busy and not ui.segmentButton.enabled  # one segment per tick
+    spin(panel, lambda: not panel.busy)
     assert result.GetScene() is None and not ui.undoSegmentButton.enabled
+    assert any("segments blob removed" in line for line in ui.logTextEdit.lines)
 
 
 def test_close_scene_during_a_segmentation_discards_its_result(panel):

@@ -618,23 +618,47 @@ def apply_labels(labels: np.ndarray, volume_node, class_names: Dict[int, str], s
     return steps.run(import_labels_steps(labels, volume_node, class_names, segmentation_node), "import")
 
 
-def undo(record: ApplyRecord) -> bool:
-    """Removes exactly the segments ``apply_labels`` added (and the node it created, once no
-    other segment is in it). Segments added or edited since are kept. False when there was
-    nothing to undo (nothing added, node deleted, scene closed)."""
+def undo_steps(record: ApplyRecord):
+    """Task generator (steps.py) giving True when something was removed: removes exactly the
+    segments the import added (and the node it created, once no other segment is in it), one
+    segment per GUI-thread slice. False when there was nothing to undo (nothing added, node
+    deleted, scene closed).
+
+    Slicer's RemoveSegment clears a segment's voxels in the labelmap it shares with other
+    segments: 0.4-0.6 s per segment of a 512x512x300 result. When every segment sharing that
+    labelmap is being removed (the result's own layer, as the import made it), its voxels need
+    no clearing: the segment is first given an empty labelmap of its own, and the removal is
+    instant. The remaining segments and layers are the same either way."""
     node = record.segmentation_node
     if node is None or not record.segment_ids or node.GetScene() is None:
         return False
-    segmentation = node.GetSegmentation()
+    removing = set(record.segment_ids)
     removed = False
-    for segment_id in record.segment_ids:
-        if segmentation.GetSegment(segment_id) is not None:
-            segmentation.RemoveSegment(segment_id)
-            removed = True
-    if record.created and segmentation.GetNumberOfSegments() == 0:
+    for n, segment_id in enumerate(record.segment_ids):
+        if n:
+            yield f"removing segment {n + 1}/{len(record.segment_ids)}"
+            if node.GetScene() is None:
+                return removed
+        segmentation = node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            continue
+        sharing: List[str] = []
+        if segment.GetRepresentation(BINARY_LABELMAP) is not None:
+            segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, sharing, True)
+        if sharing and set(sharing) <= removing:
+            segment.AddRepresentation(BINARY_LABELMAP, slicer.vtkOrientedImageData())
+        segmentation.RemoveSegment(segment_id)
+        removed = True
+    if record.created and node.GetScene() is not None and node.GetSegmentation().GetNumberOfSegments() == 0:
         node.GetScene().RemoveNode(node)
         removed = True
     return removed
+
+
+def undo(record: ApplyRecord) -> bool:
+    """``undo_steps`` run to its end at once."""
+    return steps.run(undo_steps(record), "undo")
 
 
 # ---------------------------------------------------------------------------------------------
