@@ -17,8 +17,9 @@ Rules this panel keeps, because it lives inside the user's Slicer session:
   out of the scene a slab at a time, a result is scanned and made into a labelmap on a helper
   thread and then attached one segment per tick. Checks, file writes and reads, model saving,
   ``sfr --version`` and model loading run on helper threads; jobs are polled from a QTimer,
-  never waited on. (What still takes one long slice: Slicer's reader for a NRRD/MHA file of
-  the unlabelled folder, and Slicer's export when a segmentation is not on its volume's grid.)
+  never waited on. Files of the unlabelled folder are read on a helper thread and never enter
+  the scene. (What still takes one long slice: Slicer's export of a labelled case whose
+  segmentation is not on its volume's grid, which needs Slicer's resampling.)
 - Nodes are held by reference, and Close Scene is observed: nothing attaches to a node of the
   next scene that happens to get the same ID.
 """
@@ -99,10 +100,6 @@ def _startupEnvironment():
     except Exception:  # an older Slicer without it: the process's own environment
         logging.warning("SFRSegmentation: slicer.util.startupEnvironment() unavailable; the worker inherits Slicer's environment")
         return None
-
-
-def _loadVolumeFile(path):
-    return slicer.util.loadVolume(path, properties={"show": False, "singleFile": True})
 
 
 class _Background:
@@ -500,7 +497,6 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.pairs.pairs(),
                 self.ui.unlabeledVolumesSelector.checkedNodes(),
                 self.ui.unlabeledFolderLineEdit.currentPath or None,
-                load_volume_file=_loadVolumeFile,
                 log=self.log,
             )
             self.collectorOptions = dict(

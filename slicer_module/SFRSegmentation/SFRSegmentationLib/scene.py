@@ -700,6 +700,22 @@ def case_id(volume_node) -> str:
     return f"{volume_node.GetName()} [{volume_node.GetID()}]"
 
 
+def read_volume_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """A volume file (NRRD, MHA, NIfTI, ...) read by Slicer's own reader
+    (vtkMRMLVolumeArchetypeStorageNode, ITK, the reader ``slicer.util.loadVolume`` uses for
+    scalar volumes) into a volume node that never enters a scene: nothing of the scene is
+    touched, so this runs on a helper thread. Returns the voxels ``[k, j, i]`` and the
+    IJK-to-RAS matrix."""
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(os.path.basename(path))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(path)
+    storage.SetSingleFile(1)
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise InputError(f"{path}: Slicer could not read this volume file")
+    return volume_array(node), volume_matrix(node)
+
+
 def volume_files(folder: str) -> List[str]:
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(VOLUME_SUFFIXES))
     if not files:
@@ -712,16 +728,16 @@ class TrainingCollector:
     ``step()`` per tick), so that Slicer stays responsive: a volume's voxels are copied a slab
     at a time and a labelled case's segments are read the same way (``export_label_steps``);
     the scene is only touched in those slices, on the caller's thread. Volume files of a
-    folder: NIfTI files are read later on a helper thread; other formats need Slicer's readers
-    and are loaded by ``load_volume_file(path) -> node`` (one slice per file: Slicer's reader
-    is one call), then copied in slices, and the node is removed.
+    folder never enter the scene: NIfTI files are read later by the training data builder,
+    other formats now, on a helper thread, by ``read_file(path) -> (voxels, IJK-to-RAS)``
+    (default ``read_volume_file``: Slicer's reader on a node outside the scene).
 
     ``total`` and ``done`` count volumes (for a progress bar); ``step()`` runs one slice.
     ``builder()`` then gives the function that ``SFRLogic.start_training`` runs on a helper
     thread: it builds and checks the TrainingData (and reads the NIfTI files)."""
 
     def __init__(self, pairs, unlabeled_nodes=(), folder: Optional[str] = None,
-                 load_volume_file: Optional[Callable[[str], object]] = None, log: Callable[[str], None] = print):
+                 read_file: Callable[[str], Tuple[np.ndarray, np.ndarray]] = read_volume_file, log: Callable[[str], None] = print):
         pairs = list(pairs)
         if not pairs:
             raise InputError("add at least one labelled case (a volume with its segmentation)")
@@ -745,10 +761,8 @@ class TrainingCollector:
             for n, path in enumerate(volume_files(folder)):
                 if path.lower().endswith(NIFTI_SUFFIXES):
                     self.nifti_files.append(path)
-                elif load_volume_file is None:
-                    raise InputError(f"{path}: only NIfTI files can be read here (no volume reader given)")
                 else:
-                    self._steps.append((f"reading {os.path.basename(path)}", lambda p=path, n=n: self._file(p, n, load_volume_file)))
+                    self._steps.append((f"reading {os.path.basename(path)}", lambda p=path, n=n: self._file(p, n, read_file)))
         self.total = len(self._steps)
         self.done = 0
         self._task = steps.Task(self._gather(), "gathering the training data")
@@ -773,16 +787,8 @@ class TrainingCollector:
         image, m = yield from volume_copy_steps(volume_node)
         self.unlabeled.append((case_id(volume_node), image, m))
 
-    def _file(self, path: str, n: int, load):
-        node = load(path)
-        if node is None:
-            raise InputError(f"{path}: Slicer could not read this volume file")
-        try:
-            yield f"copying {os.path.basename(path)}"
-            image, m = yield from volume_copy_steps(node)
-        finally:
-            if node.GetScene() is not None:
-                node.GetScene().RemoveNode(node)
+    def _file(self, path: str, n: int, read):
+        image, m = yield Background(lambda: read(path), name="sfr-read-volume")
         self.unlabeled.append((f"{n:04d}_{os.path.basename(path)}", image, m))
 
     @property
