@@ -8,7 +8,9 @@ between two ticks beyond the 10 ms it slept (helper threads holding Python's GIL
 there). Run: python scripts/bench_slicer_gui.py [--shape K J I] [--repeat N]
 """
 import argparse
+import json
 import os
+import struct
 import statistics
 import sys
 import tempfile
@@ -22,7 +24,7 @@ sys.path.insert(0, str(ROOT / "slicer_module" / "SFRSegmentation"))
 import numpy as np  # noqa: E402
 import slicer  # noqa: E402
 
-from SFRSegmentationLib import nifti, steps  # noqa: E402
+from SFRSegmentationLib import ModelRegistry, SFRLogic, nifti, steps  # noqa: E402
 from SFRSegmentationLib import scene as sc  # noqa: E402
 
 
@@ -95,6 +97,14 @@ def gui_stall_during(function):
     return time.perf_counter() - t0, worst
 
 
+def _cli_found():
+    try:
+        SFRLogic(mode="worker").cli
+        return True
+    except Exception:
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], help="K J I")
@@ -106,15 +116,16 @@ def main():
     image = rng.integers(-1000, 1000, size=shape, dtype=np.int16)
     labels = organs(shape)
     print(f"volume {shape[2]}x{shape[1]}x{shape[0]} ({np.prod(shape) / 1e6:.1f} M voxels), load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"median of {args.repeat}; times in s")
+          f"median (max) of {args.repeat}; times in s")
     rows = []
 
-    def record(path, before, after):
+    def row(path, before, after):
         rows.append((path, before, after))
-        b = f"{statistics.median(before):.3f}" if before else "-"
-        longest, slices, stall, wall = (statistics.median(x) for x in zip(*after)) if after else (0, 0, 0, 0)
-        print(f"{path:<44} before {b:>6}   after: longest slice {longest:.3f} in {slices:.0f} slices, "
-              f"longest stall {stall:.3f}, wall {wall:.2f}", flush=True)
+        b = f"{statistics.median(before):.3f} ({max(before):.3f})" if before else "-"
+        cols = list(zip(*after))
+        longest, slices, stall, wall = (statistics.median(x) for x in cols)
+        print(f"{path:<46} before {b:>14}   after: longest slice {longest:.3f} ({max(cols[0]):.3f}) in {slices:.0f} slices, "
+              f"longest stall {stall:.3f} ({max(cols[2]):.3f}), wall {wall:.2f}", flush=True)
 
     # Segment: copying the input volume.
     before, after = [], []
@@ -124,7 +135,7 @@ def main():
         before.append(once(lambda: sc.volume_array_and_matrix(volume))[0])
         after.append(drive(steps.Task(sc.volume_copy_steps(volume))))
         scene.Clear(1)
-    record("Segment: copy the input volume", before, after)
+    row("Segment: copy the input volume", before, after)
 
     # Segment: the result into a new node, and again into that node (re-segmentation).
     for into in ("new node", "existing node"):
@@ -153,7 +164,7 @@ def main():
                 else:
                     after.append(drive(steps.Task(sc.import_labels_steps(labels, volume, CLASSES, node))))
                 scene.Clear(1)
-        record(f"Segment: add a 5-class result ({into})", before, after)
+        row(f"Segment: add a 5-class result ({into})", before, after)
 
     # Train: gathering one labelled case (volume copy + segments read back as a label map).
     before, after = [], []
@@ -171,7 +182,54 @@ def main():
         collector = sc.TrainingCollector([(volume, node)], log=lambda s: None)
         after.append(drive(collector._task))
         scene.Clear(1)
-    record("Train: gather a labelled case (2 ticks before)", before, after)
+    row("Train: gather a labelled case (2 ticks before)", before, after)
+
+    # Undo of a 5-class result added to a node that holds another segment.
+    before, after = [], []
+    for _ in range(args.repeat):
+        for mode in ("before", "after"):
+            scene = slicer.vtkMRMLScene()
+            volume = sc.add_volume(scene, image, m, "CT")
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+            sc.apply_labels((labels == 1).astype(np.uint8), volume, {1: "manual"}, node)
+            result = sc.apply_labels(labels, volume, CLASSES, node)
+            if mode == "before":
+                def oneshot():
+                    for segment_id in result.segment_ids:
+                        node.GetSegmentation().RemoveSegment(segment_id)
+                before.append(once(oneshot)[0])
+            else:
+                after.append(drive(steps.Task(sc.undo_steps(result))))
+            scene.Clear(1)
+    row("Undo a 5-class result", before, after)
+
+    with tempfile.TemporaryDirectory() as d:
+        # Opening the panel: the logic (file checks only) and the model list (headers only).
+        folder = Path(d) / "models"
+        folder.mkdir()
+        meta = json.dumps({"format": "sfrmodel", "classes": CLASSES, "training": {"method": "mean-teacher"}})
+        header = json.dumps({"__metadata__": {"sfr": meta}, "w": {"dtype": "F32", "shape": [5 * 2 ** 20], "data_offsets": [0, 20 * 2 ** 20]}}).encode()
+        for n in range(20):
+            with open(folder / f"model{n}.sfrmodel", "wb") as f:
+                f.write(struct.pack("<Q", len(header)) + header)
+                f.write(bytes(20 * 2 ** 20))
+        times = []
+        for _ in range(args.repeat):
+            t, _ = once(lambda: (SFRLogic(mode="worker").describe() if _cli_found() else None, ModelRegistry(folder).list()))
+            times.append(t)
+        print(f"{'Panel open: logic + list of 20 models (20 MB each)':<46} {statistics.median(times):.3f} ({max(times):.3f}) on the GUI thread")
+
+        # Unlabelled folder: a NRRD file read by Slicer's reader on a helper thread.
+        scene = slicer.vtkMRMLScene()
+        volume = sc.add_volume(scene, image, m, "CT")
+        for ext in ("nrrd", "mha"):
+            writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            writer.SetFileName(str(Path(d) / f"v.{ext}"))
+            writer.SetUseCompression(0)
+            writer.WriteData(volume)
+            wall, stall = gui_stall_during(lambda: sc.read_volume_file(str(Path(d) / f"v.{ext}")))
+            print(f"{'Unlabelled folder: read a ' + ext.upper() + ' (helper thread)':<46} wall {wall:.3f}, longest GUI stall {stall:.3f}")
+        scene.Clear(1)
 
     # Helper-thread work that must not hold the GIL long (it would stall the GUI thread).
     with tempfile.TemporaryDirectory() as d:
@@ -180,6 +238,10 @@ def main():
         print(f"{'NIfTI write (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
         wall, stall = gui_stall_during(lambda: nifti.read(path))
         print(f"{'NIfTI read (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
+        gz = Path(d) / "image.nii.gz"
+        nifti.write(gz, image, m)
+        wall, stall = gui_stall_during(lambda: nifti.read(gz))
+        print(f"{'NIfTI .nii.gz read (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
         wall, stall = gui_stall_during(lambda: sc.prepare_labels(labels, m))
         print(f"{'result scan + labelmap (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
 
