@@ -20,33 +20,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "slicer_module" / "SFRSegmentation"))
+sys.path.insert(0, str(ROOT / "tests" / "slicer"))  # the test phantoms
 
 import numpy as np  # noqa: E402
 import slicer  # noqa: E402
 
 from SFRSegmentationLib import ModelRegistry, SFRLogic, nifti, steps  # noqa: E402
 from SFRSegmentationLib import scene as sc  # noqa: E402
+from conftest import oblique_matrix, organs  # noqa: E402
 
 
 def matrix():
-    a, b = 0.3, -0.2
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    m = np.eye(4)
-    m[:3, :3] = rz @ rx @ np.diag([0.8, 0.8, 1.5])
-    m[:3, 3] = [12.5, -30.0, 7.25]
-    return m
-
-
-def organs(shape):
-    nk, nj, ni = shape
-    lab = np.zeros(shape, dtype=np.uint8)
-    lab[nk // 10 : nk // 2, nj // 8 : nj // 2, ni // 6 : ni // 2] = 1
-    lab[nk // 3 : 3 * nk // 4, nj // 2 : 7 * nj // 8, ni // 2 : 5 * ni // 6] = 2
-    lab[nk // 2 : 2 * nk // 3, nj // 5 : nj // 3, 2 * ni // 3 : 4 * ni // 5] = 3
-    lab[nk // 5 : nk // 4, 2 * nj // 3 : 3 * nj // 4, ni // 5 : ni // 4] = 4
-    lab[np.random.default_rng(0).random(shape) < 0.0005] = 5
-    return lab
+    return oblique_matrix(spacing=(0.8, 0.8, 1.5))
 
 
 CLASSES = {0: "background", 1: "liver", 2: "spleen", 3: "kidney", 4: "pancreas", 5: "vessels"}

@@ -491,7 +491,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is None or self.busy:
             return
         try:
-            # Cheap checks now (class names, folder listing); the copies happen one volume per
+            # Cheap checks now (class names, folder listing); the copies happen a slab per
             # timer tick in stepCollector.
             self.collector = sfrscene.TrainingCollector(
                 self.pairs.pairs(),

@@ -15,7 +15,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed: run
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' module here has no MRML classes (not slicer-core)", allow_module_level=True)
 
-from conftest import oblique_matrix, phantom  # noqa: E402
+from conftest import oblique_matrix, organs, phantom  # noqa: E402
 from SFRSegmentationLib import Cancelled, InputError  # noqa: E402
 from SFRSegmentationLib import scene as sc  # noqa: E402
 from SFRSegmentationLib import steps  # noqa: E402
@@ -36,21 +36,6 @@ def scenes():
     yield make
     for s in made:
         s.Clear(1)
-
-
-def organs(shape, seed=0):
-    """Five classes in blocks that touch and leave gaps, placed relative to the shape (so a
-    bigger volume has proportionally bigger organs), none at the border (the bounding box
-    crop is exercised); class 4 is named like Slicer's placeholder for a later segment."""
-    nk, nj, ni = shape
-    lab = np.zeros(shape, dtype=np.uint8)
-    lab[nk // 10 : nk // 2, nj // 8 : nj // 2, ni // 6 : ni // 2] = 1
-    lab[nk // 3 : 3 * nk // 4, nj // 2 : 7 * nj // 8, ni // 2 : 5 * ni // 6] = 2
-    lab[nk // 2 : 2 * nk // 3, nj // 5 : nj // 3, 2 * ni // 3 : 4 * ni // 5] = 3
-    lab[nk // 5 : nk // 4, 2 * nj // 3 : 3 * nj // 4, ni // 5 : ni // 4] = 4
-    rng = np.random.default_rng(seed)
-    lab[rng.random(shape) < 0.001] = 5  # scattered voxels: the bounding box spans nearly all
-    return lab
 
 
 def slicer_import(labels, volume_node, class_names, segmentation_node=None):
