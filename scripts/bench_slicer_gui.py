@@ -198,6 +198,7 @@ def main():
             with open(folder / f"model{n}.sfrmodel", "wb") as f:
                 f.write(struct.pack("<Q", len(header)) + header)
                 f.write(bytes(20 * 2 ** 20))
+        os.sync()  # the files written above must not be flushed while the list is timed
         times = []
         for _ in range(args.repeat):
             t, _ = once(lambda: (SFRLogic(mode="worker").describe() if _cli_found() else None, ModelRegistry(folder).list()))
