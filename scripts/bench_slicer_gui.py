@@ -94,6 +94,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], help="K J I")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--part", choices=["all", "scene", "files"], default="all",
+                    help="scene: the GUI-thread paths; files: panel open, file reads and writes")
     args = ap.parse_args()
     shape = tuple(args.shape)
     m = matrix()
@@ -112,124 +114,126 @@ def main():
         print(f"{path:<46} before {b:>14}   after: longest slice {longest:.3f} ({max(cols[0]):.3f}) in {slices:.0f} slices, "
               f"longest stall {stall:.3f} ({max(cols[2]):.3f}), wall {wall:.2f}", flush=True)
 
-    # Segment: copying the input volume.
-    before, after = [], []
-    for _ in range(args.repeat):
-        scene = slicer.vtkMRMLScene()
-        volume = sc.add_volume(scene, image, m, "CT")
-        before.append(once(lambda: sc.volume_array_and_matrix(volume))[0])
-        after.append(drive(steps.Task(sc.volume_copy_steps(volume))))
-        scene.Clear(1)
-    row("Segment: copy the input volume", before, after)
+    if args.part in ("all", "scene"):
+        # Segment: copying the input volume.
+        before, after = [], []
+        for _ in range(args.repeat):
+            scene = slicer.vtkMRMLScene()
+            volume = sc.add_volume(scene, image, m, "CT")
+            before.append(once(lambda: sc.volume_array_and_matrix(volume))[0])
+            after.append(drive(steps.Task(sc.volume_copy_steps(volume))))
+            scene.Clear(1)
+        row("Segment: copy the input volume", before, after)
 
-    # Segment: the result into a new node, and again into that node (re-segmentation).
-    for into in ("new node", "existing node"):
+        # Segment: the result into a new node, and again into that node (re-segmentation).
+        for into in ("new node", "existing node"):
+            before, after = [], []
+            for _ in range(args.repeat):
+                for mode in ("before", "after"):
+                    scene = slicer.vtkMRMLScene()
+                    volume = sc.add_volume(scene, image, m, "CT")
+                    node = sc.apply_labels(labels[:, :, :], volume, CLASSES).segmentation_node if into == "existing node" else None
+
+                    if mode == "before":
+                        def oneshot():
+                            dtype = np.uint8
+                            img = slicer.vtkOrientedImageData()
+                            img.ShallowCopy(sc._image_data(labels.astype(dtype, copy=False)))
+                            mm = sc.vtk.vtkMatrix4x4()
+                            volume.GetIJKToRASMatrix(mm)
+                            img.SetImageToWorldMatrix(mm)
+                            target = node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT SFR")
+                            target.CreateDefaultDisplayNodes()
+                            assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(img, target, "", "")
+                            # and the per-class voxel counts the panel logged
+                            return [int(np.count_nonzero(labels == c)) for c in range(1, 6)]
+
+                        before.append(once(oneshot)[0])
+                    else:
+                        after.append(drive(steps.Task(sc.import_labels_steps(labels, volume, CLASSES, node))))
+                    scene.Clear(1)
+            row(f"Segment: add a 5-class result ({into})", before, after)
+
+        # Train: gathering one labelled case (volume copy + segments read back as a label map).
+        before, after = [], []
+        for _ in range(args.repeat):
+            scene = slicer.vtkMRMLScene()
+            volume = sc.add_volume(scene, image, m, "CT")
+            node = sc.apply_labels(labels, volume, CLASSES).segmentation_node
+            names = [CLASSES[c] for c in range(1, 6)]
+            seg = node.GetSegmentation()
+            ids = list(seg.GetSegmentIDs())
+            lut = np.array([0] + [names.index(seg.GetSegment(i).GetName()) + 1 for i in ids], dtype=np.uint8)
+            t_copy = once(lambda: sc.volume_array_and_matrix(volume))[0]
+            t_export = once(lambda: sc._export_with_slicer(volume, node, ids, lut, shape))[0]
+            before.append(max(t_copy, t_export))  # two ticks: the copy, then the export
+            collector = sc.TrainingCollector([(volume, node)], log=lambda s: None)
+            after.append(drive(collector._task))
+            scene.Clear(1)
+        row("Train: gather a labelled case (2 ticks before)", before, after)
+
+        # Undo of a 5-class result added to a node that holds another segment.
         before, after = [], []
         for _ in range(args.repeat):
             for mode in ("before", "after"):
                 scene = slicer.vtkMRMLScene()
                 volume = sc.add_volume(scene, image, m, "CT")
-                node = sc.apply_labels(labels[:, :, :], volume, CLASSES).segmentation_node if into == "existing node" else None
-
+                node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
+                sc.apply_labels((labels == 1).astype(np.uint8), volume, {1: "manual"}, node)
+                result = sc.apply_labels(labels, volume, CLASSES, node)
                 if mode == "before":
                     def oneshot():
-                        dtype = np.uint8
-                        img = slicer.vtkOrientedImageData()
-                        img.ShallowCopy(sc._image_data(labels.astype(dtype, copy=False)))
-                        mm = sc.vtk.vtkMatrix4x4()
-                        volume.GetIJKToRASMatrix(mm)
-                        img.SetImageToWorldMatrix(mm)
-                        target = node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "CT SFR")
-                        target.CreateDefaultDisplayNodes()
-                        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(img, target, "", "")
-                        # and the per-class voxel counts the panel logged
-                        return [int(np.count_nonzero(labels == c)) for c in range(1, 6)]
-
+                        for segment_id in result.segment_ids:
+                            node.GetSegmentation().RemoveSegment(segment_id)
                     before.append(once(oneshot)[0])
                 else:
-                    after.append(drive(steps.Task(sc.import_labels_steps(labels, volume, CLASSES, node))))
+                    after.append(drive(steps.Task(sc.undo_steps(result))))
                 scene.Clear(1)
-        row(f"Segment: add a 5-class result ({into})", before, after)
+        row("Undo a 5-class result", before, after)
 
-    # Train: gathering one labelled case (volume copy + segments read back as a label map).
-    before, after = [], []
-    for _ in range(args.repeat):
-        scene = slicer.vtkMRMLScene()
-        volume = sc.add_volume(scene, image, m, "CT")
-        node = sc.apply_labels(labels, volume, CLASSES).segmentation_node
-        names = [CLASSES[c] for c in range(1, 6)]
-        seg = node.GetSegmentation()
-        ids = list(seg.GetSegmentIDs())
-        lut = np.array([0] + [names.index(seg.GetSegment(i).GetName()) + 1 for i in ids], dtype=np.uint8)
-        t_copy = once(lambda: sc.volume_array_and_matrix(volume))[0]
-        t_export = once(lambda: sc._export_with_slicer(volume, node, ids, lut, shape))[0]
-        before.append(max(t_copy, t_export))  # two ticks: the copy, then the export
-        collector = sc.TrainingCollector([(volume, node)], log=lambda s: None)
-        after.append(drive(collector._task))
-        scene.Clear(1)
-    row("Train: gather a labelled case (2 ticks before)", before, after)
+    if args.part in ("all", "files"):
+        with tempfile.TemporaryDirectory() as d:
+            # Opening the panel: the logic (file checks only) and the model list (headers only).
+            folder = Path(d) / "models"
+            folder.mkdir()
+            meta = json.dumps({"format": "sfrmodel", "classes": CLASSES, "training": {"method": "mean-teacher"}})
+            header = json.dumps({"__metadata__": {"sfr": meta}, "w": {"dtype": "F32", "shape": [5 * 2 ** 20], "data_offsets": [0, 20 * 2 ** 20]}}).encode()
+            for n in range(20):
+                with open(folder / f"model{n}.sfrmodel", "wb") as f:
+                    f.write(struct.pack("<Q", len(header)) + header)
+                    f.write(bytes(20 * 2 ** 20))
+            os.sync()  # the files written above must not be flushed while the list is timed
+            times = []
+            for _ in range(args.repeat):
+                t, _ = once(lambda: (SFRLogic(mode="worker").describe() if _cli_found() else None, ModelRegistry(folder).list()))
+                times.append(t)
+            print(f"{'Panel open: logic + list of 20 models (20 MB each)':<46} {statistics.median(times):.3f} ({max(times):.3f}) on the GUI thread")
 
-    # Undo of a 5-class result added to a node that holds another segment.
-    before, after = [], []
-    for _ in range(args.repeat):
-        for mode in ("before", "after"):
+            # Unlabelled folder: a NRRD file read by Slicer's reader on a helper thread.
             scene = slicer.vtkMRMLScene()
             volume = sc.add_volume(scene, image, m, "CT")
-            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
-            sc.apply_labels((labels == 1).astype(np.uint8), volume, {1: "manual"}, node)
-            result = sc.apply_labels(labels, volume, CLASSES, node)
-            if mode == "before":
-                def oneshot():
-                    for segment_id in result.segment_ids:
-                        node.GetSegmentation().RemoveSegment(segment_id)
-                before.append(once(oneshot)[0])
-            else:
-                after.append(drive(steps.Task(sc.undo_steps(result))))
+            for ext in ("nrrd", "mha"):
+                writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
+                writer.SetFileName(str(Path(d) / f"v.{ext}"))
+                writer.SetUseCompression(0)
+                writer.WriteData(volume)
+                wall, stall = gui_stall_during(lambda: sc.read_volume_file(str(Path(d) / f"v.{ext}")))
+                print(f"{'Unlabelled folder: read a ' + ext.upper() + ' (helper thread)':<46} wall {wall:.3f}, longest GUI stall {stall:.3f}")
             scene.Clear(1)
-    row("Undo a 5-class result", before, after)
 
-    with tempfile.TemporaryDirectory() as d:
-        # Opening the panel: the logic (file checks only) and the model list (headers only).
-        folder = Path(d) / "models"
-        folder.mkdir()
-        meta = json.dumps({"format": "sfrmodel", "classes": CLASSES, "training": {"method": "mean-teacher"}})
-        header = json.dumps({"__metadata__": {"sfr": meta}, "w": {"dtype": "F32", "shape": [5 * 2 ** 20], "data_offsets": [0, 20 * 2 ** 20]}}).encode()
-        for n in range(20):
-            with open(folder / f"model{n}.sfrmodel", "wb") as f:
-                f.write(struct.pack("<Q", len(header)) + header)
-                f.write(bytes(20 * 2 ** 20))
-        os.sync()  # the files written above must not be flushed while the list is timed
-        times = []
-        for _ in range(args.repeat):
-            t, _ = once(lambda: (SFRLogic(mode="worker").describe() if _cli_found() else None, ModelRegistry(folder).list()))
-            times.append(t)
-        print(f"{'Panel open: logic + list of 20 models (20 MB each)':<46} {statistics.median(times):.3f} ({max(times):.3f}) on the GUI thread")
-
-        # Unlabelled folder: a NRRD file read by Slicer's reader on a helper thread.
-        scene = slicer.vtkMRMLScene()
-        volume = sc.add_volume(scene, image, m, "CT")
-        for ext in ("nrrd", "mha"):
-            writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            writer.SetFileName(str(Path(d) / f"v.{ext}"))
-            writer.SetUseCompression(0)
-            writer.WriteData(volume)
-            wall, stall = gui_stall_during(lambda: sc.read_volume_file(str(Path(d) / f"v.{ext}")))
-            print(f"{'Unlabelled folder: read a ' + ext.upper() + ' (helper thread)':<46} wall {wall:.3f}, longest GUI stall {stall:.3f}")
-        scene.Clear(1)
-
-    # Helper-thread work that must not hold the GIL long (it would stall the GUI thread).
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "image.nii"
-        wall, stall = gui_stall_during(lambda: nifti.write(path, image, m))
-        print(f"{'NIfTI write (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
-        wall, stall = gui_stall_during(lambda: nifti.read(path))
-        print(f"{'NIfTI read (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
-        gz = Path(d) / "image.nii.gz"
-        nifti.write(gz, image, m)
-        wall, stall = gui_stall_during(lambda: nifti.read(gz))
-        print(f"{'NIfTI .nii.gz read (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
-        wall, stall = gui_stall_during(lambda: sc.prepare_labels(labels, m))
-        print(f"{'result scan + labelmap (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
+        # Helper-thread work that must not hold the GIL long (it would stall the GUI thread).
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "image.nii"
+            wall, stall = gui_stall_during(lambda: nifti.write(path, image, m))
+            print(f"{'NIfTI write (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
+            wall, stall = gui_stall_during(lambda: nifti.read(path))
+            print(f"{'NIfTI read (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
+            gz = Path(d) / "image.nii.gz"
+            nifti.write(gz, image, m)
+            wall, stall = gui_stall_during(lambda: nifti.read(gz))
+            print(f"{'NIfTI .nii.gz read (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
+            wall, stall = gui_stall_during(lambda: sc.prepare_labels(labels, m))
+            print(f"{'result scan + labelmap (helper thread)':<44} wall {wall:.3f}, longest GUI stall {stall:.3f}")
 
 
 if __name__ == "__main__":
