@@ -75,10 +75,13 @@ def _read_bytes(path: Path):
     """The file's bytes, decompressed when gzipped. A gzip file is decompressed in chunks into
     one buffer sized from its trailer, so that Python's GIL is never held for long (a helper
     thread decompressing a 512x512x300 volume in one call stalled a GUI thread 0.2 s)."""
-    with open(path, "rb") as f:
+    # Unbuffered: FileIO.readall reads the whole file into one buffer without the GIL. (A
+    # buffered reader that has read the magic bytes joins its buffer with the rest: a copy of
+    # the whole file with the GIL held.)
+    with open(path, "rb", buffering=0) as f:
         if f.read(2) != b"\x1f\x8b":
             f.seek(0)
-            return f.read()  # one read call, without the GIL (no concatenation: a copy with it)
+            return f.readall()
         f.seek(-4, 2)
         (size,) = struct.unpack("<I", f.read(4))  # ISIZE: the size modulo 2**32
     buf = np.empty(size, dtype=np.uint8)
