@@ -12,10 +12,14 @@ Rules this panel keeps, because it lives inside the user's Slicer session:
   because the panel opened (see SFRSegmentationLib/logic.py for why).
 - One job at a time: every button that would start another is disabled while one runs (from
   the moment it is requested, through preparation, until its result is in the scene).
-- Nothing long runs on the GUI thread: scene data is gathered one volume per timer tick; checks,
-  file writes and reads, ``sfr --version`` and model loading run on helper threads; jobs are
-  polled from a QTimer, never waited on. (Exporting or importing one big volume's segments is
-  one Slicer call and stays on the GUI thread: MRML is not thread-safe.)
+- Nothing long runs on the GUI thread. MRML is not thread-safe, so scene work stays there but
+  is cut into short slices, one per timer tick (SFRSegmentationLib/steps.py): voxels are copied
+  out of the scene a slab at a time, a result is scanned and made into a labelmap on a helper
+  thread and then attached one segment per tick. Checks, file writes and reads, model saving,
+  ``sfr --version`` and model loading run on helper threads; jobs are polled from a QTimer,
+  never waited on. Files of the unlabelled folder are read on a helper thread and never enter
+  the scene. (What still takes one long slice: Slicer's export of a labelled case whose
+  segmentation is not on its volume's grid, which needs Slicer's resampling.)
 - Nodes are held by reference, and Close Scene is observed: nothing attaches to a node of the
   next scene that happens to get the same ID.
 """
@@ -39,6 +43,7 @@ from slicer.util import VTKObservationMixin
 
 import SFRSegmentationLib as sfrlib
 from SFRSegmentationLib import scene as sfrscene
+from SFRSegmentationLib import steps as sfrsteps
 
 SETTINGS = "SFRSegmentation/"
 MODE_LABELS = [
@@ -95,10 +100,6 @@ def _startupEnvironment():
     except Exception:  # an older Slicer without it: the process's own environment
         logging.warning("SFRSegmentation: slicer.util.startupEnvironment() unavailable; the worker inherits Slicer's environment")
         return None
-
-
-def _loadVolumeFile(path):
-    return slicer.util.loadVolume(path, properties={"show": False, "singleFile": True})
 
 
 class _Background:
@@ -161,9 +162,12 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.libraryCheck = None
-        # The one task at a time: gathering scene data (collector), then a job.
+        # The one task at a time: gathering scene data (collector), then a job; or a GUI task
+        # (sfrsteps.Task: reading a volume, adding a result, saving a model) around a job.
         self.collector = None
         self.collectorOptions = None
+        self.task = None
+        self.taskDone = None
         self.job = None
         self.jobKind = None
         self.jobDone = None
@@ -243,6 +247,9 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self.downloadTimer.stop()
         self.collector = None
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
         if self.job is not None:
             self.job.cancel()
             self.job.close()  # never blocks: a running job is cancelled and cleans up after itself
@@ -254,7 +261,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @property
     def busy(self):
-        return self.collector is not None or self.job is not None
+        return self.collector is not None or self.job is not None or self.task is not None
 
     # -- scene -----------------------------------------------------------------------------
     def onSceneStartClose(self, caller=None, event=None):
@@ -374,10 +381,49 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
         self.updateButtons()
 
+    def startTask(self, task, onDone):
+        """Runs a sfrsteps.Task one GUI-thread slice per timer tick; ``onDone(result)`` when it
+        has finished."""
+        self.task, self.taskDone = task, onDone
+        self.ui.statusLabel.text = task.what
+        self.timer.start()
+        self.updateButtons()
+
+    def stepTask(self):
+        task = self.task
+        if task.step():
+            if task.message:
+                self.ui.statusLabel.text = task.message
+            return
+        self.task = None
+        what = task.what
+        What = what[:1].upper() + what[1:]
+        try:
+            result = task.take()
+        except sfrlib.Cancelled:
+            self.log(f"{what} cancelled")
+            self.ui.statusLabel.text = f"{What} cancelled."
+        except Exception as e:
+            logging.exception("SFRSegmentation")
+            self.log(f"{what} failed: {e}")
+            self.ui.statusLabel.text = f"{What} failed."
+            slicer.util.errorDisplay(f"{What} failed:\n\n{e}")
+        else:
+            try:
+                self.taskDone(result)
+            except Exception as e:
+                logging.exception("SFRSegmentation")
+                self.log(f"{what} finished, but its result could not be used: {e}")
+                slicer.util.errorDisplay(f"{What} finished, but its result could not be used:\n\n{e}")
+        finally:
+            self.updateButtons()
+
     def onTimer(self):
         self.pollLibraryCheck()
         if self.collector is not None:
             self.stepCollector()
+        elif self.task is not None:
+            self.stepTask()
         elif self.job is not None:
             self.pollJob()
         elif self.libraryCheck is None:
@@ -393,26 +439,16 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not p["finished"]:
             return
         self.job = None
-        kind = self.jobKind
-        try:
-            result = job.wait()  # finished: returns at once
-        except sfrlib.Cancelled:
-            self.log(f"{kind} cancelled")
-            self.ui.statusLabel.text = f"{kind.capitalize()} cancelled."
-        except Exception as e:
-            self.log(f"{kind} failed: {e}")
-            self.ui.statusLabel.text = f"{kind.capitalize()} failed."
-            slicer.util.errorDisplay(f"{kind.capitalize()} failed:\n\n{e}")
-        else:
+
+        def take():
+            # Finished: the result is ready, but taking it can copy a whole label map out of
+            # libsfr (in-process mode): on a helper thread too.
             try:
-                self.jobDone(result)
-            except Exception as e:
-                logging.exception("SFRSegmentation")
-                self.log(f"{kind} finished, but its result could not be used: {e}")
-                slicer.util.errorDisplay(f"{kind.capitalize()} finished, but its result could not be used:\n\n{e}")
-        finally:
-            job.close()
-            self.updateButtons()
+                return job.wait()
+            finally:
+                job.close()
+
+        self.startTask(sfrsteps.in_background(take, self.jobKind), self.jobDone)
 
     def showProgress(self, p):
         last = self.lastProgress or {}
@@ -442,6 +478,9 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.log("training cancelled before it started")
             self.ui.statusLabel.text = "Training cancelled."
             self.updateButtons()
+        elif self.task is not None:
+            self.task.cancel()  # the next tick ends it (a half-added result is removed)
+            self.ui.cancelButton.enabled = False
         elif self.job is not None:
             self.job.cancel()
             self.log(f"cancelling {self.jobKind}...")
@@ -452,13 +491,12 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic is None or self.busy:
             return
         try:
-            # Cheap checks now (class names, folder listing); the copies happen one volume per
+            # Cheap checks now (class names, folder listing); the copies happen a slab per
             # timer tick in stepCollector.
             self.collector = sfrscene.TrainingCollector(
                 self.pairs.pairs(),
                 self.ui.unlabeledVolumesSelector.checkedNodes(),
                 self.ui.unlabeledFolderLineEdit.currentPath or None,
-                load_volume_file=_loadVolumeFile,
                 log=self.log,
             )
             self.collectorOptions = dict(
@@ -484,7 +522,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         collector = self.collector
         self.ui.statusLabel.text = f"prepare: {collector.next_message()} ({collector.done + 1}/{collector.total})"
         try:
-            more = collector.step()  # one volume
+            more = collector.step()  # one short slice (a slab of voxels, one segment, ...)
         except Exception as e:
             self.collector = None
             logging.exception("SFRSegmentation")
@@ -495,6 +533,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setValue(collector.done)
         if more:
             return
+        self.log(f"training data gathered in {collector.slices} GUI-thread slices")
         self.collector = None
         labeled, unlabeled = len(collector.labeled), len(collector.unlabeled) + len(collector.nifti_files)
         try:
@@ -509,22 +548,33 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainingDone(self, model):
         registry = self.registry()
-        try:
-            entry = registry.add(model)
-        except Exception as e:
-            # Never lose a finished training to an unwritable folder.
-            fallback = os.path.join(slicer.app.temporaryPath, f"sfr-model-{datetime.datetime.now():%Y%m%d-%H%M%S}.sfrmodel")
-            model.save(fallback)
-            raise RuntimeError(
-                f"the model could not be saved in {registry.folder} ({e}). It was saved as {fallback}: "
-                "choose a writable models folder, then add it with 'Load model file...'"
-            )
-        finally:
-            model.close()
-        dice = entry.validation_dice
-        self.log(f"model saved as '{entry.name}' in {registry.folder}" + (f"; validation Dice {dice:.3f}" if dice is not None else ""))
-        self.ui.statusLabel.text = f"Training finished: model '{entry.name}'."
-        self.refreshModels(select=entry.name)
+
+        def save():
+            # On a helper thread: writing a model file takes up to seconds.
+            try:
+                return registry.add(model), None
+            except Exception as e:
+                # Never lose a finished training to an unwritable folder.
+                fallback = os.path.join(slicer.app.temporaryPath, f"sfr-model-{datetime.datetime.now():%Y%m%d-%H%M%S}.sfrmodel")
+                model.save(fallback)
+                return None, (e, fallback)
+            finally:
+                model.close()
+
+        def saved(result):
+            entry, failure = result
+            if failure is not None:
+                e, fallback = failure
+                raise RuntimeError(
+                    f"the model could not be saved in {registry.folder} ({e}). It was saved as {fallback}: "
+                    "choose a writable models folder, then add it with 'Load model file...'"
+                )
+            dice = entry.validation_dice
+            self.log(f"model saved as '{entry.name}' in {registry.folder}" + (f"; validation Dice {dice:.3f}" if dice is not None else ""))
+            self.ui.statusLabel.text = f"Training finished: model '{entry.name}'."
+            self.refreshModels(select=entry.name)
+
+        self.startTask(sfrsteps.in_background(save, "saving the model"), saved)
 
     # -- SAM checkpoint --------------------------------------------------------------------
     def onDownloadSam(self):
@@ -603,17 +653,23 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Load an SFR model", "", "SFR model (*.sfrmodel)")
         if not path:
             return
+        if self.busy:
+            return
         try:
             sfrlib.read_metadata(path)  # refuse anything that is not a model before copying it
             registry = self.registry()
             registry.folder.mkdir(parents=True, exist_ok=True)
             name = registry.unique_name(os.path.basename(path)[: -len(".sfrmodel")])
-            shutil.copyfile(path, registry.path_for(name))
         except Exception as e:
             slicer.util.errorDisplay(f"Could not load {path}:\n\n{e}")
             return
-        self.log(f"model '{name}' added to {registry.folder}")
-        self.refreshModels(select=name)
+
+        def copied(_):
+            self.log(f"model '{name}' added to {registry.folder}")
+            self.refreshModels(select=name)
+
+        # A model file is megabytes to hundreds of megabytes: copied on a helper thread.
+        self.startTask(sfrsteps.in_background(lambda: shutil.copyfile(path, registry.path_for(name)), f"copying the model {path}"), copied)
 
     def onRemoveModel(self):
         entry = self.selectedModelEntry()
@@ -638,12 +694,10 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if entry is None or volumeNode is None or self.busy:
             return
         try:
-            # A copy (one memcpy): the volume may change while the job reads it.
-            array, m = sfrscene.volume_array_and_matrix(volumeNode)
             if outputNode is not None:
                 sfrscene.require_untransformed(outputNode)
-            # Model loading and the start run on a helper thread.
-            job = self.logic.sfr.start_segmentation(entry.path, array, m)
+            # A copy (the volume may change while the job reads it), made a slab per tick.
+            reading = sfrsteps.Task(sfrscene.volume_copy_steps(volumeNode), f"reading '{volumeNode.GetName()}'")
         except Exception as e:
             logging.exception("SFRSegmentation")
             slicer.util.errorDisplay(f"Segmentation could not start:\n\n{e}")
@@ -651,30 +705,47 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         classNames = entry.class_names  # from the file's header: no library needed
         self.log(f"segmenting '{volumeNode.GetName()}' with '{entry.name}'")
 
-        def done(labels):
-            # Node references, not IDs: after Close Scene these nodes are out of the scene and
-            # apply_labels refuses them instead of writing into a new scene's nodes.
-            record = sfrscene.apply_labels(labels, volumeNode, classNames, outputNode)
+        def imported(record):
             if not record.segment_ids:
                 self.log(f"segmentation of '{volumeNode.GetName()}': no structure found (nothing added)")
                 self.ui.statusLabel.text = "Segmentation found no structure."
                 return
             self.undoStack.append(record)
-            counts = {classNames.get(c, str(c)): int(np.count_nonzero(labels == c)) for c in classNames if c}
-            self.log("segmentation added: " + ", ".join(f"{n} {v} voxels" for n, v in counts.items()))
+            self.log("segmentation added: " + ", ".join(f"{record.names[s]} {record.voxels[s]} voxels" for s in record.segment_ids))
             self.ui.statusLabel.text = f"Segmented '{volumeNode.GetName()}' into '{record.segmentation_node.GetName()}'."
             if self.ui.inputVolumeSelector.currentNode() is volumeNode:
                 self.ui.outputSegmentationSelector.setCurrentNode(record.segmentation_node)
 
-        self.startJob("segmentation", job, done)
+        def done(labels):
+            # Node references, not IDs: after Close Scene these nodes are out of the scene and
+            # the import refuses them instead of writing into a new scene's nodes. The labels
+            # are scanned on a helper thread, then attached one segment per tick.
+            self.startTask(
+                sfrsteps.Task(sfrscene.import_labels_steps(labels, volumeNode, classNames, outputNode), "adding the result to the scene"),
+                imported,
+            )
+
+        def copied(result):
+            array, m = result
+            # Model loading and the start run on a helper thread.
+            job = self.logic.sfr.start_segmentation(entry.path, array, m)
+            self.startJob("segmentation", job, done)
+
+        self.startTask(reading, copied)
 
     def onUndoSegment(self):
-        while self.undoStack:
-            record = self.undoStack.pop()
-            if sfrscene.undo(record):
+        if self.busy or not self.undoStack:
+            return
+        record = self.undoStack.pop()
+
+        def undone(removed):
+            if removed:
                 self.log(f"segments {', '.join(record.names.values())} removed from '{record.segmentation_node.GetName()}'")
-                break
-        self.updateButtons()
+            elif self.undoStack:
+                self.onUndoSegment()  # nothing left of that one (node deleted): the one before
+
+        # One segment per tick (SFRSegmentationLib.scene.undo_steps).
+        self.startTask(sfrsteps.Task(sfrscene.undo_steps(record), "undoing the segmentation"), undone)
 
 
 # ---------------------------------------------------------------------------------------------

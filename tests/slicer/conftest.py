@@ -56,6 +56,21 @@ def phantom(seed: int, shape=SHAPE):
     return image, label
 
 
+def organs(shape, seed=0):
+    """Five classes in blocks that touch and leave gaps, placed relative to the shape (so a
+    bigger volume has proportionally bigger organs), none at the border (the bounding box
+    crop is exercised); class 4 is named like Slicer's placeholder for a later segment."""
+    nk, nj, ni = shape
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[nk // 10 : nk // 2, nj // 8 : nj // 2, ni // 6 : ni // 2] = 1
+    lab[nk // 3 : 3 * nk // 4, nj // 2 : 7 * nj // 8, ni // 2 : 5 * ni // 6] = 2
+    lab[nk // 2 : 2 * nk // 3, nj // 5 : nj // 3, 2 * ni // 3 : 4 * ni // 5] = 3
+    lab[nk // 5 : nk // 4, 2 * nj // 3 : 3 * nj // 4, ni // 5 : ni // 4] = 4
+    rng = np.random.default_rng(seed)
+    lab[rng.random(shape) < 0.001] = 5  # scattered voxels: the bounding box spans nearly all
+    return lab
+
+
 def dice(a, b) -> float:
     a, b = np.asarray(a) > 0, np.asarray(b) > 0
     return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())

@@ -38,3 +38,20 @@ def test_refuses_non_nifti(tmp_path):
     (tmp_path / "x.nii").write_bytes(b"not a nifti file at all" * 20)
     with pytest.raises(ValueError, match="x.nii"):
         nifti.read(tmp_path / "x.nii")
+
+
+def test_gzip_read_in_chunks_and_multi_member_files(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setattr(nifti, "_CHUNK", 1000)  # many chunks, for both the writer and the reader
+    m = oblique_matrix()
+    a = (np.arange(7 * 9 * 11).reshape(7, 9, 11) % 300).astype(np.int16)
+    nifti.write(tmp_path / "v.nii.gz", a, m)
+    back, _ = nifti.read(tmp_path / "v.nii.gz")
+    assert np.array_equal(back, a)
+    # Two gzip members: the trailer's size is only the last member's; the plain read is used.
+    nifti.write(tmp_path / "v.nii", a, m)
+    data = (tmp_path / "v.nii").read_bytes()
+    (tmp_path / "m.nii.gz").write_bytes(gzip.compress(data[:500]) + gzip.compress(data[500:]))
+    back, bm = nifti.read(tmp_path / "m.nii.gz")
+    assert np.array_equal(back, a) and np.allclose(bm, m, atol=1e-5)

@@ -274,7 +274,9 @@ def panel(monkeypatch, tmp_path):
     scene.Clear(1)
 
 
-def spin(widget, until, timeout=180.0):
+def spin(widget, until, timeout=600.0):
+    # As generous as conftest.run_to_end: on a shared 2-core machine the tiny training alone
+    # took over 3 minutes.
     t0 = time.time()
     while not until():
         widget.onTimer()
@@ -342,7 +344,10 @@ def test_train_then_segment_one_job_at_a_time(panel):
     # Undo removes the created node.
     assert ui.undoSegmentButton.enabled
     ui.undoSegmentButton.click()
+    assert panel.busy and not ui.segmentButton.enabled  # one segment per tick
+    spin(panel, lambda: not panel.busy)
     assert result.GetScene() is None and not ui.undoSegmentButton.enabled
+    assert any("segments blob removed" in line for line in ui.logTextEdit.lines)
 
 
 def test_close_scene_during_a_segmentation_discards_its_result(panel):
@@ -353,7 +358,8 @@ def test_close_scene_during_a_segmentation_discards_its_result(panel):
     target = sc.add_volume(panel.scene, phantom(11)[0], M, "target")
     ui.inputVolumeSelector.setCurrentNode(target)
     ui.segmentButton.click()
-    assert panel.job is not None
+    assert panel.task is not None and panel.busy  # the volume is read a slab per tick first
+    spin(panel, lambda: panel.job is not None)
     panel.scene.Clear(0)  # File > Close Scene: fires StartCloseEvent / EndCloseEvent
     assert ui.labeledTable.rowCount == 0 and len(panel.pairs) == 0 and panel.undoStack == []
     fresh = sc.add_volume(panel.scene, phantom(3)[0], M, "fresh")  # may reuse the old IDs
@@ -365,6 +371,22 @@ def test_close_scene_during_a_segmentation_discards_its_result(panel):
     assert panel.errors and "removed from the scene" in panel.errors[-1]
     assert panel.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert fresh.GetScene() is not None
+
+    # Close Scene between two GUI-thread slices of adding a result: discarded the same way.
+    panel.errors.clear()
+    ui.inputVolumeSelector.setCurrentNode(fresh)
+    ui.segmentButton.click()
+    spin(panel, lambda: panel.job is None and panel.task is not None and panel.task.what.startswith("adding"))
+    panel.onTimer()  # the first slice: checks, the labels go to a helper thread
+    assert panel.busy and panel.task.slices == 1
+    panel.scene.Clear(0)
+    t0 = time.time()
+    while panel.busy and time.time() - t0 < 60:
+        panel.onTimer()
+        time.sleep(0.01)
+    assert not panel.busy
+    assert panel.errors and "removed from the scene" in panel.errors[-1]
+    assert panel.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
 
 
 def test_cancel_while_gathering_and_close_scene_while_gathering(panel):

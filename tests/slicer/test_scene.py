@@ -314,20 +314,31 @@ def test_training_collector_exports_each_case_on_its_own_grid(scene, tmp_path):
     folder = tmp_path / "more"
     folder.mkdir()
     nifti.write(folder / "a.nii.gz", phantom(3)[0], M)
+    # NRRD and MHA: written by Slicer's own writer, read back by Slicer's reader on a helper
+    # thread into a node outside the scene.
+    files = {"b.nrrd": (phantom(4)[0], oblique_matrix(spacing=(0.7, 0.8, 2.5))), "c.mha": (phantom(5)[0].astype(np.float32), M)}
+    for name, (image, matrix) in files.items():
+        tmp = sc.add_volume(scene, image, matrix, "to write")
+        writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        writer.SetFileName(str(folder / name))
+        assert writer.WriteData(tmp)
+        scene.RemoveNode(tmp)
     (folder / "notes.txt").write_text("not a volume")
     n = node_count(scene)
+    nodes_added = []
+    scene.AddObserver(scene.NodeAddedEvent, lambda *a: nodes_added.append(a))
     logged = []
     collector = sc.TrainingCollector(pairs, [unl, pairs[0][0]], str(folder), log=logged.append)
-    assert collector.class_names == ["blob", "vessel"] and collector.total == 3
-    steps = 0
-    while collector.step():
-        steps += 1
-    assert steps + 1 == 3 and collector.finished
+    assert collector.class_names == ["blob", "vessel"] and collector.total == 5
+    while collector.step():  # one GUI-thread slice per call (returns at once while a helper thread works)
+        pass
+    assert collector.finished and collector.done == collector.total == 5
+    assert nodes_added == [], "a node entered the scene"
     assert node_count(scene) == n, "temporary nodes were left in the scene"
     assert any("'labels1' has no segment vessel" in line for line in logged)
     data = collector.builder()()
     assert data.classes == {0: "background", 1: "blob", 2: "vessel"}
-    assert data.counts() == (2, 2)
+    assert data.counts() == (2, 4)
     for case, (image, label, matrix) in zip(data.labeled, truths):
         assert np.array_equal(case.image, image) and np.allclose(case.ijk_to_ras, matrix, atol=1e-12)
         expected = label.copy()
@@ -335,7 +346,11 @@ def test_training_collector_exports_each_case_on_its_own_grid(scene, tmp_path):
             expected[0:2, 0:3, 0:4] = 2
         assert np.array_equal(case.label, expected)
     assert data.unlabeled[0].case_id.startswith("unlabelled [")
-    assert np.allclose(data.unlabeled[1].ijk_to_ras, M, atol=1e-4)  # read from the NIfTI file
+    for case, (name, (image, matrix)) in zip(data.unlabeled[1:3], files.items()):
+        assert case.case_id.endswith(name) and case.image.dtype == image.dtype
+        assert np.array_equal(case.image, image) and np.allclose(case.ijk_to_ras, matrix, atol=1e-5)
+    assert data.unlabeled[3].case_id.endswith("a.nii.gz")
+    assert np.allclose(data.unlabeled[3].ijk_to_ras, M, atol=1e-4)  # read from the NIfTI file
 
 
 def test_training_collector_refuses_what_cannot_train(scene, tmp_path):
@@ -347,8 +362,8 @@ def test_training_collector_refuses_what_cannot_train(scene, tmp_path):
         sc.TrainingCollector([(v, s)])
     sc.apply_labels(phantom(0)[1], v, {0: "background", 1: "blob"}, s)
     (tmp_path / "x.nrrd").write_bytes(b"NRRD0004\n")
-    with pytest.raises(InputError, match="x.nrrd: only NIfTI"):
-        sc.TrainingCollector([(v, s)], folder=str(tmp_path))
+    with pytest.raises(InputError, match="x.nrrd: Slicer could not read this volume file"):
+        sc.TrainingCollector([(v, s)], folder=str(tmp_path)).run()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match="no volume file"):

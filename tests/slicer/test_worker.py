@@ -163,3 +163,31 @@ def test_segmentation_through_the_logic_loads_the_model_off_thread(worker_traine
     assert "does not exist" in bad.poll()["message"]
     with pytest.raises(InputError, match="missing.sfrmodel does not exist"):
         bad.wait()
+
+
+def test_the_gui_thread_never_waits_for_the_version_check(tmp_path):
+    """The panel checks `sfr --version` on a helper thread; meanwhile the GUI thread asks the
+    logic where jobs run (describe, cli). Those must not wait for the process."""
+    import threading
+
+    from SFRSegmentationLib import SFRLogic
+
+    slow = tmp_path / "sfr"
+    release = tmp_path / "release"
+    slow.write_text(f"#!/bin/sh\nwhile [ ! -e {release} ]; do sleep 0.05; done\necho 'sfr 0.1.0'\n")
+    slow.chmod(0o755)
+    logic = SFRLogic(mode="worker", cli_path=str(slow))
+    check = threading.Thread(target=logic.check, daemon=True)
+    check.start()
+    try:
+        time.sleep(0.3)  # the check is running the (blocked) process
+        info = {}
+        asking = threading.Thread(target=lambda: info.update(logic.describe()), daemon=True)
+        asking.start()
+        asking.join(10)
+        assert info, "describe() waited for the version check"
+        assert info["path"] == str(slow) and info["version"] is None
+    finally:
+        release.write_text("")
+    check.join(30)
+    assert logic.describe()["version"] == "0.1.0"

@@ -8,6 +8,7 @@ Qt, and loads no library, so it runs (and is tested) in any Python.
     worker.py     the same through the ``sfr`` tool in a child process (the default)
     registry.py   the model folder
     logic.py      SFRLogic: mode, library/tool discovery, model cache
+    steps.py      GUI-thread work in short slices (a generator per task; helper threads)
     scene.py      the MRML side (volumes, segmentations, results, undo); imports ``slicer`` and
                   ``vtk`` but no Qt, so it is tested against slicer-core's real MRML classes.
                   Not imported here: ``from SFRSegmentationLib import scene``.

@@ -101,11 +101,17 @@ class SFRLogic:
             return self._cli
 
     def check_cli(self) -> str:
-        """Runs ``sfr --version`` once (seconds at most; call it off the GUI thread)."""
+        """Runs ``sfr --version`` once (seconds at most; call it off the GUI thread). The lock
+        is not held while the process runs: the GUI thread takes it (``cli``, ``describe``)
+        and must never wait for a process."""
         with self._lock:
-            if self._cli_version is None:
-                self._cli_version = worker.cli_version(self.cli, self.env)
-            return self._cli_version
+            if self._cli_version is not None:
+                return self._cli_version
+            cli = self.cli
+        version = worker.cli_version(cli, self.env)
+        with self._lock:
+            self._cli_version = version
+        return version
 
     def describe(self) -> dict:
         """Where jobs will run, without loading anything or running a process:

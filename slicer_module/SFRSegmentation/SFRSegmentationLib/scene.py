@@ -23,8 +23,9 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from . import nifti
+from . import nifti, steps
 from .inputs import InputError, TrainingData, check_memory
+from .steps import SLICE_BYTES, Background
 
 # A segmentation node created for a result carries this attribute and a reference (role below)
 # to the volume it segments: the output selector proposes it again only for that volume.
@@ -112,6 +113,90 @@ def volume_array_and_matrix(volume_node, copy: bool = True) -> Tuple[np.ndarray,
     return volume_array(volume_node, copy), volume_matrix(volume_node)
 
 
+def _scalars_view(image, what: str) -> np.ndarray:
+    """A ``[k, j, i]`` numpy view of a single-component vtkImageData's voxels."""
+    scalars = image.GetPointData().GetScalars() if image is not None else None
+    if scalars is None:
+        raise InputError(f"{what} has no voxels")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(f"{what} has {image.GetNumberOfScalarComponents()} components per voxel (a vector or RGB volume): use a scalar volume")
+    i, j, k = image.GetDimensions()
+    return numpy_support.vtk_to_numpy(scalars).reshape(k, j, i)
+
+
+def _identity(image) -> tuple:
+    # What must stay the same while an image is copied in slices: the image and voxel array
+    # objects, the array's modification time (Slicer code calls Modified() after changing
+    # voxels in place) and the extent.
+    scalars = image.GetPointData().GetScalars()
+    return (image.GetAddressAsString("vtkObject"), scalars.GetAddressAsString("vtkObject") if scalars is not None else None,
+            scalars.GetMTime() if scalars is not None else None, tuple(image.GetExtent()))
+
+
+def _prefaulted(shape, dtype) -> np.ndarray:
+    # Allocated and every page touched here, on a helper thread: the page faults of a fresh
+    # array cost more than the copy into it.
+    a = np.empty(shape, dtype=dtype)
+    a.fill(0)
+    return a
+
+
+def copy_image_steps(get_image: Callable[[], object], what: str, region: Optional[Tuple[slice, slice, slice]] = None):
+    """Task generator (steps.py): copies the voxels ``[k, j, i]`` of a scene image (or of
+    ``region`` of it, slices of the ``[k, j, i]`` view) in slabs of at most ``SLICE_BYTES`` (at
+    least one k-plane) per GUI-thread slice. ``get_image()`` fetches the image again for every
+    slab (it raises when its node left the scene); an image that was replaced or modified
+    between two slabs makes the copy fail rather than mix two states. Returns the array."""
+    image = get_image()
+    view = _scalars_view(image, what)
+    if region is not None:
+        view = view[region]
+    ident = _identity(image)
+    shape, dtype = view.shape, view.dtype
+    plane = max(1, int(np.prod(shape[1:])) * dtype.itemsize)
+    rows = max(1, SLICE_BYTES // plane)
+    del view, image  # nothing of the scene's memory is held between slices
+    out = yield Background(lambda: _prefaulted(shape, dtype), name="sfr-allocate")
+    k = 0
+    while k < shape[0]:
+        image = get_image()
+        if image is None or _identity(image) != ident:
+            raise InputError(f"{what} changed while it was being read: start again")
+        view = _scalars_view(image, what)
+        if region is not None:
+            view = view[region]
+        n = min(rows, shape[0] - k)
+        np.copyto(out[k : k + n], view[k : k + n])
+        k += n
+        del view, image
+        yield f"reading {what} ({k}/{shape[0]} slices)"
+    return out
+
+
+def volume_copy_steps(volume_node):
+    """Task generator: ``volume_array_and_matrix`` in GUI-thread slices (``copy_image_steps``):
+    the voxels ``[k, j, i]`` (a copy) and the IJK-to-RAS matrix. Refused when the volume leaves
+    the scene, is put under a transform or changes before the copy is complete."""
+    what = f"'{_name(volume_node)}'"
+
+    def get():
+        if volume_node is None or not in_scene(volume_node):
+            raise InputError(f"the volume {what} is no longer in the scene")
+        require_untransformed(volume_node)
+        return volume_node.GetImageData()
+
+    get()
+    view = volume_array(volume_node, copy=False)  # the checks of a one-shot copy
+    check_memory(view.nbytes, f"copying {what}", "close other data or use fewer or smaller volumes")
+    del view
+    m = volume_matrix(volume_node)
+    array = yield from copy_image_steps(get, what)
+    get()
+    if not np.array_equal(volume_matrix(volume_node), m):
+        raise InputError(f"the geometry of {what} changed while it was being read: start again")
+    return array, m
+
+
 def _image_data(array: np.ndarray) -> vtk.vtkImageData:
     a = np.ascontiguousarray(array)
     k, j, i = a.shape
@@ -172,28 +257,33 @@ def _remove_with_display(scene, node, keep_ids) -> None:
             scene.RemoveNode(n)
 
 
-def export_label(volume_node, segmentation_node, class_names: Sequence[str]) -> Tuple[np.ndarray, List[str]]:
-    """The segments of ``segmentation_node`` as one label map on ``volume_node``'s grid
-    (``[k, j, i]``; a segment named ``class_names[c - 1]`` gets value c; where segments overlap,
-    the later one wins), and the class names this case has no segment for. One Slicer call
-    (ExportSegmentsToLabelmapNode) exports all segments, resampled to the volume's grid when
-    the segmentation has another geometry. Temporary nodes are removed, also on failure."""
-    require_untransformed(segmentation_node)
-    require_untransformed(volume_node)
+BINARY_LABELMAP = "Binary labelmap"  # vtkSegmentationConverter's representation name
+
+
+def _matrix_of(oriented_image) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    oriented_image.GetImageToWorldMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _grid_offset(layer_matrix: np.ndarray, volume_ijk_to_ras: np.ndarray, tol: float = 1e-4) -> Optional[Tuple[int, int, int]]:
+    """(di, dj, dk) such that voxel (i, j, k) of a labelmap with ``layer_matrix`` is voxel
+    (i + di, j + dj, k + dk) of the volume; None unless the two grids coincide up to a whole
+    number of voxels (same axes and spacing), i.e. unless no resampling is needed."""
+    a, b = np.asarray(layer_matrix, dtype=float), np.asarray(volume_ijk_to_ras, dtype=float)
+    if not np.allclose(a[:3, :3], b[:3, :3], rtol=0.0, atol=tol * max(1.0, float(np.abs(b[:3, :3]).max()))):
+        return None
+    shift = np.linalg.solve(b[:3, :3], a[:3, 3] - b[:3, 3])
+    whole = np.round(shift)
+    if np.abs(shift - whole).max() > tol:
+        return None
+    return int(whole[0]), int(whole[1]), int(whole[2])
+
+
+def _export_with_slicer(volume_node, segmentation_node, ids, lut, shape) -> np.ndarray:
+    """One ExportSegmentsToLabelmapNode call (resamples when the grids differ); values mapped
+    through ``lut``. Temporary nodes are removed, also on failure."""
     scene = volume_node.GetScene()
-    dtype = np.uint8 if len(class_names) < 256 else np.uint16
-    shape = volume_array(volume_node, copy=False).shape
-    segmentation = segmentation_node.GetSegmentation()
-    ids = list(segmentation.GetSegmentIDs())
-    present = [segmentation.GetSegment(i).GetName() for i in ids]
-    missing = [n for n in class_names if n not in present]
-    if not ids:
-        return np.zeros(shape, dtype=dtype), missing
-    lut = np.zeros(len(ids) + 1, dtype=dtype)
-    for n, name in enumerate(present):
-        if name not in class_names:
-            raise InputError(f"segment '{name}' of '{_name(segmentation_node)}' is not one of the classes {list(class_names)}")
-        lut[n + 1] = list(class_names).index(name) + 1
     colors_before = {scene.GetNthNodeByClass(i, "vtkMRMLColorNode").GetID() for i in range(scene.GetNumberOfNodesByClass("vtkMRMLColorNode"))}
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SFR export (temporary)")
     try:
@@ -207,18 +297,131 @@ def export_label(volume_node, segmentation_node, class_names: Sequence[str]) -> 
                 f"{exported.shape}, the volume {shape}"
             )
         # Exported values are positions in `ids` (1-based): map them to class indices.
-        label = lut[exported]
+        return lut[exported]
     finally:
         _remove_with_display(scene, labelmap, colors_before)
+
+
+def export_label_steps(volume_node, segmentation_node, class_names: Sequence[str]):
+    """Task generator (steps.py) giving ``(label, missing)``: the segments of
+    ``segmentation_node`` as one label map on ``volume_node``'s grid (``[k, j, i]``; a segment
+    named ``class_names[c - 1]`` gets value c; where segments overlap, the later one wins, as
+    in Slicer's export), and the class names this case has no segment for.
+
+    When each segment's binary labelmap lies on the volume's grid (same axes and spacing, any
+    whole-voxel shift: the usual case, a segmentation made on that volume), its voxels are
+    copied out of the scene in slabs of at most ``SLICE_BYTES`` per GUI-thread slice, and the
+    label map is put together on a helper thread. Otherwise Slicer resamples: one
+    ExportSegmentsToLabelmapNode call, in one slice. Both give the same label map
+    (tests/slicer/test_scene.py compares them)."""
+    require_untransformed(segmentation_node)
+    require_untransformed(volume_node)
+    dtype = np.uint8 if len(class_names) < 256 else np.uint16
+    shape = volume_array(volume_node, copy=False).shape
+    segmentation = segmentation_node.GetSegmentation()
+    ids = list(segmentation.GetSegmentIDs())
+    present = [segmentation.GetSegment(i).GetName() for i in ids]
+    missing = [n for n in class_names if n not in present]
+    if not ids:
+        label = yield Background(lambda: _prefaulted(shape, dtype), name="sfr-allocate")
+        return label, missing
+    lut = np.zeros(len(ids) + 1, dtype=dtype)
+    for n, name in enumerate(present):
+        if name not in class_names:
+            raise InputError(f"segment '{name}' of '{_name(segmentation_node)}' is not one of the classes {list(class_names)}")
+        lut[n + 1] = list(class_names).index(name) + 1
+
+    # The plan: per segment its labelmap layer (segments may share one) and label value; per
+    # layer the part of it inside the volume, on both grids.
+    volume_m = volume_matrix(volume_node)
+    nk, nj, ni = shape
+    layers: Dict[str, Optional[Tuple[str, tuple, tuple]]] = {}
+    plan: List[Tuple[int, str, int]] = []
+    aligned = segmentation.GetSourceRepresentationName() == BINARY_LABELMAP
+    for n, segment_id in enumerate(ids):
+        if not aligned:
+            break
+        segment = segmentation.GetSegment(segment_id)
+        layer = segment.GetRepresentation(BINARY_LABELMAP)
+        if layer is None:
+            aligned = False
+            break
+        key = layer.GetAddressAsString("vtkObject")
+        plan.append((n, key, int(segment.GetLabelValue())))
+        if key in layers:
+            continue
+        i0, i1, j0, j1, k0, k1 = layer.GetExtent()
+        if i1 < i0 or j1 < j0 or k1 < k0 or layer.GetPointData().GetScalars() is None:
+            layers[key] = None  # an empty segment
+            continue
+        offset = _grid_offset(_matrix_of(layer), volume_m)
+        if offset is None:
+            aligned = False
+            break
+        di, dj, dk = offset
+        lo = (max(0, k0 + dk), max(0, j0 + dj), max(0, i0 + di))
+        hi = (min(nk - 1, k1 + dk), min(nj - 1, j1 + dj), min(ni - 1, i1 + di))
+        if any(h < l for l, h in zip(lo, hi)):
+            layers[key] = None  # entirely outside the volume
+            continue
+        first = (k0, j0, i0)
+        delta = (dk, dj, di)
+        layer_region = tuple(slice(l - d - f, h - d - f + 1) for l, h, d, f in zip(lo, hi, delta, first))
+        volume_region = tuple(slice(l, h + 1) for l, h in zip(lo, hi))
+        layers[key] = (segment_id, layer_region, volume_region)
+    if not aligned:
+        return _export_with_slicer(volume_node, segmentation_node, ids, lut, shape), missing
+
+    what = f"the segments of '{_name(segmentation_node)}'"
+
+    def layer_getter(segment_id: str, key: str):
+        def get():
+            if not in_scene(segmentation_node) or not in_scene(volume_node):
+                raise InputError(f"'{_name(segmentation_node)}' or '{_name(volume_node)}' was removed from the scene while it was being read")
+            segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+            layer = segment.GetRepresentation(BINARY_LABELMAP) if segment is not None else None
+            if layer is None or layer.GetAddressAsString("vtkObject") != key:
+                raise InputError(f"{what} changed while they were being read: start again")
+            return layer
+
+        return get
+
+    label = yield Background(lambda: _prefaulted(shape, dtype), name="sfr-allocate")
+    copies: Dict[str, np.ndarray] = {}
+    for key, entry in layers.items():
+        if entry is not None:
+            segment_id, layer_region, _ = entry
+            copies[key] = yield from copy_image_steps(layer_getter(segment_id, key), what, layer_region)
+    if list(segmentation_node.GetSegmentation().GetSegmentIDs()) != ids or not all(
+        int(segmentation_node.GetSegmentation().GetSegment(ids[n]).GetLabelValue()) == value for n, _, value in plan
+    ):
+        raise InputError(f"{what} changed while they were being read: start again")
+
+    def merge() -> np.ndarray:
+        # In segment order, so that the later segment wins where segments overlap.
+        for n, key, value in plan:
+            entry = layers[key]
+            if entry is not None:
+                label[entry[2]][copies[key] == value] = lut[n + 1]
+        return label
+
+    label = yield Background(merge, name="sfr-merge-segments")
     return label, missing
+
+
+def export_label(volume_node, segmentation_node, class_names: Sequence[str]) -> Tuple[np.ndarray, List[str]]:
+    """``export_label_steps`` run to its end at once (scripts and tests)."""
+    return steps.run(export_label_steps(volume_node, segmentation_node, class_names), "export")
 
 
 # ---------------------------------------------------------------------------------------------
 # Label maps -> segments
 
 
-def unique_segment_name(segmentation, name: str, exclude: Optional[str] = None) -> str:
-    existing = {segmentation.GetSegment(s).GetName() for s in segmentation.GetSegmentIDs() if s != exclude}
+def unique_segment_name(segmentation, name: str, exclude: Optional[str] = None, also=()) -> str:
+    """``name``, or "name (SFR)", "name (SFR 2)", ... when a segment (other than ``exclude``)
+    already has it, or it is in ``also``."""
+    existing = {segmentation.GetSegment(s).GetName() for s in segmentation.GetSegmentIDs() if s != exclude} | set(also)
     if name not in existing:
         return name
     candidate, n = f"{name} (SFR)", 2
@@ -256,6 +459,7 @@ class ApplyRecord:
     segment_ids: List[str] = field(default_factory=list)
     created: bool = False
     names: Dict[str, str] = field(default_factory=dict)  # segment id -> name given
+    voxels: Dict[str, int] = field(default_factory=dict)  # segment id -> its number of voxels
 
 
 def result_node_for(volume_node):
@@ -273,87 +477,188 @@ def result_node_for(volume_node):
     return found
 
 
-def apply_labels(labels: np.ndarray, volume_node, class_names: Dict[int, str], segmentation_node=None) -> ApplyRecord:
-    """Adds one new segment per class present in ``labels`` (``[k, j, i]`` on ``volume_node``'s
-    grid) to ``segmentation_node``, or to a new node named "<volume> SFR" when None. Segments
-    already there are never modified: the labels are imported as new segments (named from
-    ``class_names``, made unique, coloured by ``class_color``). No temporary node enters the
-    scene. Returns the record for ``undo``.
-
-    Refused: a volume or segmentation that left the scene (deleted, or Close Scene while the
-    job ran: its result is discarded), a transformed volume or segmentation, a shape mismatch."""
+def _check_targets(volume_node, segmentation_node):
     if not in_scene(volume_node):
         raise InputError(f"the volume '{_name(volume_node)}' was removed from the scene (or the scene was closed) while it was being segmented: the result was discarded")
-    scene = volume_node.GetScene()
     require_untransformed(volume_node)
     if segmentation_node is not None:
-        if not in_scene(segmentation_node, scene):
+        if not in_scene(segmentation_node, volume_node.GetScene()):
             raise InputError(f"the segmentation '{_name(segmentation_node)}' was removed from the scene: choose another output, or create a new one")
         require_untransformed(segmentation_node)
+
+
+@dataclass
+class PreparedLabels:
+    """A label map made ready for the scene on a helper thread (``prepare_labels``)."""
+
+    image: object  # vtkOrientedImageData: the labels' bounding box, on the volume's grid
+    values: List[int]  # the classes present, ascending
+    voxels: Dict[int, int]  # class -> number of voxels
+
+
+def prepare_labels(labels: np.ndarray, ijk_to_ras) -> Optional[PreparedLabels]:
+    """What ImportLabelmapToSegmentationNode computes before it adds segments, done in numpy
+    and on objects in no scene, so that it can run on a helper thread: the classes present (in
+    ascending order, like Slicer's GetAllLabelValues), the labels cropped to the bounding box
+    of their non-zero voxels (like its CalculateEffectiveExtent and padding), as one
+    vtkOrientedImageData (uint8, or uint16 beyond 255) with the volume's IJK-to-RAS matrix.
+    None when all labels are 0."""
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise InputError(f"labels must be non-negative integers, got {labels.dtype} with negative values")
+    k_any = labels.any(axis=(1, 2))
+    if not k_any.any():
+        return None
+    j_any, i_any = labels.any(axis=(0, 2)), labels.any(axis=(0, 1))
+    (k0, k1), (j0, j1), (i0, i1) = ((int(np.argmax(a)), len(a) - 1 - int(np.argmax(a[::-1]))) for a in (k_any, j_any, i_any))
+    crop = labels[k0 : k1 + 1, j0 : j1 + 1, i0 : i1 + 1]
+    top = int(crop.max())
+    dtype = np.uint8 if top < 256 else np.uint16
+    voxels: Dict[int, int] = {}
+    if top < 256:
+        for value in range(1, top + 1):
+            n = int(np.count_nonzero(crop == value))
+            if n:
+                voxels[value] = n
+    else:
+        found, counts = np.unique(crop, return_counts=True)
+        voxels = {int(v): int(n) for v, n in zip(found, counts) if v}
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i1, j0, j1, k0, k1)
+    image.AllocateScalars(numpy_support.get_vtk_array_type(np.dtype(dtype)), 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(crop.shape)[:] = crop
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(np.asarray(ijk_to_ras)[r, c]))
+    image.SetImageToWorldMatrix(m)  # the volume's full IJK-to-RAS: oblique volumes included
+    return PreparedLabels(image, sorted(voxels), voxels)
+
+
+def import_labels_steps(labels: np.ndarray, volume_node, class_names: Dict[int, str], segmentation_node=None):
+    """Task generator (steps.py) giving an ApplyRecord: adds one new segment per class present
+    in ``labels`` (``[k, j, i]`` on ``volume_node``'s grid) to ``segmentation_node``, or to a
+    new node named "<volume> SFR" when None. Segments already there are never modified: the
+    labels come in as new segments (named from ``class_names``, made unique, coloured by
+    ``class_color``). No temporary node enters the scene.
+
+    The result is what one ImportLabelmapToSegmentationNode call would give (the same
+    segments, IDs, label values, shared labelmap, extent and geometry; tests/slicer compares
+    them), but that call scans the whole volume on the GUI thread (1.2-1.9 s for 512x512x300).
+    Here the scan and the labelmap are made on a helper thread (``prepare_labels``), and the
+    GUI-thread slices only attach: one slice for the checks, one to create or pick the node,
+    then one slice per segment (AddSegment of the prepared labelmap, its name and colour).
+
+    Refused: a volume or segmentation that left the scene (deleted, or Close Scene while the
+    job ran or the result was being added: its result is discarded), a transformed volume or
+    segmentation, a shape mismatch. On failure, the segments added so far (and a node created
+    for them) are removed again."""
+    _check_targets(volume_node, segmentation_node)
     labels = np.asarray(labels)
     shape = volume_array(volume_node, copy=False).shape
     if labels.shape != shape:
         raise InputError(f"labels of shape {labels.shape} do not fit '{_name(volume_node)}' ({shape})")
-    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+    if not np.issubdtype(labels.dtype, np.integer):
         raise InputError(f"labels must be non-negative integers, got {labels.dtype}")
-    if not labels.any():
+    m = volume_matrix(volume_node)
+    prepared = yield Background(lambda: prepare_labels(labels, m), name="sfr-prepare-labels")
+    if prepared is None:
         return ApplyRecord(segmentation_node, [], False)
+
+    # The scene may have changed while the helper thread ran.
+    _check_targets(volume_node, segmentation_node)
+    if volume_array(volume_node, copy=False).shape != shape or not np.array_equal(volume_matrix(volume_node), m):
+        raise InputError(f"the geometry of '{_name(volume_node)}' changed while it was being segmented: the result was discarded")
+    scene = volume_node.GetScene()
     created = segmentation_node is None
     if created:
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} SFR")
         segmentation_node.SetAttribute(RESULT_ATTRIBUTE, "1")
         segmentation_node.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volume_node.GetID())
-    if segmentation_node.GetDisplayNode() is None:
-        segmentation_node.CreateDefaultDisplayNodes()
-    segmentation = segmentation_node.GetSegmentation()
-    if segmentation.GetNumberOfSegments() == 0:
-        # An empty node takes the volume's grid; a node with segments keeps its own (the import
-        # resamples into it).
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    existing = {segmentation.GetSegment(s).GetName(): segmentation.GetSegment(s).GetColor() for s in segmentation.GetSegmentIDs()}
-    before = set(segmentation.GetSegmentIDs())
-    dtype = np.uint8 if labels.max() < 256 else np.uint16
-    image = slicer.vtkOrientedImageData()
-    image.ShallowCopy(_image_data(labels.astype(dtype, copy=False)))
-    m = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(m)
-    image.SetImageToWorldMatrix(m)  # the volume's full IJK-to-RAS: oblique volumes included
-    ok = _segmentations_logic().ImportLabelmapToSegmentationNode(image, segmentation_node, "", "")
-    added = [s for s in segmentation.GetSegmentIDs() if s not in before]
-    if not ok:
-        for s in added:
-            segmentation.RemoveSegment(s)
-        if created:
+    record = ApplyRecord(segmentation_node, [], created)
+    try:
+        if segmentation_node.GetDisplayNode() is None:
+            segmentation_node.CreateDefaultDisplayNodes()
+        segmentation = segmentation_node.GetSegmentation()
+        if segmentation.GetNumberOfSegments() == 0:
+            # An empty node takes the volume's grid; a node with segments keeps its own.
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        existing = {segmentation.GetSegment(s).GetName(): segmentation.GetSegment(s).GetColor() for s in segmentation.GetSegmentIDs()}
+        # Slicer's import names the new segments Label_1, Label_2, ... before ours renames them:
+        # a later segment's placeholder counts when an earlier one is made unique.
+        placeholders = [f"Label_{n + 1}" for n in range(len(prepared.values))]
+        for n, value in enumerate(prepared.values):
+            if n:
+                yield f"adding segment {n + 1}/{len(prepared.values)}"
+                _check_targets(volume_node, segmentation_node)
+            segment = slicer.vtkSegment()
+            segment.SetName(placeholders[n])
+            segment.SetLabelValue(value)
+            # All new segments share the one prepared labelmap (one layer), as in Slicer's import.
+            segment.AddRepresentation(BINARY_LABELMAP, prepared.image)
+            if not segmentation.AddSegment(segment, "", ""):
+                raise RuntimeError("Slicer could not add the result's segments to the segmentation")
+            segment_id = segmentation.GetSegmentIdBySegment(segment)
+            record.segment_ids.append(segment_id)
+            name = class_names.get(value, f"class {value}")
+            segment.SetColor(*class_color(name, value, scene, existing))
+            segment.SetName(unique_segment_name(segmentation, name, exclude=segment_id, also=placeholders[n + 1 :]))
+            record.names[segment_id] = segment.GetName()
+            record.voxels[segment_id] = prepared.voxels[value]
+    except BaseException:
+        # Also on GeneratorExit (the task was cancelled): nothing half-added stays.
+        undo(record)
+        if created and in_scene(segmentation_node) and segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
             scene.RemoveNode(segmentation_node)
-        raise RuntimeError("Slicer could not import the label map into the segmentation")
-    names = {}
-    for segment_id in added:
-        segment = segmentation.GetSegment(segment_id)
-        value = int(segment.GetLabelValue())  # the voxel value it came from
-        name = class_names.get(value, f"class {value}")
-        segment.SetColor(*class_color(name, value, scene, existing))
-        segment.SetName(unique_segment_name(segmentation, name, exclude=segment_id))
-        names[segment_id] = segment.GetName()
-    return ApplyRecord(segmentation_node, added, created, names)
+        raise
+    return record
 
 
-def undo(record: ApplyRecord) -> bool:
-    """Removes exactly the segments ``apply_labels`` added (and the node it created, once no
-    other segment is in it). Segments added or edited since are kept. False when there was
-    nothing to undo (nothing added, node deleted, scene closed)."""
+def apply_labels(labels: np.ndarray, volume_node, class_names: Dict[int, str], segmentation_node=None) -> ApplyRecord:
+    """``import_labels_steps`` run to its end at once (scripts, tests, Slicer's self-test)."""
+    return steps.run(import_labels_steps(labels, volume_node, class_names, segmentation_node), "import")
+
+
+def undo_steps(record: ApplyRecord):
+    """Task generator (steps.py) giving True when something was removed: removes exactly the
+    segments the import added (and the node it created, once no other segment is in it), one
+    segment per GUI-thread slice. False when there was nothing to undo (nothing added, node
+    deleted, scene closed).
+
+    Slicer's RemoveSegment clears a segment's voxels in the labelmap it shares with other
+    segments: 0.4-0.6 s per segment of a 512x512x300 result. When every segment sharing that
+    labelmap is being removed (the result's own layer, as the import made it), its voxels need
+    no clearing: the segment is first given an empty labelmap of its own, and the removal is
+    instant. The remaining segments and layers are the same either way."""
     node = record.segmentation_node
     if node is None or not record.segment_ids or node.GetScene() is None:
         return False
-    segmentation = node.GetSegmentation()
+    removing = set(record.segment_ids)
     removed = False
-    for segment_id in record.segment_ids:
-        if segmentation.GetSegment(segment_id) is not None:
-            segmentation.RemoveSegment(segment_id)
-            removed = True
-    if record.created and segmentation.GetNumberOfSegments() == 0:
+    for n, segment_id in enumerate(record.segment_ids):
+        if n:
+            yield f"removing segment {n + 1}/{len(record.segment_ids)}"
+            if node.GetScene() is None:
+                return removed
+        segmentation = node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            continue
+        sharing: List[str] = []
+        if segment.GetRepresentation(BINARY_LABELMAP) is not None:
+            segmentation.GetSegmentIDsSharingBinaryLabelmapRepresentation(segment_id, sharing, True)
+        if sharing and set(sharing) <= removing:
+            segment.AddRepresentation(BINARY_LABELMAP, slicer.vtkOrientedImageData())
+        segmentation.RemoveSegment(segment_id)
+        removed = True
+    if record.created and node.GetScene() is not None and node.GetSegmentation().GetNumberOfSegments() == 0:
         node.GetScene().RemoveNode(node)
         removed = True
     return removed
+
+
+def undo(record: ApplyRecord) -> bool:
+    """``undo_steps`` run to its end at once."""
+    return steps.run(undo_steps(record), "undo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +700,22 @@ def case_id(volume_node) -> str:
     return f"{volume_node.GetName()} [{volume_node.GetID()}]"
 
 
+def read_volume_file(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """A volume file (NRRD, MHA, NIfTI, ...) read by Slicer's own reader
+    (vtkMRMLVolumeArchetypeStorageNode, ITK, the reader ``slicer.util.loadVolume`` uses for
+    scalar volumes) into a volume node that never enters a scene: nothing of the scene is
+    touched, so this runs on a helper thread. Returns the voxels ``[k, j, i]`` and the
+    IJK-to-RAS matrix."""
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName(os.path.basename(path))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(path)
+    storage.SetSingleFile(1)
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise InputError(f"{path}: Slicer could not read this volume file")
+    return volume_array(node), volume_matrix(node)
+
+
 def volume_files(folder: str) -> List[str]:
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(VOLUME_SUFFIXES))
     if not files:
@@ -403,18 +724,20 @@ def volume_files(folder: str) -> List[str]:
 
 
 class TrainingCollector:
-    """Gathers training cases from the scene in small steps, so that a GUI timer can run one
-    step per tick and stay responsive: each ``step()`` copies one volume (and exports its
-    segments to a label map, one Slicer call) — the scene is only touched here, on the caller's
-    thread. Volume files of a folder: NIfTI files are read later on a helper thread; other
-    formats need Slicer's readers and are loaded one per step by ``load_volume_file(path) ->
-    node`` (the node is removed after copying).
+    """Gathers training cases from the scene in short GUI-thread slices (a timer runs one
+    ``step()`` per tick), so that Slicer stays responsive: a volume's voxels are copied a slab
+    at a time and a labelled case's segments are read the same way (``export_label_steps``);
+    the scene is only touched in those slices, on the caller's thread. Volume files of a
+    folder never enter the scene: NIfTI files are read later by the training data builder,
+    other formats now, on a helper thread, by ``read_file(path) -> (voxels, IJK-to-RAS)``
+    (default ``read_volume_file``: Slicer's reader on a node outside the scene).
 
+    ``total`` and ``done`` count volumes (for a progress bar); ``step()`` runs one slice.
     ``builder()`` then gives the function that ``SFRLogic.start_training`` runs on a helper
     thread: it builds and checks the TrainingData (and reads the NIfTI files)."""
 
     def __init__(self, pairs, unlabeled_nodes=(), folder: Optional[str] = None,
-                 load_volume_file: Optional[Callable[[str], object]] = None, log: Callable[[str], None] = print):
+                 read_file: Callable[[str], Tuple[np.ndarray, np.ndarray]] = read_volume_file, log: Callable[[str], None] = print):
         pairs = list(pairs)
         if not pairs:
             raise InputError("add at least one labelled case (a volume with its segmentation)")
@@ -427,7 +750,7 @@ class TrainingCollector:
         self.labeled: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self.unlabeled: List[Tuple[str, np.ndarray, np.ndarray]] = []
         self.nifti_files: List[str] = []
-        self._steps: List[Tuple[str, Callable[[], None]]] = []
+        self._steps: List[Tuple[str, Callable[[], object]]] = []
         for v, s in pairs:
             self._steps.append((f"exporting '{s.GetName()}' on '{v.GetName()}'", lambda v=v, s=s: self._labeled(v, s)))
         for v in unlabeled_nodes:
@@ -438,53 +761,57 @@ class TrainingCollector:
             for n, path in enumerate(volume_files(folder)):
                 if path.lower().endswith(NIFTI_SUFFIXES):
                     self.nifti_files.append(path)
-                elif load_volume_file is None:
-                    raise InputError(f"{path}: only NIfTI files can be read here (no volume reader given)")
                 else:
-                    self._steps.append((f"reading {os.path.basename(path)}", lambda p=path, n=n: self._file(p, n, load_volume_file)))
+                    self._steps.append((f"reading {os.path.basename(path)}", lambda p=path, n=n: self._file(p, n, read_file)))
         self.total = len(self._steps)
         self.done = 0
+        self._task = steps.Task(self._gather(), "gathering the training data")
 
-    def _labeled(self, volume_node, segmentation_node) -> None:
-        image, m = volume_array_and_matrix(volume_node)
-        label, missing = export_label(volume_node, segmentation_node, self.class_names)
+    def _gather(self):
+        for _message, make in self._steps:
+            yield from make()
+            self.done += 1
+            if self.done < self.total:
+                yield self.next_message()
+
+    def _labeled(self, volume_node, segmentation_node):
+        image, m = yield from volume_copy_steps(volume_node)
+        yield f"exporting '{segmentation_node.GetName()}'"
+        label, missing = yield from export_label_steps(volume_node, segmentation_node, self.class_names)
         if missing:
             self.log(f"warning: '{segmentation_node.GetName()}' has no segment {', '.join(missing)}: "
                      "those structures count as absent (background) in this case")
         self.labeled.append((case_id(volume_node), image, m, label))
 
-    def _unlabeled(self, volume_node) -> None:
-        image, m = volume_array_and_matrix(volume_node)
+    def _unlabeled(self, volume_node):
+        image, m = yield from volume_copy_steps(volume_node)
         self.unlabeled.append((case_id(volume_node), image, m))
 
-    def _file(self, path: str, n: int, load) -> None:
-        node = load(path)
-        if node is None:
-            raise InputError(f"{path}: Slicer could not read this volume file")
-        try:
-            image, m = volume_array_and_matrix(node)
-        finally:
-            if node.GetScene() is not None:
-                node.GetScene().RemoveNode(node)
+    def _file(self, path: str, n: int, read):
+        image, m = yield Background(lambda: read(path), name="sfr-read-volume")
         self.unlabeled.append((f"{n:04d}_{os.path.basename(path)}", image, m))
 
     @property
     def finished(self) -> bool:
-        return self.done >= self.total
+        return self._task.finished
+
+    @property
+    def slices(self) -> int:
+        return self._task.slices
 
     def next_message(self) -> str:
-        return self._steps[self.done][0] if not self.finished else "done"
+        return self._steps[self.done][0] if self.done < self.total else "done"
 
     def step(self) -> bool:
-        """Runs the next step; returns True while steps remain."""
-        if not self.finished:
-            self._steps[self.done][1]()
-            self.done += 1
-        return not self.finished
+        """Runs the next GUI-thread slice; returns True while more remain. Raises the error
+        that stopped the gathering."""
+        more = self._task.step()
+        if not more:
+            self._task.take()
+        return more
 
     def run(self) -> "TrainingCollector":
-        while self.step():
-            pass
+        self._task.run()
         return self
 
     def builder(self) -> Callable:
