@@ -170,21 +170,11 @@ fn machine_info(threads: usize, device: &str, load_start: Option<Vec<f64>>, quic
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
-
 /// Median seconds of `reps` timed runs after one untimed run (which faults in the pages of
 /// every buffer involved, so they are not charged to whichever method happens to run first).
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    median(
+    models::median(
         (0..reps)
             .map(|_| {
                 let t = Instant::now();
@@ -193,6 +183,7 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
             })
             .collect(),
     )
+    .unwrap_or(f64::NAN)
 }
 
 /// Stitch and unstitch throughput of an `nx × ny × nz` f32 volume cut into slabs that each fit

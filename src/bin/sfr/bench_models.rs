@@ -420,7 +420,7 @@ fn gpu_used_bytes(pid: u32) -> Option<u64> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }

@@ -13,7 +13,6 @@ use sfr::pipeline::config::{Method, TrainConfig};
 use sfr::pipeline::retrain::{Batch, Trainer};
 use sfr::Result;
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// Set in the environment of the busy child: it spins until killed.
@@ -55,21 +54,15 @@ fn batch(cfg: &TrainConfig, classes: i64) -> Batch {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Median seconds of `reps` calls of `f` after one warm-up call.
+/// [`super::time`] (median of `reps` runs after a warm-up) for a step that can fail.
 fn time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut t = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let s = Instant::now();
-        f()?;
-        t.push(s.elapsed().as_secs_f64());
-    }
-    Ok(median(t))
+    let mut failed = None;
+    let seconds = super::time(reps, || {
+        if failed.is_none() {
+            failed = f().err();
+        }
+    });
+    failed.map_or(Ok(seconds), Err)
 }
 
 fn step_seconds(cfg: &TrainConfig, method: Method, reps: usize) -> Result<f64> {
@@ -94,8 +87,12 @@ pub fn retrain_bench(reps: usize) -> Result<Value> {
     );
     let threads = tch::get_num_threads();
     out.insert("threads".into(), json!(threads));
+    let mut quiet = f64::NAN;
     for (name, m) in [("supervised", Method::Supervised), ("self_training", Method::SelfTraining), ("mean_teacher", Method::MeanTeacher), ("acmt", Method::Acmt)] {
         let s = step_seconds(&cfg, m, reps)?;
+        if m == Method::Supervised {
+            quiet = s;
+        }
         out.insert(format!("{name}_seconds_per_iteration"), json!(s));
         out.insert(format!("{name}_iterations_per_second"), json!(1.0 / s));
     }
@@ -132,8 +129,7 @@ pub fn retrain_bench(reps: usize) -> Result<Value> {
         }),
     );
 
-    // Contention: the supervised step beside one busy process.
-    let quiet = step_seconds(&cfg, Method::Supervised, reps)?;
+    // Contention: the supervised step beside one busy process, against the quiet one above.
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut contention = serde_json::Map::new();
     contention.insert("quiet_seconds".into(), json!(quiet));

@@ -444,11 +444,7 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
     for (p, map) in prob_paths.iter().zip(probs.outer_iter()) {
         nifti::write(p, &seg.with_data(map.to_owned())?)?;
     }
-    if classes.keys().max().copied().unwrap_or(0) > 255 {
-        nifti::write(&out, &seg.cast::<u16>())?;
-    } else {
-        nifti::write(&out, &seg)?;
-    }
+    manifest::write_labels(&out, &seg, &classes)?;
     let counts: Vec<String> = classes.iter().map(|(c, n)| format!("{n}: {}", seg.data.iter().filter(|&&v| v as u16 == *c).count())).collect();
     note!("wrote {} (voxels per class: {})", out.display(), counts.join(", "));
     Ok(())

@@ -112,10 +112,15 @@ fn segment_one(model: &SfrModel, row: &Row, reporter: &Reporter) -> Result<()> {
     nifti::check_output_name(&row.output)?;
     let img = nifti::read(&row.input)?.cast::<f32>();
     let (seg, _) = model.segment(&img, Some(reporter))?;
-    if model.meta.classes.keys().max().copied().unwrap_or(0) > 255 {
-        nifti::write(&row.output, &seg.cast::<u16>())
+    write_labels(&row.output, &seg, &model.meta.classes)
+}
+
+/// A label map as `sfr segment` writes it: uint8, or uint16 when a class index passes 255.
+pub fn write_labels(path: &Path, seg: &sfr::volume::Volume<u8>, classes: &sfr::limits::Classes) -> Result<()> {
+    if classes.keys().max().copied().unwrap_or(0) > 255 {
+        nifti::write(path, &seg.cast::<u16>())
     } else {
-        nifti::write(&row.output, &seg)
+        nifti::write(path, seg)
     }
 }
 
