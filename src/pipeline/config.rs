@@ -9,7 +9,7 @@ use std::path::PathBuf;
 // Each section belongs to the layer that uses it; re-exported so `pipeline::config::X` keeps
 // working for the CLI, the tests and older code.
 pub use crate::infer::InferenceConfig;
-pub use crate::ssl::config::{BnBatches, LrSchedule, Method, VNetStage};
+pub use crate::ssl::config::{BnBatches, LrSchedule, Method, OptimizerKind, VNetStage};
 
 pub const CONFIG_VERSION: u32 = 1;
 
@@ -120,6 +120,7 @@ impl TrainConfig {
             vnet: VNetStage {
                 n_filters: 16,
                 iterations: 6000,
+                optimizer: OptimizerKind::Sgd,
                 lr: 0.01,
                 momentum: 0.9,
                 weight_decay: 1e-4,

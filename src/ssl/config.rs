@@ -44,11 +44,25 @@ pub enum LrSchedule {
     Poly { power: f64 },
 }
 
+/// The V-Net's optimiser (`pipeline::retrain::Optimizer`, PyTorch's formulations).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// SGD with `momentum` (the paper's and UA-MT's).
+    #[default]
+    Sgd,
+    /// Adam (β 0.9/0.999, ε 1e-8; `momentum` unused).
+    Adam,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VNetStage {
     pub n_filters: i64,
     pub iterations: usize,
+    /// Absent in configs written before it existed: SGD, as they trained.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
