@@ -46,8 +46,9 @@ args_of() {
   esac
 }
 
-for row in $rows; do
-  for seed in $seeds; do
+# Seed-major: a run cut short still leaves whole tables for the seeds it finished.
+for seed in $seeds; do
+  for row in $rows; do
     name="$row-$seed"
     [ -f "$out/$name.json" ] && { echo "== $name (done)"; continue; }
     echo "== $name"
