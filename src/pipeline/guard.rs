@@ -191,9 +191,13 @@ pub fn guard_pseudo_labels(
         None => reporter.message(&format!("pseudo-label guard off (vnet.pseudo_label_guard = 0): all {n} pseudo-labels train the V-Net")),
     }
     if n > 0 && 2 * dropped > n {
-        let what = if dropped == n { "every pseudo-label".to_string() } else { format!("{dropped} of {n} pseudo-labels") };
+        let (what, effect) = if dropped == n {
+            ("every pseudo-label".to_string(), format!("re-training is {} alone, without SAM", cfg.method.name()))
+        } else {
+            (format!("{dropped} of {n} pseudo-labels"), format!("SFR adds little to {} alone", cfg.method.name()))
+        };
         let msg = format!(
-            "WARNING: the pseudo-label guard dropped {what}: SAM's pseudo-labels disagree grossly with the labelled cases' class fractions, so SFR adds little to the method alone. Check the SAM stage (checkpoint, sam.iterations) or look at them with --write-pseudo-labels; {{\"vnet\": {{\"pseudo_label_guard\": 0}}}} trains on them anyway."
+            "WARNING: the pseudo-label guard dropped {what}: SAM's pseudo-labels disagree grossly with the labelled cases' class fractions, so {effect}. Check the SAM stage (checkpoint, sam.iterations) or look at them with --write-pseudo-labels; {{\"vnet\": {{\"pseudo_label_guard\": 0}}}} trains on them anyway."
         );
         log::warn!("{msg}");
         reporter.message(&msg);
