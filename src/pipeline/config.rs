@@ -128,6 +128,9 @@ impl TrainConfig {
                 labeled_batch: 2,
                 unlabeled_batch: 2,
                 pseudo_label_weight: 1.0,
+                // On in every preset: with few labels, pseudo-labels that miss a class teach
+                // it away (hippocampus, issue 10: anterior Dice 0.0).
+                pseudo_label_guard: crate::ssl::config::DEFAULT_PSEUDO_LABEL_GUARD,
                 consistency: 0.1,
                 rampup_epochs: 40.0,
                 iterations_per_epoch: 150,
@@ -302,6 +305,10 @@ impl TrainConfig {
             check_range("vnet.unlabeled_batch", v.unlabeled_batch, 0, lim::MAX_BATCH)?;
             check_batch("vnet.labeled_batch + vnet.unlabeled_batch", v.labeled_batch + v.unlabeled_batch, patch_voxels)?;
             check_non_negative("vnet.pseudo_label_weight", v.pseudo_label_weight)?;
+            // A factor below 1 would refuse pseudo-labels as good as the labelled cases.
+            if !(v.pseudo_label_guard == 0.0 || (v.pseudo_label_guard >= 1.0 && v.pseudo_label_guard.is_finite())) {
+                return Err(Error::invalid(format!("vnet.pseudo_label_guard = {} must be 0 (off) or a finite factor ≥ 1", v.pseudo_label_guard)));
+            }
             check_non_negative("vnet.consistency", v.consistency)?;
             check_non_negative("vnet.rampup_epochs", v.rampup_epochs)?;
             if !(0.0..1.0).contains(&v.ema_decay) || !(0.0..=1.0).contains(&v.acmt_ratio) {
@@ -388,6 +395,7 @@ mod tests {
         let mut old: serde_json::Value = serde_json::from_str(&la.to_json()).unwrap();
         old["sam"].as_object_mut().unwrap().remove("frozen_encoder_canvases");
         old["sam"].as_object_mut().unwrap().remove("class_heads_from_mask_token");
+        old["vnet"].as_object_mut().unwrap().remove("pseudo_label_guard");
         assert_eq!(TrainConfig::from_json(&old.to_string()).unwrap(), la);
         assert_eq!(TrainConfig::test_tiny().sam.variant, "tiny");
         let e = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"variant": "vit_q"}}"#).unwrap_err().to_string();
@@ -395,6 +403,15 @@ mod tests {
         let c = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"variant": "lite_medsam", "checkpoint": "lite-medsam"}}"#).unwrap();
         assert_eq!(c.sam.checkpoint.as_deref(), Some(std::path::Path::new("lite-medsam")));
         assert_eq!(la.vnet.iterations, 6000);
+        for p in TrainConfig::PRESETS {
+            assert_eq!(TrainConfig::preset(p).unwrap().vnet.pseudo_label_guard, 4.0, "{p}: the pseudo-label guard is on");
+        }
+        let off = TrainConfig::preset_with_overrides("cpu-small", r#"{"vnet": {"pseudo_label_guard": 0}}"#).unwrap();
+        assert_eq!(off.vnet.pseudo_label_guard, 0.0);
+        for bad in ["0.5", "-1"] {
+            let e = TrainConfig::preset_with_overrides("cpu-small", &format!(r#"{{"vnet": {{"pseudo_label_guard": {bad}}}}}"#)).unwrap_err().to_string();
+            assert!(e.contains("vnet.pseudo_label_guard"), "{e}");
+        }
     }
 
     #[test]

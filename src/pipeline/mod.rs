@@ -6,6 +6,7 @@
 //! Labels of unlabelled cases are never opened (`Case::label` is `None` for them).
 pub mod config;
 pub mod data;
+pub mod guard;
 pub mod retrain;
 pub mod sam_stage;
 
@@ -174,6 +175,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     let spacing = [0, 1, 2].map(|a| median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()));
 
     let mut sam_summary = serde_json::Value::Null;
+    let mut guard_record = serde_json::Value::Null;
     let mut unlabeled: Vec<UnlabeledCase> = vec![];
     let mut labeled_for_vnet = labeled;
     if cfg.sfr && !unl_samples.is_empty() {
@@ -197,15 +199,13 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             "mean_confidence": confidences.iter().sum::<f64>() / confidences.len().max(1) as f64,
             "confident_samples": confident.iter().filter(|&&c| c).count(),
         });
-        for ((s, p), conf) in unl_samples.into_iter().zip(pseudo).zip(confident) {
-            if conf && cfg.sfr_plus.enabled {
-                // SFR+: confident samples were absorbed by the fine-tuning module; the V-Net
-                // learns them with their pseudo-labels as labels.
-                labeled_for_vnet.push(Sample { label: Some(p.label), ..s });
-            } else {
-                unlabeled.push(UnlabeledCase { sample: s, sam_pseudo: Some(p.label) });
-            }
-        }
+        // Only pseudo-labels whose class fractions agree with the labelled cases train the
+        // V-Net (pipeline::guard): with few labels, bad ones would outvote the labels.
+        let pseudo_labels = pseudo.into_iter().map(|p| p.label).collect();
+        let guarded = guard::guard_pseudo_labels(cfg, &inputs.classes, &labeled_for_vnet, unl_samples, pseudo_labels, confident, reporter)?;
+        labeled_for_vnet.extend(guarded.absorbed);
+        unlabeled = guarded.unlabeled;
+        guard_record = guarded.record;
     } else {
         if cfg.sfr {
             reporter.message("SFR is on but there are no unlabelled cases: SAM is skipped");
@@ -246,6 +246,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
                 "unlabeled": inputs.unlabeled.iter().map(|c| c.id().to_string()).collect::<Vec<_>>(),
             },
             "sam": sam_summary,
+            // Which SAM pseudo-labels trained the V-Net, per case, and why others did not.
+            "pseudo_label_guard": guard_record,
             "config": cfg,
         }),
         validation: None,

@@ -7,11 +7,12 @@
 //! + the method's term. SGD with momentum (or Adam) and weight decay, LR by the configured
 //! schedule.
 //! Pseudo-labels are computed once per volume (not per crop, as the reference does) and
-//! cropped with the image.
+//! cropped with the image. An unlabelled case whose pseudo-label the guard dropped
+//! (`pipeline::guard`) has none: its crops are all `IGNORE` in the pseudo-label term.
 use crate::error::{Error, Result};
 use crate::infer::{argmax, SlidingWindow};
 use crate::job::Reporter;
-use crate::nn::loss::{ce_dice, finite_loss};
+use crate::nn::loss::{ce_dice, finite_loss, IGNORE};
 use crate::nn::vnet::{VNet, VNetConfig};
 use crate::pipeline::config::{BnBatches, LrSchedule, Method, TrainConfig};
 use crate::pipeline::data::{random_crop, random_rot_flip, Rng, Sample};
@@ -28,7 +29,8 @@ use tch::{Device, Kind, Tensor};
 /// An unlabelled volume with what the pipeline knows of it.
 pub struct UnlabeledCase {
     pub sample: Sample,
-    /// SAM pseudo-label (argmax of the fine-tuned SAM), when SFR is on.
+    /// SAM pseudo-label (argmax of the fine-tuned SAM), when SFR is on and the pseudo-label
+    /// guard (`pipeline::guard`) kept it.
     pub sam_pseudo: Option<Array3<u8>>,
 }
 
@@ -370,7 +372,10 @@ pub fn retrain(
             reporter.message(&format!("resumed re-training at iteration {start} from {}", ck.path.display()));
         }
     }
-    let use_sam = cfg.sfr && unlabeled.iter().any(|u| u.sam_pseudo.is_some());
+    // With SFR, cases whose pseudo-label the guard dropped come without one; none at all: the
+    // method alone.
+    let with_pseudo = unlabeled.iter().filter(|u| u.sam_pseudo.is_some()).count();
+    let use_sam = cfg.sfr && with_pseudo > 0;
     let use_unlabeled = !unlabeled.is_empty() && (use_sam || cfg.method != Method::Supervised);
     let self_training_switch = v.iterations / 2;
     reporter.stage(
@@ -382,7 +387,7 @@ pub fn retrain(
             labeled.len(),
             if use_unlabeled { unlabeled.len() } else { 0 },
             cfg.method.name(),
-            if use_sam { "on" } else { "off" }
+            if use_sam { format!("on ({} of {} pseudo-labels)", with_pseudo, unlabeled.len()) } else { "off".into() }
         ),
     )?;
     for it in start..v.iterations {
@@ -410,32 +415,41 @@ pub fn retrain(
         }
         let mut sam_pl = vec![];
         let mut own_pl = vec![];
+        let mut any_sam_voxel = false;
         if use_unlabeled {
             for _ in 0..v.unlabeled_batch {
                 let idx = rng.random_range(0..unlabeled.len());
                 let u = &unlabeled[idx];
                 let mut maps: Vec<ArrayView3<u8>> = vec![];
-                if use_sam {
-                    maps.push(u.sam_pseudo.as_ref().ok_or_else(|| Error::invalid(format!("{}: no SAM pseudo-label", u.sample.id)))?.view());
+                let pseudo = u.sam_pseudo.as_ref().filter(|_| use_sam);
+                if let Some(p) = pseudo {
+                    maps.push(p.view());
                 }
                 if let Some(pls) = &own_pseudo {
                     maps.push(pls[idx].view());
                 }
                 let refs: Vec<&ArrayView3<u8>> = maps.iter().collect();
+                // The same draws with or without a pseudo-label map: a case's crops do not
+                // depend on whether the guard kept its pseudo-label.
                 let (i, mut l) = crop(&mut rng, &u.sample.image.view(), &refs, patch, cfg.rot_flip);
+                let shape = i.raw_dim();
                 imgs.push(i);
                 if own_pseudo.is_some() {
                     own_pl.push(l.pop().unwrap());
                 }
                 if use_sam {
-                    sam_pl.push(l.pop().unwrap());
+                    // A case whose pseudo-label the guard dropped still feeds the method's own
+                    // term; in the pseudo-label term every voxel of its crop is ignored.
+                    any_sam_voxel |= pseudo.is_some();
+                    sam_pl.push(if pseudo.is_some() { l.pop().unwrap() } else { Array3::from_elem(shape, IGNORE as u8) });
                 }
             }
         }
         let batch = Batch {
             images: stack_images(&imgs, device),
             labels: stack_labels(&labs, device),
-            sam_pseudo: (!sam_pl.is_empty()).then(|| stack_labels(&sam_pl, device)),
+            // No term when every unlabelled crop of the batch is ignored (its mean would be NaN).
+            sam_pseudo: any_sam_voxel.then(|| stack_labels(&sam_pl, device)),
             own_pseudo: (!own_pl.is_empty()).then(|| stack_labels(&own_pl, device)),
         };
         let lv = trainer.step(&batch, it)?;

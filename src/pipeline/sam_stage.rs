@@ -296,8 +296,9 @@ impl SamModule {
 /// Fine-tunes SAM on the labelled samples and pseudo-labels the unlabelled ones (SFR); with
 /// SFR+ enabled, alternates: after each round, unlabelled samples whose confidence reaches tau
 /// join SAM's fine-tuning set with their pseudo-labels, and SAM is fine-tuned again (half the
-/// iterations, continuing) before the next pseudo-labelling. Returns the pseudo-labels (index
-/// aligned with `unlabeled`) and, per sample, whether it was absorbed as confident.
+/// iterations, continuing) before the next pseudo-labelling; a confident sample whose
+/// pseudo-label the guard rejects (`pipeline::guard`) is not absorbed. Returns the pseudo-labels
+/// (index aligned with `unlabeled`) and, per sample, whether it was absorbed as confident.
 pub fn run_sam_stage(
     cfg: &TrainConfig,
     num_classes: usize,
@@ -311,6 +312,7 @@ pub fn run_sam_stage(
     tch::manual_seed(cfg.seed as i64);
     let mut sam = SamModule::new(cfg, num_classes, device, reporter)?;
     let rounds = if cfg.sfr_plus.enabled { cfg.sfr_plus.rounds.max(1) } else { 1 };
+    let guard = crate::pipeline::guard::Guard::from_config(cfg, labeled, num_classes);
     let mut confident = vec![false; unlabeled.len()];
     let mut pseudo: Vec<PseudoLabel> = vec![];
     for round in 0..rounds {
@@ -330,16 +332,23 @@ pub fn run_sam_stage(
         }
         pseudo = next;
         if cfg.sfr_plus.enabled {
-            let mut newly = 0;
+            let (mut newly, mut held) = (0, 0);
             for (i, p) in pseudo.iter().enumerate() {
                 if !confident[i] && p.confidence >= cfg.sfr_plus.tau {
+                    // A confident pseudo-label that the guard rejects would teach SAM the same
+                    // mistake for the next round (pipeline::guard).
+                    if guard.as_ref().is_some_and(|g| !g.check(&p.label.view()).is_empty()) {
+                        held += 1;
+                        continue;
+                    }
                     confident[i] = true;
                     newly += 1;
                 }
             }
             let n_conf = confident.iter().filter(|&&c| c).count();
+            let held = if held > 0 { format!(" ({held} more held back by the pseudo-label guard)") } else { String::new() };
             reporter.message(&format!(
-                "SFR+ round {}: {newly} more confident samples (tau {}); {n_conf} confident, {} uncertain",
+                "SFR+ round {}: {newly} more confident samples{held} (tau {}); {n_conf} confident, {} uncertain",
                 round + 1,
                 cfg.sfr_plus.tau,
                 unlabeled.len() - n_conf

@@ -55,6 +55,14 @@ pub enum OptimizerKind {
     Adam,
 }
 
+/// The pseudo-label guard's factor in every preset (`pipeline::guard`): a pseudo-label's class
+/// fraction may be down to 1/4 of the smallest and up to 4× the largest of the labelled cases.
+pub const DEFAULT_PSEUDO_LABEL_GUARD: f64 = 4.0;
+
+fn default_pseudo_label_guard() -> f64 {
+    DEFAULT_PSEUDO_LABEL_GUARD
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VNetStage {
@@ -71,6 +79,13 @@ pub struct VNetStage {
     pub unlabeled_batch: usize,
     /// Weight of the SAM pseudo-label term (SFR).
     pub pseudo_label_weight: f64,
+    /// The pseudo-label guard's factor F (`pipeline::guard`): a SAM pseudo-label in which some
+    /// class's voxel fraction is below 1/F of the smallest or above F× the largest fraction of
+    /// the labelled cases (a class missing, or swallowing others) does not train the V-Net.
+    /// 0 switches the guard off; otherwise at least 1. Configs written before the key existed
+    /// get the presets' [`DEFAULT_PSEUDO_LABEL_GUARD`].
+    #[serde(default = "default_pseudo_label_guard")]
+    pub pseudo_label_guard: f64,
     /// Maximum weight of the method's consistency term, ramped as 0.1·exp(-5(1-t)²).
     pub consistency: f64,
     /// Ramp-up length in "epochs" of `iterations_per_epoch` iterations.

@@ -406,6 +406,12 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         t.elapsed().as_secs_f64(),
         val.map(|d| format!("; validation mean Dice {d:.4}")).unwrap_or_default()
     );
+    // Said again at the end, where it is read: progress bars hide the log lines of the run.
+    let guard = &model.meta.training["pseudo_label_guard"];
+    if let (Some(true), Some(kept), Some(dropped)) = (guard["enabled"].as_bool(), guard["kept"].as_u64(), guard["dropped"].as_u64()) {
+        let warn = if 2 * dropped > kept + dropped { "WARNING: " } else { "" };
+        note!("{warn}pseudo-label guard: {kept} of {} SAM pseudo-labels trained the V-Net, {dropped} dropped (per case and why: `sfr info {}`, training.pseudo_label_guard)", kept + dropped, a.out.display());
+    }
     if let Some(fit) = model.meta.training["training_fit"]["mean_dice"].as_f64() {
         note!("no labelled case was held out for validation; fit on the training cases: mean Dice {fit:.4} (not a test: score held-out cases with sfr evaluate)");
     }
