@@ -151,6 +151,7 @@ struct TrainArgs {
     /// cpu, cuda or auto.
     #[arg(long)]
     device: Option<String>,
+    /// libtorch threads; 0 = auto, the cores other work leaves free, re-checked during the run [default: the config's, 0].
     #[arg(long)]
     threads: Option<usize>,
     /// Output model file.
