@@ -12,6 +12,7 @@
 //! io         NIfTI, PyTorch checkpoints, dataset folders
 //! volume     Volume = ndarray + Geometry
 //! metrics    Dice, Jaccard, ASD, HD95
+//! threads    libtorch's thread count sized to the free cores (used by the loops above)
 //! ```
 pub mod error;
 pub mod ffi;
@@ -26,6 +27,7 @@ pub mod phantom;
 pub mod pipeline;
 pub mod ssl;
 pub mod stitch;
+pub mod threads;
 pub mod volume;
 
 pub use error::{Error, Result};

@@ -17,7 +17,7 @@ use std::fmt::Display;
 pub const MAX_VOXELS: usize = 1 << 31;
 /// Class probabilities held while segmenting one volume (classes × voxels): 2³² floats, 16 GiB.
 pub const MAX_PROBABILITY_VALUES: usize = 1 << 32;
-/// `threads` (intra-op threads of libtorch): 0 (libtorch's default) or 1..=256.
+/// `threads` (intra-op threads of libtorch): 0 (auto: the free cores) or 1..=256.
 pub const MAX_THREADS: usize = 256;
 /// Largest patch axis (V-Net patch, inference window, SAM stitching unit).
 pub const MAX_PATCH_AXIS: usize = 512;

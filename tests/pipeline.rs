@@ -36,6 +36,11 @@ fn tiny(method: Method, sfr: bool) -> TrainConfig {
     c
 }
 
+/// Runs compared bit for bit fix the thread count: in auto mode (`threads: 0`) a change of
+/// the machine's load between the runs could change it, and with it the order of
+/// floating-point sums (`thread_count_changes_only_rounding` below).
+const PINNED_THREADS: usize = 2;
+
 fn quiet() -> Reporter {
     Reporter::detached(None)
 }
@@ -79,7 +84,8 @@ fn training_is_deterministic_for_a_seed() {
     let d = tempfile::tempdir().unwrap();
     let ds = dataset(d.path(), 4, 2);
     let inp = inputs(&ds, 2);
-    let cfg = tiny(Method::MeanTeacher, true);
+    let mut cfg = tiny(Method::MeanTeacher, true);
+    cfg.threads = PINNED_THREADS;
     let a = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
     let b = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
     for ((ka, ta), (kb, tb)) in a.net().state_dict().iter().zip(b.net().state_dict().iter()) {
@@ -128,6 +134,7 @@ fn resume_continues_from_the_checkpoint() {
     let mut cfg = tiny(Method::MeanTeacher, false);
     cfg.vnet.iterations = 30;
     cfg.checkpoint_every = 10;
+    cfg.threads = PINNED_THREADS;
     let work = d.path().join("work");
     let opts = RunOptions { work_dir: Some(work.clone()), resume: false, write_pseudo_labels: false };
     // "Crash" after iteration 15: the run is cancelled there.
@@ -167,6 +174,65 @@ fn resume_continues_from_the_checkpoint() {
     for ((k, a), (_, b)) in model.net().state_dict().into_iter().zip(straight.net().state_dict()) {
         assert!(a.equal(&b), "{k} differs between the resumed and the uninterrupted run");
     }
+}
+
+/// Auto threads (`sfr::threads`) may change the thread count during a run. That must change
+/// the result only by the order of floating-point sums: libtorch's random draws (dropout
+/// masks, the teacher's noise, initialisation) must not depend on it, and a training step from
+/// the same weights must make the same update up to rounding. (Over many steps the rounding
+/// differences grow as any perturbation does: at test-tiny sizes, scaling one weight tensor by
+/// 1 + 1e-6 changed the first update by ~1%, while 1 vs 2 threads changed the convolution
+/// kernels' updates by at most ~2e-4.)
+#[test]
+fn thread_count_changes_only_rounding() {
+    let _serial = serial();
+    let draws = |threads: usize| {
+        sfr::threads::configure(threads);
+        tch::manual_seed(11);
+        let x = Tensor::ones([4, 64, 8, 8, 8], (Kind::Float, Device::Cpu));
+        [x.feature_dropout(0.5, true), x.dropout(0.5, true), Tensor::randn([1 << 16], (Kind::Float, Device::Cpu)), Tensor::rand([1 << 16], (Kind::Float, Device::Cpu))]
+    };
+    let (a, b) = (draws(1), draws(2));
+    assert!(a.iter().zip(&b).all(|(x, y)| x.equal(y)), "random draws depend on the thread count");
+
+    // One mean-teacher step (dropout, the teacher's noise, EMA) from the same weights and batch.
+    let step = |threads: usize| {
+        sfr::threads::configure(threads);
+        let mut cfg = TrainConfig::test_tiny();
+        cfg.method = Method::MeanTeacher;
+        let mut t = Trainer::new(&cfg, 3, Device::Cpu).unwrap();
+        let before: Vec<Tensor> = t.net.state_dict().into_iter().map(|(_, v)| v.copy()).collect();
+        tch::manual_seed(100);
+        let batch = Batch {
+            images: Tensor::randn([4, 1, 16, 16, 16], (Kind::Float, Device::Cpu)),
+            labels: Tensor::randint(3, [2, 16, 16, 16], (Kind::Int64, Device::Cpu)),
+            sam_pseudo: None,
+            own_pseudo: None,
+        };
+        let loss = t.step(&batch, 0).unwrap();
+        let after: Vec<(String, Tensor)> = t.net.state_dict();
+        (loss, before, after)
+    };
+    let (one, two) = (step(1), step(2));
+    sfr::threads::configure(0);
+    assert!((one.0 - two.0).abs() <= 1e-5 * one.0.abs().max(1.0), "losses {} vs {}", one.0, two.0);
+    let mut worst = 0f64;
+    for ((init, (k, a)), (_, b)) in one.1.iter().zip(&one.2).zip(&two.2) {
+        if a.kind() != Kind::Float {
+            assert!(a.equal(b), "{k}");
+            continue;
+        }
+        let update = (a - init).abs().max().double_value(&[]);
+        let d = (a - b).abs().max().double_value(&[]);
+        // Rounding of the weight itself is the floor: a bias before BatchNorm gets a gradient
+        // of ~0, so its whole update is rounding.
+        let floor = 1e-6 * a.abs().max().double_value(&[]);
+        if a.dim() == 5 {
+            worst = worst.max(d / update); // convolution kernels: the bulk of the update
+        }
+        assert!(d <= 1e-3 * update + floor, "{k}: 1 and 2 threads made updates that differ by {d:.3e} (the update is {update:.3e})");
+    }
+    eprintln!("1 vs 2 threads, one mean-teacher step: losses {} vs {}, convolution kernels' updates differ by at most {worst:.1e} of their size", one.0, two.0);
 }
 
 fn memory_case(id: &str, img: Volume<f32>, lab: Option<Volume<f64>>) -> CaseSource {
@@ -274,6 +340,7 @@ fn real_hippocampus_mixed_batches_train_like_supervised() {
     base.validation_cases = Some(0);
     base.checkpoint_every = 0;
     base.vnet.iterations = 300;
+    base.threads = PINNED_THREADS;
     let run = |method: Method, consistency: Option<f64>| {
         let mut cfg = base.clone();
         cfg.method = method;

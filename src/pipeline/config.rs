@@ -64,7 +64,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
-    /// Intra-op threads; 0 = libtorch's default.
+    /// Intra-op threads of libtorch; 0 = auto: the cores other work leaves free, re-checked
+    /// during the run, at most libtorch's default (see `crate::threads`).
     pub threads: usize,
     pub method: Method,
     /// Use SAM pseudo-labels (the SFR framework); false = the method alone.

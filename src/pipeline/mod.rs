@@ -144,9 +144,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     let device = crate::nn::parse_device(&cfg.device)?;
     // Said once per run, so a silent fall-back of "auto" to the CPU shows in the log and GUIs.
     reporter.message(&format!("training on {} (device \"{}\")", crate::nn::device_name(device), cfg.device));
-    if cfg.threads > 0 {
-        tch::set_num_threads(cfg.threads as i32);
-    }
+    // Fixed, or sized to the free cores and re-checked every iteration of the loops below.
+    crate::threads::configure(cfg.threads);
     // Classes 0..N-1 without gaps (a gap would train an undeclared class).
     let num_classes = inputs.classes.len();
     if inputs.labeled.is_empty() {

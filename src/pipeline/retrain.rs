@@ -391,6 +391,7 @@ pub fn retrain(
         ),
     )?;
     for it in start..v.iterations {
+        crate::threads::tick();
         let seed = iteration_seed(cfg.seed, it);
         let mut rng = Rng::seed_from_u64(seed);
         tch::manual_seed(seed as i64);

@@ -176,6 +176,7 @@ impl SamModule {
             let (mut embs, mut labs) = (Vec::new(), Vec::new());
             let mut done = 0;
             while done < n {
+                crate::threads::tick();
                 let b = s.batch.min(n - done);
                 let mut imgs = Vec::with_capacity(b);
                 let mut ls = Vec::with_capacity(b);
@@ -197,6 +198,7 @@ impl SamModule {
         let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: s.weight_decay, eps: 1e-8, amsgrad: false }.build(&self.vs, s.lr)?;
         reporter.stage("finetune", iterations as u64, &format!("SAM {} decoder on {n} cached canvases ({}×{} grid on {}²)", self.sam.cfg.name, self.layout.n_row, self.layout.n_col, size))?;
         for it in 0..iterations {
+            crate::threads::tick();
             opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
             let idx: Vec<i64> = (0..s.batch).map(|_| rng.random_range(0..n) as i64).collect();
             let idx = Tensor::from_slice(&idx).to_device(emb.device());
@@ -229,6 +231,7 @@ impl SamModule {
             &format!("SAM {} + LoRA r={} on {} stitched volumes ({}×{} grid on {}²)", self.sam.cfg.name, s.lora_rank, data.len(), self.layout.n_row, self.layout.n_col, size),
         )?;
         for it in 0..iterations {
+            crate::threads::tick();
             opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
             let mut imgs = Vec::with_capacity(s.batch);
             let mut labs = Vec::with_capacity(s.batch);

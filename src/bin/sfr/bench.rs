@@ -3,8 +3,8 @@
 //! Sections: `stitch` (stitch/unstitch beside memcpy), `sam` (SAM vit_b image encoder) and
 //! `vnet` (V-Net training step and inference), the last two each beside PyTorch eager
 //! (see `bench_models.rs`); `retrain` (iterations per second of each method, the mean
-//! teacher's cost, contention; `bench_retrain.rs`); `machine` describes where the numbers came
-//! from.
+//! teacher's cost, contention; `bench_retrain.rs`; `--only contention` runs the last alone);
+//! `machine` describes where the numbers came from.
 use ndarray::{s, Array2, Array3};
 use serde_json::{json, Value};
 use sfr::stitch::{self, StitchLayout};
@@ -18,7 +18,7 @@ mod models;
 mod retrain;
 
 /// Sections `--only` accepts (besides the names of single model cases).
-pub const SECTIONS: [&str; 4] = ["stitch", "sam", "vnet", "retrain"];
+pub const SECTIONS: [&str; 5] = ["stitch", "sam", "vnet", "retrain", "contention"];
 
 /// What `sfr bench` runs.
 #[derive(Debug, Clone)]
@@ -74,6 +74,7 @@ pub fn run_with(opts: &BenchOptions) -> Result<Value> {
     }
     let device = sfr::nn::parse_device(&opts.device)?;
     let device_name = if device == tch::Device::Cpu { "cpu" } else { "cuda" };
+    sfr::threads::default_threads(); // read before --threads changes it
     if let Some(n) = opts.threads {
         tch::set_num_threads(n as i32);
     }
@@ -91,9 +92,11 @@ pub fn run_with(opts: &BenchOptions) -> Result<Value> {
             .map_err(|e| Error::invalid(format!("cannot build a thread pool: {e}")))?;
         out.insert("stitch".into(), pool.install(stitch_bench));
     }
+    let retrain_reps = opts.reps.unwrap_or(if opts.quick { 3 } else { 10 });
     if wanted("retrain", None) {
-        let reps = opts.reps.unwrap_or(if opts.quick { 3 } else { 10 });
-        out.insert("retrain".into(), retrain::retrain_bench(reps)?);
+        out.insert("retrain".into(), retrain::retrain_bench(retrain_reps)?);
+    } else if opts.only.iter().any(|o| o == "contention") {
+        out.insert("retrain".into(), retrain::contention_only(retrain_reps)?);
     }
     let chosen: Vec<&models::Case> = all_cases
         .iter()

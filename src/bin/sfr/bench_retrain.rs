@@ -5,14 +5,16 @@
 //!   the network's cost, not the data loading's);
 //! * for the mean teacher, what the teacher adds: its forward on the unlabelled crops plus the
 //!   EMA update, beside the student's forward on the whole batch (the target: not more);
-//! * under contention: the supervised step while one other CPU-bound process runs (a busy
-//!   child of this process), as a ratio to the quiet step, with libtorch's default threads and
-//!   with one thread fewer than the cores — what a workstation with other work sees.
+//! * under contention (`contention`, also alone as `--only contention`): the supervised step
+//!   quiet and while one other CPU-bound process runs (a busy child of this process), with
+//!   libtorch's default threads, with one thread, and with auto threads (`threads: 0`, see
+//!   `sfr::threads`) — what a workstation with other work sees.
 use serde_json::{json, Value};
 use sfr::pipeline::config::{Method, TrainConfig};
 use sfr::pipeline::retrain::{Batch, Trainer};
 use sfr::Result;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// Set in the environment of the busy child: it spins until killed.
@@ -78,6 +80,11 @@ fn step_seconds(cfg: &TrainConfig, method: Method, reps: usize) -> Result<f64> {
     })
 }
 
+/// The contention cases alone (`--only contention`).
+pub fn contention_only(reps: usize) -> Result<Value> {
+    Ok(json!({ "contention": contention_bench(&TrainConfig::cpu_small(), reps)? }))
+}
+
 pub fn retrain_bench(reps: usize) -> Result<Value> {
     let cfg = TrainConfig::cpu_small();
     let mut out = serde_json::Map::new();
@@ -87,12 +94,8 @@ pub fn retrain_bench(reps: usize) -> Result<Value> {
     );
     let threads = tch::get_num_threads();
     out.insert("threads".into(), json!(threads));
-    let mut quiet = f64::NAN;
     for (name, m) in [("supervised", Method::Supervised), ("self_training", Method::SelfTraining), ("mean_teacher", Method::MeanTeacher), ("acmt", Method::Acmt)] {
         let s = step_seconds(&cfg, m, reps)?;
-        if m == Method::Supervised {
-            quiet = s;
-        }
         out.insert(format!("{name}_seconds_per_iteration"), json!(s));
         out.insert(format!("{name}_iterations_per_second"), json!(1.0 / s));
     }
@@ -129,25 +132,89 @@ pub fn retrain_bench(reps: usize) -> Result<Value> {
         }),
     );
 
-    // Contention: the supervised step beside one busy process, against the quiet one above.
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mut contention = serde_json::Map::new();
-    contention.insert("quiet_seconds".into(), json!(quiet));
-    if let Some(busy) = Busy::start() {
-        let loaded = step_seconds(&cfg, Method::Supervised, reps)?;
-        contention.insert("busy_seconds".into(), json!(loaded));
-        contention.insert("busy_vs_quiet".into(), json!(loaded / quiet));
-        if cores > 1 {
-            tch::set_num_threads((cores - 1) as i32);
-            let fewer = step_seconds(&cfg, Method::Supervised, reps)?;
-            tch::set_num_threads(threads);
-            contention.insert("busy_one_thread_fewer_seconds".into(), json!(fewer));
-            contention.insert("busy_one_thread_fewer_vs_quiet".into(), json!(fewer / quiet));
-        }
-        drop(busy);
-    } else {
-        contention.insert("busy_seconds".into(), json!({"unavailable": "could not start the busy process"}));
-    }
-    out.insert("contention".into(), Value::Object(contention));
+    out.insert("contention".into(), contention_bench(&cfg, reps)?);
     Ok(Value::Object(out))
+}
+
+
+/// How long each contention case runs steps before it is timed: covers the busy child's start
+/// (it loads libtorch) and gives auto mode several load readings (`sfr::threads::INTERVAL`).
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Median seconds of `reps` supervised steps after `SETTLE` of untimed ones, each step preceded
+/// by the loop's `threads::tick` (as in `pipeline::retrain`); also the threads in use at the end.
+fn governed_step_seconds(cfg: &TrainConfig, reps: usize) -> Result<(f64, usize)> {
+    let mut cfg = cfg.clone();
+    cfg.method = Method::Supervised;
+    let mut trainer = Trainer::new(&cfg, 3, Device::Cpu)?;
+    let b = batch(&cfg, 3);
+    let mut it = 0;
+    let mut step = || -> Result<()> {
+        sfr::threads::tick();
+        trainer.step(&b, it)?;
+        it += 1;
+        Ok(())
+    };
+    let t = Instant::now();
+    while t.elapsed() < SETTLE {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        step()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok((super::models::median(times).unwrap_or(f64::NAN), sfr::threads::tick()))
+}
+
+/// The supervised step quiet and beside one busy process (a child spinning on one core),
+/// with libtorch's default threads fixed, one thread fixed, and auto (`threads: 0`). Each mode
+/// is timed quiet and then busy, one after the other, so that other work on the machine
+/// drifts as little as possible between the two.
+fn contention_bench(cfg: &TrainConfig, reps: usize) -> Result<Value> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let default = sfr::threads::default_threads();
+    let before = tch::get_num_threads();
+    let modes = [("fixed_default", default), ("fixed_1", 1), ("auto", 0)];
+    let (mut quiet, mut busy, mut ratio) = (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+    let mut auto = serde_json::Map::new();
+    let mut unavailable = None;
+    for (name, threads) in modes {
+        sfr::threads::configure(threads);
+        let (q, q_threads) = governed_step_seconds(cfg, reps)?;
+        quiet.insert(name.into(), json!(q));
+        if threads == 0 {
+            auto.insert("threads_quiet".into(), json!(q_threads));
+            auto.insert("others_cores_quiet".into(), json!(sfr::threads::auto_state().1));
+        }
+        let Some(child) = Busy::start() else {
+            unavailable = Some("could not start the busy process");
+            continue;
+        };
+        let (b, b_threads) = governed_step_seconds(cfg, reps)?;
+        if threads == 0 {
+            auto.insert("threads_busy".into(), json!(b_threads));
+            auto.insert("others_cores_busy".into(), json!(sfr::threads::auto_state().1));
+        }
+        drop(child);
+        busy.insert(name.into(), json!(b));
+        ratio.insert(name.into(), json!(b / quiet["fixed_default"].as_f64().unwrap_or(f64::NAN)));
+    }
+    // Back to what the sections after this one expect.
+    sfr::threads::configure(0);
+    tch::set_num_threads(before);
+    Ok(json!({
+        "note": "supervised Trainer::step at cpu-small sizes; seconds = median of the repetitions after 2 s of untimed steps, \
+                 each step preceded by threads::tick as in the training loop. Modes: fixed_default = libtorch's default \
+                 threads, fixed_1 = one thread, auto = threads 0 (cores minus those other work takes, re-read every 0.5 s). \
+                 busy = while a child process spins on one core. busy_vs_quiet = busy seconds of the mode / quiet seconds \
+                 of fixed_default (the machine's best quiet time). Each mode runs quiet, then busy, before the next mode.",
+        "cores": cores,
+        "libtorch_default_threads": default,
+        "quiet_seconds": quiet,
+        "busy_seconds": match unavailable { Some(why) => json!({ "unavailable": why }), None => json!(busy) },
+        "busy_vs_quiet": ratio,
+        "auto": auto,
+    }))
 }

@@ -63,7 +63,7 @@ pub struct DemoArgs {
     /// 10-minute budget on a 2-core CPU, hence off by default).
     #[arg(long)]
     sfr_plus: bool,
-    /// libtorch threads [default: libtorch's].
+    /// libtorch threads; 0 = auto, the cores other work leaves free [default: the config's, 0].
     #[arg(long)]
     threads: Option<usize>,
     #[arg(long, default_value_t = 2026)]

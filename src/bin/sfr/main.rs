@@ -75,7 +75,7 @@ enum Command {
         /// Threads of libtorch (sfr and PyTorch alike) and of the stitch pool [default: libtorch's].
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
-        /// Only these sections (stitch, sam, vnet) or cases (e.g. vnet_train_48x48x32); repeatable or comma-separated.
+        /// Only these sections (stitch, sam, vnet, retrain, contention) or cases (e.g. vnet_train_48x48x32); repeatable or comma-separated.
         #[arg(long, value_name = "SECTION", value_delimiter = ',')]
         only: Vec<String>,
         /// cpu, cuda or auto (CUDA when present).
@@ -151,6 +151,7 @@ struct TrainArgs {
     /// cpu, cuda or auto.
     #[arg(long)]
     device: Option<String>,
+    /// libtorch threads; 0 = auto, the cores other work leaves free, re-checked during the run [default: the config's, 0].
     #[arg(long)]
     threads: Option<usize>,
     /// Output model file.
