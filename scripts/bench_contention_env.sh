@@ -27,7 +27,7 @@ declare -A ENVS=(
 VARIANTS=("$@")
 [ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=(default passive active spin10k malloc_keep)
 
-printf '%-12s %-17s %8s %8s %8s | %8s %8s %8s | %s\n' variant load_start q_def q_1 q_auto b_def b_1 b_auto "busy/quiet_def: def 1 auto; auto threads quiet/busy"
+printf '%-12s %-17s %8s %8s %8s | %8s %8s %8s | %s\n' variant load_start q_def q_1 q_auto b_def b_1 b_auto "busy/quiet_def: def 1 auto; auto's thread counts"
 for v in "${VARIANTS[@]}"; do
   [ -v "ENVS[$v]" ] || { echo "unknown variant $v (known: ${!ENVS[*]})" >&2; exit 2; }
   f="$OUT_DIR/$v-$(date +%H%M%S).json"
@@ -38,7 +38,7 @@ for v in "${VARIANTS[@]}"; do
      ($c.quiet_seconds.fixed_default, $c.quiet_seconds.fixed_1, $c.quiet_seconds.auto,
       $c.busy_seconds.fixed_default, $c.busy_seconds.fixed_1, $c.busy_seconds.auto | . * 1000 | round / 1000 | tostring),
      ([$c.busy_vs_quiet.fixed_default, $c.busy_vs_quiet.fixed_1, $c.busy_vs_quiet.auto] | map(. * 100 | round / 100 | tostring) | join(" ")),
-     ("\($c.auto.threads_quiet)/\($c.auto.threads_busy)")] |
+     ("auto threads:steps quiet \($c.auto.quiet.steps_by_threads | tojson) busy \($c.auto.busy.steps_by_threads | tojson)")] |
     "\(.[0]) \(.[1]) \(.[2]) \(.[3]) \(.[4]) | \(.[5]) \(.[6]) \(.[7]) | \(.[8]); \(.[9])"' "$f" |
-    awk '{printf "%-12s %-17s %8s %8s %8s | %8s %8s %8s | %s %s %s %s\n", $1,$2,$3,$4,$5,$7,$8,$9,$11,$12,$13,$14}'
+    awk '{printf "%-12s %-17s %8s %8s %8s | %8s %8s %8s | %s %s %s", $1,$2,$3,$4,$5,$7,$8,$9,$11,$12,$13; for (i = 14; i <= NF; i++) printf " %s", $i; printf "\n"}'
 done

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use sfr::pipeline::config::{Method, TrainConfig};
 use sfr::pipeline::retrain::{Batch, Trainer};
 use sfr::Result;
+use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -137,84 +138,99 @@ pub fn retrain_bench(reps: usize) -> Result<Value> {
 }
 
 
-/// How long each contention case runs steps before it is timed: covers the busy child's start
-/// (it loads libtorch) and gives auto mode several load readings (`sfr::threads::INTERVAL`).
+/// How long each phase (quiet, busy) runs steps before it is timed: covers the busy child's
+/// start (it loads libtorch) and gives auto mode several load readings (`sfr::threads::INTERVAL`).
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// Median seconds of `reps` supervised steps after `SETTLE` of untimed ones, each step preceded
-/// by the loop's `threads::tick` (as in `pipeline::retrain`); also the threads in use at the end.
-fn governed_step_seconds(cfg: &TrainConfig, reps: usize) -> Result<(f64, usize)> {
+/// The modes compared: libtorch's default threads fixed, one thread fixed, and auto
+/// (`threads: 0`), as the `threads` values `sfr::threads::configure` takes.
+fn modes() -> [(&'static str, usize); 3] {
+    [("fixed_default", sfr::threads::default_threads()), ("fixed_1", 1), ("auto", 0)]
+}
+
+/// One phase: supervised steps with the modes interleaved step by step (the order rotating
+/// every round), so that other work on the machine, which comes and goes, weighs on every mode
+/// alike. Each step is preceded by `threads::tick` as in `pipeline::retrain`. Returns per mode
+/// the median seconds of `reps` timed steps (after `SETTLE` of untimed rounds) and, for auto,
+/// how many of its timed steps ran with each thread count.
+fn interleaved_phase(trainer: &mut Trainer, b: &Batch, reps: usize) -> Result<(Vec<f64>, BTreeMap<usize, usize>)> {
+    let modes = modes();
+    let mut it = 0;
+    let mut step = |threads: usize| -> Result<(f64, usize)> {
+        sfr::threads::configure(threads); // applies a fixed count, or auto's last decision
+        let t = Instant::now();
+        let used = sfr::threads::tick();
+        trainer.step(b, it)?;
+        it += 1;
+        Ok((t.elapsed().as_secs_f64(), used))
+    };
+    let start = Instant::now();
+    while start.elapsed() < SETTLE {
+        for &(_, threads) in &modes {
+            step(threads)?;
+        }
+    }
+    let mut times = vec![Vec::with_capacity(reps); modes.len()];
+    let mut auto_threads = BTreeMap::new();
+    for round in 0..reps.max(1) {
+        for k in 0..modes.len() {
+            let m = (round + k) % modes.len();
+            let (seconds, used) = step(modes[m].1)?;
+            times[m].push(seconds);
+            if modes[m].1 == 0 {
+                *auto_threads.entry(used).or_insert(0) += 1;
+            }
+        }
+    }
+    let medians = times.into_iter().map(|t| super::models::median(t).unwrap_or(f64::NAN)).collect();
+    Ok((medians, auto_threads))
+}
+
+/// The supervised step quiet and beside one busy process (a child spinning on one core), in
+/// the three `modes`, interleaved (see `interleaved_phase`).
+fn contention_bench(cfg: &TrainConfig, reps: usize) -> Result<Value> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let before = tch::get_num_threads();
     let mut cfg = cfg.clone();
     cfg.method = Method::Supervised;
     let mut trainer = Trainer::new(&cfg, 3, Device::Cpu)?;
     let b = batch(&cfg, 3);
-    let mut it = 0;
-    let mut step = || -> Result<()> {
-        sfr::threads::tick();
-        trainer.step(&b, it)?;
-        it += 1;
-        Ok(())
+    let (quiet, quiet_auto) = interleaved_phase(&mut trainer, &b, reps)?;
+    let quiet_others = sfr::threads::auto_state().1;
+    let busy = match Busy::start() {
+        Some(child) => {
+            let r = interleaved_phase(&mut trainer, &b, reps)?;
+            drop(child);
+            Some((r, sfr::threads::auto_state().1))
+        }
+        None => None,
     };
-    let t = Instant::now();
-    while t.elapsed() < SETTLE {
-        step()?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps.max(1) {
-        let t = Instant::now();
-        step()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    Ok((super::models::median(times).unwrap_or(f64::NAN), sfr::threads::tick()))
-}
-
-/// The supervised step quiet and beside one busy process (a child spinning on one core),
-/// with libtorch's default threads fixed, one thread fixed, and auto (`threads: 0`). Each mode
-/// is timed quiet and then busy, one after the other, so that other work on the machine
-/// drifts as little as possible between the two.
-fn contention_bench(cfg: &TrainConfig, reps: usize) -> Result<Value> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let default = sfr::threads::default_threads();
-    let before = tch::get_num_threads();
-    let modes = [("fixed_default", default), ("fixed_1", 1), ("auto", 0)];
-    let (mut quiet, mut busy, mut ratio) = (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
-    let mut auto = serde_json::Map::new();
-    let mut unavailable = None;
-    for (name, threads) in modes {
-        sfr::threads::configure(threads);
-        let (q, q_threads) = governed_step_seconds(cfg, reps)?;
-        quiet.insert(name.into(), json!(q));
-        if threads == 0 {
-            auto.insert("threads_quiet".into(), json!(q_threads));
-            auto.insert("others_cores_quiet".into(), json!(sfr::threads::auto_state().1));
-        }
-        let Some(child) = Busy::start() else {
-            unavailable = Some("could not start the busy process");
-            continue;
-        };
-        let (b, b_threads) = governed_step_seconds(cfg, reps)?;
-        if threads == 0 {
-            auto.insert("threads_busy".into(), json!(b_threads));
-            auto.insert("others_cores_busy".into(), json!(sfr::threads::auto_state().1));
-        }
-        drop(child);
-        busy.insert(name.into(), json!(b));
-        ratio.insert(name.into(), json!(b / quiet["fixed_default"].as_f64().unwrap_or(f64::NAN)));
-    }
     // Back to what the sections after this one expect.
     sfr::threads::configure(0);
     tch::set_num_threads(before);
-    Ok(json!({
-        "note": "supervised Trainer::step at cpu-small sizes; seconds = median of the repetitions after 2 s of untimed steps, \
-                 each step preceded by threads::tick as in the training loop. Modes: fixed_default = libtorch's default \
-                 threads, fixed_1 = one thread, auto = threads 0 (cores minus those other work takes, re-read every 0.5 s). \
-                 busy = while a child process spins on one core. busy_vs_quiet = busy seconds of the mode / quiet seconds \
-                 of fixed_default (the machine's best quiet time). Each mode runs quiet, then busy, before the next mode.",
+
+    let by_mode = |v: &[f64]| -> Value { modes().iter().zip(v).map(|((name, _), s)| (name.to_string(), json!(s))).collect::<serde_json::Map<_, _>>().into() };
+    let counts = |m: &BTreeMap<usize, usize>| -> Value { m.iter().map(|(t, n)| (t.to_string(), json!(n))).collect::<serde_json::Map<_, _>>().into() };
+    let mut out = json!({
+        "note": "supervised Trainer::step at cpu-small sizes, the three modes interleaved step by step (order rotating), \
+                 each step preceded by threads::tick as in the training loop; seconds = median of the repetitions after \
+                 2 s of untimed rounds. Modes: fixed_default = libtorch's default threads, fixed_1 = one thread, \
+                 auto = threads 0 (the cores other work leaves free, re-read every 0.5 s). busy = while a child process \
+                 spins on one core. busy_vs_quiet = busy seconds of the mode / quiet seconds of fixed_default \
+                 (the machine's best quiet time). auto.steps_by_threads = how many timed auto steps ran with each \
+                 thread count; auto.others_cores = the cores other work took at auto's last reading of the phase.",
         "cores": cores,
-        "libtorch_default_threads": default,
-        "quiet_seconds": quiet,
-        "busy_seconds": match unavailable { Some(why) => json!({ "unavailable": why }), None => json!(busy) },
-        "busy_vs_quiet": ratio,
-        "auto": auto,
-    }))
+        "libtorch_default_threads": sfr::threads::default_threads(),
+        "quiet_seconds": by_mode(&quiet),
+        "auto": { "quiet": { "steps_by_threads": counts(&quiet_auto), "others_cores": quiet_others } },
+    });
+    match busy {
+        Some(((busy, busy_auto), others)) => {
+            out["busy_seconds"] = by_mode(&busy);
+            out["busy_vs_quiet"] = by_mode(&busy.iter().map(|b| b / quiet[0]).collect::<Vec<_>>());
+            out["auto"]["busy"] = json!({ "steps_by_threads": counts(&busy_auto), "others_cores": others });
+        }
+        None => out["busy_seconds"] = json!({ "unavailable": "could not start the busy process" }),
+    }
+    Ok(out)
 }
