@@ -278,8 +278,9 @@ void sfr_dataset_free(struct sfr_dataset *ds);
  * caveat: the config's `seed` and `threads` act on libtorch's process-wide state (its global
  * random generator, which a training reseeds from `seed` at every iteration, and its intra-op
  * thread count, which `threads` sets for the whole process, later segmentations included:
- * `threads` > 0 fixes it, 0 (the default) sizes it to the cores that other work leaves free,
- * re-checked during the run). Two trainings running at once in one process are therefore not
+ * `threads` > 0 fixes it, 0 (the default) sizes training's to the cores that other work leaves
+ * free, re-checked during the run, and segments at libtorch's default count so that labels do
+ * not depend on the load). Two trainings running at once in one process are therefore not
  * reproducible: run them one after the other when results must repeat (with a fixed
  * `threads` when they must repeat bit for bit, since the thread count changes the order of
  * floating-point sums).

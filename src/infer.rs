@@ -125,8 +125,8 @@ impl SlidingWindow {
             r.stage("segment", windows.len() as u64, &format!("{} windows of {:?}", windows.len(), self.patch))?;
         }
         let mut done = 0u64;
+        crate::threads::fixed_for_inference();
         for chunk in windows.chunks(self.batch) {
-            crate::threads::tick();
             let mut buf: Vec<f32> = Vec::with_capacity(chunk.len() * pz * py * px);
             for w in chunk {
                 let v = padded.slice(s![w[0]..w[0] + pz, w[1]..w[1] + py, w[2]..w[2] + px]);

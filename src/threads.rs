@@ -12,12 +12,13 @@
 //! change it for its host program; the thread count it can change at any time.
 //!
 //! So with `threads: 0` (auto, the default) the loops that run libtorch (V-Net training,
-//! SAM fine-tuning and pseudo-labelling, sliding-window inference) call [`tick`] once per
+//! SAM fine-tuning and pseudo-labelling) call [`tick`] once per
 //! iteration; at most every [`INTERVAL`] it reads how busy the cores this process may run on
 //! were since the last reading (/proc/stat) minus this process's own CPU time
 //! (/proc/self/stat), i.e. the cores that other work took, and sets the threads to the cores
 //! left: `cores - others`, between 1 and libtorch's default. An explicit `threads > 0` is set
 //! once and kept. Where /proc cannot be read (not Linux), auto stays at libtorch's default.
+//! Segmentation does not follow the load: [`fixed_for_inference`] keeps its labels reproducible.
 //!
 //! The setting is process-wide, like libtorch's own (the C ABI documents this): the last
 //! [`configure`] wins, and later segmentations in the process follow it. OpenMP keeps the
@@ -217,6 +218,19 @@ fn decide(now: Instant) -> usize {
     }
     a.last = Some((now, reading));
     a.threads
+}
+
+/// Segmentation runs at a fixed count: the configured one, or libtorch's default in auto mode.
+/// The count changes the order of floating-point sums, which can flip a voxel at a near tie,
+/// and a scan segmented twice by one model must give the same labels whatever else the
+/// machine was doing. Applied to the calling thread; returns the count.
+pub fn fixed_for_inference() -> usize {
+    let setting = SETTING.load(Ordering::Relaxed);
+    let want = if setting > 0 { setting } else { default_threads() };
+    if tch::get_num_threads() != want as i32 {
+        tch::set_num_threads(want as i32);
+    }
+    want
 }
 
 /// The last auto decision: (threads, cores that other work took); for logs and the bench.
