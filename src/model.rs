@@ -237,7 +237,10 @@ mod tests {
             spacing: [1.0, 1.0, 1.0],
             vnet: cfg,
             inference: InferenceConfig { stride: [8, 8, 8], weighting: Weighting::Gaussian, batch: 2 },
-            training: serde_json::json!({"method": "supervised"}),
+            // A float serde_json's fast (default) parser reads one ulp off: metadata must
+            // come back from a file exactly as it was written (CI caught this in the guard's
+            // recorded class fractions).
+            training: serde_json::json!({"method": "supervised", "fraction": 0.24918154761904762_f64}),
             validation: None,
             created_unix: 0,
         };
