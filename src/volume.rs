@@ -301,9 +301,43 @@ pub fn zscore(v: &ArrayView3<f32>, what: &str) -> Result<Array3<f32>> {
     Ok(v.mapv(|x| ((x as f64 - mean) / std) as f32))
 }
 
+/// The `q.0` and `q.1` quantiles (in [0, 1]; nearest rank, the lower one rounded down and the
+/// upper one up) of `values`, which are reordered. None when `values` is empty.
+pub fn quantile_pair(values: &mut [f32], q: (f64, f64)) -> Option<(f32, f32)> {
+    let last = values.len().checked_sub(1)?;
+    let lo = *values.select_nth_unstable_by((q.0 * last as f64).floor() as usize, f32::total_cmp).1;
+    let hi = *values.select_nth_unstable_by((q.1 * last as f64).ceil() as usize, f32::total_cmp).1;
+    Some((lo, hi))
+}
+
+/// A patch mapped to [0, 1] for an encoder trained on such images (`nn::sam::PixelInput::Unit`):
+/// its 0.5th and 99.5th percentiles go to 0 and 1, values beyond are clipped. A flat patch
+/// becomes zeros.
+pub fn unit_range(v: &ArrayView3<f32>) -> Array3<f32> {
+    let mut vals: Vec<f32> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    match quantile_pair(&mut vals, (0.005, 0.995)) {
+        Some((lo, hi)) if hi > lo => v.mapv(|x| ((x - lo) / (hi - lo)).clamp(0.0, 1.0)),
+        _ => Array3::zeros(v.raw_dim()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unit_range_clips_at_the_percentiles() {
+        // 1000 values 0..999 and one outlier: the 0.5th/99.5th percentiles are 5 and 995.
+        let mut v: Vec<f32> = (0..1000).map(|x| x as f32).collect();
+        v.push(1e6);
+        let a = Array3::from_shape_vec((7, 11, 13), v).unwrap();
+        let u = unit_range(&a.view());
+        assert_eq!(u[[0, 0, 0]], 0.0);
+        assert_eq!(u[[6, 10, 12]], 1.0, "the outlier is clipped");
+        let mid = u.as_slice().unwrap()[500];
+        assert!((mid - 495.0 / 990.0).abs() < 1e-6, "{mid}");
+        assert!(unit_range(&Array3::from_elem((2, 2, 2), 3.0f32).view()).iter().all(|&x| x == 0.0));
+    }
 
     #[test]
     fn zscore_and_bad_images() {

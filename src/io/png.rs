@@ -54,11 +54,7 @@ pub fn intensity_window(image: &ArrayView2<f32>, label: Option<&ArrayView2<u8>>)
     if v.is_empty() {
         return (0.0, 1.0);
     }
-    let last = v.len() - 1;
-    let lo_at = (WINDOW_PERCENTILES.0 * last as f64).floor() as usize;
-    let hi_at = (WINDOW_PERCENTILES.1 * last as f64).ceil() as usize;
-    let lo = *v.select_nth_unstable_by(lo_at, f32::total_cmp).1;
-    let hi = *v.select_nth_unstable_by(hi_at, f32::total_cmp).1;
+    let (lo, hi) = crate::volume::quantile_pair(&mut v, WINDOW_PERCENTILES).expect("not empty");
     if hi > lo {
         (lo, hi)
     } else {

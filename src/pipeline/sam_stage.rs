@@ -23,7 +23,7 @@ use crate::job::Reporter;
 use crate::nn::loss::{ce_dice, finite_loss};
 use crate::nn::lora::Lora;
 use crate::nn::sam::checkpoint::{self, Resolved};
-use crate::nn::sam::{class_probabilities, detect_config, upscale_logits, HeadPolicy, Sam, SamConfig};
+use crate::nn::sam::{class_probabilities, detect_config, upscale_logits, HeadPolicy, PixelInput, Sam, SamConfig};
 use std::collections::HashMap;
 use crate::pipeline::config::TrainConfig;
 use crate::pipeline::data::{random_bezier, random_crop, random_rot_flip, Rng, Sample};
@@ -125,12 +125,16 @@ impl SamModule {
         Ok(SamModule { vs, sam, lora, layout, checkpoint: resolved, cache: None })
     }
 
-    /// [B, 3, S, S] canvases of a batch of patches (grey repeated to 3 channels).
+    /// [B, 3, S, S] canvases of a batch of (z-scored) patches, grey repeated to 3 channels, in
+    /// the intensity range the encoder was trained on (`SamConfig::pixel_input`).
     fn canvases(&self, images: &[Array3<f32>]) -> Result<Tensor> {
         let s = self.layout.canvas as i64;
         let mut buf: Vec<f32> = Vec::with_capacity(images.len() * (s * s) as usize);
         for img in images {
-            let c: Array2<f32> = stitch_image(&img.view(), &self.layout)?;
+            let c: Array2<f32> = match self.sam.cfg.pixel_input {
+                PixelInput::Zscore => stitch_image(&img.view(), &self.layout)?,
+                PixelInput::Unit => stitch_image(&crate::volume::unit_range(&img.view()).view(), &self.layout)?,
+            };
             buf.extend(c.iter());
         }
         let t = Tensor::from_slice(&buf).view([images.len() as i64, 1, s, s]).to_device(self.vs.device());

@@ -105,6 +105,10 @@ const SAVED_ROW: usize = 2;
 fn choose_sam_checkpoint(c: &mut TrainConfig, a: &DemoArgs) {
     if let Some(p) = &a.sam_checkpoint {
         c.sam.checkpoint = Some(p.clone());
+        // The file decides SAM's architecture (cpu-small's `tiny` would refuse LiteMedSAM).
+        if p.as_os_str() != sfr::nn::sam::checkpoint::NONE {
+            c.sam.variant = "auto".into();
+        }
     }
 }
 

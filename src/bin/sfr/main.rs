@@ -142,8 +142,9 @@ struct TrainArgs {
     set: Option<String>,
     /// SAM checkpoint: a file (sam_vit_b_01ec64.pth, lite_medsam.pth, our safetensors), the
     /// name `lite-medsam` (the copy ./scripts/setup.sh keeps in the cache), or `none` (random
-    /// SAM). Without it: $SFR_SAM_CHECKPOINT, then the cached LiteMedSAM (variant auto or
-    /// lite_medsam), else random weights (warned).
+    /// SAM). The file decides the architecture (sam.variant becomes auto unless --config or
+    /// --set chooses it). Without it: $SFR_SAM_CHECKPOINT, then the cached LiteMedSAM (variant
+    /// auto or lite_medsam), else random weights (warned).
     #[arg(long)]
     sam_checkpoint: Option<PathBuf>,
     #[arg(long)]
@@ -334,6 +335,12 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(p) = &a.sam_checkpoint {
         c.sam.checkpoint = Some(p.clone());
+        // A named checkpoint decides SAM's architecture (a preset's `tiny` would refuse
+        // LiteMedSAM's weights), unless the user chose the variant in --config or --set.
+        let set_variant = a.set.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()).is_some_and(|v| v.pointer("/sam/variant").is_some());
+        if a.config.is_none() && !set_variant && p.as_os_str() != sfr::nn::sam::checkpoint::NONE {
+            c.sam.variant = "auto".into();
+        }
     }
     if let Some(s) = a.seed {
         c.seed = s;
@@ -595,5 +602,28 @@ fn main() -> ExitCode {
             note!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_of(args: &[&str]) -> TrainConfig {
+        let cli = Cli::try_parse_from(["sfr", "train", "--data", "d"].iter().chain(args)).unwrap();
+        match cli.command {
+            Command::Train(a) => train_config(&a).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_named_sam_checkpoint_decides_the_architecture() {
+        assert_eq!(config_of(&[]).sam.variant, "tiny", "cpu-small's SAM from scratch");
+        let c = config_of(&["--sam-checkpoint", "lite-medsam"]);
+        assert_eq!((c.sam.variant.as_str(), c.sam.checkpoint.as_deref()), ("auto", Some(Path::new("lite-medsam"))));
+        assert_eq!(config_of(&["--sam-checkpoint", "none"]).sam.variant, "tiny");
+        let chosen = config_of(&["--sam-checkpoint", "lite-medsam", "--set", r#"{"sam": {"variant": "lite_medsam"}}"#]);
+        assert_eq!(chosen.sam.variant, "lite_medsam", "--set's choice stays");
     }
 }

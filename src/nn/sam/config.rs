@@ -45,6 +45,25 @@ pub struct SamConfig {
     /// blocks' MLP ratio); the others are informative (last stage's width, attention blocks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tiny_vit: Option<TinyVitConfig>,
+    /// The intensities the image encoder was trained on (absent in older files: z-score).
+    #[serde(default)]
+    pub pixel_input: PixelInput,
+}
+
+/// How a patch's intensities are presented to the image encoder: as its pretrained weights saw
+/// them. A frozen pretrained encoder fed another range sees images unlike any it was trained on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PixelInput {
+    /// Zero mean, unit variance: the volume's z-score as it is (SAM's own pixel normalisation
+    /// gives natural images this range; the `tiny` ViT trains from scratch on it).
+    #[default]
+    Zscore,
+    /// [0, 1]: a patch's 0.5th and 99.5th intensity percentiles map to 0 and 1, clipped; the
+    /// canvas padding is 0. LiteMedSAM was trained on images scaled to [0, 1] this way (MedSAM's
+    /// pre-processing: MR clipped at the 0.5/99.5 percentiles, min-max scaled, grey repeated to
+    /// 3 channels).
+    Unit,
 }
 
 impl SamConfig {
@@ -69,6 +88,7 @@ impl SamConfig {
             iou_head_hidden_dim: 256,
             num_classes: 3,
             tiny_vit: None,
+            pixel_input: PixelInput::Zscore,
         }
     }
 
@@ -108,6 +128,7 @@ impl SamConfig {
             iou_head_hidden_dim: 32,
             num_classes: 3,
             tiny_vit: None,
+            pixel_input: PixelInput::Zscore,
         }
     }
 
@@ -125,7 +146,9 @@ impl SamConfig {
     /// LiteMedSAM (Ma et al., MedSAM, Nature Communications 2024): TinyViT with a 1×1 stride-1
     /// patch embedding, 256 input, 64×64 embedding, SAM's prompt encoder and mask decoder.
     pub fn lite_medsam() -> Self {
-        Self::tiny_vit_official("lite_medsam", 256, 1)
+        let mut c = Self::tiny_vit_official("lite_medsam", 256, 1);
+        c.pixel_input = PixelInput::Unit;
+        c
     }
 
     /// MobileSAM: the same TinyViT with a 3×3 stride-2 patch embedding at 1024 input.

@@ -38,7 +38,7 @@ use tiny_vit::TinyVit;
 // The model's configuration and its checkpoint handling live in their own files; their names
 // stay reachable here (`sam::SamConfig`, `sam::HeadPolicy`, ...).
 pub use checkpoint::{detect_config, is_decoder_head, resize_pos_embed, resize_rel_pos, HeadPolicy, LoadReport};
-pub use config::{SamConfig, TinyVitConfig};
+pub use config::{PixelInput, SamConfig, TinyVitConfig};
 
 /// Output of the mask decoder for a batch of images.
 #[derive(Debug)]
