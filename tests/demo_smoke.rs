@@ -27,7 +27,7 @@ fn decode_png(path: &Path, mixed: bool) -> png::OutputInfo {
 fn demo_runs_end_to_end_on_the_shipped_hippocampus_scans() {
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_sfr"))
-        .args(["demo", "--iterations", "3", "--sam-iterations", "2", "--labeled", "2", "--unlabeled", "2", "--test", "2"])
+        .args(["demo", "--iterations", "3", "--sam-iterations", "2", "--sam-canvases", "2", "--labeled", "2", "--unlabeled", "2", "--test", "2"])
         .args(["--sfr-plus", "--progress", "none", "--out"])
         .arg(out.path())
         .output()
@@ -58,6 +58,11 @@ fn demo_runs_end_to_end_on_the_shipped_hippocampus_scans() {
         assert_eq!(r["classes"].as_array().unwrap().len(), 2);
     }
     assert!(rows[2]["sam"]["variant"].is_string(), "the SFR row records its SAM: {}", rows[2]["sam"]);
+    // Where set-up has cached LiteMedSAM, cpu-small's SFR rows use it (frozen encoder, here on
+    // 2 canvases): the pretrained path runs end to end.
+    if std::env::var_os("SFR_SAM_CHECKPOINT").is_none() && sfr::nn::sam::checkpoint::lite_medsam_path().is_some_and(|p| p.is_file()) {
+        assert_eq!(rows[2]["sam"]["variant"], "lite_medsam", "{}", rows[2]["sam"]);
+    }
     assert!(out.path().join("results.txt").is_file());
 
     // The model loads and says it is the SFR (mean teacher) one.

@@ -55,6 +55,10 @@ pub struct DemoArgs {
     /// SAM fine-tuning iterations [default: the config's (cpu-small) on real data; 500 synthetic].
     #[arg(long)]
     sam_iterations: Option<usize>,
+    /// Canvases a pretrained SAM's frozen encoder encodes once for fine-tuning [default: the
+    /// config's (cpu-small)].
+    #[arg(long)]
+    sam_canvases: Option<usize>,
     /// SAM checkpoint for the SFR rows (a file, or a name the library resolves) [default: the
     /// config's choice].
     #[arg(long)]
@@ -144,6 +148,9 @@ fn synthetic_config(a: &DemoArgs, row: Row, iterations: usize) -> TrainConfig {
 
 fn finish_config(c: &mut TrainConfig, a: &DemoArgs, row: Row) {
     c.seed = a.seed;
+    if let Some(n) = a.sam_canvases {
+        c.sam.frozen_encoder_canvases = n;
+    }
     c.method = row.method;
     c.sfr = row.sfr;
     c.sfr_plus.enabled = row.sfr_plus;

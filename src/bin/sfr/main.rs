@@ -619,11 +619,12 @@ mod tests {
 
     #[test]
     fn a_named_sam_checkpoint_decides_the_architecture() {
-        assert_eq!(config_of(&[]).sam.variant, "tiny", "cpu-small's SAM from scratch");
-        let c = config_of(&["--sam-checkpoint", "lite-medsam"]);
+        let tiny = ["--preset", "test-tiny"];
+        assert_eq!(config_of(&tiny).sam.variant, "tiny", "test-tiny's SAM from scratch");
+        let c = config_of(&[&tiny[..], &["--sam-checkpoint", "lite-medsam"]].concat());
         assert_eq!((c.sam.variant.as_str(), c.sam.checkpoint.as_deref()), ("auto", Some(Path::new("lite-medsam"))));
-        assert_eq!(config_of(&["--sam-checkpoint", "none"]).sam.variant, "tiny");
-        let chosen = config_of(&["--sam-checkpoint", "lite-medsam", "--set", r#"{"sam": {"variant": "lite_medsam"}}"#]);
+        assert_eq!(config_of(&[&tiny[..], &["--sam-checkpoint", "none"]].concat()).sam.variant, "tiny");
+        let chosen = config_of(&[&tiny[..], &["--sam-checkpoint", "lite-medsam", "--set", r#"{"sam": {"variant": "lite_medsam"}}"#]].concat());
         assert_eq!(chosen.sam.variant, "lite_medsam", "--set's choice stays");
     }
 }
