@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::infer::Weighting;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 // Each section belongs to the layer that uses it; re-exported so `pipeline::config::X` keeps
 // working for the CLI, the tests and older code.
@@ -45,6 +45,18 @@ pub struct SamStage {
     /// randomly, SAMed's way).
     #[serde(default)]
     pub class_heads_from_mask_token: bool,
+}
+
+impl SamStage {
+    /// Names the checkpoint (a file or a known name). A named file decides SAM's architecture:
+    /// the variant becomes `auto` (a preset's `tiny` would refuse LiteMedSAM's weights), unless
+    /// `keep_variant` (the user chose it) or the name is `none` (random weights).
+    pub fn name_checkpoint(&mut self, spec: &Path, keep_variant: bool) {
+        self.checkpoint = Some(spec.to_path_buf());
+        if !keep_variant && spec.as_os_str() != crate::nn::sam::checkpoint::NONE {
+            self.variant = "auto".into();
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

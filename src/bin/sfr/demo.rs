@@ -108,11 +108,7 @@ const SAVED_ROW: usize = 2;
 /// checkpoint starts SAM from random weights, which the library logs loudly.
 fn choose_sam_checkpoint(c: &mut TrainConfig, a: &DemoArgs) {
     if let Some(p) = &a.sam_checkpoint {
-        c.sam.checkpoint = Some(p.clone());
-        // The file decides SAM's architecture (cpu-small's `tiny` would refuse LiteMedSAM).
-        if p.as_os_str() != sfr::nn::sam::checkpoint::NONE {
-            c.sam.variant = "auto".into();
-        }
+        c.sam.name_checkpoint(p, false);
     }
 }
 

@@ -334,13 +334,9 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         c.sfr_plus.enabled = true;
     }
     if let Some(p) = &a.sam_checkpoint {
-        c.sam.checkpoint = Some(p.clone());
-        // A named checkpoint decides SAM's architecture (a preset's `tiny` would refuse
-        // LiteMedSAM's weights), unless the user chose the variant in --config or --set.
+        // The variant the user chose in --config or --set stays.
         let set_variant = a.set.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()).is_some_and(|v| v.pointer("/sam/variant").is_some());
-        if a.config.is_none() && !set_variant && p.as_os_str() != sfr::nn::sam::checkpoint::NONE {
-            c.sam.variant = "auto".into();
-        }
+        c.sam.name_checkpoint(p, a.config.is_some() || set_variant);
     }
     if let Some(s) = a.seed {
         c.seed = s;

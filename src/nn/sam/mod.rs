@@ -8,9 +8,11 @@
 //! - the mask decoder is per class: `num_classes + 1` mask tokens and every token's mask is
 //!   returned (token 0 = background);
 //! - no prompts are used: empty sparse embedding, `no_mask_embed` as dense embedding;
-//! - no pixel mean/std normalisation and no padding: the input is already a z-scored square
-//!   image of `image_size` pixels. (`pixel_mean`/`pixel_std` are non-persistent buffers in the
-//!   official module, so they are not part of its state dict either.)
+//! - no pixel mean/std normalisation and no padding: the input is already a square image of
+//!   `image_size` pixels in the range the encoder expects (`SamConfig::pixel_input`: z-scored,
+//!   or [0, 1] for LiteMedSAM; the SAM stage maps patches to it). (`pixel_mean`/`pixel_std`
+//!   are non-persistent buffers in the official module, so they are not part of its state
+//!   dict either.)
 //! - `image_size` may differ from the checkpoint's 1024: see [`checkpoint::load_into`].
 //!
 //! Files: `config.rs` (SamConfig, TinyVitConfig), `checkpoint.rs` (which file, and how a state
@@ -152,7 +154,8 @@ impl Sam {
         Ok(images.to_device(self.device).to_kind(kind))
     }
 
-    /// Image embedding [B, prompt_embed_dim, g, g] of z-scored images [B, 3, S, S].
+    /// Image embedding [B, prompt_embed_dim, g, g] of images [B, 3, S, S] (already in the
+    /// encoder's `pixel_input` range).
     pub fn encode_image(&self, images: &Tensor, lora: Option<&Lora>) -> Result<Tensor> {
         let x = self.check_images(images)?;
         if let Some(l) = lora {
@@ -194,7 +197,7 @@ impl Sam {
         Ok(SamOutput { low_res_logits, iou_predictions })
     }
 
-    /// Images [B, 3, S, S] (already z-scored; no SAM pixel normalisation) -> per-class
+    /// Images [B, 3, S, S] (already in the `pixel_input` range; no SAM pixel normalisation) -> per-class
     /// low-resolution logits and IoU predictions. `lora` adds its update to every encoder qkv.
     pub fn forward(&self, images: &Tensor, lora: Option<&Lora>) -> Result<SamOutput> {
         let emb = self.encode_image(images, lora)?;
