@@ -8,11 +8,15 @@ both for timed repetitions in turn, so that the two sides see the same machine l
 
 The spec names the case and where the Rust worker left the model weights and the inputs
 (safetensors), so both sides compute with the same values:
-    {"case": "vnet_train_112x112x80", "kind": "vnet_train" | "vnet_infer" | "sam_encoder" | "tiny_vit_encoder",
-     "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
-     "vnet_reference": "<path of tests/reference/vnet_reference.py>"}
+    {"case": "vnet_train_112x112x80", "kind": "vnet_train" | "vnet_infer" | "sam_encoder" | "tiny_vit_encoder"
+     | "segment_volume", "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
+     "vnet_reference": "<path of tests/reference/vnet_reference.py>",
+     "segment": {"volume": [z, y, x], "patch": [...], "stride": [...], "weighting": "mean" | "gaussian",
+                 "batch": 4} (segment_volume only), "side": "monai" | "per_window" (segment_volume only)}
 `dir` holds weights.safetensors (the state dict under its PyTorch keys) and input.safetensors
-(`x`, plus the labels `y` for training).
+(`x`, plus the labels `y` for training; for segment_volume `x` is the raw volume [z, y, x]).
+A segment_volume worker warms up on one patch-sized corner of the volume and, after `done`,
+writes its last label map to `dir/labels-<side>.u8` (raw u8, [z, y, x]).
 
 Protocol: the worker builds the model, loads the weights, runs one untimed warm-up repetition,
 then prints `SFRBENCH {json}` lines: one `ready` line, one `{"seconds": s}` per `rep` line read
@@ -28,6 +32,7 @@ import time
 import types
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -147,8 +152,101 @@ def ce_dice(logits, target):
     return (ce + dice_loss(probs, target, valid)) * 0.5
 
 
+def window_starts(n, p, s):
+    """Window starts along one axis, as UA-MT's test_single_case: ceil((n - p) / s) + 1 windows,
+    the last one flush with the end (the same set as sfr's and MONAI's)."""
+    count = -(-(n - p) // s) + 1
+    return [min(s * i, n - p) for i in range(count)]
+
+
+def gaussian_map(patch):
+    """sfr's importance map (src/infer.rs gaussian): sigma = patch / 8, max 1, floored at the
+    smallest positive value."""
+    axes = []
+    for n in patch:
+        c = (n - 1) / 2.0
+        sigma = n / 8.0
+        axes.append(np.exp(-((np.arange(n) - c) ** 2) / (2 * sigma * sigma)))
+    g = (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]).astype(np.float32)
+    g /= g.max()
+    return np.maximum(g, g[g > 0].min()).astype(np.float32)
+
+
+def build_segment(spec, model, volume, device):
+    """(warm-up, rep, finish) of a whole-volume segmentation by MONAI or the reference loop."""
+    seg, side = spec["segment"], spec["side"]
+    patch, stride, batch = seg["patch"], seg["stride"], int(seg["batch"])
+    gaussian = seg["weighting"] == "gaussian"
+    model.eval()
+    last = {}
+
+    def zscore(v):
+        # float32 reductions, as a PyTorch user would write it (sfr sums in f64; the labels'
+        # agreement is reported).
+        return (v - v.mean()) / v.std(correction=0)
+
+    if side == "monai":
+        from monai.inferers import sliding_window_inference
+        # MONAI's window step is int(roi * (1 - overlap)): this overlap gives exactly `stride`.
+        overlap = [1.0 - (s + 0.5) / p for s, p in zip(stride, patch)]
+
+        def segment(v):
+            x = zscore(v.to(device))[None, None]
+            with torch.no_grad():
+                probs = sliding_window_inference(
+                    x, roi_size=patch, sw_batch_size=batch, predictor=lambda t: torch.softmax(model(t), 1),
+                    overlap=overlap, mode="gaussian" if gaussian else "constant", sigma_scale=0.125,
+                    padding_mode="constant", cval=0.0)
+            return probs[0].argmax(0).to(torch.uint8).cpu().numpy()
+    elif side == "per_window":
+        weight = gaussian_map(patch) if gaussian else np.ones(patch, np.float32)
+
+        def segment(v):
+            # UA-MT's test_single_case (tch order [z, y, x]): one window per forward, softmax,
+            # numpy accumulation of scores and counts (here weights), argmax.
+            image = zscore(v).numpy()
+            nz, ny, nx = image.shape
+            pz, py, px = patch
+            score = None
+            cnt = np.zeros(image.shape, np.float32)
+            for z in window_starts(nz, pz, stride[0]):
+                for y in window_starts(ny, py, stride[1]):
+                    for x in window_starts(nx, px, stride[2]):
+                        window = np.ascontiguousarray(image[z:z + pz, y:y + py, x:x + px])
+                        t = torch.from_numpy(window)[None, None].to(device)
+                        with torch.no_grad():
+                            out = F.softmax(model(t), dim=1)
+                        out = out.cpu().numpy()[0]
+                        if score is None:
+                            score = np.zeros((out.shape[0],) + image.shape, np.float32)
+                        score[:, z:z + pz, y:y + py, x:x + px] += out * weight
+                        cnt[z:z + pz, y:y + py, x:x + px] += weight
+            score /= cnt[None]
+            return np.argmax(score, axis=0).astype(np.uint8)
+    else:
+        sys.exit(f"unknown segmentation side {side!r}")
+
+    corner = volume[:patch[0], :patch[1], :patch[2]].clone()
+
+    def warmup():
+        segment(corner)
+
+    def rep():
+        last["labels"] = segment(volume)
+
+    def finish():
+        if "labels" in last:
+            last["labels"].tofile(f"{spec['dir']}/labels-{side}.u8")
+    return warmup, rep, finish
+
+
 def build(spec, device):
-    """Model, inputs and a function running one repetition (without the synchronisation)."""
+    """(warm-up or None, one repetition without the synchronisation, finish or None)."""
+    built = build_case(spec, device)
+    return built if isinstance(built, tuple) else (None, built, None)
+
+
+def build_case(spec, device):
     inputs = load_file(f"{spec['dir']}/input.safetensors")
     weights = load_file(f"{spec['dir']}/weights.safetensors")
     x = inputs["x"].to(device)
@@ -170,6 +268,8 @@ def build(spec, device):
     model = ref.VNet(n_channels=1, n_classes=2, n_filters=16, has_dropout=True, dropout_p=0.5)
     model.load_state_dict(weights, strict=True)
     model.to(device)
+    if kind == "segment_volume":
+        return build_segment(spec, model, inputs["x"], device)
     if kind == "vnet_infer":
         model.eval()
 
@@ -199,13 +299,13 @@ def worker(spec):
         if cuda:
             torch.cuda.synchronize(device)
 
-    rep = build(spec, device)
+    warmup, rep, finish = build(spec, device)
     sync()
     rss_after_setup = proc_status("VmRSS")
     hwm_reset = reset_peak_rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rep()
+    (warmup or rep)()
     sync()
     ready = {"ready": True, "torch_version": torch.__version__, "threads": torch.get_num_threads(),
              "python": sys.version.split()[0]}
@@ -224,6 +324,8 @@ def worker(spec):
             break
         else:
             sys.exit(f"bench_pytorch.py: unknown command {cmd!r}")
+    if finish:
+        finish()
     out = {"rss_after_setup_bytes": rss_after_setup, "peak_rss_bytes": proc_status("VmHWM"),
            "peak_rss_since_setup": hwm_reset}
     if cuda:

@@ -8,6 +8,7 @@
 use crate::error::{Error, Result};
 use crate::job::Reporter;
 use ndarray::{s, Array3, Array4, ArrayView3};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -92,13 +93,22 @@ impl SlidingWindow {
         if shape.contains(&0) {
             return Err(Error::invalid("cannot segment an empty volume"));
         }
-        // Pad (centred) to at least the patch size.
+        // Pad (centred) to at least the patch size; a volume that holds a whole patch is used
+        // as it is (no copy: a CT volume is hundreds of megabytes).
         let padded_shape: Vec<usize> = (0..3).map(|a| shape[a].max(self.patch[a])).collect();
         let before: Vec<usize> = (0..3).map(|a| (padded_shape[a] - shape[a]) / 2).collect();
-        let mut padded = Array3::<f32>::zeros((padded_shape[0], padded_shape[1], padded_shape[2]));
-        padded
-            .slice_mut(s![before[0]..before[0] + shape[0], before[1]..before[1] + shape[1], before[2]..before[2] + shape[2]])
-            .assign(image);
+        let needs_pad = before.iter().zip(&padded_shape).zip(&shape).any(|((&b, &p), &n)| b > 0 || p != n);
+        let padded_owned = needs_pad.then(|| {
+            let mut padded = Array3::<f32>::zeros((padded_shape[0], padded_shape[1], padded_shape[2]));
+            padded
+                .slice_mut(s![before[0]..before[0] + shape[0], before[1]..before[1] + shape[1], before[2]..before[2] + shape[2]])
+                .assign(image);
+            padded
+        });
+        let padded = match &padded_owned {
+            Some(p) => p.view(),
+            None => image.view(),
+        };
 
         let sz = starts(padded_shape[0], self.patch[0], self.stride[0]);
         let sy = starts(padded_shape[1], self.patch[1], self.stride[1]);
@@ -126,8 +136,10 @@ impl SlidingWindow {
         }
         let mut done = 0u64;
         crate::threads::fixed_for_inference();
+        let mut buf: Vec<f32> = Vec::with_capacity(self.batch.min(windows.len()) * pz * py * px);
+        let mut host: Vec<f32> = Vec::new();
         for chunk in windows.chunks(self.batch) {
-            let mut buf: Vec<f32> = Vec::with_capacity(chunk.len() * pz * py * px);
+            buf.clear();
             for w in chunk {
                 let v = padded.slice(s![w[0]..w[0] + pz, w[1]..w[1] + py, w[2]..w[2] + px]);
                 buf.extend(v.iter());
@@ -140,14 +152,16 @@ impl SlidingWindow {
             let c = probs.size()[1] as usize;
             let acc = acc.get_or_insert_with(|| Array4::zeros((c, padded_shape[0], padded_shape[1], padded_shape[2])));
             let n = probs.numel();
-            let mut host = vec![0f32; n];
+            host.resize(n, 0.0);
             probs.copy_data(&mut host, n);
-            let host = Array4::from_shape_vec((chunk.len() * c, pz, py, px), host).map_err(|e| Error::invalid(e.to_string()))?;
+            drop(probs);
+            let win = ndarray::ArrayView4::from_shape((chunk.len() * c, pz, py, px), &host[..]).map_err(|e| Error::invalid(e.to_string()))?;
             for (b, w) in chunk.iter().enumerate() {
-                for ci in 0..c {
-                    let mut dst = acc.slice_mut(s![ci, w[0]..w[0] + pz, w[1]..w[1] + py, w[2]..w[2] + px]);
-                    dst += &host.slice(s![b * c + ci, .., .., ..]);
-                }
+                // Classes are disjoint slabs of the accumulator: added in parallel.
+                acc.outer_iter_mut().into_par_iter().enumerate().for_each(|(ci, mut class)| {
+                    let mut dst = class.slice_mut(s![w[0]..w[0] + pz, w[1]..w[1] + py, w[2]..w[2] + px]);
+                    dst += &win.slice(s![b * c + ci, .., .., ..]);
+                });
                 let mut nd = norm.slice_mut(s![w[0]..w[0] + pz, w[1]..w[1] + py, w[2]..w[2] + px]);
                 nd += &weight;
             }
@@ -156,9 +170,13 @@ impl SlidingWindow {
                 r.step(done, f64::NAN)?;
             }
         }
+        drop((buf, host));
         let mut acc = acc.expect("at least one window");
-        for mut class in acc.outer_iter_mut() {
-            class /= &norm;
+        acc.outer_iter_mut().into_par_iter().for_each(|mut class| {
+            ndarray::Zip::from(&mut class).and(&norm).par_for_each(|v, &w| *v /= w);
+        });
+        if !needs_pad {
+            return Ok(acc);
         }
         Ok(acc
             .slice(s![.., before[0]..before[0] + shape[0], before[1]..before[1] + shape[1], before[2]..before[2] + shape[2]])
@@ -167,19 +185,22 @@ impl SlidingWindow {
 }
 
 /// Per-voxel argmax over classes of probabilities [C, nz, ny, nx].
+/// Ties go to the lower class. Runs over z-slices in parallel.
 pub fn argmax(probs: &Array4<f32>) -> Array3<u8> {
-    let (_, z, y, x) = probs.dim();
-    Array3::from_shape_fn((z, y, x), |(k, j, i)| {
-        let mut best = 0usize;
-        let mut bv = f32::MIN;
-        for (c, &v) in probs.slice(s![.., k, j, i]).iter().enumerate() {
-            if v > bv {
-                bv = v;
-                best = c;
-            }
+    let (c, z, y, x) = probs.dim();
+    let mut labels = Array3::<u8>::zeros((z, y, x));
+    labels.outer_iter_mut().into_par_iter().enumerate().for_each(|(k, mut slice)| {
+        let mut best = probs.slice(s![0, k, .., ..]).to_owned();
+        for ci in 1..c {
+            ndarray::Zip::from(&mut slice).and(&mut best).and(probs.slice(s![ci, k, .., ..])).for_each(|l, b, &v| {
+                if v > *b {
+                    *b = v;
+                    *l = ci as u8;
+                }
+            });
         }
-        best as u8
-    })
+    });
+    labels
 }
 
 #[cfg(test)]
@@ -198,18 +219,23 @@ mod tests {
     /// any misplaced window or wrong crop shows up.
     #[test]
     fn pointwise_model_is_reproduced_exactly() {
-        let img = Array3::from_shape_fn((5, 9, 7), |(k, j, i)| ((k * 31 + j * 7 + i * 3) % 11) as f32 / 5.0 - 1.0);
+        // x = 7 is smaller than the patch (padded path); (6, 9, 10) holds whole patches (no copy).
+        for dims in [(5, 9, 7), (6, 9, 10)] {
+        let img = Array3::from_shape_fn(dims, |(k, j, i)| ((k * 31 + j * 7 + i * 3) % 11) as f32 / 5.0 - 1.0);
         for weighting in [Weighting::Mean, Weighting::Gaussian] {
             let sw = SlidingWindow { patch: [4, 6, 8], stride: [2, 3, 3], weighting, batch: 3 };
             let probs = sw.run(&img.view(), Device::Cpu, None, |x| Ok(Tensor::cat(&[x.zeros_like(), x.shallow_clone()], 1))).unwrap();
-            assert_eq!(probs.dim(), (2, 5, 9, 7));
+            assert_eq!(probs.dim(), (2, dims.0, dims.1, dims.2));
             for ((k, j, i), &v) in img.indexed_iter() {
                 let p1 = 1.0 / (1.0 + (-v).exp());
                 assert!((probs[[1, k, j, i]] - p1).abs() < 1e-5);
                 assert!((probs[[0, k, j, i]] + probs[[1, k, j, i]] - 1.0).abs() < 1e-5);
             }
             let lab = argmax(&probs);
-            assert_eq!(lab[[0, 0, 0]], if img[[0, 0, 0]] > 0.0 { 1 } else { 0 });
+            for ((k, j, i), &v) in img.indexed_iter() {
+                assert_eq!(lab[[k, j, i]], u8::from(v > 0.0), "at {:?}", (k, j, i));
+            }
+        }
         }
     }
 

@@ -20,6 +20,7 @@ pub mod infer;
 pub mod io;
 pub mod job;
 pub mod limits;
+pub mod malloc;
 pub mod metrics;
 pub mod model;
 pub mod nn;

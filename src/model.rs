@@ -205,7 +205,9 @@ impl SfrModel {
             )));
         }
         let norm = zscore(&image.data.view(), "input image")?;
-        self.sliding_window().run(&norm.view(), self.device, reporter, |x| self.net.f_forward_t(x, false))
+        // BatchNorm folded, channels-last: the same logits up to rounding, ~half the time on a CPU.
+        let folded = self.net.folded();
+        self.sliding_window().run(&norm.view(), self.device, reporter, |x| folded.f_forward(&self.net, x))
     }
 
     /// Label map with exactly the input's geometry, and the class probabilities.

@@ -30,6 +30,9 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
 
+mod folded;
+pub use folded::FoldedVNet;
+
 /// Architecture of a V-Net. Serialised into model files, so unknown keys are an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -78,7 +78,8 @@ fn crop(rng: &mut Rng, image: &ArrayView3<f32>, labels: &[&ArrayView3<u8>], patc
 /// Label map of `net` on a normalised image (sliding window, eval mode).
 pub fn predict_labels(net: &VNet, cfg: &TrainConfig, image: &ArrayView3<f32>, device: Device) -> Result<Array3<u8>> {
     let sw = SlidingWindow { patch: cfg.patch_zyx(), stride: cfg.stride_zyx(), weighting: cfg.inference.weighting, batch: cfg.inference.batch };
-    let probs = sw.run(image, device, None, |x| net.f_forward_t(x, false))?;
+    let folded = net.folded();
+    let probs = sw.run(image, device, None, |x| folded.f_forward(net, x))?;
     Ok(argmax(&probs))
 }
 

@@ -2,7 +2,9 @@
 //!
 //! Sections: `stitch` (stitch/unstitch beside memcpy), `sam` (SAM vit_b image encoder) and
 //! `vnet` (V-Net training step and inference), the last two each beside PyTorch eager
-//! (see `bench_models.rs`); `retrain` (iterations per second of each method, the mean
+//! (see `bench_models.rs`); `segment` (a whole volume through `sfr segment`'s path beside
+//! MONAI's sliding_window_inference and the reference code's per-window loop, same file);
+//! `retrain` (iterations per second of each method, the mean
 //! teacher's cost, contention; `bench_retrain.rs`; `--only contention` runs the last alone);
 //! `machine` describes where the numbers came from.
 use ndarray::{s, Array2, Array3};
@@ -18,7 +20,7 @@ mod models;
 mod retrain;
 
 /// Sections `--only` accepts (besides the names of single model cases).
-pub const SECTIONS: [&str; 5] = ["stitch", "sam", "vnet", "retrain", "contention"];
+pub const SECTIONS: [&str; 6] = ["stitch", "sam", "vnet", "segment", "retrain", "contention"];
 
 /// What `sfr bench` runs.
 #[derive(Debug, Clone)]
@@ -115,9 +117,9 @@ pub fn run_with(opts: &BenchOptions) -> Result<Value> {
             quick: opts.quick,
         };
         for case in chosen {
-            let (v, t, m) = runner.case(case);
+            let result = runner.case(case);
             let section = out.entry(case.section).or_insert_with(|| {
-                json!({
+                let mut head = json!({
                     "note": "seconds = median of the timed repetitions after one warm-up, each side in a fresh process; \
                              sfr and PyTorch eager reps interleaved (ABBA) in the same run, same threads, device, dtype (f32), \
                              weights and inputs (PyTorch loads what the sfr worker saved). *_vs_pytorch = sfr / pytorch \
@@ -128,11 +130,31 @@ pub fn run_with(opts: &BenchOptions) -> Result<Value> {
                     "threads": threads,
                     "device": device_name,
                     "python": match &python { Ok(p) => json!(p), Err(e) => json!({ "unavailable": e }) },
-                })
+                });
+                if case.section == "segment" {
+                    head["note"] = json!(
+                        "seconds = median of the timed repetitions (the warm-up segments one patch-sized corner), each side \
+                         in a fresh process, sides' turns rotating in the same run; same threads, weights and volume (the \
+                         Python sides load what the sfr worker saved). segment_volume_vs_monai / _vs_per_window = sfr time / \
+                         their time per volume (<= 1.0: sfr faster); *_peak_rss_* likewise for the workers' peak RSS (VmHWM, \
+                         reset once the model and volume were loaded); label_agreement_vs_* = fraction of voxels with the \
+                         same label as sfr's."
+                    );
+                }
+                head
             });
-            section[case.ratio_key] = json!(t);
-            section[format!("{}_peak_rss", case.ratio_key.trim_end_matches("_vs_pytorch")) + "_vs_pytorch"] = json!(m);
-            section[case.name] = v;
+            if case.section == "segment" {
+                for r in &result.ratios {
+                    section[format!("segment_volume_vs_{}", r.against)][case.ratio_key] = json!(r.time);
+                    section[format!("segment_volume_peak_rss_vs_{}", r.against)][case.ratio_key] = json!(r.peak_rss);
+                }
+            } else if let Some(r) = result.ratios.first() {
+                section[case.ratio_key] = json!(r.time);
+                section[format!("{}_peak_rss", case.ratio_key.trim_end_matches("_vs_pytorch")) + "_vs_pytorch"] = json!(r.peak_rss);
+            } else {
+                section[case.ratio_key] = Value::Null;
+            }
+            section[case.name] = result.json;
         }
     }
     out.insert(

@@ -14,7 +14,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sfr::nn::loss::ce_dice;
 use sfr::nn::sam::{Sam, SamConfig};
+use ndarray::Array3;
+use sfr::infer::{InferenceConfig, Weighting};
+use sfr::limits::Classes;
+use sfr::model::{ModelMeta, SfrModel};
 use sfr::nn::vnet::{VNet, VNetConfig};
+use sfr::volume::{Geometry, Volume};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -38,6 +43,26 @@ pub enum CaseKind {
     TinyVitEncoder,
     VnetTrain,
     VnetInfer,
+    /// A whole volume through `sfr segment`'s path (z-score, sliding window, argmax) beside
+    /// MONAI's `sliding_window_inference` and the reference code's per-window loop.
+    SegmentVolume,
+}
+
+/// The volume and sliding window of a [`CaseKind::SegmentVolume`] case (tch order `[z, y, x]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SegmentSpec {
+    pub volume: [usize; 3],
+    pub patch: [usize; 3],
+    pub stride: [usize; 3],
+    pub weighting: Weighting,
+    pub batch: usize,
+}
+
+impl SegmentSpec {
+    /// Windows the sliding window visits (every `stride`, plus one flush with the end).
+    pub fn windows(&self) -> usize {
+        (0..3).map(|a| (self.volume[a] - self.patch[a]).div_ceil(self.stride[a]) + 1).product()
+    }
 }
 
 /// One benchmark: a computation on an input of a given shape.
@@ -54,6 +79,8 @@ pub struct Case {
     /// Left out by `--quick` (minutes and gigabytes on a small CPU).
     pub heavy: bool,
     pub what: &'static str,
+    /// Set for [`CaseKind::SegmentVolume`].
+    pub segment: Option<SegmentSpec>,
 }
 
 const SAM_WHAT: &str = "SAM vit_b image-encoder forward (random weights, f32, no grad, batch 1)";
@@ -61,6 +88,40 @@ const TINY_VIT_WHAT: &str = "LiteMedSAM TinyViT image-encoder forward (random we
 const TRAIN_WHAT: &str = "V-Net training step (16 filters, 2 classes, train mode with Dropout3d 0.5): forward, \
                           0.5*(CE+Dice), backward, SGD lr 0.01 momentum 0.9 wd 1e-4";
 const INFER_WHAT: &str = "V-Net inference on one window (eval mode, no grad, batch 1): logits";
+const SEGMENT_WHAT: &str = "Whole-volume segmentation, raw f32 volume in memory -> label map: z-score, sliding window \
+                            (softmax averaged over overlaps), argmax; V-Net 16 filters, 2 classes, random weights. \
+                            sfr: SfrModel::segment (sfr segment's path); monai: monai.inferers.sliding_window_inference \
+                            on the PyTorch reference V-Net (eval, no grad) with softmax as predictor, same windows, \
+                            window batch and weighting; per_window: the UA-MT/SFR reference code's test_single_case \
+                            loop (one window per forward, numpy accumulation), same windows and weighting";
+
+/// The segmentation cases (`segment` section): an LA-sized volume (the largest LA crop of
+/// ../shared/data/la2018, 200 × 144 × 88 voxels) with the paper's windows (stride 18, 18, 4,
+/// mean weighting, batch 4 = `paper-la`'s inference) and with half-overlapping Gaussian
+/// windows (nnU-Net's default), and a 512 × 512 × 300 CT-sized volume with the latter (the
+/// paper's stride would be 32,256 windows there).
+fn segment_cases() -> Vec<Case> {
+    let la = [88, 144, 200];
+    let ct = [300, 512, 512];
+    let patch = [80, 112, 112];
+    let paper = SegmentSpec { volume: la, patch, stride: [4, 18, 18], weighting: Weighting::Mean, batch: 4 };
+    let half = |volume| SegmentSpec { volume, patch, stride: [40, 56, 56], weighting: Weighting::Gaussian, batch: 4 };
+    let case = |name, key, spec: SegmentSpec, heavy| Case {
+        name,
+        section: "segment",
+        ratio_key: key,
+        kind: CaseKind::SegmentVolume,
+        input: [1, 1, spec.volume[0] as i64, spec.volume[1] as i64, spec.volume[2] as i64],
+        heavy,
+        what: SEGMENT_WHAT,
+        segment: Some(spec),
+    };
+    vec![
+        case("segment_la_200x144x88_half_overlap", "la_200x144x88_half_overlap", half(la), false),
+        case("segment_la_200x144x88_paper_stride", "la_200x144x88_paper_stride", paper, true),
+        case("segment_ct_512x512x300_half_overlap", "ct_512x512x300_half_overlap", half(ct), true),
+    ]
+}
 
 /// Every model case, in the order they run (light ones first, so `--quick` output comes early).
 pub fn cases() -> Vec<Case> {
@@ -73,6 +134,7 @@ pub fn cases() -> Vec<Case> {
             input: [1, 3, 512, 512, 0],
             heavy: false,
             what: SAM_WHAT,
+            segment: None,
         },
         Case {
             name: "lite_medsam_encoder_256",
@@ -82,6 +144,7 @@ pub fn cases() -> Vec<Case> {
             input: [1, 3, 256, 256, 0],
             heavy: false,
             what: TINY_VIT_WHAT,
+            segment: None,
         },
         Case {
             name: "sam_encoder_1024",
@@ -91,6 +154,7 @@ pub fn cases() -> Vec<Case> {
             input: [1, 3, 1024, 1024, 0],
             heavy: true,
             what: SAM_WHAT,
+            segment: None,
         },
         Case {
             name: "vnet_train_48x48x32",
@@ -100,6 +164,7 @@ pub fn cases() -> Vec<Case> {
             input: [4, 1, 32, 48, 48],
             heavy: false,
             what: TRAIN_WHAT,
+            segment: None,
         },
         Case {
             name: "vnet_infer_112x112x80",
@@ -109,6 +174,7 @@ pub fn cases() -> Vec<Case> {
             input: [1, 1, 80, 112, 112],
             heavy: false,
             what: INFER_WHAT,
+            segment: None,
         },
         Case {
             name: "vnet_train_112x112x80",
@@ -118,20 +184,29 @@ pub fn cases() -> Vec<Case> {
             input: [4, 1, 80, 112, 112],
             heavy: true,
             what: TRAIN_WHAT,
+            segment: None,
         },
     ]
+    .into_iter()
+    .chain(segment_cases())
+    .collect()
 }
 
 impl Case {
     fn shape(&self) -> Vec<i64> {
         match self.kind {
             CaseKind::SamEncoder | CaseKind::TinyVitEncoder => self.input[..4].to_vec(),
+            CaseKind::SegmentVolume => self.input[2..].to_vec(),
             _ => self.input.to_vec(),
         }
     }
 
     /// Timed repetitions per side, after the warm-up.
     fn default_reps(&self, quick: bool) -> usize {
+        if self.kind == CaseKind::SegmentVolume {
+            // Minutes per repetition and side on a small CPU.
+            return if self.heavy { 1 } else { 3 };
+        }
         match (self.heavy, quick) {
             (true, _) => 3,
             (false, true) => 3,
@@ -153,6 +228,12 @@ struct Spec {
     dir: PathBuf,
     /// tests/reference/vnet_reference.py, written beside the script (for the Python worker).
     vnet_reference: PathBuf,
+    #[serde(default)]
+    segment: Option<SegmentSpec>,
+    /// Which implementation a Python worker runs where there are several ("monai",
+    /// "per_window" for segmentation); empty otherwise.
+    #[serde(default)]
+    side: String,
 }
 
 // ---------------------------------------------------------------- the Rust worker (child) side
@@ -185,9 +266,102 @@ fn sync(device: Device) {
 
 type Rep = Box<dyn FnMut() -> Result<(), String>>;
 
+/// A case's computation as a worker runs it.
+struct Built {
+    /// One timed repetition.
+    rep: Rep,
+    /// The untimed warm-up; `None`: one `rep`.
+    warmup: Option<Rep>,
+    /// Run once after the last repetition (the segmentation cases write their labels there).
+    finish: Option<Rep>,
+}
+
+impl From<Rep> for Built {
+    fn from(rep: Rep) -> Built {
+        Built { rep, warmup: None, finish: None }
+    }
+}
+
+/// Where a side of a segmentation case leaves its last label map (raw u8, `[z, y, x]` order)
+/// for the parent to compare.
+fn labels_path(dir: &Path, side: &str) -> PathBuf {
+    dir.join(format!("labels-{side}.u8"))
+}
+
+/// A smooth synthetic volume (tissue-like blobs and gradients, a little noise), so that the
+/// random network's label map has structure and the sides' agreement means something.
+fn synthetic_volume(shape: [usize; 3]) -> Array3<f32> {
+    Array3::from_shape_fn(shape, |(k, j, i)| {
+        let (z, y, x) = (k as f32, j as f32, i as f32);
+        let noise = (((k * 7919 + j * 131 + i * 17) % 1009) as f32 / 1009.0 - 0.5) * 0.2;
+        100.0 + 40.0 * (x * 0.05).sin() * (y * 0.07).cos() + 25.0 * (z * 0.11).sin() + 30.0 * ((x + y) * 0.013).cos() + 10.0 * noise
+    })
+}
+
+/// The segmentation case's Rust side: a model file's worth of metadata around a random V-Net,
+/// segmented as `sfr segment` does (SfrModel::segment).
+fn build_segment(spec: &Spec, device: Device, weights: &Path, inputs: &Path) -> Result<Built, String> {
+    let seg = spec.segment.clone().ok_or_else(|| format!("{}: segment case without a volume", spec.case))?;
+    let e = |what: &str, err: &dyn std::fmt::Display| format!("{}: {what}: {err}", spec.case);
+    let vs = VarStore::new(device);
+    let vnet = VNet::new(&vs.root(), &VNetConfig::default()).map_err(|err| e("building the V-Net", &err))?;
+    let vol = synthetic_volume(seg.volume);
+    let [pz, py, px] = seg.patch;
+    // A random network tends to call everything one class, and then any two implementations
+    // "agree" on every voxel. Shifting the foreground logit by the median logit difference
+    // over one window of this volume makes about half of it foreground.
+    let corner = sfr::volume::zscore(&vol.slice(ndarray::s![..pz, ..py, ..px]), "bench volume").map_err(|err| e("z-score", &err))?;
+    let xc = Tensor::from_slice(corner.as_slice().expect("standard layout")).view([1, 1, pz as i64, py as i64, px as i64]).to_device(device);
+    let logits = tch::no_grad(|| vnet.f_forward_t(&xc, false)).map_err(|err| e("forward", &err))?;
+    let median = (logits.get(0).get(1) - logits.get(0).get(0)).flatten(0, -1).median().double_value(&[]);
+    let bias = vnet.state_dict().into_iter().find(|(k, _)| k == "out_conv.bias").map(|(_, t)| t).ok_or_else(|| e("V-Net", &"no out_conv.bias"))?;
+    tch::no_grad(|| {
+        let _ = bias.get(1).g_sub_scalar_(median);
+    });
+    vnet.save_safetensors(weights, None).map_err(|err| e("saving the V-Net", &err))?;
+    let x = Tensor::from_slice(vol.as_slice().expect("standard layout")).view([seg.volume[0] as i64, seg.volume[1] as i64, seg.volume[2] as i64]);
+    Tensor::write_safetensors(&[("x", x)], inputs).map_err(|err| e("saving the input", &err))?;
+    let [sz, sy, sx] = seg.stride;
+    let meta = ModelMeta {
+        format: sfr::model::FORMAT.into(),
+        format_version: sfr::model::FORMAT_VERSION,
+        library_version: sfr::VERSION.into(),
+        classes: Classes::new("bench", [(0, "background".into()), (1, "foreground".into())].into()).map_err(|err| e("classes", &err))?,
+        patch: [px, py, pz],
+        normalization: "zscore".into(),
+        spacing: [1.0, 1.0, 1.0],
+        vnet: VNetConfig::default(),
+        inference: InferenceConfig { stride: [sx, sy, sz], weighting: seg.weighting, batch: seg.batch },
+        training: json!({ "bench": true }),
+        validation: None,
+        created_unix: 0,
+    };
+    let model = std::rc::Rc::new(SfrModel::new(vs, vnet, meta));
+    let volume = std::rc::Rc::new(Volume::new(vol, Geometry::default()));
+    // The warm-up segments one patch-sized corner: it initialises every kernel without taking
+    // a whole-volume repetition's minutes.
+    let corner = Volume::new(volume.data.slice(ndarray::s![..pz, ..py, ..px]).to_owned(), Geometry::default());
+    let last: std::rc::Rc<std::cell::RefCell<Option<Array3<u8>>>> = Default::default();
+    let (m1, m2, v1, l1, l2) = (model.clone(), model, volume, last.clone(), last);
+    let out = labels_path(&spec.dir, "sfr");
+    Ok(Built {
+        warmup: Some(Box::new(move || m1.segment(&corner, None).map(drop).map_err(|err| err.to_string()))),
+        rep: Box::new(move || {
+            let (labels, probs) = m2.segment(&v1, None).map_err(|err| err.to_string())?;
+            drop(probs);
+            *l1.borrow_mut() = Some(labels.data);
+            Ok(())
+        }),
+        finish: Some(Box::new(move || match l2.borrow_mut().take() {
+            Some(labels) => std::fs::write(&out, labels.as_slice().expect("standard layout")).map_err(|err| format!("{}: {err}", out.display())),
+            None => Ok(()),
+        })),
+    })
+}
+
 /// Builds the case's model and inputs (seeded), saves them for the Python worker, and returns
 /// one repetition of the computation.
-fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
+fn build(spec: &Spec, device: Device) -> Result<Built, String> {
     tch::manual_seed(0);
     let vs = VarStore::new(device);
     let weights = spec.dir.join("weights.safetensors");
@@ -195,6 +369,7 @@ fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
     let x = Tensor::randn(spec.input.as_slice(), (Kind::Float, device));
     let e = |what: &str, err: &dyn std::fmt::Display| format!("{}: {what}: {err}", spec.case);
     match spec.kind {
+        CaseKind::SegmentVolume => build_segment(spec, device, &weights, &inputs),
         CaseKind::SamEncoder | CaseKind::TinyVitEncoder => {
             let size = spec.input[3];
             let base = if spec.kind == CaseKind::SamEncoder { SamConfig::vit_b() } else { SamConfig::lite_medsam() };
@@ -203,10 +378,11 @@ fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
             sam.save_safetensors(&weights).map_err(|err| e("saving SAM", &err))?;
             Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu))], &inputs)
                 .map_err(|err| e("saving the input", &err))?;
-            Ok(Box::new(move || {
+            let rep: Rep = Box::new(move || {
                 let _vs = &vs;
                 tch::no_grad(|| sam.encode_image(&x, None).map(drop)).map_err(|err| err.to_string())
-            }))
+            });
+            Ok(rep.into())
         }
         CaseKind::VnetInfer | CaseKind::VnetTrain => {
             let vnet = VNet::new(&vs.root(), &VNetConfig::default()).map_err(|err| e("building the V-Net", &err))?;
@@ -214,10 +390,11 @@ fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
             if spec.kind == CaseKind::VnetInfer {
                 Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu))], &inputs)
                     .map_err(|err| e("saving the input", &err))?;
-                return Ok(Box::new(move || {
+                let rep: Rep = Box::new(move || {
                     let _vs = &vs;
                     tch::no_grad(|| vnet.f_forward_t(&x, false).map(drop)).map_err(|err| err.to_string())
-                }));
+                });
+                return Ok(rep.into());
             }
             let mut label_shape = spec.input.clone();
             label_shape.remove(1);
@@ -227,13 +404,14 @@ fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
             let mut opt = Sgd { momentum: 0.9, dampening: 0.0, wd: 1e-4, nesterov: false }
                 .build(&vs, 0.01)
                 .map_err(|err| e("building SGD", &err))?;
-            Ok(Box::new(move || {
+            let rep: Rep = Box::new(move || {
                 opt.zero_grad();
                 let logits = vnet.f_forward_t(&x, true).map_err(|err| err.to_string())?;
                 ce_dice(&logits, &y).f_backward().map_err(|err| err.to_string())?;
                 opt.step();
                 Ok(())
-            }))
+            });
+            Ok(rep.into())
         }
     }
 }
@@ -241,11 +419,14 @@ fn build(spec: &Spec, device: Device) -> Result<Rep, String> {
 fn worker(spec: &Spec) -> Result<(), String> {
     tch::set_num_threads(spec.threads as i32);
     let device = sfr::nn::parse_device(&spec.device).map_err(|e| e.to_string())?;
-    let mut rep = build(spec, device)?;
+    let Built { mut rep, warmup, finish } = build(spec, device)?;
     sync(device);
     let rss_after_setup = proc_status("VmRSS");
     let hwm_reset = reset_peak_rss();
-    rep()?;
+    match warmup {
+        Some(mut w) => w()?,
+        None => rep()?,
+    }
     sync(device);
     say(json!({ "ready": true, "threads": tch::get_num_threads() }));
     for line in std::io::stdin().lock().lines() {
@@ -261,6 +442,9 @@ fn worker(spec: &Spec) -> Result<(), String> {
             "done" => break,
             other => return Err(format!("unknown command {other:?}")),
         }
+    }
+    if let Some(mut f) = finish {
+        f()?;
     }
     say(json!({
         "rss_after_setup_bytes": rss_after_setup,
@@ -510,6 +694,11 @@ impl Side {
                     out["windows_per_s"] = json!(b / s);
                     out["mvoxels_per_s"] = json!(voxels / s / 1e6);
                 }
+                CaseKind::SegmentVolume => {
+                    // input = [1, 1, nz, ny, nx]: voxels of the volume
+                    out["windows_per_s"] = json!(case.segment.as_ref().map(|g| g.windows() as f64 / s));
+                    out["mvoxels_per_s"] = json!(voxels / s / 1e6);
+                }
             }
         }
         if cuda {
@@ -529,14 +718,14 @@ impl Side {
 
 impl ModelRun {
     /// Runs one case on both sides; its JSON, the time ratio and the peak-RSS ratio (sfr/pytorch).
-    pub fn case(&self, case: &Case) -> (Value, Option<f64>, Option<f64>) {
+    pub fn case(&self, case: &Case) -> CaseResult {
         let dir = std::env::temp_dir().join(format!("sfr-bench-{}-{}", std::process::id(), case.name));
         let result = self.case_in(case, &dir);
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
 
-    fn case_in(&self, case: &Case, dir: &Path) -> (Value, Option<f64>, Option<f64>) {
+    fn case_in(&self, case: &Case, dir: &Path) -> CaseResult {
         let reps = self.reps.unwrap_or_else(|| case.default_reps(self.quick)).max(1);
         let mut head = json!({
             "what": case.what,
@@ -544,12 +733,23 @@ impl ModelRun {
             "reps": reps,
             "warmup_reps": 1,
         });
+        if let Some(seg) = &case.segment {
+            head["warmup"] = json!("one patch-sized corner of the volume (not timed)");
+            head["patch_zyx"] = json!(seg.patch);
+            head["stride_zyx"] = json!(seg.stride);
+            head["weighting"] = json!(seg.weighting);
+            head["window_batch"] = json!(seg.batch);
+            head["windows"] = json!(seg.windows());
+        }
+        // The Python implementations compared with ours: PyTorch eager, or for segmentation
+        // MONAI and the reference code's loop.
+        let theirs_names: &[&'static str] = if case.kind == CaseKind::SegmentVolume { &["monai", "per_window"] } else { &["pytorch"] };
         let setup = std::fs::create_dir_all(dir)
             .and_then(|_| std::fs::write(dir.join("bench_pytorch.py"), PYTORCH_SCRIPT))
             .and_then(|_| std::fs::write(dir.join("vnet_reference.py"), VNET_REFERENCE));
         if let Err(e) = setup {
             head["error"] = json!(format!("cannot prepare {}: {e}", dir.display()));
-            return (head, None, None);
+            return CaseResult { json: head, ratios: Vec::new() };
         }
         let spec = Spec {
             case: case.name.to_string(),
@@ -559,50 +759,94 @@ impl ModelRun {
             device: self.device.clone(),
             dir: dir.to_path_buf(),
             vnet_reference: dir.join("vnet_reference.py"),
+            segment: case.segment.clone(),
+            side: String::new(),
         };
         let spec_json = serde_json::to_string(&spec).expect("spec serialises");
-        // The Rust worker goes first: it writes the weights and inputs the Python one loads.
-        let mut ours = Side::start(|| {
+        // The Rust worker goes first: it writes the weights and inputs the Python ones load.
+        let ours = Side::start(|| {
             let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
             let mut cmd = Command::new(exe);
             cmd.arg("bench").env(WORKER_ENV, &spec_json).env("RUST_LOG", "warn");
             Worker::spawn("sfr", cmd)
         });
-        let mut theirs = Side::start(|| {
-            if let Some(e) = &ours.error {
-                return Err(format!("not run: the sfr worker failed first ({e})"));
-            }
-            let py = self.python.as_ref().map_err(|e| e.clone())?;
-            let mut cmd = Command::new(py);
-            cmd.arg(dir.join("bench_pytorch.py")).arg("worker").arg(&spec_json);
-            Worker::spawn("pytorch", cmd)
-        });
+        let mut sides = vec![("sfr", ours)];
+        for &name in theirs_names {
+            let side = Side::start(|| {
+                if let Some(e) = &sides[0].1.error {
+                    return Err(format!("not run: the sfr worker failed first ({e})"));
+                }
+                let py = self.python.as_ref().map_err(|e| e.clone())?;
+                let spec = Spec { side: if name == "pytorch" { String::new() } else { name.to_string() }, ..spec.clone() };
+                let mut cmd = Command::new(py);
+                cmd.arg(dir.join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).expect("spec serialises"));
+                Worker::spawn(name, cmd)
+            });
+            sides.push((name, side));
+        }
+        let n = sides.len();
         for i in 0..reps {
-            // ABBA order, so that a load that drifts during the case favours neither side.
-            if i % 2 == 0 {
-                ours.rep();
-                theirs.rep();
-            } else {
-                theirs.rep();
-                ours.rep();
+            // Each side's turn rotates (ABBA for two sides), so that a load that drifts during
+            // the case favours none of them.
+            let order: Vec<usize> = if n == 2 { if i % 2 == 0 { vec![0, 1] } else { vec![1, 0] } } else { (0..n).map(|k| (k + i) % n).collect() };
+            for k in order {
+                sides[k].1.rep();
             }
         }
         let cuda = self.device != "cpu";
-        let (ours, t_ours, m_ours, min_ours) = ours.report(case, cuda);
-        let (theirs, t_theirs, m_theirs, min_theirs) = theirs.report(case, cuda);
+        let mut reports = Vec::new();
+        for (name, side) in sides {
+            let (v, t, m, min) = side.report(case, cuda);
+            head[name] = v;
+            reports.push((name, t, m, min));
+        }
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
         };
-        let (t, m) = (ratio(t_ours, t_theirs), ratio(m_ours, m_theirs));
-        head["sfr"] = ours;
-        head["pytorch"] = theirs;
-        head["vs_pytorch"] = json!(t);
-        // The fastest repetitions are the least disturbed by other load on a shared machine.
-        head["vs_pytorch_min"] = json!(ratio(min_ours, min_theirs));
-        head["peak_rss_vs_pytorch"] = json!(m);
-        (head, t, m)
+        let (_, t_ours, m_ours, min_ours) = reports[0];
+        let mut ratios = Vec::new();
+        for &(name, t, m, min) in &reports[1..] {
+            let (rt, rm) = (ratio(t_ours, t), ratio(m_ours, m));
+            head[format!("vs_{name}")] = json!(rt);
+            // The fastest repetitions are the least disturbed by other load on a shared machine.
+            head[format!("vs_{name}_min")] = json!(ratio(min_ours, min));
+            head[format!("peak_rss_vs_{name}")] = json!(rm);
+            if case.kind == CaseKind::SegmentVolume {
+                head["sfr_foreground_fraction"] = json!(std::fs::read(labels_path(dir, "sfr"))
+                    .ok()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.iter().filter(|&&v| v != 0).count() as f64 / l.len() as f64));
+                head[format!("label_agreement_vs_{name}")] = json!(label_agreement(&labels_path(dir, "sfr"), &labels_path(dir, name)));
+            }
+            ratios.push(Ratio { against: name, time: rt, peak_rss: rm });
+        }
+        CaseResult { json: head, ratios }
     }
+}
+
+/// A case's JSON and its ratios (ours / theirs) against each implementation compared.
+pub struct CaseResult {
+    pub json: Value,
+    pub ratios: Vec<Ratio>,
+}
+
+pub struct Ratio {
+    /// "pytorch", "monai" or "per_window".
+    pub against: &'static str,
+    pub time: Option<f64>,
+    pub peak_rss: Option<f64>,
+}
+
+/// Fraction of voxels with the same label in two sides' label files; `None` when either is
+/// missing or the sizes differ.
+fn label_agreement(a: &Path, b: &Path) -> Option<f64> {
+    let (a, b) = (std::fs::read(a).ok()?, std::fs::read(b).ok()?);
+    if a.len() != b.len() || a.is_empty() {
+        return None;
+    }
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    Some(same as f64 / a.len() as f64)
 }
 
 #[cfg(test)]
@@ -628,6 +872,55 @@ mod tests {
         assert!(cs.iter().any(|c| c.ratio_key == "vnet_train_step_vs_pytorch" && c.input == [4, 1, 80, 112, 112]));
     }
 
+    /// The whole-volume segmentation sides compute the same thing: the sfr worker's labels and
+    /// those of MONAI's sliding_window_inference and of the reference loop, on the weights and
+    /// volume sfr saved, agree voxel for voxel up to rounding (same windows, same weighting).
+    #[test]
+    fn segmentation_sides_agree_on_a_small_volume() {
+        let py = match find_python() {
+            Ok(p) => p,
+            Err(e) if std::env::var("SFR_REQUIRE_PYTHON").as_deref() == Ok("1") => panic!("SFR_REQUIRE_PYTHON=1 but {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
+        std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+        let seg = SegmentSpec { volume: [40, 48, 56], patch: [16, 32, 32], stride: [8, 12, 16], weighting: Weighting::Mean, batch: 3 };
+        assert_eq!(seg.windows(), 4 * 3 * 3);
+        let spec = Spec {
+            case: "test".into(),
+            kind: CaseKind::SegmentVolume,
+            input: vec![40, 48, 56],
+            threads: 1,
+            device: "cpu".into(),
+            dir: dir.path().to_path_buf(),
+            vnet_reference: dir.path().join("vnet_reference.py"),
+            segment: Some(seg),
+            side: String::new(),
+        };
+        let mut built = build(&spec, Device::Cpu).unwrap();
+        (built.rep)().unwrap();
+        (built.finish.take().unwrap())().unwrap();
+        let ours = std::fs::read(labels_path(dir.path(), "sfr")).unwrap();
+        assert_eq!(ours.len(), 40 * 48 * 56);
+        for side in ["monai", "per_window"] {
+            let spec = Spec { side: side.into(), ..spec.clone() };
+            let mut cmd = Command::new(&py);
+            cmd.arg(dir.path().join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).unwrap());
+            let mut w = Worker::spawn(side, cmd).unwrap();
+            assert_eq!(w.recv().unwrap()["ready"], json!(true));
+            w.rep().unwrap();
+            w.finish().unwrap();
+            let agree = label_agreement(&labels_path(dir.path(), "sfr"), &labels_path(dir.path(), side)).unwrap();
+            assert!(agree > 0.999, "{side}: only {agree} of the voxels have sfr's label");
+        }
+        let classes: std::collections::HashSet<u8> = ours.iter().copied().collect();
+        assert!(classes.len() == 2, "the random network's labels should have both classes for the comparison to mean something: {classes:?}");
+    }
+
     /// The PyTorch worker loads what the sfr side saved (strict state-dict keys, inputs and
     /// labels) and answers the protocol: guards the script against drift of the V-Net keys.
     #[test]
@@ -651,8 +944,10 @@ mod tests {
             device: "cpu".into(),
             dir: dir.path().to_path_buf(),
             vnet_reference: dir.path().join("vnet_reference.py"),
+            segment: None,
+            side: String::new(),
         };
-        let mut rep = build(&spec, Device::Cpu).unwrap();
+        let mut rep = build(&spec, Device::Cpu).unwrap().rep;
         rep().unwrap();
         let mut cmd = Command::new(&py);
         cmd.arg(dir.path().join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).unwrap());

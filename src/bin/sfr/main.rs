@@ -75,7 +75,7 @@ enum Command {
         /// Threads of libtorch (sfr and PyTorch alike) and of the stitch pool [default: libtorch's].
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
-        /// Only these sections (stitch, sam, vnet, retrain, contention) or cases (e.g. vnet_train_48x48x32); repeatable or comma-separated.
+        /// Only these sections (stitch, sam, vnet, segment, retrain, contention) or cases (e.g. vnet_train_48x48x32); repeatable or comma-separated.
         #[arg(long, value_name = "SECTION", value_delimiter = ',')]
         only: Vec<String>,
         /// cpu, cuda or auto (CUDA when present).
@@ -584,6 +584,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: freed tensors stay in the heap instead of being unmapped and
+    // faulted in again at every forward (src/malloc.rs; SFR_MALLOC=system turns this off).
+    sfr::malloc::keep_freed_memory();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_timestamp(None).init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
