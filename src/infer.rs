@@ -97,7 +97,7 @@ impl SlidingWindow {
         // as it is (no copy: a CT volume is hundreds of megabytes).
         let padded_shape: Vec<usize> = (0..3).map(|a| shape[a].max(self.patch[a])).collect();
         let before: Vec<usize> = (0..3).map(|a| (padded_shape[a] - shape[a]) / 2).collect();
-        let needs_pad = before.iter().zip(&padded_shape).zip(&shape).any(|((&b, &p), &n)| b > 0 || p != n);
+        let needs_pad = padded_shape[..] != shape[..];
         let padded_owned = needs_pad.then(|| {
             let mut padded = Array3::<f32>::zeros((padded_shape[0], padded_shape[1], padded_shape[2]));
             padded

@@ -940,6 +940,27 @@ fn label_agreement(a: &Path, b: &Path) -> Option<f64> {
 mod tests {
     use super::*;
 
+    /// The Python of the PyTorch side, or `None` after printing why the test is skipped
+    /// (a panic instead where `SFR_REQUIRE_PYTHON=1`, as in scripts/test.sh).
+    fn python_or_skip() -> Option<PathBuf> {
+        match find_python() {
+            Ok(p) => Some(p),
+            Err(e) if std::env::var("SFR_REQUIRE_PYTHON").as_deref() == Ok("1") => panic!("SFR_REQUIRE_PYTHON=1 but {e}"),
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                None
+            }
+        }
+    }
+
+    /// A folder holding the Python worker's script and the V-Net reference it imports.
+    fn worker_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
+        std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+        dir
+    }
+
     #[test]
     fn median_of_odd_and_even_counts() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
@@ -963,18 +984,9 @@ mod tests {
     /// as sfr saved them; the cached-embedding inputs of the decoder step) and answer the protocol.
     #[test]
     fn pytorch_workers_run_the_sam_stage_cases() {
-        let py = match find_python() {
-            Ok(p) => p,
-            Err(e) if std::env::var("SFR_REQUIRE_PYTHON").as_deref() == Ok("1") => panic!("SFR_REQUIRE_PYTHON=1 but {e}"),
-            Err(e) => {
-                eprintln!("SKIPPED: {e}");
-                return;
-            }
-        };
+        let Some(py) = python_or_skip() else { return };
         for kind in [CaseKind::LiteMedsamPseudoLabel, CaseKind::LiteMedsamDecoderStep] {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
-            std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+            let dir = worker_dir();
             let spec = Spec {
                 case: "test".into(),
                 kind,
@@ -1004,17 +1016,8 @@ mod tests {
     /// volume sfr saved, agree voxel for voxel up to rounding (same windows, same weighting).
     #[test]
     fn segmentation_sides_agree_on_a_small_volume() {
-        let py = match find_python() {
-            Ok(p) => p,
-            Err(e) if std::env::var("SFR_REQUIRE_PYTHON").as_deref() == Ok("1") => panic!("SFR_REQUIRE_PYTHON=1 but {e}"),
-            Err(e) => {
-                eprintln!("SKIPPED: {e}");
-                return;
-            }
-        };
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
-        std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+        let Some(py) = python_or_skip() else { return };
+        let dir = worker_dir();
         let seg = SegmentSpec { volume: [40, 48, 56], patch: [16, 32, 32], stride: [8, 12, 16], weighting: Weighting::Mean, batch: 3 };
         assert_eq!(seg.windows(), 4 * 3 * 3);
         let spec = Spec {
@@ -1052,17 +1055,8 @@ mod tests {
     /// labels) and answers the protocol: guards the script against drift of the V-Net keys.
     #[test]
     fn pytorch_worker_runs_a_vnet_step_on_the_weights_sfr_saved() {
-        let py = match find_python() {
-            Ok(p) => p,
-            Err(e) if std::env::var("SFR_REQUIRE_PYTHON").as_deref() == Ok("1") => panic!("SFR_REQUIRE_PYTHON=1 but {e}"),
-            Err(e) => {
-                eprintln!("SKIPPED: {e}");
-                return;
-            }
-        };
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
-        std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+        let Some(py) = python_or_skip() else { return };
+        let dir = worker_dir();
         let spec = Spec {
             case: "test".into(),
             kind: CaseKind::VnetTrain,
