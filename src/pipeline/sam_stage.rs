@@ -65,9 +65,9 @@ impl SamModule {
     /// loading the checkpoint when one is given.
     pub fn new(cfg: &TrainConfig, num_classes: usize, device: Device, reporter: &Reporter) -> Result<SamModule> {
         let s = &cfg.sam;
-        let patch = cfg.patch_zyx();
-        let layout = StitchLayout::for_shape(&patch, s.image_size)
-            .map_err(|e| Error::invalid(format!("config: the patch {:?} cannot be stitched at sam.image_size {}: {e}", cfg.patch, s.image_size)))?;
+        let stitch_err = |e: Error| Error::invalid(format!("config: the patch {:?} cannot be stitched at sam.image_size {}: {e}", cfg.patch, s.image_size));
+        let patch = cfg.sam_patch_zyx().map_err(stitch_err)?;
+        let layout = StitchLayout::for_shape(&patch, s.image_size).map_err(stitch_err)?;
         // The checkpoint (see nn::sam::checkpoint for the order) decides the variant when it is
         // `auto`; without one, `auto` is the small `tiny` ViT, the only one cheap enough to train
         // from scratch on a CPU.
@@ -144,7 +144,7 @@ impl SamModule {
     /// One random training sample: an augmented patch stitched to a canvas, and its label.
     fn random_sample(&self, cfg: &TrainConfig, data: &[LabeledVolume], rng: &mut Rng) -> Result<(Array3<f32>, Array2<u8>)> {
         let v = &data[rng.random_range(0..data.len())];
-        let (mut img, mut lab) = random_crop(rng, &v.image.view(), &[&v.label.view()], cfg.patch_zyx());
+        let (mut img, mut lab) = random_crop(rng, &v.image.view(), &[&v.label.view()], self.layout.volume_shape());
         if cfg.rot_flip {
             random_rot_flip(rng, &mut img, &mut lab);
         }
@@ -260,7 +260,7 @@ impl SamModule {
     /// Per-voxel class probabilities of a normalised volume (see the module doc). A cancel
     /// through `reporter` is honoured between batches of windows (a big volume takes minutes).
     pub fn pseudo_label(&self, cfg: &TrainConfig, image: &Array3<f32>, reporter: Option<&Reporter>) -> Result<PseudoLabel> {
-        let patch = cfg.patch_zyx();
+        let patch = self.layout.volume_shape();
         let sw = SlidingWindow { patch, stride: patch.map(|p| (p / 2).max(1)), weighting: Weighting::Mean, batch: cfg.sam.batch };
         let size = self.layout.canvas as i64;
         let probs = sw.run(&image.view(), self.vs.device(), None, |x| {
