@@ -23,11 +23,13 @@
 //! (the peak stays resident). That suits a command-line run; the library does not do this
 //! to a host program by itself ([`keep_freed_memory`] is for programs that own their process).
 //! An allocator setting the user already made (`GLIBC_TUNABLES`, `MALLOC_MMAP_MAX_`,
-//! `MALLOC_TRIM_THRESHOLD_`, `MALLOC_ARENA_MAX`) wins, and `SFR_MALLOC=system` keeps glibc's defaults.
+//! `MALLOC_TRIM_THRESHOLD_`, `MALLOC_ARENA_MAX`) wins, and `SFR_MALLOC=system` keeps glibc's
+//! defaults.
 
 /// Turns glibc's mmap allocations off, its heap trimming nearly off and its arenas down to the
 /// main one, unless the environment chose otherwise (see the module documentation). Call
-/// first thing in `main`, before threads start. Returns whether the setting was made (false off glibc).
+/// first thing in `main`, before threads start. Returns whether the setting was made (false
+/// off glibc).
 pub fn keep_freed_memory() -> bool {
     let env_chose = ["GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"].iter().any(|v| std::env::var_os(v).is_some());
     if env_chose || std::env::var("SFR_MALLOC").as_deref() == Ok("system") {

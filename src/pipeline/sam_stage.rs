@@ -1,7 +1,10 @@
 //! The stitching and fine-tuning modules: SAM with LoRA is fine-tuned on stitched labelled
 //! patches, then pseudo-labels unlabelled volumes.
 //!
-//! Fine-tuning: every step takes `batch` random labelled patches (the V-Net's patch size),
+//! The SAM stage's patch is the V-Net's, or with `sam.fill_canvas` as many slices as the canvas
+//! grid holds (`TrainConfig::sam_patch_zyx`).
+//!
+//! Fine-tuning: every step takes `batch` random labelled patches (the SAM stage's patch),
 //! augments them (rot90/flip, Bezier intensity curve), stitches image and label onto an S×S
 //! canvas (no resampling; label padding 255 is ignored by the loss), runs SAM without prompts
 //! and minimises 0.5·(CE + Dice) of the upsampled per-class logits. AdamW (lr, wd from the
@@ -13,8 +16,8 @@
 //! (no pretrained SAM available) a frozen random encoder would be meaningless, so the encoder is
 //! trained too; this is logged loudly.
 //!
-//! Pseudo-labelling: each unlabelled volume is covered by patch-sized windows (stride half a
-//! patch); each window is stitched, segmented by SAM and unstitched to per-voxel class
+//! Pseudo-labelling: each unlabelled volume is covered by windows of the SAM stage's patch
+//! (stride half a patch); each window is stitched, segmented by SAM and unstitched to per-voxel class
 //! probabilities; overlapping windows are averaged. Computing this once per volume (instead of
 //! per random crop, as the reference does) is what makes it affordable.
 use crate::error::{Error, Result};

@@ -121,8 +121,9 @@ fn choose_sam_checkpoint(c: &mut TrainConfig, a: &DemoArgs) {
 }
 
 /// The config of a row on real data: the library's `cpu-small` recipe, as `sfr train --preset
-/// cpu-small` uses it, with the demo's V-Net budget and SAM batch. The consistency ramp-up keeps the preset's
-/// shape: its "epoch" is scaled with the iterations, so it ends at the same fraction of training.
+/// cpu-small` uses it, with the demo's V-Net budget and SAM batch. The consistency ramp-up
+/// keeps the preset's shape: its "epoch" is scaled with the iterations, so it ends at the same
+/// fraction of training.
 fn real_config(a: &DemoArgs, row: Row, iterations: usize) -> TrainConfig {
     let mut c = TrainConfig::cpu_small();
     let base = TrainConfig::cpu_small().vnet;
