@@ -282,6 +282,39 @@ struct Spec {
     side: String,
 }
 
+impl Spec {
+    /// A spec for `case` in `dir`, whose worker files [`write_worker_files`] puts there.
+    fn new(case: &str, kind: CaseKind, input: Vec<i64>, threads: usize, device: &str, dir: &Path, segment: Option<SegmentSpec>) -> Spec {
+        Spec {
+            case: case.to_string(),
+            kind,
+            input,
+            threads,
+            device: device.to_string(),
+            dir: dir.to_path_buf(),
+            vnet_reference: dir.join("vnet_reference.py"),
+            segment,
+            side: String::new(),
+        }
+    }
+}
+
+/// Writes the Python worker's script and the V-Net reference it imports into `dir`.
+fn write_worker_files(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("bench_pytorch.py"), PYTORCH_SCRIPT)?;
+    std::fs::write(dir.join("vnet_reference.py"), VNET_REFERENCE)
+}
+
+/// Starts the Python worker `name` ("pytorch", or a segmentation side) for `spec`, running
+/// the script in `spec.dir` with `python`.
+fn python_worker(python: &Path, spec: &Spec, name: &'static str) -> Result<Worker, String> {
+    let spec = Spec { side: if name == "pytorch" { String::new() } else { name.to_string() }, ..spec.clone() };
+    let mut cmd = Command::new(python);
+    cmd.arg(spec.dir.join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).expect("spec serialises"));
+    Worker::spawn(name, cmd)
+}
+
 // ---------------------------------------------------------------- the Rust worker (child) side
 
 fn say(v: Value) {
@@ -831,24 +864,11 @@ impl ModelRun {
         // The Python implementations compared with ours: PyTorch eager, or for segmentation
         // MONAI and the reference code's loop.
         let theirs_names: &[&'static str] = if case.kind == CaseKind::SegmentVolume { &["monai", "per_window"] } else { &["pytorch"] };
-        let setup = std::fs::create_dir_all(dir)
-            .and_then(|_| std::fs::write(dir.join("bench_pytorch.py"), PYTORCH_SCRIPT))
-            .and_then(|_| std::fs::write(dir.join("vnet_reference.py"), VNET_REFERENCE));
-        if let Err(e) = setup {
+        if let Err(e) = write_worker_files(dir) {
             head["error"] = json!(format!("cannot prepare {}: {e}", dir.display()));
             return CaseResult { json: head, ratios: Vec::new() };
         }
-        let spec = Spec {
-            case: case.name.to_string(),
-            kind: case.kind,
-            input: case.shape(),
-            threads: self.threads,
-            device: self.device.clone(),
-            dir: dir.to_path_buf(),
-            vnet_reference: dir.join("vnet_reference.py"),
-            segment: case.segment.clone(),
-            side: String::new(),
-        };
+        let spec = Spec::new(case.name, case.kind, case.shape(), self.threads, &self.device, dir, case.segment.clone());
         let spec_json = serde_json::to_string(&spec).expect("spec serialises");
         // The Rust worker goes first: it writes the weights and inputs the Python ones load.
         let ours = Side::start(|| {
@@ -864,10 +884,7 @@ impl ModelRun {
                     return Err(format!("not run: the sfr worker failed first ({e})"));
                 }
                 let py = self.python.as_ref().map_err(|e| e.clone())?;
-                let spec = Spec { side: if name == "pytorch" { String::new() } else { name.to_string() }, ..spec.clone() };
-                let mut cmd = Command::new(py);
-                cmd.arg(dir.join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).expect("spec serialises"));
-                Worker::spawn(name, cmd)
+                python_worker(py, &spec, name)
             });
             sides.push((name, side));
         }
@@ -956,8 +973,7 @@ mod tests {
     /// A folder holding the Python worker's script and the V-Net reference it imports.
     fn worker_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("bench_pytorch.py"), PYTORCH_SCRIPT).unwrap();
-        std::fs::write(dir.path().join("vnet_reference.py"), VNET_REFERENCE).unwrap();
+        write_worker_files(dir.path()).unwrap();
         dir
     }
 
@@ -987,22 +1003,10 @@ mod tests {
         let Some(py) = python_or_skip() else { return };
         for kind in [CaseKind::LiteMedsamPseudoLabel, CaseKind::LiteMedsamDecoderStep] {
             let dir = worker_dir();
-            let spec = Spec {
-                case: "test".into(),
-                kind,
-                input: vec![1, 3, 256, 256],
-                threads: 1,
-                device: "cpu".into(),
-                dir: dir.path().to_path_buf(),
-                vnet_reference: dir.path().join("vnet_reference.py"),
-                segment: None,
-                side: String::new(),
-            };
+            let spec = Spec::new("test", kind, vec![1, 3, 256, 256], 1, "cpu", dir.path(), None);
             let mut rep = build(&spec, Device::Cpu).unwrap().rep;
             rep().unwrap();
-            let mut cmd = Command::new(&py);
-            cmd.arg(dir.path().join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).unwrap());
-            let mut w = Worker::spawn("pytorch", cmd).unwrap();
+            let mut w = python_worker(&py, &spec, "pytorch").unwrap();
             let ready = w.recv().unwrap_or_else(|e| panic!("{kind:?}: {e}"));
             assert_eq!(ready["ready"], json!(true), "{kind:?}: {ready}");
             let t = w.rep().unwrap();
@@ -1020,27 +1024,14 @@ mod tests {
         let dir = worker_dir();
         let seg = SegmentSpec { volume: [40, 48, 56], patch: [16, 32, 32], stride: [8, 12, 16], weighting: Weighting::Mean, batch: 3 };
         assert_eq!(seg.windows(), 4 * 3 * 3);
-        let spec = Spec {
-            case: "test".into(),
-            kind: CaseKind::SegmentVolume,
-            input: vec![40, 48, 56],
-            threads: 1,
-            device: "cpu".into(),
-            dir: dir.path().to_path_buf(),
-            vnet_reference: dir.path().join("vnet_reference.py"),
-            segment: Some(seg),
-            side: String::new(),
-        };
+        let spec = Spec::new("test", CaseKind::SegmentVolume, vec![40, 48, 56], 1, "cpu", dir.path(), Some(seg));
         let mut built = build(&spec, Device::Cpu).unwrap();
         (built.rep)().unwrap();
         (built.finish.take().unwrap())().unwrap();
         let ours = std::fs::read(labels_path(dir.path(), "sfr")).unwrap();
         assert_eq!(ours.len(), 40 * 48 * 56);
         for side in ["monai", "per_window"] {
-            let spec = Spec { side: side.into(), ..spec.clone() };
-            let mut cmd = Command::new(&py);
-            cmd.arg(dir.path().join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).unwrap());
-            let mut w = Worker::spawn(side, cmd).unwrap();
+            let mut w = python_worker(&py, &spec, side).unwrap();
             assert_eq!(w.recv().unwrap()["ready"], json!(true));
             w.rep().unwrap();
             w.finish().unwrap();
@@ -1057,22 +1048,10 @@ mod tests {
     fn pytorch_worker_runs_a_vnet_step_on_the_weights_sfr_saved() {
         let Some(py) = python_or_skip() else { return };
         let dir = worker_dir();
-        let spec = Spec {
-            case: "test".into(),
-            kind: CaseKind::VnetTrain,
-            input: vec![2, 1, 16, 16, 16],
-            threads: 1,
-            device: "cpu".into(),
-            dir: dir.path().to_path_buf(),
-            vnet_reference: dir.path().join("vnet_reference.py"),
-            segment: None,
-            side: String::new(),
-        };
+        let spec = Spec::new("test", CaseKind::VnetTrain, vec![2, 1, 16, 16, 16], 1, "cpu", dir.path(), None);
         let mut rep = build(&spec, Device::Cpu).unwrap().rep;
         rep().unwrap();
-        let mut cmd = Command::new(&py);
-        cmd.arg(dir.path().join("bench_pytorch.py")).arg("worker").arg(serde_json::to_string(&spec).unwrap());
-        let mut w = Worker::spawn("pytorch", cmd).unwrap();
+        let mut w = python_worker(&py, &spec, "pytorch").unwrap();
         let ready = w.recv().unwrap();
         assert_eq!(ready["ready"], json!(true), "{ready}");
         assert_eq!(ready["threads"], json!(1), "{ready}");
