@@ -77,6 +77,52 @@ fn every_method_trains_with_and_without_sfr() {
     }
 }
 
+/// Pseudo-labels written by one SFR run (`write_pseudo_labels`) and read back by another
+/// (`pseudo_labels_from`) train exactly the V-Net of the run that made them: one SAM stage can
+/// serve several re-training methods. The folder is really read (a changed pseudo-label changes
+/// the model), and a missing file, SFR off or SFR+ are clear errors.
+#[test]
+fn pseudo_labels_from_a_folder_train_the_same_model() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let ds = dataset(d.path(), 4, 2);
+    let inp = inputs(&ds, 2);
+    let mut cfg = tiny(Method::MeanTeacher, true);
+    cfg.threads = PINNED_THREADS;
+    cfg.vnet.pseudo_label_guard = 0.0; // 10 SAM iterations: let every pseudo-label train
+    let work = d.path().join("work");
+    let written = train(&cfg, &inp, &RunOptions { work_dir: Some(work.clone()), write_pseudo_labels: true, ..Default::default() }, &quiet()).unwrap();
+    let dir = work.join("pseudo");
+    let from = |dir: &Path| RunOptions { pseudo_labels_from: Some(dir.to_path_buf()), ..Default::default() };
+    let read = train(&cfg, &inp, &from(&dir), &quiet()).unwrap();
+    assert_eq!(read.meta.training["sam"]["pseudo_labels_from"], dir.display().to_string());
+    assert_eq!(read.meta.training["pseudo_label_guard"]["kept"], 2);
+    for ((k, a), (_, b)) in written.net().state_dict().into_iter().zip(read.net().state_dict()) {
+        assert!(a.equal(&b), "{k} differs between the run that made the pseudo-labels and the run that read them");
+    }
+    // Another pseudo-label in the folder: another model.
+    let unl = &ds.training[2].id;
+    let path = dir.join(format!("{unl}_pseudo.nii.gz"));
+    let mut lab = nifti::read(&path).unwrap().cast::<u8>();
+    lab.data.fill(0);
+    lab.data[[12, 16, 16]] = 1;
+    nifti::write(&path, &lab).unwrap();
+    let changed = train(&cfg, &inp, &from(&dir), &quiet()).unwrap();
+    assert!(written.net().state_dict().into_iter().zip(changed.net().state_dict()).any(|((_, a), (_, b))| !a.equal(&b)), "a changed pseudo-label left the model unchanged: the folder was not read");
+    // A missing pseudo-label names the file; SFR off and SFR+ are refused before any work.
+    std::fs::remove_file(&path).unwrap();
+    let err = train(&cfg, &inp, &from(&dir), &quiet()).err().expect("a missing pseudo-label was accepted").to_string();
+    assert!(err.contains(&path.display().to_string()) && err.contains("no pseudo-label"), "{err}");
+    let mut off = cfg.clone();
+    off.sfr = false;
+    let err = train(&off, &inp, &from(&dir), &quiet()).err().expect("pseudo-labels without SFR were accepted").to_string();
+    assert!(err.contains("SFR on"), "{err}");
+    let mut plus = cfg.clone();
+    plus.sfr_plus.enabled = true;
+    let err = train(&plus, &inp, &from(&dir), &quiet()).err().expect("SFR+ from a folder was accepted").to_string();
+    assert!(err.contains("SFR+"), "{err}");
+}
+
 /// Same seed, same data: the same model (CPU).
 #[test]
 fn training_is_deterministic_for_a_seed() {
@@ -136,7 +182,7 @@ fn resume_continues_from_the_checkpoint() {
     cfg.checkpoint_every = 10;
     cfg.threads = PINNED_THREADS;
     let work = d.path().join("work");
-    let opts = RunOptions { work_dir: Some(work.clone()), resume: false, write_pseudo_labels: false };
+    let opts = RunOptions { work_dir: Some(work.clone()), ..Default::default() };
     // "Crash" after iteration 15: the run is cancelled there.
     let mut job = {
         let (cfg, inp_l, inp_u, classes) = (cfg.clone(), inp.labeled.clone(), inp.unlabeled.clone(), inp.classes.clone());

@@ -660,6 +660,16 @@ fn bad_configs_are_refused_before_any_work_everywhere() {
         assert!(t.elapsed() < Duration::from_secs(20), "{set}: {:?}", t.elapsed());
         assert!(!out.exists());
     }
+    // Pseudo-labels from a folder: only with SFR on, and only from a folder.
+    let missing = dir.path().join("no-such-folder");
+    for (args, needle) in [
+        (vec!["--set", r#"{"sfr": false}"#, "--pseudo-labels", d], "needs SFR on"),
+        (vec!["--sfr", "--pseudo-labels", missing.to_str().unwrap()], "no-such-folder: --pseudo-labels needs a folder"),
+    ] {
+        let o = run(&[&["train", "--data", d, "--labeled", "2", "--preset", "test-tiny", "--out", out.to_str().unwrap(), "--progress", "none"][..], &args].concat());
+        assert!(o.status.code() == Some(1) && stderr(&o).contains(needle), "{args:?}: {}", stderr(&o));
+        assert!(!out.exists());
+    }
     let o = run(&["train", "--data", d, "--labeled", "2", "--threads", "512", "--out", out.to_str().unwrap(), "--progress", "none"]);
     assert!(o.status.code() == Some(1) && stderr(&o).contains("threads = 512"), "{}", stderr(&o));
     let o = run(&["stitch", &format!("{d}/imagesTr/phantom_000.nii.gz"), dir.path().join("c.png").to_str().unwrap(), "--canvas", "100000"]);

@@ -122,14 +122,7 @@ pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
     let label = match lab {
         None => None,
         Some(lab) => {
-            if lab.dims() != img.dims() {
-                return Err(Error::invalid(format!("{lname}: label dims {:?} differ from image dims {:?} ({iname})", lab.dims(), img.dims())));
-            }
-            let tol = 1e-3 * geometry.spacing.iter().cloned().fold(1.0, f64::max);
-            if lab.geometry.max_abs_diff(&geometry) > tol {
-                return Err(Error::invalid(format!("{lname}: label geometry {:?} differs from the image's {:?}", lab.geometry, geometry)));
-            }
-            check_label_values(&*lab, num_classes, &lname)?;
+            check_label_fits(&lab, img.data.shape(), &geometry, num_classes, &lname, &iname)?;
             // A file's label moves in; an in-memory one is copied (u8: 1 byte per voxel).
             let l = lab.into_owned().data;
             if l.iter().all(|&v| v == 0) {
@@ -139,6 +132,44 @@ pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
         }
     };
     Ok(Sample { id: src.id().to_string(), image, label, geometry })
+}
+
+/// A label must have its image's shape and geometry (within 1e-3 of the largest spacing) and
+/// only declared classes.
+fn check_label_fits(lab: &Volume<u8>, shape: &[usize], geometry: &Geometry, num_classes: usize, lname: &str, iname: &str) -> Result<()> {
+    if lab.data.shape() != shape {
+        // Said in ITK's i, j, k order, as `Volume::dims`.
+        return Err(Error::invalid(format!("{lname}: label dims {:?} differ from image dims {:?} ({iname})", lab.dims(), [shape[2], shape[1], shape[0]])));
+    }
+    let tol = 1e-3 * geometry.spacing.iter().cloned().fold(1.0, f64::max);
+    if lab.geometry.max_abs_diff(geometry) > tol {
+        return Err(Error::invalid(format!("{lname}: label geometry {:?} differs from the image's {:?}", lab.geometry, geometry)));
+    }
+    check_label_values(lab, num_classes, lname)
+}
+
+/// The pseudo-label file of an unlabelled case in a folder written by `--write-pseudo-labels`
+/// (or by any other tool): `<id>_pseudo.nii.gz`, checked like a label against the case's image.
+pub fn pseudo_label_path(dir: &std::path::Path, id: &str) -> std::path::PathBuf {
+    dir.join(format!("{id}_pseudo.nii.gz"))
+}
+
+/// Reads the pseudo-label of `sample` (an unlabelled case) from `dir`.
+pub fn read_pseudo_label(dir: &std::path::Path, sample: &Sample, num_classes: usize) -> Result<Array3<u8>> {
+    let path = pseudo_label_path(dir, &sample.id);
+    if !path.is_file() {
+        return Err(Error::invalid(format!(
+            "{}: no pseudo-label for the unlabelled case {} (the folder must hold <id>_pseudo.nii.gz for every unlabelled case, as --write-pseudo-labels writes them)",
+            path.display(),
+            sample.id
+        )));
+    }
+    let any = nifti::read(&path)?;
+    let lname = path.display().to_string();
+    crate::with_volume!(&any, v => check_label_values(v, MAX_LABEL_CLASSES, &lname))?;
+    let lab = any.cast::<u8>();
+    check_label_fits(&lab, sample.image.shape(), &sample.geometry, num_classes, &lname, &format!("the image of case {}", sample.id))?;
+    Ok(lab.data)
 }
 
 /// Pads `a` (centred, with `value`) so that every axis is at least `min`.

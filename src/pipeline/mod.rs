@@ -42,6 +42,11 @@ pub struct RunOptions {
     pub resume: bool,
     /// Write SAM pseudo-labels and confidence maps as NIfTI into `work_dir/pseudo/`.
     pub write_pseudo_labels: bool,
+    /// Train on the pseudo-labels in this folder (`<id>_pseudo.nii.gz` per unlabelled case, as
+    /// `write_pseudo_labels` writes them) instead of running the SAM stage: SAM's pseudo-labels
+    /// of one run, or another model's, train several V-Nets at the cost of one SAM stage. The
+    /// pseudo-label guard still applies. SFR only (SFR+ fine-tunes SAM between its rounds).
+    pub pseudo_labels_from: Option<PathBuf>,
 }
 
 /// Mean ± std over cases of the per-class metrics.
@@ -151,6 +156,12 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     if inputs.labeled.is_empty() {
         return Err(Error::invalid("zero labelled cases: at least one is needed"));
     }
+    if opts.pseudo_labels_from.is_some() && !cfg.sfr {
+        return Err(Error::invalid("pseudo-labels from a folder train the V-Net only with SFR on (--sfr)"));
+    }
+    if opts.pseudo_labels_from.is_some() && cfg.sfr_plus.enabled {
+        return Err(Error::invalid("SFR+ fine-tunes SAM again on its confident pseudo-labels between rounds: it cannot start from a folder of pseudo-labels"));
+    }
     let n_val = validation_count(cfg.validation_cases, inputs.labeled.len())?;
     if n_val == 0 && cfg.validation_cases.is_none() {
         reporter.message(&format!("all {} labelled cases train the model (no validation split with 8 or fewer)", inputs.labeled.len()));
@@ -178,29 +189,43 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     let mut unlabeled: Vec<UnlabeledCase> = vec![];
     let mut labeled_for_vnet = labeled;
     if cfg.sfr && !unl_samples.is_empty() {
-        let (sam_module, pseudo, confident) = sam_stage::run_sam_stage(cfg, num_classes, &labeled_for_vnet, &unl_samples, device, reporter)?;
-        let confidences: Vec<f64> = pseudo.iter().map(|p| p.confidence).collect();
-        if opts.write_pseudo_labels {
-            let dir = opts.work_dir.as_ref().ok_or_else(|| Error::invalid("writing pseudo-labels needs a work folder"))?.join("pseudo");
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            for (s, p) in unl_samples.iter().zip(&pseudo) {
-                nifti::write(dir.join(format!("{}_pseudo.nii.gz", s.id)), &Volume::new(p.label.clone(), s.geometry))?;
-                let conf = p.probabilities.fold_axis(ndarray::Axis(0), 0f32, |a, &b| a.max(b));
-                nifti::write(dir.join(format!("{}_confidence.nii.gz", s.id)), &Volume::new(conf, s.geometry))?;
+        let (pseudo_labels, confident) = match &opts.pseudo_labels_from {
+            Some(dir) => {
+                reporter.stage("pseudolabel", unl_samples.len() as u64, &format!("reading the pseudo-labels of {} unlabelled volumes from {}", unl_samples.len(), dir.display()))?;
+                let mut labels = Vec::with_capacity(unl_samples.len());
+                for (i, s) in unl_samples.iter().enumerate() {
+                    labels.push(data::read_pseudo_label(dir, s, num_classes)?);
+                    reporter.step(i as u64 + 1, f64::NAN)?;
+                }
+                sam_summary = serde_json::json!({ "pseudo_labels_from": dir });
+                (labels, vec![false; unl_samples.len()])
             }
-            reporter.message(&format!("pseudo-labels written to {}", dir.display()));
-        }
-        sam_summary = serde_json::json!({
-            // What ran, after `auto` and the checkpoint look-up (nn::sam::checkpoint).
-            "variant": sam_module.sam.cfg.name,
-            "checkpoint": sam_module.checkpoint.as_ref().map(|r| &r.path),
-            "image_size": cfg.sam.image_size,
-            "mean_confidence": confidences.iter().sum::<f64>() / confidences.len().max(1) as f64,
-            "confident_samples": confident.iter().filter(|&&c| c).count(),
-        });
+            None => {
+                let (sam_module, pseudo, confident) = sam_stage::run_sam_stage(cfg, num_classes, &labeled_for_vnet, &unl_samples, device, reporter)?;
+                let confidences: Vec<f64> = pseudo.iter().map(|p| p.confidence).collect();
+                if opts.write_pseudo_labels {
+                    let dir = opts.work_dir.as_ref().ok_or_else(|| Error::invalid("writing pseudo-labels needs a work folder"))?.join("pseudo");
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                    for (s, p) in unl_samples.iter().zip(&pseudo) {
+                        nifti::write(data::pseudo_label_path(&dir, &s.id), &Volume::new(p.label.clone(), s.geometry))?;
+                        let conf = p.probabilities.fold_axis(ndarray::Axis(0), 0f32, |a, &b| a.max(b));
+                        nifti::write(dir.join(format!("{}_confidence.nii.gz", s.id)), &Volume::new(conf, s.geometry))?;
+                    }
+                    reporter.message(&format!("pseudo-labels written to {}", dir.display()));
+                }
+                sam_summary = serde_json::json!({
+                    // What ran, after `auto` and the checkpoint look-up (nn::sam::checkpoint).
+                    "variant": sam_module.sam.cfg.name,
+                    "checkpoint": sam_module.checkpoint.as_ref().map(|r| &r.path),
+                    "image_size": cfg.sam.image_size,
+                    "mean_confidence": confidences.iter().sum::<f64>() / confidences.len().max(1) as f64,
+                    "confident_samples": confident.iter().filter(|&&c| c).count(),
+                });
+                (pseudo.into_iter().map(|p| p.label).collect(), confident)
+            }
+        };
         // Only pseudo-labels whose class fractions agree with the labelled cases train the
         // V-Net (pipeline::guard): with few labels, bad ones would outvote the labels.
-        let pseudo_labels = pseudo.into_iter().map(|p| p.label).collect();
         let guarded = guard::guard_pseudo_labels(cfg, &inputs.classes, &labeled_for_vnet, unl_samples, pseudo_labels, confident, reporter)?;
         labeled_for_vnet.extend(guarded.absorbed);
         unlabeled = guarded.unlabeled;

@@ -301,7 +301,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let opts = if row.sfr && pseudo_dir.is_none() {
             let d = work.join(cfg.method.name());
             pseudo_dir = Some(d.join("pseudo"));
-            RunOptions { work_dir: Some(d), resume: false, write_pseudo_labels: true }
+            RunOptions { work_dir: Some(d), write_pseudo_labels: true, ..Default::default() }
         } else {
             RunOptions::default()
         };

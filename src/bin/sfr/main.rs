@@ -167,6 +167,10 @@ struct TrainArgs {
     /// Write SAM pseudo-labels and confidence maps as NIfTI into the work folder.
     #[arg(long)]
     write_pseudo_labels: bool,
+    /// With --sfr: train on the pseudo-labels in this folder (`<id>_pseudo.nii.gz` for every
+    /// unlabelled case, e.g. another run's OUT.work/pseudo) instead of running SAM again.
+    #[arg(long, conflicts_with_all = ["write_pseudo_labels", "sfr_plus", "no_sam"])]
+    pseudo_labels: Option<PathBuf>,
     /// Print the effective config as JSON and exit.
     #[arg(long)]
     print_config: bool,
@@ -357,7 +361,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         out!("{}", cfg.to_json());
         return Ok(());
     }
-    if cfg.sfr {
+    if a.pseudo_labels.is_some() && !cfg.sfr {
+        return Err(Error::invalid("--pseudo-labels trains on pseudo-labels: it needs SFR on (--sfr)"));
+    }
+    if let Some(dir) = a.pseudo_labels.as_deref().filter(|d| !d.is_dir()) {
+        return Err(Error::invalid(format!("{}: --pseudo-labels needs a folder of pseudo-labels, and this is not one", dir.display())));
+    }
+    if cfg.sfr && a.pseudo_labels.is_none() {
         // Fail before reading data when a named checkpoint is missing, and say which SAM runs.
         match sfr::nn::sam::checkpoint::resolve(cfg.sam.checkpoint.as_deref(), &cfg.sam.variant)? {
             Some(r) => eprintln!("SAM checkpoint: {} ({})", r.path.display(), r.source),
@@ -392,7 +402,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         unlabeled.truncate(m);
     }
     let inputs = TrainInputs { labeled: sfr::pipeline::sources(&labeled), unlabeled: sfr::pipeline::sources(&unlabeled), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
-    let opts = RunOptions { work_dir: Some(work_dir), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels };
+    let opts = RunOptions { work_dir: Some(work_dir), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels, pseudo_labels_from: a.pseudo_labels.clone() };
     let out = a.out.clone();
     let t = std::time::Instant::now();
     let model = run_job(a.progress, move |r| {
