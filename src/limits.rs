@@ -35,6 +35,8 @@ pub const MAX_BATCH_VOXELS: usize = 1 << 26;
 pub const MAX_N_FILTERS: i64 = 128;
 /// LoRA rank (4 in the paper).
 pub const MAX_LORA_RANK: usize = 256;
+/// `sam.scale`: in-plane magnification of stitched slices.
+pub const MAX_SAM_SCALE: usize = 8;
 /// Iterations of either stage (6000 in the paper) and iterations per epoch.
 pub const MAX_ITERATIONS: usize = 10_000_000;
 /// SFR+ rounds.

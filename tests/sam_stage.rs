@@ -9,15 +9,18 @@ use sfr::pipeline::data::zscore;
 use sfr::pipeline::sam_stage::{LabeledVolume, SamModule};
 use tch::Device;
 
-#[test]
-fn sam_overfits_one_stitched_volume() {
+/// SAM fine-tuned on one phantom, stitched as `patch` with every slice magnified `scale`×,
+/// pseudo-labels that phantom back on its voxel grid: Dice of class 1.
+fn overfit_dice(dims: [usize; 3], scale: usize) -> f64 {
     tch::manual_seed(0);
     let mut cfg = TrainConfig::test_tiny();
-    cfg.patch = [64, 64, 16];
-    cfg.sam.image_size = 256; // 64×64 slices: a 4×4 grid, 4×4 ViT tokens per slice
+    cfg.patch = dims;
+    cfg.sam.image_size = 256;
+    cfg.sam.scale = scale;
     cfg.sam.batch = 2;
     cfg.sam.lr = 3e-3;
-    let spec = PhantomSpec { dims: [64, 64, 16], num_classes: 2, noise: 0.1 };
+    cfg.validate().unwrap();
+    let spec = PhantomSpec { dims, num_classes: 2, noise: 0.1 };
     let (img, lab) = phantom(3, &spec);
     let image = zscore(&img.data.view(), "phantom").unwrap();
     let r = Reporter::detached(None);
@@ -25,11 +28,28 @@ fn sam_overfits_one_stitched_volume() {
     let data = [LabeledVolume { image: &image, label: &lab.data }];
     sam.finetune(&cfg, &data, 300, 1, &r).unwrap();
     let p = sam.pseudo_label(&cfg, &image, None).unwrap();
+    assert_eq!(p.probabilities.shape()[1..], *image.shape(), "probabilities on the voxel grid");
     let m = binary_metrics(&p.label.mapv(|v| v == 1).view(), &lab.data.mapv(|v| v == 1).view(), [1.0; 3]).unwrap();
-    eprintln!("dice {:.3}, loss {:.3}, confidence {:.3}", m.dice, r.progress().loss, p.confidence);
+    eprintln!("scale {scale}: dice {:.3}, loss {:.3}, confidence {:.3}", m.dice, r.progress().loss, p.confidence);
+    m.dice
+}
+
+#[test]
+fn sam_overfits_one_stitched_volume() {
+    // 64×64 slices: a 4×4 grid on 256², 4×4 ViT tokens per slice.
+    let dice = overfit_dice([64, 64, 16], 1);
     // A SAM trained from scratch (no checkpoint can be downloaded here) on one volume reaches
     // Dice ~0.86 (seen: 0.859 with 1 thread, 0.863 with 2); a broken orientation anywhere in the
     // chain gives ~0. With 32×32 slices (2×2 tokens each) it was on a knife's edge (0.07-0.64
     // depending on the thread count): SAM needs a few 16-pixel tokens per slice.
-    assert!(m.dice > 0.7, "SAM could not fit one stitched volume: Dice {}", m.dice);
+    assert!(dice > 0.7, "SAM could not fit one stitched volume: Dice {dice}");
+}
+
+/// The same through `sam.scale`: 32×32 slices magnified 2× fill the same 64×64 cells, and the
+/// k×k mean brings SAM's probabilities back to the voxels; a magnification or reduction that
+/// shifted or transposed the slices would give a Dice near 0.
+#[test]
+fn sam_overfits_one_magnified_stitched_volume() {
+    let dice = overfit_dice([32, 32, 16], 2);
+    assert!(dice > 0.7, "SAM could not fit one volume stitched at 2×: Dice {dice}");
 }

@@ -52,6 +52,17 @@ pub struct SamStage {
     /// (cpu-small: 40 slices on the 5×8 grid instead of 32).
     #[serde(default)]
     pub fill_canvas: bool,
+    /// In-plane magnification of every slice before stitching: 1 is the paper's native
+    /// resolution; k > 1 stitches each slice upsampled k× (bilinear; labels nearest) and brings
+    /// SAM's probabilities back to the voxel grid by k×k averaging. Structures then appear at
+    /// k× their native size to an encoder pretrained on larger ones, at the cost of k²× fewer
+    /// slices per canvas (`TrainConfig::sam_patch_zyx`).
+    #[serde(default = "one")]
+    pub scale: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl SamStage {
@@ -137,6 +148,7 @@ impl TrainConfig {
                 frozen_encoder_canvases: 0,
                 class_heads_from_mask_token: false,
                 fill_canvas: false,
+                scale: 1,
             },
             vnet: VNetStage {
                 n_filters: 16,
@@ -294,15 +306,22 @@ impl TrainConfig {
         [self.patch[2], self.patch[1], self.patch[0]]
     }
     /// The SAM stage's patch in array order [z, y, x]: the V-Net's, or with `sam.fill_canvas`
-    /// as many slices as the canvas grid for its in-plane size holds (never fewer). Errors when
-    /// a slice does not fit the canvas.
+    /// as many slices as the canvas grid for its in-plane size holds (more or fewer than the
+    /// V-Net's; with `sam.scale` k the slices count as k× larger). Errors when a slice does not
+    /// fit the canvas.
     pub fn sam_patch_zyx(&self) -> Result<[usize; 3]> {
         let [d, h, w] = self.patch_zyx();
         if !self.sam.fill_canvas {
             return Ok([d, h, w]);
         }
-        let cells = crate::stitch::StitchLayout::max_slices(h, w, self.sam.image_size)?;
-        Ok([cells.max(d), h, w])
+        let k = self.sam.scale;
+        Ok([crate::stitch::StitchLayout::max_slices(h * k, w * k, self.sam.image_size)?, h, w])
+    }
+
+    /// The SAM stage's patch as stitched: `sam_patch_zyx` with every slice magnified `sam.scale`×.
+    pub fn sam_canvas_patch_zyx(&self) -> Result<[usize; 3]> {
+        let [d, h, w] = self.sam_patch_zyx()?;
+        Ok([d, h * self.sam.scale, w * self.sam.scale])
     }
     pub fn stride_zyx(&self) -> [usize; 3] {
         let s = self.inference.stride;
@@ -376,15 +395,15 @@ impl TrainConfig {
                 )));
             }
             check_range("sam.lora_rank", s.lora_rank, 1, lim::MAX_LORA_RANK)?;
+            check_range("sam.scale", s.scale, 1, lim::MAX_SAM_SCALE)?;
             check_range("sam.iterations", s.iterations, if self.sfr { 1 } else { 0 }, lim::MAX_ITERATIONS)?;
             check_positive("sam.lr", s.lr)?;
             check_non_negative("sam.weight_decay", s.weight_decay)?;
             check_batch("sam.batch", s.batch, s.image_size * s.image_size)?;
             if self.sfr {
                 // The patch must fit the canvas: found now, not after loading every case.
-                crate::stitch::StitchLayout::for_shape(&self.patch_zyx(), s.image_size).map_err(|e| {
-                    Error::invalid(format!("the patch {:?} cannot be stitched at sam.image_size {}: {e}", self.patch, s.image_size))
-                })?;
+                let stitch_err = |e: Error| Error::invalid(format!("the patch {:?} cannot be stitched at sam.image_size {} (sam.scale {}): {e}", self.patch, s.image_size, s.scale));
+                crate::stitch::StitchLayout::for_shape(&self.sam_canvas_patch_zyx().map_err(stitch_err)?, s.image_size).map_err(stitch_err)?;
                 if let Some(ck) = s.checkpoint.as_ref().filter(|c| !matches!(c.to_str(), Some(crate::nn::sam::checkpoint::LITE_MEDSAM | crate::nn::sam::checkpoint::NONE))) {
                     if !ck.is_file() {
                         return Err(Error::invalid(format!("sam.checkpoint {} does not exist or is not a file", ck.display())));
@@ -442,6 +461,7 @@ mod tests {
         old["sam"].as_object_mut().unwrap().remove("frozen_encoder_canvases");
         old["sam"].as_object_mut().unwrap().remove("class_heads_from_mask_token");
         old["sam"].as_object_mut().unwrap().remove("fill_canvas");
+        old["sam"].as_object_mut().unwrap().remove("scale");
         old["vnet"].as_object_mut().unwrap().remove("pseudo_label_guard");
         assert_eq!(TrainConfig::from_json(&old.to_string()).unwrap(), la);
         assert_eq!(TrainConfig::test_tiny().sam.variant, "tiny");
@@ -472,10 +492,18 @@ mod tests {
         let mut filled = la.clone();
         filled.sam.fill_canvas = true;
         assert_eq!(filled.sam_patch_zyx().unwrap(), [81, 112, 112], "112² slices: a 9×9 grid on 1024²");
-        // A grid smaller than the patch's depth never shrinks the patch.
+        // The grid decides the depth, also when it holds fewer slices than the V-Net's patch.
         let mut deep = small.clone();
         deep.patch = [32, 48, 64];
-        assert_eq!(deep.sam_patch_zyx().unwrap(), [64, 48, 32]);
+        assert_eq!(deep.sam_patch_zyx().unwrap(), [40, 48, 32]);
+        // Magnified 2×: 96×64 cells, a 2×4 grid, so 8 native slices.
+        let mut scaled = small.clone();
+        scaled.sam.scale = 2;
+        assert_eq!(scaled.sam_patch_zyx().unwrap(), [8, 48, 32]);
+        scaled.validate().unwrap();
+        assert_eq!(scaled.sam_canvas_patch_zyx().unwrap(), [8, 96, 64]);
+        scaled.sam.scale = 6;
+        assert!(scaled.sam_patch_zyx().is_err(), "288-pixel slices do not fit a 256² canvas");
         let mut wide = small;
         wide.sam.image_size = 32;
         assert!(wide.sam_patch_zyx().is_err(), "48-pixel slices do not fit a 32² canvas");

@@ -42,6 +42,10 @@ pub struct SamModule {
     pub sam: Sam,
     pub lora: Lora,
     pub layout: StitchLayout,
+    /// The SAM stage's patch in voxels, [z, y, x] (`TrainConfig::sam_patch_zyx`); the layout
+    /// stitches it magnified `scale`× in-plane.
+    pub patch: [usize; 3],
+    pub scale: usize,
     /// The checkpoint SAM was loaded from (None = random weights).
     pub checkpoint: Option<Resolved>,
     /// Embeddings and labels of the cached canvases (frozen-encoder fine-tuning), kept across
@@ -70,7 +74,7 @@ impl SamModule {
         let s = &cfg.sam;
         let stitch_err = |e: Error| Error::invalid(format!("config: the patch {:?} cannot be stitched at sam.image_size {}: {e}", cfg.patch, s.image_size));
         let patch = cfg.sam_patch_zyx().map_err(stitch_err)?;
-        let layout = StitchLayout::for_shape(&patch, s.image_size).map_err(stitch_err)?;
+        let layout = StitchLayout::for_shape(&cfg.sam_canvas_patch_zyx().map_err(stitch_err)?, s.image_size).map_err(stitch_err)?;
         // The checkpoint (see nn::sam::checkpoint for the order) decides the variant when it is
         // `auto`; without one, `auto` is the small `tiny` ViT, the only one cheap enough to train
         // from scratch on a CPU.
@@ -125,7 +129,7 @@ impl SamModule {
         if !pretrained {
             sam.set_image_encoder_trainable(true);
         }
-        Ok(SamModule { vs, sam, lora, layout, checkpoint: resolved, cache: None })
+        Ok(SamModule { vs, sam, lora, layout, patch, scale: s.scale, checkpoint: resolved, cache: None })
     }
 
     /// [B, 3, S, S] canvases of a batch of (z-scored) patches, grey repeated to 3 channels, in
@@ -134,6 +138,8 @@ impl SamModule {
         let s = self.layout.canvas as i64;
         let mut buf: Vec<f32> = Vec::with_capacity(images.len() * (s * s) as usize);
         for img in images {
+            let img = magnify_image(img, self.scale);
+            let img = img.as_ref();
             let c: Array2<f32> = match self.sam.cfg.pixel_input {
                 PixelInput::Zscore => stitch_image(&img.view(), &self.layout)?,
                 PixelInput::Unit => stitch_image(&crate::volume::unit_range(&img.view()).view(), &self.layout)?,
@@ -147,12 +153,12 @@ impl SamModule {
     /// One random training sample: an augmented patch stitched to a canvas, and its label.
     fn random_sample(&self, cfg: &TrainConfig, data: &[LabeledVolume], rng: &mut Rng) -> Result<(Array3<f32>, Array2<u8>)> {
         let v = &data[rng.random_range(0..data.len())];
-        let (mut img, mut lab) = random_crop(rng, &v.image.view(), &[&v.label.view()], self.layout.volume_shape());
+        let (mut img, mut lab) = random_crop(rng, &v.image.view(), &[&v.label.view()], self.patch);
         if cfg.rot_flip {
             random_rot_flip(rng, &mut img, &mut lab);
         }
         random_bezier(rng, &mut img);
-        let l = stitch_labels(&lab[0].view(), &self.layout)?;
+        let l = stitch_labels(&magnify_label(&lab[0], self.scale).view(), &self.layout)?;
         Ok((img, l))
     }
 
@@ -263,7 +269,8 @@ impl SamModule {
     /// Per-voxel class probabilities of a normalised volume (see the module doc). A cancel
     /// through `reporter` is honoured between batches of windows (a big volume takes minutes).
     pub fn pseudo_label(&self, cfg: &TrainConfig, image: &Array3<f32>, reporter: Option<&Reporter>) -> Result<PseudoLabel> {
-        let patch = self.layout.volume_shape();
+        let patch = self.patch;
+        let k = self.scale as i64;
         let sw = SlidingWindow { patch, stride: patch.map(|p| (p / 2).max(1)), weighting: Weighting::Mean, batch: cfg.sam.batch };
         let size = self.layout.canvas as i64;
         let probs = sw.run(&image.view(), self.vs.device(), None, |x| {
@@ -292,7 +299,13 @@ impl SamModule {
                 pi.copy_data(&mut v, pi.numel());
                 let canvas = Array3::from_shape_vec((c, size as usize, size as usize), v).map_err(|e| Error::invalid(e.to_string()))?;
                 let vol = unstitch_probabilities(&canvas.view(), &self.layout)?;
-                all.push(Tensor::from_slice(vol.as_slice().unwrap()).view([c as i64, patch[0] as i64, patch[1] as i64, patch[2] as i64]));
+                let [d, h, w] = self.layout.volume_shape().map(|v| v as i64);
+                let mut t = Tensor::from_slice(vol.as_slice().unwrap()).view([c as i64 * d, 1, h, w]);
+                if k > 1 {
+                    // Back to the voxel grid: the mean over each voxel's k×k magnified pixels.
+                    t = t.avg_pool2d([k, k], [k, k], [0, 0], false, true, None::<i64>);
+                }
+                all.push(t.view([c as i64, patch[0] as i64, patch[1] as i64, patch[2] as i64]));
             }
             Ok(Tensor::stack(&all, 0).clamp_min(1e-8).log())
         })?;
@@ -366,4 +379,56 @@ pub fn run_sam_stage(
         }
     }
     Ok((sam, pseudo, confident))
+}
+
+/// Every slice of a [d, h, w] patch magnified `k`× in-plane, bilinear (half-pixel centres, as
+/// PyTorch's `align_corners=False`); `k` = 1 borrows the patch.
+fn magnify_image(img: &Array3<f32>, k: usize) -> std::borrow::Cow<'_, Array3<f32>> {
+    if k == 1 {
+        return std::borrow::Cow::Borrowed(img);
+    }
+    let (d, h, w) = img.dim();
+    let t = Tensor::from_slice(img.as_standard_layout().as_slice().expect("standard layout")).view([d as i64, 1, h as i64, w as i64]);
+    let up = t.upsample_bilinear2d([(h * k) as i64, (w * k) as i64], false, None, None).contiguous();
+    let mut v = vec![0f32; up.numel()];
+    up.copy_data(&mut v, up.numel());
+    std::borrow::Cow::Owned(Array3::from_shape_vec((d, h * k, w * k), v).expect("shape of the magnified patch"))
+}
+
+/// Every slice of a [d, h, w] label magnified `k`× in-plane, nearest: each voxel becomes k×k
+/// pixels, exactly the block that `pseudo_label`'s k×k mean brings back to it.
+fn magnify_label(lab: &Array3<u8>, k: usize) -> std::borrow::Cow<'_, Array3<u8>> {
+    if k == 1 {
+        return std::borrow::Cow::Borrowed(lab);
+    }
+    let (d, h, w) = lab.dim();
+    std::borrow::Cow::Owned(Array3::from_shape_fn((d, h * k, w * k), |(z, y, x)| lab[[z, y / k, x / k]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magnified_patches_map_back_to_their_voxels() {
+        // A label magnified k× (nearest) and reduced by k×k means is the label again.
+        let lab = Array3::from_shape_fn((2, 3, 5), |(z, y, x)| ((z + 2 * y + 3 * x) % 3) as u8);
+        let up = magnify_label(&lab, 3);
+        assert_eq!(up.dim(), (2, 9, 15));
+        for ((z, y, x), &v) in up.indexed_iter() {
+            assert_eq!(v, lab[[z, y / 3, x / 3]]);
+        }
+        // An image ramp magnified 2× (bilinear, half-pixel centres): away from the border the
+        // mean of each voxel's 2×2 pixels is the voxel's value, and not transposed.
+        let img = Array3::from_shape_fn((1, 4, 6), |(_, y, x)| (10 * y + x) as f32);
+        let up = magnify_image(&img, 2);
+        assert_eq!(up.dim(), (1, 8, 12));
+        for y in 1..3 {
+            for x in 1..5 {
+                let mean = (up[[0, 2 * y, 2 * x]] + up[[0, 2 * y + 1, 2 * x]] + up[[0, 2 * y, 2 * x + 1]] + up[[0, 2 * y + 1, 2 * x + 1]]) / 4.0;
+                assert!((mean - img[[0, y, x]]).abs() < 1e-4, "({y}, {x}): {mean} against {}", img[[0, y, x]]);
+            }
+        }
+        assert!(matches!(magnify_image(&img, 1), std::borrow::Cow::Borrowed(_)), "scale 1 copies nothing");
+    }
 }
