@@ -95,15 +95,7 @@ impl CaseSource {
             CaseSource::Files(c) => {
                 let img = nifti::read(&c.image)?;
                 let lname = c.label.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-                let lab = match &c.label {
-                    None => None,
-                    Some(p) => {
-                        // Checked in the file's own voxel type, then narrowed to u8.
-                        let any = nifti::read(p)?;
-                        crate::with_volume!(&any, v => check_label_values(v, MAX_LABEL_CLASSES, &lname))?;
-                        Some(Cow::Owned(any.cast::<u8>()))
-                    }
-                };
+                let lab = c.label.as_deref().map(read_label_file).transpose()?.map(Cow::Owned);
                 Ok((Cow::Owned(img.cast::<f32>()), lab, c.image.display().to_string(), lname))
             }
             CaseSource::Memory { id, image, label } => {
@@ -164,12 +156,17 @@ pub fn read_pseudo_label(dir: &std::path::Path, sample: &Sample, num_classes: us
             sample.id
         )));
     }
-    let any = nifti::read(&path)?;
-    let lname = path.display().to_string();
-    crate::with_volume!(&any, v => check_label_values(v, MAX_LABEL_CLASSES, &lname))?;
-    let lab = any.cast::<u8>();
-    check_label_fits(&lab, sample.image.shape(), &sample.geometry, num_classes, &lname, &format!("the image of case {}", sample.id))?;
+    let lab = read_label_file(&path)?;
+    check_label_fits(&lab, sample.image.shape(), &sample.geometry, num_classes, &path.display().to_string(), &format!("the image of case {}", sample.id))?;
     Ok(lab.data)
+}
+
+/// A label file: values checked in the file's own voxel type to be integers in 0..=255, then
+/// narrowed to u8 (not yet checked against the classes).
+fn read_label_file(path: &std::path::Path) -> Result<Volume<u8>> {
+    let any = nifti::read(path)?;
+    crate::with_volume!(&any, v => check_label_values(v, MAX_LABEL_CLASSES, &path.display().to_string()))?;
+    Ok(any.cast::<u8>())
 }
 
 /// Pads `a` (centred, with `value`) so that every axis is at least `min`.
