@@ -37,6 +37,8 @@ pub const MAX_N_FILTERS: i64 = 128;
 pub const MAX_LORA_RANK: usize = 256;
 /// `sam.scale`: in-plane magnification of stitched slices.
 pub const MAX_SAM_SCALE: usize = 8;
+/// `sam.lora_last_blocks`: SAM ViT-H, the deepest official encoder, has 32 blocks.
+pub const MAX_SAM_ATTENTION_BLOCKS: usize = 32;
 /// Iterations of either stage (6000 in the paper) and iterations per epoch.
 pub const MAX_ITERATIONS: usize = 10_000_000;
 /// SFR+ rounds.

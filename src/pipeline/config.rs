@@ -40,6 +40,12 @@ pub struct SamStage {
     /// backward. Ignored (the paper's way) when SAM starts from random weights.
     #[serde(default)]
     pub frozen_encoder_canvases: usize,
+    /// With `frozen_encoder_canvases` N > 0: LoRA (rank `lora_rank`) trains on the encoder's
+    /// last K attention blocks. The encoder up to them is frozen and its output is what the N
+    /// canvases cache; every step runs the last K blocks and the neck forward and backward. 0:
+    /// the whole encoder frozen, only the prompt encoder and mask decoder train.
+    #[serde(default)]
+    pub lora_last_blocks: usize,
     /// With a pretrained SAM: start every class's mask token, hypernetwork MLP and IoU row from
     /// the checkpoint's single-mask token (false: heads that do not fit are re-initialised
     /// randomly, SAMed's way).
@@ -146,6 +152,7 @@ impl TrainConfig {
                 weight_decay: 0.1,
                 batch: 2,
                 frozen_encoder_canvases: 0,
+                lora_last_blocks: 0,
                 class_heads_from_mask_token: false,
                 fill_canvas: false,
                 scale: 1,
@@ -396,6 +403,8 @@ impl TrainConfig {
             }
             check_range("sam.lora_rank", s.lora_rank, 1, lim::MAX_LORA_RANK)?;
             check_range("sam.scale", s.scale, 1, lim::MAX_SAM_SCALE)?;
+            // The encoder's block count is known once SAM is built (SamModule::new checks it).
+            check_range("sam.lora_last_blocks", s.lora_last_blocks, 0, lim::MAX_SAM_ATTENTION_BLOCKS)?;
             check_range("sam.iterations", s.iterations, if self.sfr { 1 } else { 0 }, lim::MAX_ITERATIONS)?;
             check_positive("sam.lr", s.lr)?;
             check_non_negative("sam.weight_decay", s.weight_decay)?;

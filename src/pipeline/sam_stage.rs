@@ -12,7 +12,9 @@
 //! decoder; the image encoder is frozen when it starts from a checkpoint. With
 //! `sam.frozen_encoder_canvases` N > 0 and a pretrained SAM, N augmented canvases are encoded
 //! once by the frozen encoder (no LoRA) and only the prompt encoder and mask decoder train, on
-//! their cached embeddings (the CPU recipe). Without a checkpoint
+//! their cached embeddings (the CPU recipe); with `sam.lora_last_blocks` K > 0 the cache holds
+//! the encoder's state before its last K attention blocks, and LoRA on those K blocks trains
+//! with the decoder (each step runs the K blocks and the neck). Without a checkpoint
 //! (no pretrained SAM available) a frozen random encoder would be meaningless, so the encoder is
 //! trained too; this is logged loudly.
 //!
@@ -125,6 +127,10 @@ impl SamModule {
                 false
             }
         };
+        let blocks = sam.image_encoder.num_attention_blocks();
+        if s.lora_last_blocks > blocks {
+            return Err(Error::invalid(format!("config: sam.lora_last_blocks {} exceeds the {blocks} attention blocks of SAM '{}'", s.lora_last_blocks, scfg.name)));
+        }
         let lora = Lora::new(&vs.root().sub("lora"), &sam, s.lora_rank as i64)?;
         if !pretrained {
             sam.set_image_encoder_trainable(true);
@@ -183,9 +189,14 @@ impl SamModule {
         let s = &cfg.sam;
         let n = s.frozen_encoder_canvases;
         let size = self.layout.canvas as i64;
+        // LoRA'd last blocks (`sam.lora_last_blocks`): the cache holds the encoder's state
+        // before them, and every step runs them and the neck.
+        let blocks = self.sam.image_encoder.num_attention_blocks();
+        let split = blocks - s.lora_last_blocks;
         if self.cache.as_ref().is_none_or(|c| c.0 != data.len()) {
             self.sam.set_image_encoder_trainable(false);
-            reporter.stage("encode", n as u64, &format!("SAM {} frozen encoder: {n} augmented canvases encoded once", self.sam.cfg.name))?;
+            let what = if split == blocks { "frozen encoder".to_string() } else { format!("frozen encoder up to block {split} of {blocks}") };
+            reporter.stage("encode", n as u64, &format!("SAM {} {what}: {n} augmented canvases encoded once", self.sam.cfg.name))?;
             let (mut embs, mut labs) = (Vec::new(), Vec::new());
             let mut done = 0;
             while done < n {
@@ -199,7 +210,7 @@ impl SamModule {
                     ls.push(l);
                 }
                 let input = self.canvases(&imgs)?;
-                embs.push(tch::no_grad(|| self.sam.encode_image(&input, None))?);
+                embs.push(tch::no_grad(|| self.sam.encode_prefix(&input, Some(&self.lora), split))?);
                 labs.push(self.label_tensor(&ls));
                 done += b;
                 reporter.step(done as u64, f64::NAN)?;
@@ -209,13 +220,15 @@ impl SamModule {
         let (_, emb, target) = self.cache.as_ref().expect("cache filled above");
         let (emb, target) = (emb.shallow_clone(), target.shallow_clone());
         let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: s.weight_decay, eps: 1e-8, amsgrad: false }.build(&self.vs, s.lr)?;
-        reporter.stage("finetune", iterations as u64, &format!("SAM {} decoder on {n} cached canvases ({}×{} grid on {}²)", self.sam.cfg.name, self.layout.n_row, self.layout.n_col, size))?;
+        let what = if split == blocks { "decoder".to_string() } else { format!("decoder + LoRA r={} on its last {} blocks", s.lora_rank, blocks - split) };
+        reporter.stage("finetune", iterations as u64, &format!("SAM {} {what} on {n} cached canvases ({}×{} grid on {}²)", self.sam.cfg.name, self.layout.n_row, self.layout.n_col, size))?;
         for it in 0..iterations {
             crate::threads::tick();
             opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
             let idx: Vec<i64> = (0..s.batch).map(|_| rng.random_range(0..n) as i64).collect();
             let idx = Tensor::from_slice(&idx).to_device(emb.device());
-            let out = self.sam.decode(&emb.index_select(0, &idx))?;
+            let state = emb.index_select(0, &idx);
+            let out = if split == blocks { self.sam.decode(&state)? } else { self.sam.decode(&self.sam.encode_suffix(&state, Some(&self.lora), split)?)? };
             let logits = upscale_logits(&out.low_res_logits, (size, size));
             let loss = ce_dice(&logits, &target.index_select(0, &idx));
             opt.zero_grad();

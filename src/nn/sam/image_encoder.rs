@@ -199,8 +199,24 @@ impl ImageEncoderViT {
 
     /// `lora`, when given, adds its low-rank update to every block's fused qkv projection.
     pub fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> Tensor {
+        let n = self.blocks.len();
+        self.suffix(&self.prefix(x, lora, n), lora, n)
+    }
+
+    /// The tokens [B, g, g, C] before block `upto` (patch embedding and position embedding,
+    /// then blocks `..upto`); `suffix` continues from them, so a frozen prefix can be cached.
+    pub fn prefix(&self, x: &Tensor, lora: Option<&Lora>, upto: usize) -> Tensor {
         let mut x = self.patch_embed.forward(x).permute([0, 2, 3, 1]) + &self.pos_embed;
-        for (i, blk) in self.blocks.iter().enumerate() {
+        for (i, blk) in self.blocks.iter().enumerate().take(upto) {
+            x = blk.forward(&x, lora.map(|l| &l.blocks[i]));
+        }
+        x
+    }
+
+    /// Blocks `from..` and the neck on the tokens `prefix(.., from)` returned.
+    pub fn suffix(&self, tokens: &Tensor, lora: Option<&Lora>, from: usize) -> Tensor {
+        let mut x = tokens.shallow_clone();
+        for (i, blk) in self.blocks.iter().enumerate().skip(from) {
             x = blk.forward(&x, lora.map(|l| &l.blocks[i]));
         }
         let x = x.permute([0, 3, 1, 2]);

@@ -68,6 +68,31 @@ impl ImageEncoder {
         }
     }
 
+    /// The number of attention blocks, LoRA's blocks in order.
+    pub fn num_attention_blocks(&self) -> usize {
+        match self {
+            ImageEncoder::Vit(e) => e.blocks.len(),
+            ImageEncoder::TinyVit(e) => e.num_attention_blocks(),
+        }
+    }
+
+    /// The encoder's state before attention block `upto` (see `suffix`).
+    pub fn prefix(&self, x: &Tensor, lora: Option<&Lora>, upto: usize) -> Tensor {
+        match self {
+            ImageEncoder::Vit(e) => e.prefix(x, lora, upto),
+            ImageEncoder::TinyVit(e) => e.prefix(x, lora, upto),
+        }
+    }
+
+    /// Attention blocks `from..` and the neck on `prefix(x, lora, from)`: together they are
+    /// `forward`, bit for bit, so the frozen part before LoRA'd blocks can be computed once.
+    pub fn suffix(&self, state: &Tensor, lora: Option<&Lora>, from: usize) -> Tensor {
+        match self {
+            ImageEncoder::Vit(e) => e.suffix(state, lora, from),
+            ImageEncoder::TinyVit(e) => e.suffix(state, lora, from),
+        }
+    }
+
     /// The ViT position embedding (none for TinyViT, which has no absolute positions).
     pub fn pos_embed(&self) -> Option<&Tensor> {
         match self {
@@ -162,6 +187,34 @@ impl Sam {
             l.check_fits(&self.cfg)?;
         }
         Ok(self.image_encoder.forward(&x, lora))
+    }
+
+    /// The image encoder's state before attention block `upto` of images [B, 3, S, S]
+    /// (`ImageEncoder::prefix`); `encode_suffix` finishes the embedding.
+    pub fn encode_prefix(&self, images: &Tensor, lora: Option<&Lora>, upto: usize) -> Result<Tensor> {
+        let x = self.check_images(images)?;
+        self.check_block_index(upto)?;
+        if let Some(l) = lora {
+            l.check_fits(&self.cfg)?;
+        }
+        Ok(self.image_encoder.prefix(&x, lora, upto))
+    }
+
+    /// The image embedding [B, C, g, g] from a state `encode_prefix(.., from)` returned.
+    pub fn encode_suffix(&self, state: &Tensor, lora: Option<&Lora>, from: usize) -> Result<Tensor> {
+        self.check_block_index(from)?;
+        if let Some(l) = lora {
+            l.check_fits(&self.cfg)?;
+        }
+        Ok(self.image_encoder.suffix(state, lora, from))
+    }
+
+    fn check_block_index(&self, i: usize) -> Result<()> {
+        let n = self.image_encoder.num_attention_blocks();
+        if i > n {
+            return Err(Error::invalid(format!("SAM '{}' has {n} attention blocks, no block {i} to split the encoder at", self.cfg.name)));
+        }
+        Ok(())
     }
 
     /// The mask decoder on image embeddings [B, C, g, g] without prompts.

@@ -358,3 +358,35 @@ fn finetuned_file_restores_lora_and_decoder() {
     let err = sam3.load_finetuned(&f, &lora2).unwrap_err().to_string();
     assert!(err.contains("mask_decoder.mask_tokens.weight"), "{err}");
 }
+
+/// Splitting the encoder before any attention block and running the two parts gives the full
+/// forward bit for bit (with a non-zero LoRA, so the LoRA'd blocks are where they should be),
+/// for SAM's ViT and for TinyViT, whose blocks cross stages and PatchMergings.
+#[test]
+fn encoder_prefix_then_suffix_is_the_forward() {
+    let (_vs, vit) = tiny();
+    tch::manual_seed(11);
+    let tvs = nn::VarStore::new(Device::Cpu);
+    let tiny_vit = Sam::new(&tvs.root(), &SamConfig::lite_medsam().with_num_classes(2).with_image_size(64)).unwrap();
+    for (sam, size) in [(&vit, 128), (&tiny_vit, 64)] {
+        let lvs = nn::VarStore::new(Device::Cpu);
+        let lora = Lora::new(&lvs.root(), sam, 4).unwrap();
+        randomise_b(&lora);
+        let x = Tensor::randn([2, 3, size, size], (Kind::Float, Device::Cpu));
+        let full = tch::no_grad(|| sam.encode_image(&x, Some(&lora)).unwrap());
+        let n = sam.image_encoder.num_attention_blocks();
+        assert_eq!(n, sam.cfg.attention_blocks().len());
+        for k in 0..=n {
+            let split = tch::no_grad(|| {
+                let state = sam.encode_prefix(&x, Some(&lora), k).unwrap();
+                sam.encode_suffix(&state, Some(&lora), k).unwrap()
+            });
+            assert!(split.equal(&full), "{}: split before block {k} of {n} differs", sam.cfg.name);
+        }
+        // Without LoRA in the suffix, the output changes: LoRA of the later blocks acts there.
+        let state = tch::no_grad(|| sam.encode_prefix(&x, Some(&lora), n - 1).unwrap());
+        let plain = tch::no_grad(|| sam.encode_suffix(&state, None, n - 1).unwrap());
+        assert!(!plain.equal(&full), "{}: the last block's LoRA must act in the suffix", sam.cfg.name);
+        assert!(sam.encode_prefix(&x, None, n + 1).is_err(), "no block {} in {}", n + 1, sam.cfg.name);
+    }
+}

@@ -348,37 +348,68 @@ impl TinyVit {
             .collect()
     }
 
+    /// The number of attention blocks (stages 1–3), LoRA's blocks in order.
+    pub fn num_attention_blocks(&self) -> usize {
+        self.attention_order.len()
+    }
+
     pub fn forward(&self, x: &Tensor, lora: Option<&Lora>) -> Tensor {
-        // NCHW through the conv stage; [B, L, C] tokens through the attention stages.
+        let n = self.num_attention_blocks();
+        self.suffix(&self.prefix(x, lora, n), lora, n)
+    }
+
+    /// The encoder up to attention block `upto` (LoRA order; 0 = patch embedding and the
+    /// convolutional stage only): the NCHW state that block would see, after the previous
+    /// stage's PatchMerging when `upto` starts a stage. `suffix` continues from it, so a frozen
+    /// prefix can be computed once and cached.
+    pub fn prefix(&self, x: &Tensor, lora: Option<&Lora>, upto: usize) -> Tensor {
         let mut x = self.patch_embed.forward(x);
-        let b = x.size()[0];
-        let mut li = 0usize;
         for stage in &self.layers {
-            match stage {
-                Stage::Conv { blocks, downsample } => {
-                    for blk in blocks {
-                        x = blk.forward(&x);
-                    }
-                    if let Some(d) = downsample {
-                        x = d.forward(&x);
-                    }
+            if let Stage::Conv { blocks, downsample } = stage {
+                for blk in blocks {
+                    x = blk.forward(&x);
                 }
-                Stage::Attn { blocks, downsample } => {
-                    let (c, h, w) = (x.size()[1], x.size()[2], x.size()[3]);
-                    let mut t = x.flatten(2, 3).transpose(1, 2);
-                    for blk in blocks {
-                        t = blk.forward(&t, h, w, lora.map(|l| &l.blocks[li]));
-                        li += 1;
-                    }
-                    x = t.transpose(1, 2).reshape([b, c, h, w]);
-                    if let Some(d) = downsample {
-                        x = d.forward(&x);
-                    }
+                if let Some(d) = downsample {
+                    x = d.forward(&x);
                 }
             }
         }
+        self.attention_blocks(x, lora, 0, upto)
+    }
+
+    /// Attention blocks `from..` and the neck on the state `prefix(.., from)` returned.
+    pub fn suffix(&self, state: &Tensor, lora: Option<&Lora>, from: usize) -> Tensor {
+        let x = self.attention_blocks(state.shallow_clone(), lora, from, self.num_attention_blocks());
         let x = self.neck1.forward(&self.neck0.forward(&x));
         self.neck3.forward(&self.neck2.forward(&x))
+    }
+
+    /// Attention blocks `from..to` (LoRA order) on an NCHW state; a stage run to its end is
+    /// followed by its PatchMerging.
+    fn attention_blocks(&self, mut x: Tensor, lora: Option<&Lora>, from: usize, to: usize) -> Tensor {
+        let b = x.size()[0];
+        let mut li = 0usize;
+        for stage in &self.layers {
+            let Stage::Attn { blocks, downsample } = stage else { continue };
+            let (first, last) = (li, li + blocks.len());
+            li = last;
+            if last <= from || first >= to {
+                continue;
+            }
+            // [B, L, C] tokens through the blocks of this stage that lie in from..to.
+            let (c, h, w) = (x.size()[1], x.size()[2], x.size()[3]);
+            let mut t = x.flatten(2, 3).transpose(1, 2);
+            for (i, blk) in blocks.iter().enumerate().take(to - first).skip(from.saturating_sub(first)) {
+                t = blk.forward(&t, h, w, lora.map(|l| &l.blocks[first + i]));
+            }
+            x = t.transpose(1, 2).reshape([b, c, h, w]);
+            if to >= last {
+                if let Some(d) = downsample {
+                    x = d.forward(&x);
+                }
+            }
+        }
+        x
     }
 }
 
