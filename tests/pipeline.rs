@@ -170,6 +170,68 @@ fn cancellation_stops_within_seconds_and_writes_nothing() {
     assert!(!out.exists());
 }
 
+/// "Crashes" a run after re-training iteration 15 (cancels it there); returns its checkpoint.
+fn crash_after_iteration_15(cfg: &TrainConfig, inp: &TrainInputs, opts: &RunOptions) -> std::path::PathBuf {
+    let mut job = {
+        let (cfg, inp_l, inp_u, classes) = (cfg.clone(), inp.labeled.clone(), inp.unlabeled.clone(), inp.classes.clone());
+        let opts = opts.clone();
+        Job::spawn(None, move |r: &Reporter| {
+            let inp = TrainInputs { labeled: inp_l, unlabeled: inp_u, classes, dataset_name: String::new() };
+            train(&cfg, &inp, &opts, r)
+        })
+        .unwrap()
+    };
+    while !(job.progress().stage == "retrain" && job.progress().step >= 15) {
+        assert!(!job.is_finished(), "the run ended before iteration 15");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    job.cancel();
+    assert!(job.wait().is_err());
+    let ck = opts.work_dir.as_ref().unwrap().join("retrain.ckpt.safetensors");
+    assert!(ck.exists(), "no checkpoint after 15 iterations with checkpoint_every = 10");
+    ck
+}
+
+/// The pseudo-labels are part of a run: a checkpoint of a run on SAM's pseudo-labels is not
+/// continued on a folder's, nor one on a folder's after the folder changed.
+#[test]
+fn resume_refuses_other_pseudo_labels() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let ds = dataset(d.path(), 4, 2);
+    let inp = inputs(&ds, 2);
+    let mut cfg = tiny(Method::MeanTeacher, true);
+    cfg.vnet.iterations = 30;
+    cfg.checkpoint_every = 10;
+    cfg.threads = PINNED_THREADS;
+    cfg.vnet.pseudo_label_guard = 0.0; // 10 SAM iterations: let every pseudo-label train
+    let work = d.path().join("work");
+    let sam_run = RunOptions { work_dir: Some(work.clone()), write_pseudo_labels: true, ..Default::default() };
+    let ck = crash_after_iteration_15(&cfg, &inp, &sam_run);
+    let dir = d.path().join("pseudo");
+    std::fs::rename(work.join("pseudo"), &dir).unwrap();
+    let from_folder = RunOptions { work_dir: Some(work.clone()), pseudo_labels_from: Some(dir.clone()), ..Default::default() };
+    let refused = |opts: &RunOptions, what: &str| {
+        let err = train(&cfg, &inp, &RunOptions { resume: true, ..opts.clone() }, &quiet()).err().unwrap_or_else(|| panic!("{what} was resumed")).to_string();
+        assert!(err.contains("another configuration or other cases"), "{what}: {err}");
+        assert!(ck.exists(), "a refused resume keeps the checkpoint");
+    };
+    refused(&from_folder, "a SAM run's checkpoint with a folder's pseudo-labels");
+    std::fs::remove_file(&ck).unwrap();
+    assert_eq!(crash_after_iteration_15(&cfg, &inp, &from_folder), ck);
+    let unl = &ds.training[2].id;
+    let path = dir.join(format!("{unl}_pseudo.nii.gz"));
+    let mut lab = nifti::read(&path).unwrap().cast::<u8>();
+    lab.data[[12, 16, 16]] = 1 - lab.data[[12, 16, 16]];
+    nifti::write(&path, &lab).unwrap();
+    refused(&from_folder, "a folder run's checkpoint after a pseudo-label changed");
+    lab.data[[12, 16, 16]] = 1 - lab.data[[12, 16, 16]];
+    nifti::write(&path, &lab).unwrap();
+    let resumed = train(&cfg, &inp, &RunOptions { resume: true, ..from_folder.clone() }, &quiet()).unwrap();
+    let straight = train(&cfg, &inp, &RunOptions { pseudo_labels_from: Some(dir), ..Default::default() }, &quiet()).unwrap();
+    assert_eq!(first_difference(&resumed, &straight), None, "the resumed folder run differs from the uninterrupted one");
+}
+
 /// A run killed mid-way resumes from its checkpoint and finishes with exactly the model of an
 /// uninterrupted run (student, EMA teacher, momentum and every random draw are restored); a
 /// checkpoint of another configuration is refused.
@@ -185,23 +247,7 @@ fn resume_continues_from_the_checkpoint() {
     cfg.threads = PINNED_THREADS;
     let work = d.path().join("work");
     let opts = RunOptions { work_dir: Some(work.clone()), ..Default::default() };
-    // "Crash" after iteration 15: the run is cancelled there.
-    let mut job = {
-        let (cfg, inp_l, inp_u, classes) = (cfg.clone(), inp.labeled.clone(), inp.unlabeled.clone(), inp.classes.clone());
-        let opts = RunOptions { work_dir: opts.work_dir.clone(), ..Default::default() };
-        Job::spawn(None, move |r: &Reporter| {
-            let inp = TrainInputs { labeled: inp_l, unlabeled: inp_u, classes, dataset_name: String::new() };
-            train(&cfg, &inp, &opts, r)
-        })
-        .unwrap()
-    };
-    while !(job.progress().stage == "retrain" && job.progress().step >= 15) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    job.cancel();
-    assert!(job.wait().is_err());
-    let ck = work.join("retrain.ckpt.safetensors");
-    assert!(ck.exists(), "no checkpoint after 15 iterations with checkpoint_every = 10");
+    let ck = crash_after_iteration_15(&cfg, &inp, &opts);
     let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let m2 = messages.clone();
     let r = Reporter::detached(Some(Box::new(move |p| m2.lock().unwrap().push(p.message.clone()))));

@@ -187,6 +187,10 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     let mut sam_summary = serde_json::Value::Null;
     let mut guard_record = serde_json::Value::Null;
     let mut unlabeled: Vec<UnlabeledCase> = vec![];
+    // Where the pseudo-labels came from, for the resume checkpoint's identity: SAM's run again
+    // (the same up to floating-point noise when the thread count changed), a folder's are
+    // named by their content.
+    let mut pseudo_label_source = String::new();
     let mut labeled_for_vnet = labeled;
     if cfg.sfr && !unl_samples.is_empty() {
         let (pseudo_labels, confident) = match &opts.pseudo_labels_from {
@@ -198,6 +202,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
                     reporter.step(i as u64 + 1, f64::NAN)?;
                 }
                 sam_summary = serde_json::json!({ "pseudo_labels_from": dir });
+                pseudo_label_source = format!("folder {:016x}", retrain::fnv1a(labels.iter().flat_map(|l| l.iter().copied())));
                 (labels, vec![false; unl_samples.len()])
             }
             None => {
@@ -221,6 +226,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
                     "mean_confidence": confidences.iter().sum::<f64>() / confidences.len().max(1) as f64,
                     "confident_samples": confident.iter().filter(|&&c| c).count(),
                 });
+                pseudo_label_source = "sam".into();
                 (pseudo.into_iter().map(|p| p.label).collect(), confident)
             }
         };
@@ -236,7 +242,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         }
         unlabeled = unl_samples.into_iter().map(|s| UnlabeledCase { sample: s, sam_pseudo: None }).collect();
     }
-    let ck = opts.work_dir.as_ref().filter(|_| cfg.checkpoint_every > 0).map(|d| Checkpointing { path: d.join("retrain.ckpt.safetensors"), every: cfg.checkpoint_every });
+    let ck = opts.work_dir.as_ref().filter(|_| cfg.checkpoint_every > 0).map(|d| Checkpointing { path: d.join("retrain.ckpt.safetensors"), every: cfg.checkpoint_every, pseudo_labels: pseudo_label_source });
     if let Some(d) = &opts.work_dir {
         std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
     }

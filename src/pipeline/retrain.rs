@@ -38,6 +38,18 @@ pub struct UnlabeledCase {
 pub struct Checkpointing {
     pub path: PathBuf,
     pub every: usize,
+    /// Where the SAM pseudo-labels came from (`pseudo_label_source`), part of the run's
+    /// identity: a run resumed with pseudo-labels from elsewhere is another run.
+    pub pseudo_labels: String,
+}
+
+/// FNV-1a, 64 bits: stable across builds and platforms (std's hasher is not).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 pub fn learning_rate(cfg: &TrainConfig, it: usize) -> f64 {
@@ -305,20 +317,15 @@ fn iteration_seed(seed: u64, it: usize) -> u64 {
 }
 
 /// Identifies what a checkpoint was made from: the configuration (less settings that do not
-/// change the result: threads, checkpoint interval) and the ids of the cases, in order.
-/// `--resume` refuses a checkpoint of another run.
-fn run_fingerprint(cfg: &TrainConfig, labeled: &[Sample], unlabeled: &[UnlabeledCase]) -> String {
+/// change the result: threads, checkpoint interval), the ids of the cases, in order, and where
+/// their pseudo-labels came from. `--resume` refuses a checkpoint of another run.
+fn run_fingerprint(cfg: &TrainConfig, labeled: &[Sample], unlabeled: &[UnlabeledCase], pseudo_labels: &str) -> String {
     let mut c = serde_json::to_value(cfg).expect("serialisable");
     c["threads"] = 0.into();
     c["checkpoint_every"] = 0.into();
     let ids: Vec<&str> = labeled.iter().map(|s| s.id.as_str()).chain(std::iter::once("|")).chain(unlabeled.iter().map(|u| u.sample.id.as_str())).collect();
-    let text = format!("{c}{}{}", ids.join(","), unlabeled.iter().map(|u| if u.sam_pseudo.is_some() { 's' } else { '-' }).collect::<String>());
-    // FNV-1a, 64 bits: stable across builds and platforms (std's hasher is not)
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    let text = format!("{c}{}{}{pseudo_labels}", ids.join(","), unlabeled.iter().map(|u| if u.sam_pseudo.is_some() { 's' } else { '-' }).collect::<String>());
+    format!("{:016x}", fnv1a(text.bytes()))
 }
 
 const CHECKPOINT_FORMAT: &str = "sfr-retrain-checkpoint-2";
@@ -340,7 +347,7 @@ pub fn retrain(
     let v = &cfg.vnet;
     let patch = cfg.patch_zyx();
     let mut trainer = Trainer::new(cfg, num_classes, device)?;
-    let fingerprint = run_fingerprint(cfg, labeled, unlabeled);
+    let fingerprint = run_fingerprint(cfg, labeled, unlabeled, checkpoint.map_or("", |c| c.pseudo_labels.as_str()));
     let mut start = 0usize;
     let mut own_pseudo: Option<Vec<Array3<u8>>> = None;
     if resume {
