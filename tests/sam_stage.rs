@@ -108,6 +108,13 @@ fn lora_on_the_last_blocks_over_a_cached_frozen_prefix() {
     let change = with.iter().zip(without.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(change > 1e-3, "pseudo-labels must use the trained LoRA (max change {change})");
 
+    // K = 0: the whole encoder frozen and cached, only the decoder trains; LoRA stays zero.
+    cfg.sam.lora_last_blocks = 0;
+    let mut frozen = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
+    frozen.finetune(&cfg, &data, 5, 1, &r).unwrap();
+    assert!(frozen.lora.blocks.iter().all(|b| f64::try_from(b.linear_b_q.abs().max()).unwrap() == 0.0));
+    frozen.pseudo_label(&cfg, &image, None).unwrap();
+
     cfg.sam.lora_last_blocks = n + 1;
     let e = SamModule::new(&cfg, 2, Device::Cpu, &r).err().expect("more blocks than the encoder has").to_string();
     assert!(e.contains("lora_last_blocks") && e.contains(&n.to_string()), "{e}");

@@ -210,7 +210,8 @@ impl SamModule {
                     ls.push(l);
                 }
                 let input = self.canvases(&imgs)?;
-                embs.push(tch::no_grad(|| self.sam.encode_prefix(&input, Some(&self.lora), split))?);
+                // The embedding itself when nothing after it trains (neck included).
+                embs.push(tch::no_grad(|| if split == blocks { self.sam.encode_image(&input, None) } else { self.sam.encode_prefix(&input, Some(&self.lora), split) })?);
                 labs.push(self.label_tensor(&ls));
                 done += b;
                 reporter.step(done as u64, f64::NAN)?;
