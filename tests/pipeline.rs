@@ -170,6 +170,15 @@ fn cancellation_stops_within_seconds_and_writes_nothing() {
     assert!(!out.exists());
 }
 
+/// A mean-teacher run of 30 iterations that checkpoints every 10, on pinned threads.
+fn resumable(sfr: bool) -> TrainConfig {
+    let mut cfg = tiny(Method::MeanTeacher, sfr);
+    cfg.vnet.iterations = 30;
+    cfg.checkpoint_every = 10;
+    cfg.threads = PINNED_THREADS;
+    cfg
+}
+
 /// "Crashes" a run after re-training iteration 15 (cancels it there); returns its checkpoint.
 fn crash_after_iteration_15(cfg: &TrainConfig, inp: &TrainInputs, opts: &RunOptions) -> std::path::PathBuf {
     let mut job = {
@@ -200,10 +209,7 @@ fn resume_refuses_other_pseudo_labels() {
     let d = tempfile::tempdir().unwrap();
     let ds = dataset(d.path(), 4, 2);
     let inp = inputs(&ds, 2);
-    let mut cfg = tiny(Method::MeanTeacher, true);
-    cfg.vnet.iterations = 30;
-    cfg.checkpoint_every = 10;
-    cfg.threads = PINNED_THREADS;
+    let mut cfg = resumable(true);
     cfg.vnet.pseudo_label_guard = 0.0; // 10 SAM iterations: let every pseudo-label train
     let work = d.path().join("work");
     let sam_run = RunOptions { work_dir: Some(work.clone()), write_pseudo_labels: true, ..Default::default() };
@@ -241,10 +247,7 @@ fn resume_continues_from_the_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let ds = dataset(d.path(), 4, 2);
     let inp = inputs(&ds, 2);
-    let mut cfg = tiny(Method::MeanTeacher, false);
-    cfg.vnet.iterations = 30;
-    cfg.checkpoint_every = 10;
-    cfg.threads = PINNED_THREADS;
+    let cfg = resumable(false);
     let work = d.path().join("work");
     let opts = RunOptions { work_dir: Some(work.clone()), ..Default::default() };
     let ck = crash_after_iteration_15(&cfg, &inp, &opts);
