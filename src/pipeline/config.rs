@@ -34,8 +34,8 @@ pub struct SamStage {
     pub weight_decay: f64,
     pub batch: usize,
     /// 0: the paper's fine-tuning (LoRA on the encoder, every step encodes its canvases).
-    /// N > 0, with a pretrained SAM: the encoder stays frozen (no LoRA), N augmented canvases
-    /// are encoded once and the prompt encoder and mask decoder train on their cached
+    /// N > 0, with a pretrained SAM: the encoder stays frozen (no LoRA unless
+    /// `lora_last_blocks`), N augmented canvases are encoded once and the prompt encoder and mask decoder train on their cached
     /// embeddings — on a CPU a step then costs a decoder pass instead of an encoder forward and
     /// backward. Ignored (the paper's way) when SAM starts from random weights.
     #[serde(default)]

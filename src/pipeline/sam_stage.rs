@@ -190,12 +190,14 @@ impl SamModule {
         let n = s.frozen_encoder_canvases;
         let size = self.layout.canvas as i64;
         // LoRA'd last blocks (`sam.lora_last_blocks`): the cache holds the encoder's state
-        // before them, and every step runs them and the neck.
+        // before them, and every step runs them and the neck. Without them it holds the
+        // embedding itself (neck included), and a step is a decoder pass.
         let blocks = self.sam.image_encoder.num_attention_blocks();
         let split = blocks - s.lora_last_blocks;
+        let lora_tail = split < blocks;
         if self.cache.as_ref().is_none_or(|c| c.0 != data.len()) {
             self.sam.set_image_encoder_trainable(false);
-            let what = if split == blocks { "frozen encoder".to_string() } else { format!("frozen encoder up to block {split} of {blocks}") };
+            let what = if lora_tail { format!("frozen encoder up to block {split} of {blocks}") } else { "frozen encoder".to_string() };
             reporter.stage("encode", n as u64, &format!("SAM {} {what}: {n} augmented canvases encoded once", self.sam.cfg.name))?;
             let (mut embs, mut labs) = (Vec::new(), Vec::new());
             let mut done = 0;
@@ -210,8 +212,7 @@ impl SamModule {
                     ls.push(l);
                 }
                 let input = self.canvases(&imgs)?;
-                // The embedding itself when nothing after it trains (neck included).
-                embs.push(tch::no_grad(|| if split == blocks { self.sam.encode_image(&input, None) } else { self.sam.encode_prefix(&input, Some(&self.lora), split) })?);
+                embs.push(tch::no_grad(|| if lora_tail { self.sam.encode_prefix(&input, Some(&self.lora), split) } else { self.sam.encode_image(&input, None) })?);
                 labs.push(self.label_tensor(&ls));
                 done += b;
                 reporter.step(done as u64, f64::NAN)?;
@@ -221,7 +222,7 @@ impl SamModule {
         let (_, emb, target) = self.cache.as_ref().expect("cache filled above");
         let (emb, target) = (emb.shallow_clone(), target.shallow_clone());
         let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: s.weight_decay, eps: 1e-8, amsgrad: false }.build(&self.vs, s.lr)?;
-        let what = if split == blocks { "decoder".to_string() } else { format!("decoder + LoRA r={} on its last {} blocks", s.lora_rank, blocks - split) };
+        let what = if lora_tail { format!("decoder + LoRA r={} on its last {} blocks", s.lora_rank, s.lora_last_blocks) } else { "decoder".to_string() };
         reporter.stage("finetune", iterations as u64, &format!("SAM {} {what} on {n} cached canvases ({}×{} grid on {}²)", self.sam.cfg.name, self.layout.n_row, self.layout.n_col, size))?;
         for it in 0..iterations {
             crate::threads::tick();
@@ -229,7 +230,8 @@ impl SamModule {
             let idx: Vec<i64> = (0..s.batch).map(|_| rng.random_range(0..n) as i64).collect();
             let idx = Tensor::from_slice(&idx).to_device(emb.device());
             let state = emb.index_select(0, &idx);
-            let out = if split == blocks { self.sam.decode(&state)? } else { self.sam.decode(&self.sam.encode_suffix(&state, Some(&self.lora), split)?)? };
+            let embedding = if lora_tail { self.sam.encode_suffix(&state, Some(&self.lora), split)? } else { state };
+            let out = self.sam.decode(&embedding)?;
             let logits = upscale_logits(&out.low_res_logits, (size, size));
             let loss = ce_dice(&logits, &target.index_select(0, &idx));
             opt.zero_grad();
