@@ -119,3 +119,48 @@ fn lora_on_the_last_blocks_over_a_cached_frozen_prefix() {
     let e = SamModule::new(&cfg, 2, Device::Cpu, &r).err().expect("more blocks than the encoder has").to_string();
     assert!(e.contains("lora_last_blocks") && e.contains(&n.to_string()), "{e}");
 }
+
+/// `sam.flip_tta` averages over the in-plane mirror group {id, flip y, flip x, flip both}, so the
+/// pseudo-label of a mirrored volume is the mirrored pseudo-label (a wrong un-flip breaks this;
+/// SAM alone does not have it). `sam.largest_component` leaves exactly what
+/// `keep_largest_components` makes of the plain argmax.
+#[test]
+fn pseudo_labels_with_flips_and_largest_components() {
+    tch::manual_seed(0);
+    let mut cfg = TrainConfig::test_tiny();
+    // One window in-plane (volume = patch there), so mirroring does not move the windows.
+    cfg.patch = [32, 16, 16];
+    cfg.validate().unwrap();
+    let spec = PhantomSpec { dims: [32, 16, 20], num_classes: 3, noise: 0.1 };
+    let (img, _) = phantom(5, &spec);
+    let image = zscore(&img.data.view(), "phantom").unwrap();
+    let r = Reporter::detached(None);
+    let sam = SamModule::new(&cfg, 3, Device::Cpu, &r).unwrap();
+    let mirrored = |axis: usize| {
+        let mut v = image.view();
+        v.invert_axis(ndarray::Axis(axis));
+        v.as_standard_layout().into_owned()
+    };
+    let max_gap = |cfg: &TrainConfig, axis: usize| {
+        let p = sam.pseudo_label(cfg, &image, None).unwrap().probabilities;
+        let q = sam.pseudo_label(cfg, &mirrored(axis), None).unwrap().probabilities;
+        let mut back = q.view();
+        back.invert_axis(ndarray::Axis(axis + 1));
+        p.iter().zip(back.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+    };
+    for axis in [1, 2] {
+        let plain = max_gap(&cfg, axis);
+        assert!(plain > 1e-3, "SAM alone is not mirror-symmetric (gap {plain}), or this test proves nothing");
+        let mut tta = cfg.clone();
+        tta.sam.flip_tta = true;
+        let gap = max_gap(&tta, axis);
+        assert!(gap < 1e-5, "flip_tta along axis {axis}: mirrored pseudo-label differs by {gap}");
+    }
+
+    let plain = sam.pseudo_label(&cfg, &image, None).unwrap().label;
+    let mut want = plain.clone();
+    let removed = sfr::infer::keep_largest_components(&mut want, 3);
+    assert!(removed > 0, "the random SAM's label has one piece per class: nothing is tested");
+    cfg.sam.largest_component = true;
+    assert_eq!(sam.pseudo_label(&cfg, &image, None).unwrap().label, want);
+}
