@@ -65,15 +65,6 @@ pub struct SamStage {
     /// slices per canvas (`TrainConfig::sam_patch_zyx`).
     #[serde(default = "one")]
     pub scale: usize,
-    /// Pseudo-labels average SAM's probabilities over the volume and its three in-plane mirror
-    /// images (flip y, x, both), as fine-tuning augments with them: 4× the pseudo-labelling time.
-    #[serde(default)]
-    pub flip_tta: bool,
-    /// Every pseudo-label keeps only the largest face-connected piece of its foreground, then of
-    /// each class (nnU-Net's "remove all but the largest component"); removed voxels become
-    /// background. For structures that are one piece (hippocampus, left atrium).
-    #[serde(default)]
-    pub largest_component: bool,
 }
 
 fn one() -> usize {
@@ -165,8 +156,6 @@ impl TrainConfig {
                 class_heads_from_mask_token: false,
                 fill_canvas: false,
                 scale: 1,
-                flip_tta: false,
-                largest_component: false,
             },
             vnet: VNetStage {
                 n_filters: 16,

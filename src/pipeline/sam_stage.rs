@@ -23,7 +23,7 @@
 //! probabilities; overlapping windows are averaged. Computing this once per volume (instead of
 //! per random crop, as the reference does) is what makes it affordable.
 use crate::error::{Error, Result};
-use crate::infer::{argmax, keep_largest_components, SlidingWindow, Weighting};
+use crate::infer::{argmax, SlidingWindow, Weighting};
 use crate::job::Reporter;
 use crate::nn::loss::{ce_dice, finite_loss};
 use crate::nn::lora::Lora;
@@ -282,45 +282,14 @@ impl SamModule {
         Ok(())
     }
 
-    /// The pseudo-label of a normalised volume (see the module doc): SAM's per-voxel class
-    /// probabilities, averaged over the image's in-plane mirror images with `sam.flip_tta`; their
-    /// argmax, reduced to its largest connected pieces with `sam.largest_component`. A cancel
+    /// Per-voxel class probabilities of a normalised volume (see the module doc). A cancel
     /// through `reporter` is honoured between batches of windows (a big volume takes minutes).
     pub fn pseudo_label(&self, cfg: &TrainConfig, image: &Array3<f32>, reporter: Option<&Reporter>) -> Result<PseudoLabel> {
-        let mut probs = self.probabilities(cfg, image, reporter)?;
-        if cfg.sam.flip_tta {
-            // Fine-tuning saw every in-plane flip (`random_rot_flip`), so each mirror image is
-            // as good an input as the original; flip y, flip x, flip both.
-            for axes in [&[1usize][..], &[2], &[1, 2]] {
-                let mut flipped = image.view();
-                for &a in axes {
-                    flipped.invert_axis(Axis(a));
-                }
-                let mut p = self.probabilities(cfg, &flipped.as_standard_layout().into_owned(), reporter)?;
-                let mut back = p.view_mut();
-                for &a in axes {
-                    back.invert_axis(Axis(a + 1));
-                }
-                probs += &back;
-            }
-            probs /= 4.0;
-        }
-        let mut label = argmax(&probs);
-        if cfg.sam.largest_component {
-            keep_largest_components(&mut label, probs.dim().0);
-        }
-        let maxes = probs.fold_axis(Axis(0), 0f32, |a, &b| a.max(b));
-        let confidence = maxes.iter().map(|&v| v as f64).sum::<f64>() / maxes.len() as f64;
-        Ok(PseudoLabel { probabilities: probs, label, confidence })
-    }
-
-    /// SAM's per-voxel class probabilities [C, z, y, x] of a normalised volume, by sliding windows.
-    fn probabilities(&self, cfg: &TrainConfig, image: &Array3<f32>, reporter: Option<&Reporter>) -> Result<Array4<f32>> {
         let patch = self.patch;
         let k = self.scale as i64;
         let sw = SlidingWindow { patch, stride: patch.map(|p| (p / 2).max(1)), weighting: Weighting::Mean, batch: cfg.sam.batch };
         let size = self.layout.canvas as i64;
-        sw.run(&image.view(), self.vs.device(), None, |x| {
+        let probs = sw.run(&image.view(), self.vs.device(), None, |x| {
             // x: [B, 1, pz, py, px] -> stitched -> SAM -> unstitched log-probabilities, so the
             // sliding window's softmax gives back SAM's probabilities.
             if let Some(r) = reporter {
@@ -355,7 +324,11 @@ impl SamModule {
                 all.push(t.view([c as i64, patch[0] as i64, patch[1] as i64, patch[2] as i64]));
             }
             Ok(Tensor::stack(&all, 0).clamp_min(1e-8).log())
-        })
+        })?;
+        let label = argmax(&probs);
+        let maxes = probs.fold_axis(Axis(0), 0f32, |a, &b| a.max(b));
+        let confidence = maxes.iter().map(|&v| v as f64).sum::<f64>() / maxes.len() as f64;
+        Ok(PseudoLabel { probabilities: probs, label, confidence })
     }
 }
 
