@@ -63,6 +63,26 @@ fn demo_runs_end_to_end_on_the_shipped_hippocampus_scans() {
     if std::env::var_os("SFR_SAM_CHECKPOINT").is_none() && sfr::nn::sam::checkpoint::lite_medsam_path().is_some_and(|p| p.is_file()) {
         assert_eq!(rows[2]["sam"]["variant"], "lite_medsam", "{}", rows[2]["sam"]);
     }
+    // The SAM stage scored on its own: one entry per unlabelled case, each Dice recomputed here
+    // from the pseudo-label file and the true label by counting voxels.
+    let pseudo = results["pseudo_labels"].as_array().unwrap();
+    assert_eq!(pseudo.iter().map(|p| p["id"].as_str().unwrap().to_string()).collect::<Vec<_>>(), unl);
+    assert!(stdout.contains("SAM's pseudo-labels of the 2 unlabelled cases against their true labels"), "{stdout}");
+    let data = std::path::Path::new(results["data"].as_str().unwrap());
+    for p in pseudo {
+        let id = p["id"].as_str().unwrap();
+        let pred = sfr::io::nifti::read(out.path().join(format!("work/mean-teacher/pseudo/{id}_pseudo.nii.gz"))).unwrap().cast::<u8>();
+        let truth = sfr::io::nifti::read(data.join(format!("labelsTr/{id}.nii.gz"))).unwrap().cast::<u8>();
+        let metrics = p["metrics"].as_array().unwrap();
+        assert_eq!(metrics.len(), 2);
+        for m in metrics {
+            let c = m["class"].as_u64().unwrap() as u8;
+            let (a, b) = (pred.data.iter().filter(|&&v| v == c).count(), truth.data.iter().filter(|&&v| v == c).count());
+            let both = pred.data.iter().zip(truth.data.iter()).filter(|(&x, &y)| x == c && y == c).count();
+            let dice = if a + b == 0 { 1.0 } else { 2.0 * both as f64 / (a + b) as f64 };
+            assert!((m["dice"].as_f64().unwrap() - dice).abs() < 1e-9, "{id} class {c}: {m} against {dice}");
+        }
+    }
     assert!(out.path().join("results.txt").is_file());
 
     // The model loads and says it is the SFR (mean teacher) one.

@@ -197,6 +197,26 @@ struct Scores {
     per_case: Vec<(String, Vec<ClassMetrics>)>,
     train_s: f64,
     sam: serde_json::Value,
+    /// The model's `training.pseudo_label_guard` record (kept and dropped pseudo-labels).
+    guard: serde_json::Value,
+}
+
+/// Per-class metrics of the pseudo-labels in `dir` (`<id>_pseudo.nii.gz`) against the true labels
+/// that `ds` lists for `cases` (the split removed them from the unlabelled cases); cases without
+/// a label file, or whose pseudo-label was not written, are left out.
+fn score_pseudo_labels(dir: &Path, ds: &Dataset, cases: &[Case], classes: &[u16]) -> Result<Vec<(String, Vec<ClassMetrics>)>> {
+    let mut out = vec![];
+    for c in cases {
+        let pseudo = dir.join(format!("{}_pseudo.nii.gz", c.id));
+        let Some(truth) = ds.case(&c.id)?.label.as_ref().filter(|p| p.is_file()) else { continue };
+        if !pseudo.exists() {
+            continue;
+        }
+        let pred = nifti::read(&pseudo)?.cast::<u8>();
+        let truth = nifti::read(truth)?.cast::<u8>();
+        out.push((c.id.clone(), sfr::metrics::evaluate_labels(&pred, &truth, classes)?));
+    }
+    Ok(out)
 }
 
 impl Scores {
@@ -326,7 +346,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
             Ok((model, per_case, train_s))
         })?;
         let sam = model.meta.training["sam"].clone();
-        scores.push(Scores { row, per_case, train_s, sam });
+        let guard = model.meta.training["pseudo_label_guard"].clone();
+        scores.push(Scores { row, per_case, train_s, sam, guard });
         models.push(model);
     }
     let total_s = demo_start.elapsed().as_secs_f64();
@@ -393,6 +414,28 @@ pub fn run(a: DemoArgs) -> Result<()> {
             meaning.push(format!("{}: predicted no foreground on any test case (background only)", s.row.name));
         }
     }
+    // The SAM stage's own quality: its pseudo-labels against the unlabelled cases' true labels,
+    // which no row trains on (the dataset has them; they are read only here, after training).
+    let pseudo_scores = match &pseudo_dir {
+        Some(d) => score_pseudo_labels(d, &ds, &unlabeled, &classes.keys().copied().collect::<Vec<_>>())?,
+        None => vec![],
+    };
+    if !pseudo_scores.is_empty() {
+        let rows: Vec<Vec<ClassMetrics>> = pseudo_scores.iter().map(|(_, m)| m.clone()).collect();
+        let summ = summarize(&rows, &ds.labels);
+        let per_class: Vec<String> = summ.iter().map(|x| format!("{} {:.1} ± {:.1}", x.name, 100.0 * x.dice_mean, 100.0 * x.dice_std)).collect();
+        let mean = 100.0 * summ.iter().map(|x| x.dice_mean).sum::<f64>() / summ.len().max(1) as f64;
+        let guard = scores.iter().find(|s| s.row.sfr).map(|s| &s.guard);
+        let kept = match guard.map(|g| (g["enabled"].as_bool(), g["kept"].as_u64(), g["dropped"].as_u64())) {
+            Some((Some(true), Some(k), Some(d))) => format!("; the pseudo-label guard let {k} of {} train the V-Net", k + d),
+            _ => String::new(),
+        };
+        meaning.push(format!(
+            "SAM's pseudo-labels of the {} unlabelled cases against their true labels (read after training, never trained on): Dice (%) {}, mean {mean:.1}{kept}",
+            pseudo_scores.len(),
+            per_class.join(", ")
+        ));
+    }
     if let Some(s) = scores.iter().find(|s| s.row.sfr) {
         let ck = &s.sam["checkpoint"];
         let conf = s.sam["mean_confidence"].as_f64().map(|c| format!(", mean pseudo-label confidence {c:.3}")).unwrap_or_default();
@@ -455,6 +498,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "seed": a.seed,
         "total_seconds": total_s,
         "rows": json_rows,
+        "pseudo_labels": pseudo_scores.iter().map(|(id, m)| serde_json::json!({"id": id, "metrics": m})).collect::<Vec<_>>(),
         "meaning": meaning,
         "saved_model": {"row": rows[saved].name, "path": model_path.display().to_string()},
         "example_segmentation": seg_path.display().to_string(),
