@@ -65,10 +65,19 @@ pub struct SamStage {
     /// slices per canvas (`TrainConfig::sam_patch_zyx`).
     #[serde(default = "one")]
     pub scale: usize,
+    /// The random Bezier intensity curve of the paper's fine-tuning augmentation (Models
+    /// Genesis': half of the curves invert the contrast). false: the SAM stage's canvases keep
+    /// the scans' own intensities, as pseudo-labelling sees them.
+    #[serde(default = "yes")]
+    pub bezier: bool,
 }
 
 fn one() -> usize {
     1
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl SamStage {
@@ -156,6 +165,7 @@ impl TrainConfig {
                 class_heads_from_mask_token: false,
                 fill_canvas: false,
                 scale: 1,
+                bezier: true,
             },
             vnet: VNetStage {
                 n_filters: 16,

@@ -163,7 +163,9 @@ impl SamModule {
         if cfg.rot_flip {
             random_rot_flip(rng, &mut img, &mut lab);
         }
-        random_bezier(rng, &mut img);
+        if cfg.sam.bezier {
+            random_bezier(rng, &mut img);
+        }
         let l = stitch_labels(&magnify_label(&lab[0], self.scale).view(), &self.layout)?;
         Ok((img, l))
     }
@@ -446,5 +448,25 @@ mod tests {
             }
         }
         assert!(matches!(magnify_image(&img, 1), std::borrow::Cow::Borrowed(_)), "scale 1 copies nothing");
+    }
+
+    /// `sam.bezier` false: a training sample is a crop of the scan with its own intensities
+    /// (without rot_flip, the crop itself); true: the intensity curve changes them.
+    #[test]
+    fn bezier_off_keeps_the_scans_intensities() {
+        let mut cfg = TrainConfig::test_tiny();
+        cfg.rot_flip = false;
+        let r = Reporter::detached(None);
+        let sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
+        let shape = cfg.sam_patch_zyx().unwrap();
+        let image = Array3::from_shape_fn(shape, |(z, y, x)| (z * 7 + y * 3 + x) as f32 / 10.0 - 2.0);
+        let label = Array3::<u8>::zeros(shape);
+        let data = [LabeledVolume { image: &image, label: &label }];
+        for bezier in [false, true] {
+            cfg.sam.bezier = bezier;
+            let mut rng = Rng::seed_from_u64(3);
+            let changed = (0..4).any(|_| sam.random_sample(&cfg, &data, &mut rng).unwrap().0 != image);
+            assert_eq!(changed, bezier, "bezier {bezier}");
+        }
     }
 }
