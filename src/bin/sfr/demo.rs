@@ -628,7 +628,7 @@ mod tests {
                 (format!("c{i}"), vec![m])
             })
             .collect();
-        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null }
+        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null, guard: serde_json::Value::Null }
     }
 
     #[test]
