@@ -512,10 +512,12 @@ fn unlabelled_crops_do_not_change_supervised_training_with_separate_batchnorm() 
 /// phantoms is near the supervised run's; with the guard off the organ is erased.
 ///
 /// The pseudo-label term is weighted 2 here so that it outweighs the labelled term clearly,
-/// as 196 pseudo-labels did 3 labelled cases on hippocampus: at weight 1 and this budget (150
-/// iterations) the tug of war on phantoms went either way (organ Dice without the guard 0.20
+/// as 196 pseudo-labels did 3 labelled cases on hippocampus: at weight 1 and a budget of 150
+/// iterations the tug of war on phantoms went either way (organ Dice without the guard 0.20
 /// to 0.90 in 5 runs over 3 seeds and 6 or 10 unlabelled cases); at weight 2 it was 0.000 for
-/// each of 4 seeds (1337, 1, 2, 3), with the guard 0.89–0.91, supervised 0.85–0.90.
+/// each of 4 seeds (1337, 1, 2, 3), with the guard 0.89–0.91, supervised 0.85–0.90. At 150
+/// iterations an AMD EPYC's rounding left the guarded run at 0.599 against supervised 0.887
+/// (not yet converged, not erased); at 300 it gave 0.912 against 0.908, unguarded 0.000.
 #[test]
 fn pseudo_labels_missing_a_class_do_not_teach_it_away() {
     use sfr::pipeline::data::{load_source, Sample};
@@ -557,7 +559,7 @@ fn pseudo_labels_missing_a_class_do_not_teach_it_away() {
         dice.iter().sum::<f64>() / dice.len() as f64
     };
     let mut cfg = TrainConfig::test_tiny();
-    cfg.vnet.iterations = 150;
+    cfg.vnet.iterations = 300;
     cfg.vnet.pseudo_label_weight = 2.0;
     let supervised = {
         let mut c = cfg.clone();
