@@ -98,8 +98,9 @@ fn check_method(method: Method, batchnorm: BnBatches) {
     let want: Vec<f64> = serde_json::from_str(&std::fs::read_to_string(dir.path().join("losses.json")).unwrap()).unwrap();
     for (i, (a, b)) in losses.iter().zip(&want).enumerate() {
         // Separate BatchNorm batches normalise 2 crops at a time, which amplifies that rounding
-        // further (measured: up to 1.6e-3 relative by step 3, mean teacher).
-        let later = if batchnorm == BnBatches::Separate { 2e-3 } else { 2e-4 };
+        // further (measured: up to 1.6e-3 relative by step 3, mean teacher; 3.2e-3, supervised,
+        // on an AMD EPYC, whose kernels round differently).
+        let later = if batchnorm == BnBatches::Separate { 5e-3 } else { 2e-4 };
         let tol = if i == 0 { 1e-5 } else { later };
         assert!((a - b).abs() <= tol * b.abs().max(1.0), "{}: loss of step {i}: ours {a}, PyTorch {b}", method.name());
     }
