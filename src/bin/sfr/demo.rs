@@ -197,8 +197,6 @@ struct Scores {
     per_case: Vec<(String, Vec<ClassMetrics>)>,
     train_s: f64,
     sam: serde_json::Value,
-    /// The model's `training.pseudo_label_guard` record (kept and dropped pseudo-labels).
-    guard: serde_json::Value,
 }
 
 /// Per-class metrics of the pseudo-labels in `dir` (`<id>_pseudo.nii.gz`) against the true labels
@@ -217,6 +215,11 @@ fn score_pseudo_labels(dir: &Path, ds: &Dataset, cases: &[Case], classes: &[u16]
         out.push((c.id.clone(), sfr::metrics::evaluate_labels(&pred, &truth, classes)?));
     }
     Ok(out)
+}
+
+/// The mean over classes of their mean Dice.
+fn mean_dice(summ: &[sfr::pipeline::Summary]) -> f64 {
+    summ.iter().map(|x| x.dice_mean).sum::<f64>() / summ.len().max(1) as f64
 }
 
 impl Scores {
@@ -346,8 +349,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             Ok((model, per_case, train_s))
         })?;
         let sam = model.meta.training["sam"].clone();
-        let guard = model.meta.training["pseudo_label_guard"].clone();
-        scores.push(Scores { row, per_case, train_s, sam, guard });
+        scores.push(Scores { row, per_case, train_s, sam });
         models.push(model);
     }
     let total_s = demo_start.elapsed().as_secs_f64();
@@ -381,7 +383,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     for s in &scores {
         let rows: Vec<Vec<ClassMetrics>> = s.per_case.iter().map(|(_, m)| m.clone()).collect();
         let summ = summarize(&rows, &ds.labels);
-        let mean_dice = summ.iter().map(|x| x.dice_mean).sum::<f64>() / summ.len().max(1) as f64;
+        let mean_dice = mean_dice(&summ);
         let mut line = format!("{:<26}", s.row.name);
         for x in &summ {
             line += &format!(" {:>16}", format!("{:.2} ± {:.2}", 100.0 * x.dice_mean, 100.0 * x.dice_std));
@@ -424,11 +426,11 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let rows: Vec<Vec<ClassMetrics>> = pseudo_scores.iter().map(|(_, m)| m.clone()).collect();
         let summ = summarize(&rows, &ds.labels);
         let per_class: Vec<String> = summ.iter().map(|x| format!("{} {:.1} ± {:.1}", x.name, 100.0 * x.dice_mean, 100.0 * x.dice_std)).collect();
-        let mean = 100.0 * summ.iter().map(|x| x.dice_mean).sum::<f64>() / summ.len().max(1) as f64;
-        let guard = scores.iter().find(|s| s.row.sfr).map(|s| &s.guard);
-        let kept = match guard.map(|g| (g["enabled"].as_bool(), g["kept"].as_u64(), g["dropped"].as_u64())) {
-            Some((Some(true), Some(k), Some(d))) => format!("; the pseudo-label guard let {k} of {} train the V-Net", k + d),
-            _ => String::new(),
+        let mean = 100.0 * mean_dice(&summ);
+        // The row that wrote the pseudo-labels: the first SFR row.
+        let kept = match scores.iter().position(|s| s.row.sfr).and_then(|i| crate::guard_counts(&models[i].meta)) {
+            Some((k, d)) => format!("; the pseudo-label guard let {k} of {} train the V-Net", k + d),
+            None => String::new(),
         };
         meaning.push(format!(
             "SAM's pseudo-labels of the {} unlabelled cases against their true labels (read after training, never trained on): Dice (%) {}, mean {mean:.1}{kept}",
@@ -628,7 +630,7 @@ mod tests {
                 (format!("c{i}"), vec![m])
             })
             .collect();
-        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null, guard: serde_json::Value::Null }
+        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null }
     }
 
     #[test]

@@ -220,6 +220,15 @@ struct EvaluateArgs {
     device: String,
 }
 
+/// (kept, dropped) pseudo-labels of a model's training, when its pseudo-label guard ran.
+fn guard_counts(meta: &sfr::model::ModelMeta) -> Option<(u64, u64)> {
+    let g = &meta.training["pseudo_label_guard"];
+    match (g["enabled"].as_bool(), g["kept"].as_u64(), g["dropped"].as_u64()) {
+        (Some(true), Some(kept), Some(dropped)) => Some((kept, dropped)),
+        _ => None,
+    }
+}
+
 /// The name under which write errors of stdout are reported.
 const STDOUT: &str = "<stdout>";
 
@@ -421,8 +430,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         val.map(|d| format!("; validation mean Dice {d:.4}")).unwrap_or_default()
     );
     // Said again at the end, where it is read: progress bars hide the log lines of the run.
-    let guard = &model.meta.training["pseudo_label_guard"];
-    if let (Some(true), Some(kept), Some(dropped)) = (guard["enabled"].as_bool(), guard["kept"].as_u64(), guard["dropped"].as_u64()) {
+    if let Some((kept, dropped)) = guard_counts(&model.meta) {
         let warn = if 2 * dropped > kept + dropped { "WARNING: " } else { "" };
         note!("{warn}pseudo-label guard: {kept} of {} SAM pseudo-labels trained the V-Net, {dropped} dropped (per case and why: `sfr info {}`, training.pseudo_label_guard)", kept + dropped, a.out.display());
     }
