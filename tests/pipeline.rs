@@ -128,6 +128,58 @@ fn pseudo_labels_from_a_folder_train_the_same_model() {
     assert!(err.contains("SFR+"), "{err}");
 }
 
+/// `sam.match_labeled_fraction` in a whole run: each written pseudo-label is the argmax one
+/// grown, only into voxels SAM called background with probability below the cap, until it covers
+/// the labelled cases' mean foreground fraction (or no such voxel is left).
+#[test]
+fn pseudo_labels_grow_to_the_labelled_cases_fraction() {
+    let _serial = serial();
+    let d = tempfile::tempdir().unwrap();
+    let ds = dataset(d.path(), 5, 3);
+    let inp = inputs(&ds, 2);
+    let mut cfg = tiny(Method::MeanTeacher, true);
+    cfg.threads = PINNED_THREADS;
+    cfg.vnet.iterations = 2;
+    let run = |grow: bool, work: &Path| {
+        let mut c = cfg.clone();
+        c.sam.match_labeled_fraction = grow;
+        train(&c, &inp, &RunOptions { work_dir: Some(work.to_path_buf()), write_pseudo_labels: true, ..Default::default() }, &quiet()).unwrap();
+    };
+    let (argmax_dir, grown_dir) = (d.path().join("argmax"), d.path().join("grown"));
+    run(false, &argmax_dir);
+    run(true, &grown_dir);
+    let fraction = |l: &ndarray::Array3<u8>| l.iter().filter(|&&v| v > 0).count() as f64 / l.len() as f64;
+    let labelled: Vec<f64> = ds.training[..2].iter().map(|c| fraction(&nifti::read(c.label.as_ref().unwrap()).unwrap().cast::<u8>().data)).collect();
+    let target = labelled.iter().sum::<f64>() / 2.0;
+    let mut grown_any = false;
+    for case in &ds.training[2..] {
+        let read = |dir: &Path, what: &str| nifti::read(dir.join("pseudo").join(format!("{}_{what}.nii.gz", case.id))).unwrap();
+        let before = read(&argmax_dir, "pseudo").cast::<u8>().data;
+        let after = read(&grown_dir, "pseudo").cast::<u8>().data;
+        // The confidence map is the max class probability: SAM's background probability where
+        // the argmax label is background.
+        let confidence = read(&argmax_dir, "confidence").cast::<f32>().data;
+        let mut room = 0;
+        for ((&b, &a), &c) in before.iter().zip(after.iter()).zip(confidence.iter()) {
+            if b != a {
+                assert!(b == 0 && a > 0 && c < sfr::pipeline::sam_stage::MATCH_FRACTION_MAX_BACKGROUND, "{}: a voxel went {b} -> {a} at background probability {c}", case.id);
+                grown_any = true;
+            } else if a == 0 && c < sfr::pipeline::sam_stage::MATCH_FRACTION_MAX_BACKGROUND {
+                room += 1;
+            }
+        }
+        let n = after.len() as f64;
+        let (f0, f1) = (fraction(&before), fraction(&after));
+        if f0 >= target {
+            assert_eq!(before, after, "{}: a pseudo-label already at {f0} of the volume (labelled {target}) was changed", case.id);
+        } else {
+            // Grown to the target (to the voxel), or as far as the cap allows.
+            assert!((f1 - target).abs() <= 1.0 / n || (f1 < target && room == 0), "{}: {f0} -> {f1}, labelled {target}, {room} voxels could still grow", case.id);
+        }
+    }
+    assert!(grown_any, "no pseudo-label grew: the test does not exercise the growth (pseudo-labels above the labelled fraction {target})");
+}
+
 /// Same seed, same data: the same model (CPU).
 #[test]
 fn training_is_deterministic_for_a_seed() {

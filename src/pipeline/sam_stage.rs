@@ -372,6 +372,18 @@ pub fn run_sam_stage(
             reporter.step(i as u64 + 1, f64::NAN)?;
         }
         pseudo = next;
+        if cfg.sam.match_labeled_fraction {
+            let target = labeled_foreground_fraction(labeled);
+            let grown: Vec<usize> = pseudo.iter_mut().map(|p| grow_to_fraction(p, target)).collect();
+            reporter.message(&format!(
+                "pseudo-labels grown to the labelled cases' foreground fraction ({:.2}%): {} of {} volumes, {} voxels (background probability below {})",
+                100.0 * target,
+                grown.iter().filter(|&&g| g > 0).count(),
+                pseudo.len(),
+                grown.iter().sum::<usize>(),
+                MATCH_FRACTION_MAX_BACKGROUND
+            ));
+        }
         if cfg.sfr_plus.enabled {
             let (mut newly, mut held) = (0, 0);
             for (i, p) in pseudo.iter().enumerate() {
@@ -397,6 +409,77 @@ pub fn run_sam_stage(
         }
     }
     Ok((sam, pseudo, confident))
+}
+
+/// `sam.match_labeled_fraction` never relabels a voxel whose background probability is at
+/// least this: a volume whose structure is truly smaller than the labelled cases' (or absent)
+/// keeps SAM's confident background.
+pub const MATCH_FRACTION_MAX_BACKGROUND: f32 = 0.9;
+
+/// The labelled cases' mean foreground fraction: voxels of any class ≥ 1 over the voxels of the
+/// volume, averaged over cases (0 without labelled cases).
+pub fn labeled_foreground_fraction(labeled: &[Sample]) -> f64 {
+    let fractions: Vec<f64> = labeled
+        .iter()
+        .filter_map(|s| s.label.as_ref())
+        .map(|l| l.iter().filter(|&&v| v > 0).count() as f64 / l.len().max(1) as f64)
+        .collect();
+    fractions.iter().sum::<f64>() / fractions.len().max(1) as f64
+}
+
+/// Grows `p.label` to the foreground fraction `target` (`sam.match_labeled_fraction`): when it
+/// covers fewer voxels, its background voxels of lowest background probability (and below
+/// `MATCH_FRACTION_MAX_BACKGROUND`) become their most probable foreground class until it
+/// covers `target` of the volume. Its probabilities and confidence stay SAM's. Returns the
+/// number of voxels relabelled.
+pub fn grow_to_fraction(p: &mut PseudoLabel, target: f64) -> usize {
+    let classes = p.probabilities.dim().0;
+    let have = p.label.iter().filter(|&&v| v > 0).count();
+    let want = (target * p.label.len() as f64).round() as usize;
+    if classes < 2 || have >= want {
+        return 0;
+    }
+    let background = p.probabilities.index_axis(Axis(0), 0);
+    // Candidates: background voxels SAM is not confident of. Only their probabilities are
+    // kept (a volume of MRI can hold tens of millions of voxels).
+    let mut candidates: Vec<f32> = ndarray::Zip::from(&p.label)
+        .and(&background)
+        .fold(Vec::new(), |mut acc, &l, &b| {
+            if l == 0 && b < MATCH_FRACTION_MAX_BACKGROUND {
+                acc.push(b);
+            }
+            acc
+        });
+    let k = (want - have).min(candidates.len());
+    if k == 0 {
+        return 0;
+    }
+    // The k-th lowest background probability: everything below it grows, and of the voxels
+    // equal to it as many as make k.
+    let (_, &mut threshold, _) = candidates.select_nth_unstable_by(k - 1, |a, b| a.total_cmp(b));
+    let mut ties = k - candidates.iter().filter(|&&b| b < threshold).count();
+    let mut grown = 0;
+    ndarray::Zip::from(&mut p.label).and(p.probabilities.lanes(Axis(0))).for_each(|l, probs| {
+        if *l != 0 || probs[0] > threshold {
+            return;
+        }
+        if probs[0] == threshold {
+            if ties == 0 {
+                return;
+            }
+            ties -= 1;
+        }
+        // The most probable foreground class (the first on a tie, as argmax).
+        let mut best = 1;
+        for c in 2..classes {
+            if probs[c] > probs[best] {
+                best = c;
+            }
+        }
+        *l = best as u8;
+        grown += 1;
+    });
+    grown
 }
 
 /// Every slice of a [d, h, w] patch magnified `k`× in-plane, bilinear (half-pixel centres, as
@@ -448,6 +531,42 @@ mod tests {
             }
         }
         assert!(matches!(magnify_image(&img, 1), std::borrow::Cow::Borrowed(_)), "scale 1 copies nothing");
+    }
+
+    /// `sam.match_labeled_fraction`: the least-background voxels grow first, into their most
+    /// probable foreground class; SAM's confident background and an already large enough label
+    /// are left alone.
+    #[test]
+    fn pseudo_labels_grow_to_the_labelled_fraction() {
+        // 10 voxels in a row; background probabilities, and how the rest splits between
+        // classes 1 and 2 (class 1 share).
+        let bg = [0.2f32, 0.95, 0.6, 0.55, 0.8, 0.92, 0.7, 0.3, 0.99, 0.65];
+        let share1 = [0.9f32, 0.5, 0.2, 0.7, 0.5, 0.5, 0.1, 0.5, 0.5, 0.8];
+        let probs = Array4::from_shape_fn((3, 1, 1, 10), |(c, _, _, x)| match c {
+            0 => bg[x],
+            1 => (1.0 - bg[x]) * share1[x],
+            _ => (1.0 - bg[x]) * (1.0 - share1[x]),
+        });
+        let make = || {
+            let label = argmax(&probs);
+            PseudoLabel { probabilities: probs.clone(), label, confidence: 0.0 }
+        };
+        let mut p = make();
+        // argmax: voxel 0 (class 1) and voxel 7 (classes tie: the first, 1) are foreground.
+        assert_eq!(p.label.iter().copied().collect::<Vec<_>>(), [1, 0, 0, 0, 0, 0, 0, 1, 0, 0]);
+        // 50%: three more, the lowest background probabilities: voxels 3 (0.55), 2 (0.6), 9 (0.65).
+        assert_eq!(grow_to_fraction(&mut p, 0.5), 3);
+        assert_eq!(p.label.iter().copied().collect::<Vec<_>>(), [1, 0, 2, 1, 0, 0, 0, 1, 0, 1]);
+        // 100%: everything below the cap (voxels 6 and 4 too), never the confident background
+        // at 0.92, 0.95, 0.99.
+        assert_eq!(grow_to_fraction(&mut p, 1.0), 2);
+        assert_eq!(p.label.iter().copied().collect::<Vec<_>>(), [1, 0, 2, 1, 1, 0, 2, 1, 0, 1]);
+        // Already at or above the fraction: unchanged; probabilities untouched.
+        let mut q = make();
+        assert_eq!(grow_to_fraction(&mut q, 0.2), 0);
+        assert_eq!(grow_to_fraction(&mut q, 0.0), 0);
+        assert_eq!(q.label, argmax(&probs));
+        assert_eq!(q.probabilities, probs);
     }
 
     /// `sam.bezier` false: a training sample is a crop of the scan with its own intensities
