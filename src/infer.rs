@@ -203,6 +203,72 @@ pub fn argmax(probs: &Array4<f32>) -> Array3<u8> {
     labels
 }
 
+/// Keeps, of the voxels where `mask` is true, only its largest face-connected (6-neighbour)
+/// component, as nnU-Net's "remove all but the largest component" does. Ties go to the
+/// component met first in memory order. Returns how many voxels were removed.
+pub fn keep_largest_component(mask: &mut Array3<bool>) -> usize {
+    let (nz, ny, nx) = mask.dim();
+    let flat = mask.as_slice_mut().expect("an owned Array3 is contiguous");
+    // Component id per voxel (0 = outside the mask); ids start at 1.
+    let mut id = vec![0u32; flat.len()];
+    let mut sizes: Vec<usize> = vec![0];
+    let mut stack = Vec::new();
+    for start in 0..flat.len() {
+        if !flat[start] || id[start] != 0 {
+            continue;
+        }
+        let c = sizes.len() as u32;
+        let mut size = 0;
+        id[start] = c;
+        stack.push(start);
+        while let Some(v) = stack.pop() {
+            size += 1;
+            let (k, j, i) = (v / (ny * nx), v / nx % ny, v % nx);
+            let mut visit = |n: usize| {
+                if flat[n] && id[n] == 0 {
+                    id[n] = c;
+                    stack.push(n);
+                }
+            };
+            if i > 0 { visit(v - 1); }
+            if i + 1 < nx { visit(v + 1); }
+            if j > 0 { visit(v - nx); }
+            if j + 1 < ny { visit(v + nx); }
+            if k > 0 { visit(v - ny * nx); }
+            if k + 1 < nz { visit(v + ny * nx); }
+        }
+        sizes.push(size);
+    }
+    let Some(largest) = (1..sizes.len()).max_by_key(|&c| (sizes[c], std::cmp::Reverse(c))) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for (m, &c) in flat.iter_mut().zip(&id) {
+        if c != 0 && c as usize != largest {
+            *m = false;
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Label post-processing for structures that are one connected piece (the hippocampus, the
+/// left atrium): first only the largest component of the foreground as a whole is kept, then of
+/// each foreground class only its largest component; removed voxels become background.
+/// Returns how many voxels were removed.
+pub fn keep_largest_components(label: &mut Array3<u8>, num_classes: usize) -> usize {
+    let mut removed = 0;
+    let mut fg = label.mapv(|l| l != 0);
+    removed += keep_largest_component(&mut fg);
+    ndarray::Zip::from(&mut *label).and(&fg).for_each(|l, &f| if !f { *l = 0 });
+    for c in 1..num_classes.min(256) {
+        let mut m = label.mapv(|l| l as usize == c);
+        removed += keep_largest_component(&mut m);
+        ndarray::Zip::from(&mut *label).and(&m).for_each(|l, &keep| if *l as usize == c && !keep { *l = 0 });
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +303,45 @@ mod tests {
             }
         }
         }
+    }
+
+    #[test]
+    fn largest_component_is_kept_with_face_connectivity() {
+        let mut m = Array3::from_elem((3, 4, 5), false);
+        // A 4-voxel bar, a 2-voxel pair, and a voxel touching the bar only by an edge.
+        for i in 0..4 { m[[0, 0, i]] = true; }
+        m[[2, 3, 3]] = true;
+        m[[2, 3, 4]] = true;
+        m[[1, 1, 0]] = true;
+        assert_eq!(keep_largest_component(&mut m), 3);
+        assert_eq!(m.iter().filter(|&&b| b).count(), 4);
+        assert!((0..4).all(|i| m[[0, 0, i]]));
+        // Along z and y too: a column through all slices beats a 2×2 square.
+        let mut m = Array3::from_elem((4, 4, 4), false);
+        for k in 0..4 { m[[k, 3, 3]] = true; }
+        for (j, i) in [(0, 0), (0, 1), (1, 0)] { m[[1, j, i]] = true; }
+        assert_eq!(keep_largest_component(&mut m), 3);
+        assert!((0..4).all(|k| m[[k, 3, 3]]));
+        let mut empty = Array3::from_elem((2, 2, 2), false);
+        assert_eq!(keep_largest_component(&mut empty), 0);
+    }
+
+    #[test]
+    fn largest_components_per_foreground_then_per_class() {
+        let mut l = Array3::<u8>::zeros((1, 3, 9));
+        // Foreground piece A: class 1 (3 voxels) touching class 2 (2 voxels); piece B: class 2 (3 voxels).
+        for i in 0..3 { l[[0, 0, i]] = 1; }
+        for i in 3..5 { l[[0, 0, i]] = 2; }
+        for i in 6..9 { l[[0, 2, i]] = 2; }
+        // A lone class-1 voxel inside piece A's reach only diagonally: its own component.
+        l[[0, 1, 5]] = 1;
+        let mut out = l.clone();
+        assert_eq!(keep_largest_components(&mut out, 3), 4);
+        // Piece A (5 voxels) is the largest foreground piece: B and the lone voxel go.
+        let mut want = Array3::<u8>::zeros((1, 3, 9));
+        for i in 0..3 { want[[0, 0, i]] = 1; }
+        for i in 3..5 { want[[0, 0, i]] = 2; }
+        assert_eq!(out, want);
     }
 
     #[test]

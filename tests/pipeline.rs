@@ -140,11 +140,13 @@ fn pseudo_labels_grow_to_the_labelled_cases_fraction() {
     let mut cfg = tiny(Method::MeanTeacher, true);
     cfg.threads = PINNED_THREADS;
     cfg.vnet.iterations = 2;
-    let run = |grow: bool, work: &Path| {
+    let run_with = |grow: bool, pieces: bool, work: &Path| {
         let mut c = cfg.clone();
         c.sam.match_labeled_fraction = grow;
+        c.sam.largest_component = pieces;
         train(&c, &inp, &RunOptions { work_dir: Some(work.to_path_buf()), write_pseudo_labels: true, ..Default::default() }, &quiet()).unwrap();
     };
+    let run = |grow: bool, work: &Path| run_with(grow, false, work);
     let (argmax_dir, grown_dir) = (d.path().join("argmax"), d.path().join("grown"));
     run(false, &argmax_dir);
     run(true, &grown_dir);
@@ -178,6 +180,17 @@ fn pseudo_labels_grow_to_the_labelled_cases_fraction() {
         }
     }
     assert!(grown_any, "no pseudo-label grew: the test does not exercise the growth (pseudo-labels above the labelled fraction {target})");
+    // `sam.largest_component` after the growth: the grown label's largest pieces.
+    let pieces_dir = d.path().join("pieces");
+    run_with(true, true, &pieces_dir);
+    let mut removed_any = false;
+    for case in &ds.training[2..] {
+        let read = |dir: &Path| nifti::read(dir.join("pseudo").join(format!("{}_pseudo.nii.gz", case.id))).unwrap().cast::<u8>().data;
+        let mut want = read(&grown_dir);
+        removed_any |= sfr::infer::keep_largest_components(&mut want, 3) > 0;
+        assert_eq!(read(&pieces_dir), want, "{}: not the grown pseudo-label's largest pieces", case.id);
+    }
+    assert!(removed_any, "every grown pseudo-label was one piece per class: largest_component is not exercised");
 }
 
 /// Same seed, same data: the same model (CPU).

@@ -80,6 +80,12 @@ pub struct SamStage {
     /// paper's rule.
     #[serde(default)]
     pub match_labeled_fraction: bool,
+    /// Every pseudo-label keeps only the largest face-connected piece of its foreground, then
+    /// of each class (nnU-Net's "remove all but the largest component"); removed voxels become
+    /// background. Applied after `match_labeled_fraction`, whose growth adds scattered voxels.
+    /// For structures that are one piece (hippocampus, left atrium).
+    #[serde(default)]
+    pub largest_component: bool,
 }
 
 fn one() -> usize {
@@ -177,6 +183,7 @@ impl TrainConfig {
                 scale: 1,
                 bezier: true,
                 match_labeled_fraction: false,
+                largest_component: false,
             },
             vnet: VNetStage {
                 n_filters: 16,

@@ -23,7 +23,7 @@
 //! probabilities; overlapping windows are averaged. Computing this once per volume (instead of
 //! per random crop, as the reference does) is what makes it affordable.
 use crate::error::{Error, Result};
-use crate::infer::{argmax, SlidingWindow, Weighting};
+use crate::infer::{argmax, keep_largest_components, SlidingWindow, Weighting};
 use crate::job::Reporter;
 use crate::nn::loss::{ce_dice, finite_loss};
 use crate::nn::lora::Lora;
@@ -382,6 +382,15 @@ pub fn run_sam_stage(
                 pseudo.len(),
                 grown.iter().sum::<usize>(),
                 MATCH_FRACTION_MAX_BACKGROUND
+            ));
+        }
+        if cfg.sam.largest_component {
+            let removed: Vec<usize> = pseudo.iter_mut().map(|p| keep_largest_components(&mut p.label, num_classes)).collect();
+            reporter.message(&format!(
+                "pseudo-labels reduced to their largest connected pieces: {} voxels removed from {} of {} volumes",
+                removed.iter().sum::<usize>(),
+                removed.iter().filter(|&&r| r > 0).count(),
+                pseudo.len()
             ));
         }
         if cfg.sfr_plus.enabled {
