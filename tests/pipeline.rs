@@ -193,51 +193,6 @@ fn pseudo_labels_grow_to_the_labelled_cases_fraction() {
     assert!(removed_any, "every grown pseudo-label was one piece per class: largest_component is not exercised");
 }
 
-/// `sam.ignore_below_confidence`: the written pseudo-labels hold 255 exactly where SAM's
-/// confidence is below the threshold and the argmax elsewhere; the run trains (no NaN from
-/// crops without a trained voxel), and the folder reads back for `--pseudo-labels`.
-#[test]
-fn unconfident_pseudo_label_voxels_do_not_train() {
-    let _serial = serial();
-    let d = tempfile::tempdir().unwrap();
-    let ds = dataset(d.path(), 4, 3);
-    let inp = inputs(&ds, 2);
-    let mut cfg = tiny(Method::MeanTeacher, true);
-    cfg.threads = PINNED_THREADS;
-    cfg.vnet.iterations = 4;
-    cfg.vnet.pseudo_label_guard = 0.0; // 10 SAM iterations: let every pseudo-label train
-    let run = |tau: f64, work: &Path| {
-        let mut c = cfg.clone();
-        c.sam.ignore_below_confidence = tau;
-        train(&c, &inp, &RunOptions { work_dir: Some(work.to_path_buf()), write_pseudo_labels: true, ..Default::default() }, &quiet()).unwrap()
-    };
-    let (plain, masked) = (d.path().join("plain"), d.path().join("masked"));
-    run(0.0, &plain);
-    let tau = 0.5;
-    run(tau, &masked);
-    let mut ignored = 0;
-    for case in &ds.training[2..] {
-        let read = |dir: &Path, what: &str| nifti::read(dir.join("pseudo").join(format!("{}_{what}.nii.gz", case.id))).unwrap();
-        let argmax = read(&plain, "pseudo").cast::<u8>().data;
-        let written = read(&masked, "pseudo").cast::<u8>().data;
-        let confidence = read(&plain, "confidence").cast::<f32>().data;
-        for ((&a, &w), &c) in argmax.iter().zip(written.iter()).zip(confidence.iter()) {
-            if c < tau as f32 {
-                assert_eq!(w, 255, "{}: a voxel of confidence {c} was not ignored", case.id);
-                ignored += 1;
-            } else {
-                assert_eq!(w, a, "{}: a voxel of confidence {c} changed", case.id);
-            }
-        }
-    }
-    assert!(ignored > 0, "no voxel below confidence {tau}: the test proves nothing");
-    let mut read_cfg = cfg.clone();
-    read_cfg.sam.ignore_below_confidence = tau;
-    train(&read_cfg, &inp, &RunOptions { pseudo_labels_from: Some(masked.join("pseudo")), ..Default::default() }, &quiet()).unwrap();
-    let bad = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"ignore_below_confidence": 1.5}}"#).unwrap_err().to_string();
-    assert!(bad.contains("sam.ignore_below_confidence"), "{bad}");
-}
-
 /// Same seed, same data: the same model (CPU).
 #[test]
 fn training_is_deterministic_for_a_seed() {

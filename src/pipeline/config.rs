@@ -88,11 +88,6 @@ pub struct SamStage {
     /// For structures that are one piece (hippocampus, left atrium).
     #[serde(default)]
     pub largest_component: bool,
-    /// Pseudo-label voxels where SAM's most probable class has a probability below this are
-    /// written 255 (`loss::IGNORE`) and do not train the V-Net; 0 trains every voxel (the
-    /// paper's rule). Applied last, after `match_labeled_fraction` and `largest_component`.
-    #[serde(default)]
-    pub ignore_below_confidence: f64,
 }
 
 fn one() -> usize {
@@ -191,7 +186,6 @@ impl TrainConfig {
                 bezier: true,
                 match_labeled_fraction: false,
                 largest_component: false,
-                ignore_below_confidence: 0.0,
             },
             vnet: VNetStage {
                 n_filters: 16,
@@ -443,9 +437,6 @@ impl TrainConfig {
             check_range("sam.lora_last_blocks", s.lora_last_blocks, 0, lim::MAX_SAM_ATTENTION_BLOCKS)?;
             check_range("sam.iterations", s.iterations, if self.sfr { 1 } else { 0 }, lim::MAX_ITERATIONS)?;
             check_positive("sam.lr", s.lr)?;
-            if !(0.0..=1.0).contains(&s.ignore_below_confidence) {
-                return Err(Error::invalid(format!("config: sam.ignore_below_confidence {} is not a probability in [0, 1]", s.ignore_below_confidence)));
-            }
             check_non_negative("sam.weight_decay", s.weight_decay)?;
             check_batch("sam.batch", s.batch, s.image_size * s.image_size)?;
             if self.sfr {

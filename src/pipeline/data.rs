@@ -157,11 +157,7 @@ pub fn read_pseudo_label(dir: &std::path::Path, sample: &Sample, num_classes: us
         )));
     }
     let lab = read_label_file(&path)?;
-    // 255 (`loss::IGNORE`) marks voxels that do not train the V-Net (`sam.ignore_below_confidence`);
-    // every other value must be a class.
-    let ignore = crate::nn::loss::IGNORE as u8;
-    let checked = Volume::new(lab.data.mapv(|v| if v == ignore { 0 } else { v }), lab.geometry);
-    check_label_fits(&checked, sample.image.shape(), &sample.geometry, num_classes, &path.display().to_string(), &format!("the image of case {}", sample.id))?;
+    check_label_fits(&lab, sample.image.shape(), &sample.geometry, num_classes, &path.display().to_string(), &format!("the image of case {}", sample.id))?;
     Ok(lab.data)
 }
 

@@ -449,10 +449,8 @@ pub fn retrain(
                 if use_sam {
                     // A case whose pseudo-label the guard dropped still feeds the method's own
                     // term; in the pseudo-label term every voxel of its crop is ignored.
-                    // So is a voxel SAM was not confident of (`sam.ignore_below_confidence`).
-                    let pl = if pseudo.is_some() { l.pop().unwrap() } else { Array3::from_elem(shape, IGNORE as u8) };
-                    any_sam_voxel |= pl.iter().any(|&v| v != IGNORE as u8);
-                    sam_pl.push(pl);
+                    any_sam_voxel |= pseudo.is_some();
+                    sam_pl.push(if pseudo.is_some() { l.pop().unwrap() } else { Array3::from_elem(shape, IGNORE as u8) });
                 }
             }
         }

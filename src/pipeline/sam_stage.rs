@@ -393,15 +393,6 @@ pub fn run_sam_stage(
                 pseudo.len()
             ));
         }
-        if cfg.sam.ignore_below_confidence > 0.0 {
-            let ignored: usize = pseudo.iter_mut().map(|p| ignore_unconfident(p, cfg.sam.ignore_below_confidence as f32)).sum();
-            let total: usize = pseudo.iter().map(|p| p.label.len()).sum();
-            reporter.message(&format!(
-                "pseudo-label voxels below confidence {} are not trained: {ignored} of {total} ({:.1}%)",
-                cfg.sam.ignore_below_confidence,
-                100.0 * ignored as f64 / total.max(1) as f64
-            ));
-        }
         if cfg.sfr_plus.enabled {
             let (mut newly, mut held) = (0, 0);
             for (i, p) in pseudo.iter().enumerate() {
@@ -500,21 +491,6 @@ pub fn grow_to_fraction(p: &mut PseudoLabel, target: f64) -> usize {
     grown
 }
 
-/// Marks the voxels of `p.label` where SAM's most probable class has a probability below
-/// `min_confidence` as `loss::IGNORE` (`sam.ignore_below_confidence`): the V-Net's pseudo-label
-/// term and SAM's own fine-tuning (SFR+) leave them out. Returns how many were marked.
-pub fn ignore_unconfident(p: &mut PseudoLabel, min_confidence: f32) -> usize {
-    let ignore = crate::nn::loss::IGNORE as u8;
-    let mut n = 0;
-    ndarray::Zip::from(&mut p.label).and(p.probabilities.lanes(Axis(0))).for_each(|l, probs| {
-        if probs.iter().fold(0f32, |a, &b| a.max(b)) < min_confidence {
-            *l = ignore;
-            n += 1;
-        }
-    });
-    n
-}
-
 /// Every slice of a [d, h, w] patch magnified `k`× in-plane, bilinear (half-pixel centres, as
 /// PyTorch's `align_corners=False`); `k` = 1 borrows the patch.
 fn magnify_image(img: &Array3<f32>, k: usize) -> std::borrow::Cow<'_, Array3<f32>> {
@@ -600,19 +576,6 @@ mod tests {
         assert_eq!(grow_to_fraction(&mut q, 0.0), 0);
         assert_eq!(q.label, argmax(&probs));
         assert_eq!(q.probabilities, probs);
-    }
-
-    /// `sam.ignore_below_confidence`: exactly the voxels whose most probable class is below the
-    /// threshold become IGNORE, whatever their class.
-    #[test]
-    fn unconfident_pseudo_label_voxels_are_ignored() {
-        let top = [0.9f32, 0.5, 0.7, 0.69, 0.34];
-        let probs = Array4::from_shape_fn((3, 1, 1, 5), |(c, _, _, x)| if c == x % 3 { top[x] } else { (1.0 - top[x]) / 2.0 });
-        let label = argmax(&probs);
-        assert_eq!(label.iter().copied().collect::<Vec<_>>(), [0, 1, 2, 0, 1]);
-        let mut p = PseudoLabel { probabilities: probs, label, confidence: 0.0 };
-        assert_eq!(ignore_unconfident(&mut p, 0.7), 3);
-        assert_eq!(p.label.iter().copied().collect::<Vec<_>>(), [0, 255, 2, 255, 255]);
     }
 
     /// `sam.bezier` false: a training sample is a crop of the scan with its own intensities
