@@ -135,6 +135,13 @@ impl SamModule {
         if !pretrained {
             sam.set_image_encoder_trainable(true);
         }
+        // Said, not silently dropped: the option only splits a frozen pretrained encoder.
+        if s.lora_last_blocks > 0 && !(pretrained && s.frozen_encoder_canvases > 0) {
+            let why = if pretrained { "sam.frozen_encoder_canvases is 0, so LoRA trains on every block" } else { "SAM starts from random weights, so its whole encoder trains" };
+            let text = format!("sam.lora_last_blocks {} is ignored: {why}", s.lora_last_blocks);
+            log::warn!("{text}");
+            reporter.message(&text);
+        }
         Ok(SamModule { vs, sam, lora, layout, patch, scale: s.scale, checkpoint: resolved, cache: None })
     }
 
@@ -576,6 +583,22 @@ mod tests {
         assert_eq!(grow_to_fraction(&mut q, 0.0), 0);
         assert_eq!(q.label, argmax(&probs));
         assert_eq!(q.probabilities, probs);
+    }
+
+    /// `sam.lora_last_blocks` where it cannot apply (here: SAM from random weights) is said.
+    #[test]
+    fn lora_last_blocks_without_a_pretrained_encoder_is_said() {
+        let mut cfg = TrainConfig::test_tiny();
+        cfg.sam.checkpoint = None;
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = messages.clone();
+        let r = Reporter::detached(Some(Box::new(move |p: &crate::job::Progress| seen.lock().unwrap().push(p.message.clone()))));
+        let said = |m: &[String]| m.iter().any(|t| t.contains("sam.lora_last_blocks 1 is ignored") && t.contains("random weights"));
+        SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
+        assert!(!said(&messages.lock().unwrap()), "said without the option");
+        cfg.sam.lora_last_blocks = 1;
+        SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
+        assert!(said(&messages.lock().unwrap()), "not said: {:?}", messages.lock().unwrap());
     }
 
     /// `sam.bezier` false: a training sample is a crop of the scan with its own intensities
