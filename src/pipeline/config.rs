@@ -43,7 +43,8 @@ pub struct SamStage {
     /// With `frozen_encoder_canvases` N > 0: LoRA (rank `lora_rank`) trains on the encoder's
     /// last K attention blocks. The encoder up to them is frozen and its output is what the N
     /// canvases cache; every step runs the last K blocks and the neck forward and backward. 0:
-    /// the whole encoder frozen, only the prompt encoder and mask decoder train.
+    /// the whole encoder frozen, only the prompt encoder and mask decoder train. Without a
+    /// checkpoint or with N = 0 it does not apply, and the run says so.
     #[serde(default)]
     pub lora_last_blocks: usize,
     /// With a pretrained SAM: start every class's mask token, hypernetwork MLP and IoU row from
