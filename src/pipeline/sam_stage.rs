@@ -31,6 +31,7 @@ use crate::nn::sam::checkpoint::{self, Resolved};
 use crate::nn::sam::{class_probabilities, detect_config, upscale_logits, HeadPolicy, PixelInput, Sam, SamConfig};
 use std::collections::HashMap;
 use crate::pipeline::config::TrainConfig;
+use crate::pipeline::guard::class_fractions;
 use crate::pipeline::data::{random_bezier, random_crop, random_rot_flip, Rng, Sample};
 use crate::stitch::{stitch_image, stitch_labels, unstitch_probabilities, StitchLayout};
 use ndarray::{Array2, Array3, Array4, Axis};
@@ -361,6 +362,9 @@ pub fn run_sam_stage(
     let mut sam = SamModule::new(cfg, num_classes, device, reporter)?;
     let rounds = if cfg.sfr_plus.enabled { cfg.sfr_plus.rounds.max(1) } else { 1 };
     let guard = crate::pipeline::guard::Guard::from_config(cfg, labeled, num_classes);
+    // What `sam.match_labeled_fraction` grows to: the labelled cases' own, not SFR+'s absorbed
+    // pseudo-labels (those would only echo SAM).
+    let labeled_fraction = labeled_foreground_fraction(labeled);
     let mut confident = vec![false; unlabeled.len()];
     let mut pseudo: Vec<PseudoLabel> = vec![];
     for round in 0..rounds {
@@ -380,11 +384,10 @@ pub fn run_sam_stage(
         }
         pseudo = next;
         if cfg.sam.match_labeled_fraction {
-            let target = labeled_foreground_fraction(labeled);
-            let grown: Vec<usize> = pseudo.iter_mut().map(|p| grow_to_fraction(p, target)).collect();
+            let grown: Vec<usize> = pseudo.iter_mut().map(|p| grow_to_fraction(p, labeled_fraction)).collect();
             reporter.message(&format!(
                 "pseudo-labels grown to the labelled cases' foreground fraction ({:.2}%): {} of {} volumes, {} voxels (background probability below {})",
-                100.0 * target,
+                100.0 * labeled_fraction,
                 grown.iter().filter(|&&g| g > 0).count(),
                 pseudo.len(),
                 grown.iter().sum::<usize>(),
@@ -435,11 +438,8 @@ pub const MATCH_FRACTION_MAX_BACKGROUND: f32 = 0.9;
 /// The labelled cases' mean foreground fraction: voxels of any class ≥ 1 over the voxels of the
 /// volume, averaged over cases (0 without labelled cases).
 pub fn labeled_foreground_fraction(labeled: &[Sample]) -> f64 {
-    let fractions: Vec<f64> = labeled
-        .iter()
-        .filter_map(|s| s.label.as_ref())
-        .map(|l| l.iter().filter(|&&v| v > 0).count() as f64 / l.len().max(1) as f64)
-        .collect();
+    // Foreground: everything but class 0 (labels hold only their classes, checked on loading).
+    let fractions: Vec<f64> = labeled.iter().filter_map(|s| s.label.as_ref()).map(|l| 1.0 - class_fractions(&l.view(), 1)[0]).collect();
     fractions.iter().sum::<f64>() / fractions.len().max(1) as f64
 }
 
