@@ -21,7 +21,10 @@
 //! Pseudo-labelling: each unlabelled volume is covered by windows of the SAM stage's patch
 //! (stride half a patch); each window is stitched, segmented by SAM and unstitched to per-voxel class
 //! probabilities; overlapping windows are averaged. Computing this once per volume (instead of
-//! per random crop, as the reference does) is what makes it affordable.
+//! per random crop, as the reference does) is what makes it affordable. The label is their
+//! argmax, optionally grown to the labelled cases' foreground fraction
+//! (`sam.match_labeled_fraction`) and reduced to its largest pieces (`sam.largest_component`);
+//! both are off in every preset (README, "Growing the pseudo-labels").
 use crate::error::{Error, Result};
 use crate::infer::{argmax, keep_largest_components, SlidingWindow, Weighting};
 use crate::job::Reporter;
