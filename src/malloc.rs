@@ -31,11 +31,17 @@
 /// first thing in `main`, before threads start. Returns whether the setting was made (false
 /// off glibc).
 pub fn keep_freed_memory() -> bool {
-    let env_chose = ["GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"].iter().any(|v| std::env::var_os(v).is_some());
-    if env_chose || std::env::var("SFR_MALLOC").as_deref() == Ok("system") {
+    if environment_decides(|name| std::env::var_os(name)) {
         return false;
     }
     set()
+}
+
+/// Whether the environment (read through `var`) keeps the allocator's settings from us: one
+/// of glibc's own allocator variables is set, or `SFR_MALLOC=system`.
+fn environment_decides(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> bool {
+    let glibc_chose = ["GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"].iter().any(|v| var(v).is_some());
+    glibc_chose || var("SFR_MALLOC").is_some_and(|v| v == "system")
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -50,4 +56,25 @@ fn set() -> bool {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn set() -> bool {
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::environment_decides;
+    use std::ffi::OsString;
+
+    /// An environment holding exactly `vars`.
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
+        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| OsString::from(v))
+    }
+
+    #[test]
+    fn the_users_allocator_settings_win() {
+        assert!(!environment_decides(env(&[])), "nothing set: SFR makes its setting");
+        assert!(!environment_decides(env(&[("SFR_MALLOC", "arena"), ("PATH", "/bin")])), "only SFR_MALLOC=system opts out");
+        assert!(environment_decides(env(&[("SFR_MALLOC", "system")])));
+        for glibc in ["GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"] {
+            assert!(environment_decides(env(&[(glibc, "")])), "{glibc} set, even empty, is the user's choice");
+        }
+    }
 }

@@ -311,8 +311,13 @@ impl TrainConfig {
 
     /// This config with some keys overridden by a partial JSON object (strict, as above).
     pub fn with_overrides(&self, overrides: &str) -> Result<TrainConfig> {
+        self.with_override_value(parse_overrides(overrides)?)
+    }
+
+    /// [`with_overrides`](Self::with_overrides) for JSON already parsed (by
+    /// [`parse_overrides`]), for a caller that also reads which keys it sets.
+    pub fn with_override_value(&self, over: serde_json::Value) -> Result<TrainConfig> {
         let base = serde_json::to_value(self).expect("serialisable");
-        let over: serde_json::Value = serde_json::from_str(overrides).map_err(|e| Error::invalid(format!("config: {e}")))?;
         let merged = merge(base, over);
         let c: TrainConfig = serde_json::from_value(merged).map_err(|e| Error::invalid(format!("config: {e}")))?;
         c.validate()?;
@@ -459,6 +464,11 @@ impl TrainConfig {
         };
         run().map_err(err)
     }
+}
+
+/// Parses `--set`-style override JSON, with the error every config error has.
+pub fn parse_overrides(overrides: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(overrides).map_err(|e| Error::invalid(format!("config: {e}")))
 }
 
 fn merge(base: serde_json::Value, over: serde_json::Value) -> serde_json::Value {

@@ -330,8 +330,12 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
         Some(p) => TrainConfig::from_json(&std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?).map_err(|e| Error::format(p, e.to_string()))?,
         None => TrainConfig::preset(&a.preset)?,
     };
+    // Whether --set chooses the SAM variant decides what --sam-checkpoint may change below.
+    let mut set_variant = false;
     if let Some(s) = &a.set {
-        c = c.with_overrides(s)?;
+        let over = sfr::pipeline::config::parse_overrides(s)?;
+        set_variant = over.pointer("/sam/variant").is_some();
+        c = c.with_override_value(over)?;
     }
     if let Some(m) = a.method {
         c.method = m;
@@ -348,7 +352,6 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(p) = &a.sam_checkpoint {
         // The variant the user chose in --config or --set stays.
-        let set_variant = a.set.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()).is_some_and(|v| v.pointer("/sam/variant").is_some());
         c.sam.name_checkpoint(p, a.config.is_some() || set_variant);
     }
     if let Some(s) = a.seed {
