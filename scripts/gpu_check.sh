@@ -6,7 +6,10 @@
 #      CUDA device available (else it stops, saying which of the two is missing);
 #   2. `sfr bench --device cuda --quick` (with the PyTorch eager reference on the same GPU);
 #   3. a short `paper-la` training on LA with --device cuda (few iterations: minutes, not the
-#      paper's 6000), whose model metadata must say it trained on cuda:0, then an evaluation.
+#      paper's 6000), whose model metadata must say it trained on cuda:0, then an evaluation;
+#   4. issue 10's open measurement: `sfr demo` on the shipped hippocampus subset with LoRA on
+#      every LiteMedSAM block (`--sam-canvases 0`: no frozen encoder; too slow on a CPU), which
+#      prints its pseudo-labels' Dice and the table (skipped without the cached LiteMedSAM).
 # Writes everything under OUT (default gpu-check/) and prints a summary.
 #   Usage: scripts/gpu_check.sh [OUT] [LA_FOLDER]
 set -euo pipefail
@@ -74,4 +77,12 @@ open(sys.argv[3], "w").write("\n".join(ids[-8:]) + "\n")
 print(f"model metadata: trained on {dev}; validation {m.get('validation', {}) and m['validation'].get('mean_dice')}")
 PY
 "$sfr" evaluate --model "$out/la.sfrmodel" --data "$la" --cases "$out/test_cases.txt" --device cuda | tee "$out/evaluate.txt"
+
+echo "[gpu_check] sfr demo, LiteMedSAM + LoRA on every block (--sam-canvases 0), 600 V-Net iterations"
+if "$sfr" demo --sam-checkpoint lite-medsam --sam-canvases 0 --iterations 600 --progress none \
+    --out "$out/demo-lora-all" > "$out/demo-lora-all.txt" 2> "$out/demo-lora-all.log"; then
+  cat "$out/demo-lora-all.txt"
+else
+  echo "  the demo failed (no cached LiteMedSAM? see $out/demo-lora-all.log):"; tail -3 "$out/demo-lora-all.log"
+fi
 echo "[gpu_check] done in $((SECONDS - start)) s; results in $out"
