@@ -154,7 +154,7 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    pub const PRESETS: [&'static str; 3] = ["paper-la", "cpu-small", "test-tiny"];
+    pub const PRESETS: [&'static str; 4] = ["paper-la", "cpu-small", "cpu-lora", "test-tiny"];
 
     /// The paper's LA settings (for a GPU): patch 112×112×80, SAM vit_b at 1024, 6000 iterations.
     pub fn paper_la() -> TrainConfig {
@@ -270,6 +270,19 @@ impl TrainConfig {
         c
     }
 
+    /// `cpu-small` with the paper's fine-tuning: LoRA on every attention block of the pretrained
+    /// encoder, fresh augmented canvases every step (no frozen encoder, no cache), one canvas
+    /// per step. Its fine-tuning takes about 11 minutes on 2 idle cores instead of about 3, for
+    /// pseudo-labels 13 points of Dice better (README, "LoRA on every encoder block"). With the `tiny` ViT from
+    /// scratch (no cached LiteMedSAM) it is `cpu-small` with batches of one.
+    pub fn cpu_lora() -> TrainConfig {
+        let mut c = TrainConfig::cpu_small();
+        c.preset = "cpu-lora".into();
+        c.sam.frozen_encoder_canvases = 0;
+        c.sam.batch = 1;
+        c
+    }
+
     /// Seconds, for tests: tiny everything.
     pub fn test_tiny() -> TrainConfig {
         let mut c = TrainConfig::cpu_small();
@@ -290,6 +303,7 @@ impl TrainConfig {
         match name {
             "paper-la" => Ok(TrainConfig::paper_la()),
             "cpu-small" => Ok(TrainConfig::cpu_small()),
+            "cpu-lora" => Ok(TrainConfig::cpu_lora()),
             "test-tiny" => Ok(TrainConfig::test_tiny()),
             other => Err(Error::invalid(format!("unknown preset '{other}' (known: {})", TrainConfig::PRESETS.join(", ")))),
         }
@@ -506,6 +520,9 @@ mod tests {
         let small = TrainConfig::cpu_small();
         assert_eq!((small.sam.variant.as_str(), small.sam.image_size, small.sam.frozen_encoder_canvases), ("auto", 256, 48));
         assert_eq!(la.sam.frozen_encoder_canvases, 0, "paper-la: the paper's LoRA fine-tuning");
+        let lora = TrainConfig::cpu_lora();
+        assert_eq!((lora.sam.frozen_encoder_canvases, lora.sam.batch, lora.sam.lora_last_blocks), (0, 1, 0), "cpu-lora: LoRA on every block");
+        assert_eq!(TrainConfig { preset: "cpu-small".into(), sam: small.sam.clone(), ..lora }, small, "cpu-lora is cpu-small but for the SAM stage");
         // Configs written before these keys existed still parse.
         let mut old: serde_json::Value = serde_json::from_str(&la.to_json()).unwrap();
         old["sam"].as_object_mut().unwrap().remove("frozen_encoder_canvases");

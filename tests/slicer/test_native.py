@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import SHAPE, dice, oblique_matrix, phantom, run_to_end, training_data
-from SFRSegmentationLib import Cancelled, InputError, Model, ModelRegistry, SfrError, TrainingData
+from SFRSegmentationLib import PRESETS, Cancelled, InputError, Model, ModelRegistry, SfrError, TrainingData
 from SFRSegmentationLib.native import _NativeDataset
 
 M = oblique_matrix()
@@ -140,6 +140,23 @@ def test_config_mistakes_are_reported_with_the_key(native_logic):
         job.wait()
     assert "iterationz" in str(e.value)
     assert e.value.status == "SFR_ERR_INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_the_panel_offers_is_one_the_library_knows(native_logic, preset):
+    # The library resolves the preset before it checks the keys: an unknown preset would be
+    # the error here, a known one leaves the misspelt key to be named.
+    with pytest.raises(SfrError) as e:
+        job = native_logic.start_training(training_data(1, 0), config={"preset": preset, "vnet": {"iterationz": 3}})
+        job.wait()
+    assert "iterationz" in str(e.value) and "unknown preset" not in str(e.value)
+
+
+def test_an_unknown_preset_is_refused_with_the_known_ones(native_logic):
+    with pytest.raises(SfrError) as e:
+        job = native_logic.start_training(training_data(1, 0), config={"preset": "cpu-huge"})
+        job.wait()
+    assert "cpu-huge" in str(e.value) and all(p in str(e.value) for p in PRESETS)
 
 
 def test_mismatched_classes_are_refused_before_training(native_logic):

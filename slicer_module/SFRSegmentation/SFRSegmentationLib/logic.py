@@ -40,7 +40,7 @@ MODES = ("worker", "in-process")
 # torch was not imported yet, which is exactly the risk described above.
 LEGACY_MODES = {"auto": "worker"}
 METHODS = ("mean-teacher", "supervised", "self-training", "acmt")
-PRESETS = ("cpu-small", "paper-la", "test-tiny")
+PRESETS = ("cpu-small", "cpu-lora", "paper-la", "test-tiny")
 
 IN_PROCESS_RISK = (
     "libsfr and its libtorch 2.13 are loaded into Slicer's process: an extension that imports "
