@@ -1,5 +1,6 @@
 //! tch models: SAM (image encoder, prompt encoder, mask decoder) with LoRA, and the V-Net.
 //! Models know nothing of files beyond `weights` (tensors in, tensors out).
+pub mod autocast;
 pub mod layers;
 pub mod lora;
 pub mod loss;

@@ -71,6 +71,12 @@ pub struct SamStage {
     /// the scans' own intensities, as pseudo-labelling sees them.
     #[serde(default = "yes")]
     pub bezier: bool,
+    /// On the CPU: the SAM stage's encoder passes (LoRA fine-tuning, the frozen encoder's
+    /// cache, pseudo-labelling) run under bfloat16 autocast (`nn::autocast`): matrix products and
+    /// convolutions in bf16, parameters, gradients and the loss in float32. About 2× faster
+    /// on a CPU with AVX512-BF16, its embeddings about 3% off. No effect on CUDA.
+    #[serde(default)]
+    pub bf16: bool,
     /// Grow each pseudo-label to the labelled cases' foreground fraction: where SAM's
     /// pseudo-label covers less of its volume than the labelled cases' mean foreground
     /// fraction, the background voxels of lowest background probability (below
@@ -185,6 +191,7 @@ impl TrainConfig {
                 fill_canvas: false,
                 scale: 1,
                 bezier: true,
+                bf16: false,
                 match_labeled_fraction: false,
                 largest_component: false,
             },

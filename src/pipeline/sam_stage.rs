@@ -28,6 +28,7 @@
 use crate::error::{Error, Result};
 use crate::infer::{argmax, keep_largest_components, SlidingWindow, Weighting};
 use crate::job::Reporter;
+use crate::nn::autocast::cpu_bf16;
 use crate::nn::loss::{ce_dice, finite_loss};
 use crate::nn::lora::Lora;
 use crate::nn::sam::checkpoint::{self, Resolved};
@@ -225,7 +226,8 @@ impl SamModule {
                     ls.push(l);
                 }
                 let input = self.canvases(&imgs)?;
-                embs.push(tch::no_grad(|| if lora_tail { self.sam.encode_prefix(&input, Some(&self.lora), split) } else { self.sam.encode_image(&input, None) })?);
+                let encoded = cpu_bf16(s.bf16, self.vs.device(), || tch::no_grad(|| if lora_tail { self.sam.encode_prefix(&input, Some(&self.lora), split) } else { self.sam.encode_image(&input, None) }))?;
+                embs.push(encoded.to_kind(Kind::Float));
                 labs.push(self.label_tensor(&ls));
                 done += b;
                 reporter.step(done as u64, f64::NAN)?;
@@ -243,7 +245,8 @@ impl SamModule {
             let idx: Vec<i64> = (0..s.batch).map(|_| rng.random_range(0..n) as i64).collect();
             let idx = Tensor::from_slice(&idx).to_device(emb.device());
             let state = emb.index_select(0, &idx);
-            let embedding = if lora_tail { self.sam.encode_suffix(&state, Some(&self.lora), split)? } else { state };
+            // The LoRA'd tail under `sam.bf16` too; the decoder trains in float32.
+            let embedding = if lora_tail { cpu_bf16(s.bf16, self.vs.device(), || self.sam.encode_suffix(&state, Some(&self.lora), split))?.to_kind(Kind::Float) } else { state };
             let out = self.sam.decode(&embedding)?;
             let logits = upscale_logits(&out.low_res_logits, (size, size));
             let loss = ce_dice(&logits, &target.index_select(0, &idx));
@@ -284,8 +287,8 @@ impl SamModule {
             }
             let input = self.canvases(&imgs)?;
             let target = self.label_tensor(&labs);
-            let out = self.sam.forward(&input, Some(&self.lora))?;
-            let logits = upscale_logits(&out.low_res_logits, (size, size));
+            let out = cpu_bf16(s.bf16, self.vs.device(), || self.sam.forward(&input, Some(&self.lora)))?;
+            let logits = upscale_logits(&out.low_res_logits.to_kind(Kind::Float), (size, size));
             let loss = ce_dice(&logits, &target);
             opt.zero_grad();
             loss.backward();
@@ -318,8 +321,8 @@ impl SamModule {
                 patches.push(Array3::from_shape_vec((patch[0], patch[1], patch[2]), v).map_err(|e| Error::invalid(e.to_string()))?);
             }
             let input = self.canvases(&patches)?;
-            let out = tch::no_grad(|| self.sam.forward(&input, Some(&self.lora)))?;
-            let p = class_probabilities(&out.low_res_logits, (size, size)).to_device(Device::Cpu).contiguous();
+            let out = cpu_bf16(cfg.sam.bf16, self.vs.device(), || tch::no_grad(|| self.sam.forward(&input, Some(&self.lora))))?;
+            let p = class_probabilities(&out.low_res_logits.to_kind(Kind::Float), (size, size)).to_device(Device::Cpu).contiguous();
             let c = p.size()[1] as usize;
             let mut all = Vec::with_capacity(b as usize);
             for i in 0..b {
