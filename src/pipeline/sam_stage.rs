@@ -607,6 +607,34 @@ mod tests {
         assert!(said(&messages.lock().unwrap()), "not said: {:?}", messages.lock().unwrap());
     }
 
+    /// `sam.bf16`: fine-tuning and pseudo-labelling run under CPU bfloat16 autocast (the
+    /// results differ from float32's, so the path is taken) and stay close to float32's, with
+    /// float32 probabilities out.
+    #[test]
+    fn bf16_fine_tuning_and_pseudo_labels_stay_close_to_float32() {
+        let mut cfg = TrainConfig::test_tiny();
+        cfg.rot_flip = false;
+        let r = Reporter::detached(None);
+        let shape = cfg.sam_patch_zyx().unwrap();
+        let image = Array3::from_shape_fn(shape, |(z, y, x)| ((z * 7 + y * 3 + x) % 11) as f32 / 5.0 - 1.0);
+        let label = Array3::from_shape_fn(shape, |(_, y, x)| u8::from(y > shape[1] / 3 && y < shape[1] / 2 && x > shape[2] / 4));
+        let data = [LabeledVolume { image: &image, label: &label }];
+        let run = |bf16: bool| {
+            let mut cfg = cfg.clone();
+            cfg.sam.bf16 = bf16;
+            tch::manual_seed(5);
+            let mut sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
+            sam.finetune(&cfg, &data, 3, 7, &r).unwrap();
+            sam.pseudo_label(&cfg, &image, None).unwrap().probabilities
+        };
+        let (p32, p16) = (run(false), run(true));
+        assert_eq!(p32.shape(), p16.shape());
+        assert!(p16.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+        let diff = p32.iter().zip(p16.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff > 0.0, "bf16 gave float32's results exactly: autocast was not on");
+        assert!(diff < 0.1, "bf16 moved a probability by {diff}");
+    }
+
     /// `sam.bezier` false: a training sample is a crop of the scan with its own intensities
     /// (without rot_flip, the crop itself); true: the intensity curve changes them.
     #[test]
