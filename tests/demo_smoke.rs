@@ -58,10 +58,12 @@ fn demo_runs_end_to_end_on_the_shipped_hippocampus_scans() {
         assert_eq!(r["classes"].as_array().unwrap().len(), 2);
     }
     assert!(rows[2]["sam"]["variant"].is_string(), "the SFR row records its SAM: {}", rows[2]["sam"]);
-    // Where set-up has cached LiteMedSAM, cpu-small's SFR rows use it (frozen encoder, here on
-    // 2 canvases): the pretrained path runs end to end.
+    // Where set-up has cached LiteMedSAM, the SFR rows use it (frozen encoder, here on 2
+    // canvases; in bf16 where the CPU has it): the pretrained path runs end to end, and the
+    // notes say how SAM was fine-tuned.
     if std::env::var_os("SFR_SAM_CHECKPOINT").is_none() && sfr::nn::sam::checkpoint::lite_medsam_path().is_some_and(|p| p.is_file()) {
         assert_eq!(rows[2]["sam"]["variant"], "lite_medsam", "{}", rows[2]["sam"]);
+        assert!(stdout.contains("fine-tuning: frozen encoder, 2 cached canvases, 2 decoder steps of 1"), "{stdout}");
     }
     // The SAM stage scored on its own: one entry per unlabelled case, each Dice recomputed here
     // from the pseudo-label file and the true label by counting voxels.

@@ -13,7 +13,7 @@ use sfr::metrics::ClassMetrics;
 use sfr::model::SfrModel;
 use sfr::nn::autocast;
 use sfr::phantom::{write_dataset, PhantomSpec};
-use sfr::pipeline::config::{Method, TrainConfig};
+use sfr::pipeline::config::{Method, SamStage, TrainConfig};
 use sfr::pipeline::{evaluate_cases, summarize, RunOptions, TrainInputs};
 use sfr::stitch::{stitch_image, stitch_labels, StitchLayout, LABEL_PAD};
 use sfr::volume::Volume;
@@ -180,11 +180,12 @@ fn finish_config(c: &mut TrainConfig, a: &DemoArgs, row: Row) {
     choose_sam_checkpoint(c, a);
 }
 
-/// How the SFR rows fine-tune SAM, for the table's notes (a pretrained checkpoint assumed; SAM
-/// from random weights always trains the whole encoder, and the notes say it has no checkpoint).
-fn sam_stage_words(c: &TrainConfig) -> String {
-    let s = &c.sam;
-    let how = if s.frozen_encoder_canvases > 0 {
+/// How the SFR rows fine-tuned SAM, for the table's notes. A SAM from random weights trains its
+/// whole encoder whatever the config says (`SamModule::frozen_encoder`).
+fn sam_stage_words(s: &SamStage, pretrained: bool) -> String {
+    let how = if !pretrained {
+        format!("the whole SAM from random weights, {} steps of {}", s.iterations, s.batch)
+    } else if s.frozen_encoder_canvases > 0 {
         format!("frozen encoder, {} cached canvases, {} decoder steps of {}", s.frozen_encoder_canvases, s.iterations, s.batch)
     } else {
         format!("LoRA r={} on every encoder block, {} steps of {}", s.lora_rank, s.iterations, s.batch)
@@ -340,7 +341,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let mut scores: Vec<Scores> = vec![];
     let mut models: Vec<SfrModel> = vec![];
     let mut pseudo_dir: Option<PathBuf> = None;
-    let mut sam_stage = String::new();
+    let mut sfr_sam: Option<SamStage> = None;
     let demo_start = std::time::Instant::now();
     for (n, &row) in rows.iter().enumerate() {
         let cfg = if a.synthetic { synthetic_config(&a, row, iterations) } else { real_config(&a, row, iterations) };
@@ -349,7 +350,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         let opts = if row.sfr && pseudo_dir.is_none() {
             let d = work.join(cfg.method.name());
             pseudo_dir = Some(d.join("pseudo"));
-            sam_stage = sam_stage_words(&cfg);
+            sfr_sam = Some(cfg.sam.clone());
             RunOptions { work_dir: Some(d), write_pseudo_labels: true, ..Default::default() }
         } else {
             RunOptions::default()
@@ -467,8 +468,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if let Some(s) = scores.iter().find(|s| s.row.sfr) {
         let ck = &s.sam["checkpoint"];
         let conf = s.sam["mean_confidence"].as_f64().map(|c| format!(", mean pseudo-label confidence {c:.3}")).unwrap_or_default();
+        let stage = sfr_sam.as_ref().map(|c| format!("; fine-tuning: {}", sam_stage_words(c, !ck.is_null()))).unwrap_or_default();
         meaning.push(format!(
-            "SAM in the SFR rows: variant {}, {}{conf}; fine-tuning: {sam_stage}",
+            "SAM in the SFR rows: variant {}, {}{conf}{stage}",
             s.sam["variant"].as_str().unwrap_or("?"),
             if ck.is_null() { "no checkpoint (random initial weights: not pretrained)".to_string() } else { format!("checkpoint {}", ck.as_str().unwrap_or("?")) }
         ));
