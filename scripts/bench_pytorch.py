@@ -9,12 +9,14 @@ both for timed repetitions in turn, so that the two sides see the same machine l
 The spec names the case and where the Rust worker left the model weights and the inputs
 (safetensors), so both sides compute with the same values:
     {"case": "vnet_train_112x112x80", "kind": "vnet_train" | "vnet_infer" | "sam_encoder" | "tiny_vit_encoder"
-     | "lite_medsam_pseudo_label" | "sam_pseudo_label" | "lite_medsam_decoder_step" | "segment_volume", "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
+     | "lite_medsam_pseudo_label" | "sam_pseudo_label" | "lite_medsam_decoder_step"
+     | "lite_medsam_lora_step" | "lite_medsam_lora_step_bf16" | "segment_volume", "threads": 2, "device": "cpu" | "cuda:0", "dir": "<folder>",
      "vnet_reference": "<path of tests/reference/vnet_reference.py>",
      "segment": {"volume": [z, y, x], "patch": [...], "stride": [...], "weighting": "mean" | "gaussian",
                  "batch": 4} (segment_volume only), "side": "monai" | "per_window" (segment_volume only)}
 `dir` holds weights.safetensors (the state dict under its PyTorch keys) and input.safetensors
-(`x`, plus the labels `y` for training; for segment_volume `x` is the raw volume [z, y, x]).
+(`x`, plus the labels `y` for training; for segment_volume `x` is the raw volume [z, y, x]);
+for the LoRA steps also lora.safetensors (`lora.blocks.{i}.linear_{a,b}_{q,v}.weight`).
 A segment_volume worker warms up on one patch-sized corner of the volume and, after `done`,
 writes its last label map to `dir/labels-<side>.u8` (raw u8, [z, y, x]).
 
@@ -275,6 +277,51 @@ def build_segment(spec, model, volume, device):
     return warmup, rep, finish
 
 
+def lora_step(spec, inputs, weights, device, bf16):
+    """cpu-lora's fine-tuning step: the canvas through the whole LiteMedSAM with LoRA (rank 4)
+    on q and v of every attention's fused qkv (the same split as sfr's, as forward hooks; the
+    weights are those sfr saved), loss on the upsampled logits, AdamW on LoRA, prompt encoder and
+    mask decoder; the forward under CPU bf16 autocast when `bf16` (sfr's `sam.bf16`)."""
+    size = int(spec["input"][-1])
+    m = lite_medsam_model()
+    parts = (m.image_encoder, m.prompt_encoder, m.mask_decoder)
+    load_parts(parts, weights)
+    encoder, prompt, decoder = (p.to(device) for p in parts)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    lora = load_file(f"{spec['dir']}/lora.safetensors")
+    attns = [blk.attn for layer in encoder.layers[1:] for blk in layer.blocks]
+    params = list(prompt.parameters()) + list(decoder.parameters())
+    for i, attn in enumerate(attns):
+        ws = {n: torch.nn.Parameter(lora[f"lora.blocks.{i}.linear_{n}.weight"].to(device))
+              for n in ("a_q", "b_q", "a_v", "b_v")}
+        params += list(ws.values())
+
+        def hook(mod, inp, out, ws=ws, attn=attn):
+            xin = inp[0]
+            b, n, _ = xin.shape
+            h, kd, d = attn.num_heads, attn.key_dim, attn.d
+            dq = (xin @ ws["a_q"].T @ ws["b_q"].T).view(b, n, h, kd)
+            dv = (xin @ ws["a_v"].T @ ws["b_v"].T).view(b, n, h, d)
+            o = out.view(b, n, h, -1)
+            zeros = torch.zeros_like(o[..., kd:2 * kd])
+            return (o + torch.cat([dq.to(o.dtype), zeros, dv.to(o.dtype)], -1)).view(b, n, -1)
+        attn.qkv.register_forward_hook(hook)
+    x = inputs["x"].to(device)
+    y = inputs["y"].to(device)
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+
+    def rep():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            low_res = no_prompt_decode(prompt, decoder, encoder(x))
+        logits = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)
+        loss = ce_dice(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return rep
+
+
 def build(spec, device):
     """(warm-up or None, one repetition without the synchronisation, finish or None)."""
     built = build_case(spec, device)
@@ -316,6 +363,8 @@ def build_case(spec, device):
                 low_res = no_prompt_decode(prompt, decoder, encoder(x))
                 F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False).softmax(1)
         return rep
+    if kind in ("lite_medsam_lora_step", "lite_medsam_lora_step_bf16"):
+        return lora_step(spec, inputs, weights, device, bf16=kind.endswith("_bf16"))
     if kind in ("sam_encoder", "tiny_vit_encoder"):
         model = sam_image_encoder(x.shape[-1]) if kind == "sam_encoder" else lite_medsam_image_encoder()
         prefix = "image_encoder."

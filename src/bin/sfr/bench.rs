@@ -157,11 +157,30 @@ pub fn run_with(opts: &BenchOptions) -> Result<Value> {
             section[case.name] = result.json;
         }
     }
+    if let Some(sam) = out.get_mut("sam") {
+        bf16_speed_up(sam);
+    }
     out.insert(
         "machine".into(),
         machine_info(threads, device_name, load_start, opts.quick),
     );
     Ok(Value::Object(out))
+}
+
+/// What `sam.bf16` buys in the LoRA fine-tuning step: bf16 seconds / float32 seconds (median),
+/// for each side, when both LoRA-step cases ran (one after the other in this run).
+fn bf16_speed_up(sam: &mut Value) {
+    let (f32_case, bf16_case) = ("lite_medsam_lora_step_256", "lite_medsam_lora_step_256_bf16");
+    let mut ratios = serde_json::Map::new();
+    for side in ["sfr", "pytorch"] {
+        let secs = |case: &str| sam[case][side]["seconds_median"].as_f64().filter(|s| *s > 0.0);
+        if let (Some(f), Some(b)) = (secs(f32_case), secs(bf16_case)) {
+            ratios.insert(side.into(), json!(b / f));
+        }
+    }
+    if !ratios.is_empty() {
+        sam["lite_medsam_lora_step_bf16_vs_f32"] = Value::Object(ratios);
+    }
 }
 
 /// /proc/loadavg's 1, 5 and 15 minute averages.

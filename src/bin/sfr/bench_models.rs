@@ -12,6 +12,8 @@
 //! (safetensors) that the Python worker loads, so both compute with the same values.
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sfr::nn::autocast::{cpu_bf16, cpu_has_bf16};
+use sfr::nn::lora::Lora;
 use sfr::nn::loss::ce_dice;
 use sfr::nn::sam::{class_probabilities, upscale_logits, Sam, SamConfig};
 use ndarray::Array3;
@@ -50,6 +52,12 @@ pub enum CaseKind {
     /// One fine-tuning step of the CPU recipe: frozen encoder (cached embeddings), prompt
     /// encoder + mask decoder forward, 0.5·(CE + Dice) on the canvas, backward, AdamW.
     LiteMedsamDecoderStep,
+    /// One fine-tuning step of `cpu-lora`'s recipe in float32: a canvas through the whole
+    /// LiteMedSAM with LoRA (r = 4) on every attention block, 0.5·(CE + Dice), backward, AdamW on
+    /// the LoRA, prompt encoder and mask decoder.
+    LiteMedsamLoraStep,
+    /// The same step under CPU bfloat16 autocast (`sam.bf16`; PyTorch side: `torch.autocast`).
+    LiteMedsamLoraStepBf16,
     /// A whole volume through `sfr segment`'s path (z-score, sliding window, argmax) beside
     /// MONAI's `sliding_window_inference` and the reference code's per-window loop.
     SegmentVolume,
@@ -102,6 +110,13 @@ const PSEUDO_LABEL_WHAT: &str = "SAM pseudo-labelling of stitched canvases (rand
 const DECODER_STEP_WHAT: &str = "LiteMedSAM fine-tuning step of cpu-small's recipe (frozen encoder, cached embeddings, batch 2): \
                                  prompt encoder + mask decoder forward, logits upsampled to 256², 0.5*(CE+Dice), backward, \
                                  AdamW (lr 1e-4, wd 0.1) on the prompt encoder and mask decoder";
+const LORA_STEP_WHAT: &str = "LiteMedSAM fine-tuning step of cpu-lora's recipe (random weights, batch 1, f32): the canvas through \
+                              the whole SAM with LoRA r=4 on q and v of every attention block (encoder frozen), no prompt, logits \
+                              upsampled to 256², 0.5*(CE+Dice), backward, AdamW (lr 1e-3, wd 0.1) on LoRA, prompt encoder and \
+                              mask decoder; PyTorch side: the wheel's modules with the same LoRA as forward hooks";
+const LORA_STEP_BF16_WHAT: &str = "The same LiteMedSAM LoRA step under CPU bfloat16 autocast (sam.bf16: matrix products and \
+                                   convolutions in bf16, weights, gradients and loss in f32; PyTorch side: torch.autocast('cpu', \
+                                   torch.bfloat16) around the same forward). CPU only";
 const SEGMENT_WHAT: &str = "Whole-volume segmentation, raw f32 volume in memory -> label map: z-score, sliding window \
                             (softmax averaged over overlaps), argmax; V-Net 16 filters, 2 classes, random weights. \
                             sfr: SfrModel::segment (sfr segment's path); monai: monai.inferers.sliding_window_inference \
@@ -181,6 +196,26 @@ pub fn cases() -> Vec<Case> {
             segment: None,
         },
         Case {
+            name: "lite_medsam_lora_step_256",
+            section: "sam",
+            ratio_key: "lite_medsam_lora_step_vs_pytorch",
+            kind: CaseKind::LiteMedsamLoraStep,
+            input: [1, 3, 256, 256, 0],
+            heavy: false,
+            what: LORA_STEP_WHAT,
+            segment: None,
+        },
+        Case {
+            name: "lite_medsam_lora_step_256_bf16",
+            section: "sam",
+            ratio_key: "lite_medsam_lora_step_bf16_vs_pytorch",
+            kind: CaseKind::LiteMedsamLoraStepBf16,
+            input: [1, 3, 256, 256, 0],
+            heavy: false,
+            what: LORA_STEP_BF16_WHAT,
+            segment: None,
+        },
+        Case {
             name: "sam_vit_b_pseudo_label_1024",
             section: "sam",
             ratio_key: "sam_vit_b_pseudo_label_1024_vs_pytorch",
@@ -239,9 +274,13 @@ pub fn cases() -> Vec<Case> {
 impl Case {
     fn shape(&self) -> Vec<i64> {
         match self.kind {
-            CaseKind::SamEncoder | CaseKind::TinyVitEncoder | CaseKind::LiteMedsamPseudoLabel | CaseKind::SamPseudoLabel | CaseKind::LiteMedsamDecoderStep => {
-                self.input[..4].to_vec()
-            }
+            CaseKind::SamEncoder
+            | CaseKind::TinyVitEncoder
+            | CaseKind::LiteMedsamPseudoLabel
+            | CaseKind::SamPseudoLabel
+            | CaseKind::LiteMedsamDecoderStep
+            | CaseKind::LiteMedsamLoraStep
+            | CaseKind::LiteMedsamLoraStepBf16 => self.input[..4].to_vec(),
             CaseKind::SegmentVolume => self.input[2..].to_vec(),
             _ => self.input.to_vec(),
         }
@@ -449,6 +488,34 @@ fn build(spec: &Spec, device: Device) -> Result<Built, String> {
     let e = |what: &str, err: &dyn std::fmt::Display| format!("{}: {what}: {err}", spec.case);
     match spec.kind {
         CaseKind::SegmentVolume => build_segment(spec, device, &weights, &inputs),
+        CaseKind::LiteMedsamLoraStep | CaseKind::LiteMedsamLoraStepBf16 => {
+            let size = spec.input[3];
+            let cfg = SamConfig::lite_medsam().with_num_classes(3).with_image_size(size);
+            let sam = Sam::new(&vs.root(), &cfg).map_err(|err| e("building SAM", &err))?;
+            // As the SAM stage does: LoRA in the SAM's VarStore, which freezes the encoder.
+            let lora = Lora::new(&vs.root().sub("lora"), &sam, 4).map_err(|err| e("building LoRA", &err))?;
+            sam.save_safetensors(&weights).map_err(|err| e("saving SAM", &err))?;
+            let named: Vec<(String, Tensor)> = lora.named_tensors().map(|(k, t)| (format!("lora.{k}"), t.detach().to_device(Device::Cpu))).collect();
+            Tensor::write_safetensors(&named, spec.dir.join("lora.safetensors")).map_err(|err| e("saving LoRA", &err))?;
+            let y = Tensor::randint(4, [spec.input[0], size, size], (Kind::Int64, device));
+            Tensor::write_safetensors(&[("x", x.to_device(Device::Cpu)), ("y", y.to_device(Device::Cpu))], &inputs)
+                .map_err(|err| e("saving the input", &err))?;
+            let mut opt = AdamW { beta1: 0.9, beta2: 0.999, wd: 0.1, eps: 1e-8, amsgrad: false }
+                .build(&vs, 1e-3)
+                .map_err(|err| e("building AdamW", &err))?;
+            let bf16 = spec.kind == CaseKind::LiteMedsamLoraStepBf16;
+            let rep: Rep = Box::new(move || {
+                // The SAM stage's own step (sam_stage.rs, `finetune`): forward under the autocast
+                // region, loss and backward outside it.
+                let out = cpu_bf16(bf16, device, || sam.forward(&x, Some(&lora))).map_err(|err| err.to_string())?;
+                let loss = ce_dice(&upscale_logits(&out.low_res_logits.to_kind(Kind::Float), (size, size)), &y);
+                opt.zero_grad();
+                loss.f_backward().map_err(|err| err.to_string())?;
+                opt.step();
+                Ok(())
+            });
+            Ok(rep.into())
+        }
         CaseKind::LiteMedsamPseudoLabel | CaseKind::SamPseudoLabel | CaseKind::LiteMedsamDecoderStep => {
             let size = spec.input[3];
             let base = if spec.kind == CaseKind::SamPseudoLabel { SamConfig::vit_b() } else { SamConfig::lite_medsam() };
@@ -805,7 +872,9 @@ impl Side {
             match case.kind {
                 CaseKind::SamEncoder | CaseKind::TinyVitEncoder => out["images_per_s"] = json!(b / s),
                 CaseKind::LiteMedsamPseudoLabel | CaseKind::SamPseudoLabel => out["canvases_per_s"] = json!(b / s),
-                CaseKind::LiteMedsamDecoderStep => out["steps_per_s"] = json!(1.0 / s),
+                CaseKind::LiteMedsamDecoderStep | CaseKind::LiteMedsamLoraStep | CaseKind::LiteMedsamLoraStepBf16 => {
+                    out["steps_per_s"] = json!(1.0 / s)
+                }
                 CaseKind::VnetTrain => {
                     out["patches_per_s"] = json!(b / s);
                     out["mvoxels_per_s"] = json!(voxels / s / 1e6);
@@ -860,6 +929,14 @@ impl ModelRun {
             head["weighting"] = json!(seg.weighting);
             head["window_batch"] = json!(seg.batch);
             head["windows"] = json!(seg.windows());
+        }
+        if case.kind == CaseKind::LiteMedsamLoraStepBf16 {
+            head["cpu_has_avx512_bf16"] = json!(cpu_has_bf16());
+            if self.device != "cpu" {
+                // Both sides' autocast is the CPU's: on a GPU they would time float32.
+                head["skipped"] = json!("CPU bfloat16 autocast only; run with --device cpu");
+                return CaseResult { json: head, ratios: Vec::new() };
+            }
         }
         // The Python implementations compared with ours: PyTorch eager, or for segmentation
         // MONAI and the reference code's loop.
@@ -1001,7 +1078,7 @@ mod tests {
     #[test]
     fn pytorch_workers_run_the_sam_stage_cases() {
         let Some(py) = python_or_skip() else { return };
-        for kind in [CaseKind::LiteMedsamPseudoLabel, CaseKind::LiteMedsamDecoderStep] {
+        for kind in [CaseKind::LiteMedsamPseudoLabel, CaseKind::LiteMedsamDecoderStep, CaseKind::LiteMedsamLoraStep, CaseKind::LiteMedsamLoraStepBf16] {
             let dir = worker_dir();
             let spec = Spec::new("test", kind, vec![1, 3, 256, 256], 1, "cpu", dir.path(), None);
             let mut rep = build(&spec, Device::Cpu).unwrap().rep;
