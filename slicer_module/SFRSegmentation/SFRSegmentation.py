@@ -58,7 +58,7 @@ METHOD_LABELS = [
 ]
 PRESET_LABELS = [
     ("cpu-small", "CPU, small (minutes)"),
-    ("cpu-lora", "CPU, LoRA-tuned SAM (better pseudo-labels, about 15 minutes)"),
+    ("cpu-lora", "CPU, LoRA-tuned SAM (better pseudo-labels, 7–15 minutes)"),
     ("paper-la", "Paper settings (GPU, hours)"),
     ("test-tiny", "Smoke test (seconds, not accurate)"),
 ]

@@ -34,7 +34,7 @@ use crate::nn::lora::Lora;
 use crate::nn::sam::checkpoint::{self, Resolved};
 use crate::nn::sam::{class_probabilities, detect_config, upscale_logits, HeadPolicy, PixelInput, Sam, SamConfig};
 use std::collections::HashMap;
-use crate::pipeline::config::TrainConfig;
+use crate::pipeline::config::{Bf16, TrainConfig};
 use crate::pipeline::guard::class_fractions;
 use crate::pipeline::data::{random_bezier, random_crop, random_rot_flip, Rng, Sample};
 use crate::stitch::{stitch_image, stitch_labels, unstitch_probabilities, StitchLayout};
@@ -147,6 +147,15 @@ impl SamModule {
             log::warn!("{text}");
             reporter.message(&text);
         }
+        if device == Device::Cpu && s.bf16 != Bf16::Off {
+            // Said either way: `auto` makes the same config compute differently on another CPU.
+            let text = match (s.bf16.enabled(), s.bf16) {
+                (true, Bf16::Auto) => "SAM stage in bfloat16 autocast (sam.bf16 auto: this CPU has AVX512-BF16)",
+                (true, _) => "SAM stage in bfloat16 autocast (sam.bf16)",
+                (false, _) => "SAM stage in float32 (sam.bf16 auto: this CPU has no AVX512-BF16)",
+            };
+            reporter.message(text);
+        }
         Ok(SamModule { vs, sam, lora, layout, patch, scale: s.scale, checkpoint: resolved, cache: None })
     }
 
@@ -226,7 +235,7 @@ impl SamModule {
                     ls.push(l);
                 }
                 let input = self.canvases(&imgs)?;
-                let encoded = cpu_bf16(s.bf16, self.vs.device(), || tch::no_grad(|| if lora_tail { self.sam.encode_prefix(&input, Some(&self.lora), split) } else { self.sam.encode_image(&input, None) }))?;
+                let encoded = cpu_bf16(s.bf16.enabled(), self.vs.device(), || tch::no_grad(|| if lora_tail { self.sam.encode_prefix(&input, Some(&self.lora), split) } else { self.sam.encode_image(&input, None) }))?;
                 embs.push(encoded.to_kind(Kind::Float));
                 labs.push(self.label_tensor(&ls));
                 done += b;
@@ -246,7 +255,7 @@ impl SamModule {
             let idx = Tensor::from_slice(&idx).to_device(emb.device());
             let state = emb.index_select(0, &idx);
             // The LoRA'd tail under `sam.bf16` too; the decoder trains in float32.
-            let embedding = if lora_tail { cpu_bf16(s.bf16, self.vs.device(), || self.sam.encode_suffix(&state, Some(&self.lora), split))?.to_kind(Kind::Float) } else { state };
+            let embedding = if lora_tail { cpu_bf16(s.bf16.enabled(), self.vs.device(), || self.sam.encode_suffix(&state, Some(&self.lora), split))?.to_kind(Kind::Float) } else { state };
             let out = self.sam.decode(&embedding)?;
             let logits = upscale_logits(&out.low_res_logits, (size, size));
             let loss = ce_dice(&logits, &target.index_select(0, &idx));
@@ -287,7 +296,7 @@ impl SamModule {
             }
             let input = self.canvases(&imgs)?;
             let target = self.label_tensor(&labs);
-            let out = cpu_bf16(s.bf16, self.vs.device(), || self.sam.forward(&input, Some(&self.lora)))?;
+            let out = cpu_bf16(s.bf16.enabled(), self.vs.device(), || self.sam.forward(&input, Some(&self.lora)))?;
             let logits = upscale_logits(&out.low_res_logits.to_kind(Kind::Float), (size, size));
             let loss = ce_dice(&logits, &target);
             opt.zero_grad();
@@ -321,7 +330,7 @@ impl SamModule {
                 patches.push(Array3::from_shape_vec((patch[0], patch[1], patch[2]), v).map_err(|e| Error::invalid(e.to_string()))?);
             }
             let input = self.canvases(&patches)?;
-            let out = cpu_bf16(cfg.sam.bf16, self.vs.device(), || tch::no_grad(|| self.sam.forward(&input, Some(&self.lora))))?;
+            let out = cpu_bf16(cfg.sam.bf16.enabled(), self.vs.device(), || tch::no_grad(|| self.sam.forward(&input, Some(&self.lora))))?;
             let p = class_probabilities(&out.low_res_logits.to_kind(Kind::Float), (size, size)).to_device(Device::Cpu).contiguous();
             let c = p.size()[1] as usize;
             let mut all = Vec::with_capacity(b as usize);
@@ -621,7 +630,7 @@ mod tests {
         let data = [LabeledVolume { image: &image, label: &label }];
         let run = |bf16: bool| {
             let mut cfg = cfg.clone();
-            cfg.sam.bf16 = bf16;
+            cfg.sam.bf16 = bf16.into();
             tch::manual_seed(5);
             let mut sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
             sam.finetune(&cfg, &data, 3, 7, &r).unwrap();

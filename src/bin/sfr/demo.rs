@@ -133,7 +133,7 @@ fn choose_sam_checkpoint(c: &mut TrainConfig, a: &DemoArgs) {
 fn real_config(a: &DemoArgs, row: Row, iterations: usize) -> TrainConfig {
     let mut c = if autocast::cpu_has_bf16() {
         let mut c = TrainConfig::cpu_lora();
-        c.sam.bf16 = true;
+        c.sam.bf16 = sfr::pipeline::config::Bf16::On;
         c
     } else {
         TrainConfig::cpu_small()
@@ -190,7 +190,7 @@ fn sam_stage_words(s: &SamStage, pretrained: bool) -> String {
     } else {
         format!("LoRA r={} on every encoder block, {} steps of {}", s.lora_rank, s.iterations, s.batch)
     };
-    if s.bf16 { format!("{how}, bfloat16 autocast (this CPU computes in bf16)") } else { how }
+    if s.bf16.enabled() { format!("{how}, bfloat16 autocast (this CPU computes in bf16)") } else { how }
 }
 
 /// The shipped demo data: beside the repository the binary was built in (`target/release/sfr`
