@@ -322,6 +322,21 @@ pub fn stitch_bench() -> Value {
 mod tests {
     use super::*;
 
+    /// bf16 / float32 per side, from the two LoRA-step cases' medians; nothing when one is missing.
+    #[test]
+    fn bf16_speed_up_is_the_ratio_of_the_lora_step_medians() {
+        let side = |s: f64| json!({ "seconds_median": s });
+        let mut sam = json!({
+            "lite_medsam_lora_step_256": { "sfr": side(1.2), "pytorch": side(2.0) },
+            "lite_medsam_lora_step_256_bf16": { "sfr": side(0.6), "pytorch": { "error": "failed" } },
+        });
+        bf16_speed_up(&mut sam);
+        assert_eq!(sam["lite_medsam_lora_step_bf16_vs_f32"], json!({ "sfr": 0.5 }));
+        let mut only_f32 = json!({ "lite_medsam_lora_step_256": { "sfr": side(1.2) } });
+        bf16_speed_up(&mut only_f32);
+        assert!(only_f32.get("lite_medsam_lora_step_bf16_vs_f32").is_none());
+    }
+
     #[test]
     fn unknown_sections_and_zero_threads_are_errors() {
         let only = BenchOptions { only: vec!["nonsense".into()], ..Default::default() };

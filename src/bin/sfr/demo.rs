@@ -124,20 +124,15 @@ fn choose_sam_checkpoint(c: &mut TrainConfig, a: &DemoArgs) {
 
 /// The config of a row on real data: the library's recipe, as `sfr train --preset` uses it,
 /// with the demo's V-Net budget and SAM batch. On a CPU that computes in bfloat16
-/// (`autocast::cpu_has_bf16`) that is `cpu-lora` with `sam.bf16`: LoRA on every encoder block,
+/// (`autocast::cpu_has_bf16`) that is `cpu-lora`, in bf16 there: LoRA on every encoder block,
 /// the paper's fine-tuning, fits the 10 minutes there (about 6 of them; pseudo-labels 74.6
 /// against 60.5 with the frozen encoder, README "The two commands"). Elsewhere `cpu-small`, whose
 /// frozen encoder fits. Only the SAM stage differs; `--sam-canvases` overrides the choice. The
 /// consistency ramp-up keeps the preset's shape: its "epoch" is scaled with the iterations, so
 /// it ends at the same fraction of training.
 fn real_config(a: &DemoArgs, row: Row, iterations: usize) -> TrainConfig {
-    let mut c = if autocast::cpu_has_bf16() {
-        let mut c = TrainConfig::cpu_lora();
-        c.sam.bf16 = sfr::pipeline::config::Bf16::On;
-        c
-    } else {
-        TrainConfig::cpu_small()
-    };
+    // cpu-lora's `sam.bf16: "auto"` is on here, by the same test.
+    let mut c = if autocast::cpu_has_bf16() { TrainConfig::cpu_lora() } else { TrainConfig::cpu_small() };
     let base = TrainConfig::cpu_small().vnet;
     c.vnet.iterations = iterations;
     c.vnet.iterations_per_epoch = ((base.iterations_per_epoch * iterations) as f64 / base.iterations as f64).round().max(1.0) as usize;
