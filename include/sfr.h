@@ -375,6 +375,22 @@ enum sfr_status sfr_model_metadata_json(const struct sfr_model *model, char *buf
 enum sfr_status sfr_model_num_classes(const struct sfr_model *model, size_t *out);
 
 /**
+ * Number of classes that failed the training check (`training.class_check` of the metadata:
+ * never predicted, or far below the others, on the validation cases or else on the labelled
+ * training cases). 0: every class passed, or the model predates the check. A model with
+ * failed classes segments as any other, but should not be used: show the warning of
+ * `sfr_model_check_message`. Thread-safe.
+ */
+enum sfr_status sfr_model_failed_classes(const struct sfr_model *model, size_t *out);
+
+/**
+ * The training check's warning for people (which classes failed, on what, what to try),
+ * NUL-terminated; the empty string when every class passed. Sized like
+ * `sfr_model_metadata_json`. Thread-safe.
+ */
+enum sfr_status sfr_model_check_message(const struct sfr_model *model, char *buf, size_t len, size_t *needed);
+
+/**
  * Frees a model. NULL is a no-op; so is a second free (detected). Calls running on other
  * threads with this model, and segmentation jobs using it, finish normally (they hold their
  * own reference); later calls with the handle fail with SFR_ERR_BAD_HANDLE.

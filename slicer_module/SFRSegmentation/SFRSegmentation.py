@@ -572,8 +572,15 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
             dice = entry.validation_dice
             self.log(f"model saved as '{entry.name}' in {registry.folder}" + (f"; validation Dice {dice:.3f}" if dice is not None else ""))
-            self.ui.statusLabel.text = f"Training finished: model '{entry.name}'."
             self.refreshModels(select=entry.name)
+            warning = entry.check_warning
+            if warning:
+                # A model that cannot find one of its classes: said in red, before anyone uses it.
+                self.log(f"WARNING: model '{entry.name}': {warning}")
+                self.ui.statusLabel.text = f"<span style='color:red'>{warning}</span>"
+                slicer.util.warningDisplay(f"Model '{entry.name}':\n\n{warning}", windowTitle="SFR Segmentation")
+            else:
+                self.ui.statusLabel.text = f"Training finished: model '{entry.name}'."
 
         self.startTask(sfrsteps.in_background(save, "saving the model"), saved)
 
@@ -632,9 +639,12 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             created = e.created.strftime("%Y-%m-%d %H:%M") if e.created else ""
             classes = ", ".join(n for c, n in e.class_names.items() if c)
             method = (e.metadata.get("training") or {}).get("method", "") if not e.error else e.error
+            failed = e.check_warning
             for col, text in enumerate([e.name, f"{dice:.3f}" if dice is not None else "-", created, classes, method]):
                 item = qt.QTableWidgetItem(text)
-                item.setToolTip(e.summary)
+                item.setToolTip(failed or e.summary)
+                if failed:
+                    item.setForeground(qt.QBrush(qt.QColor("red")))
                 table.setItem(row, col, item)
             if select is not None and e.name == select:
                 table.selectRow(row)
@@ -693,6 +703,11 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self.ui.inputVolumeSelector.currentNode()
         outputNode = self.ui.outputSegmentationSelector.currentNode()
         if entry is None or volumeNode is None or self.busy:
+            return
+        if entry.check_warning and not slicer.util.confirmOkCancelDisplay(
+            f"Model '{entry.name}' failed its training check:\n\n{entry.check_warning}\n\nSegment with it anyway?",
+            windowTitle="SFR Segmentation",
+        ):
             return
         try:
             if outputNode is not None:

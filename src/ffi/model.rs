@@ -1,4 +1,5 @@
 //! Models (`.sfrmodel` files) and synchronous segmentation.
+use crate::pipeline::class_check::ClassCheck;
 use super::registry::{self, HandleKind};
 use super::view::{read_view, sfr_dtype_raw, SegmentationBuffers};
 use super::boundary::{c_path, c_str, guard, guard_void, sfr_status, FfiError};
@@ -105,6 +106,35 @@ pub unsafe extern "C" fn sfr_model_num_classes(model: *const sfr_model, out: *mu
         }
         *out = m.model.num_classes();
         Ok(())
+    })
+}
+
+/// Number of classes that failed the training check (`training.class_check` of the metadata:
+/// never predicted, or far below the others, on the validation cases or else on the labelled
+/// training cases). 0: every class passed, or the model predates the check. A model with
+/// failed classes segments as any other, but should not be used: show the warning of
+/// `sfr_model_check_message`. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn sfr_model_failed_classes(model: *const sfr_model, out: *mut usize) -> sfr_status {
+    guard("sfr_model_failed_classes", || {
+        let m = registry::get::<ModelObj>(model as usize, "model")?;
+        if out.is_null() {
+            return Err(FfiError::null("out"));
+        }
+        *out = ClassCheck::from_training(&m.model.meta.training).map_or(0, |c| c.failed().len());
+        Ok(())
+    })
+}
+
+/// The training check's warning for people (which classes failed, on what, what to try),
+/// NUL-terminated; the empty string when every class passed. Sized like
+/// `sfr_model_metadata_json`. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn sfr_model_check_message(model: *const sfr_model, buf: *mut c_char, len: usize, needed: *mut usize) -> sfr_status {
+    guard("sfr_model_check_message", || {
+        let m = registry::get::<ModelObj>(model as usize, "model")?;
+        let msg = ClassCheck::from_training(&m.model.meta.training).and_then(|c| c.warning()).unwrap_or_default();
+        super::boundary::copy_sized(&msg, buf, len, needed, "the check message")
     })
 }
 

@@ -435,6 +435,15 @@ impl VNet {
         (out, aux)
     }
 
+    /// Sets the head's bias (`out_conv.bias`) to `bias`, one value per class.
+    pub fn set_head_bias(&self, bias: &[f32]) -> Result<()> {
+        if bias.len() as i64 != self.config.num_classes {
+            return Err(Error::invalid(format!("head bias: {} values for {} classes", bias.len(), self.config.num_classes)));
+        }
+        tch::no_grad(|| self.out_conv.bias.shallow_clone().copy_(&Tensor::from_slice(bias).to_device(self.device)));
+        Ok(())
+    }
+
     /// The state dict: PyTorch keys and the live tensors (shallow clones: writing to them writes
     /// to the network), parameters and buffers in PyTorch's order.
     pub fn state_dict(&self) -> Vec<(String, Tensor)> {

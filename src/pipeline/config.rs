@@ -250,6 +250,8 @@ impl TrainConfig {
             },
             vnet: VNetStage {
                 n_filters: 16,
+                dropout: 0.5,
+                head_bias_prior: true,
                 iterations: 6000,
                 optimizer: OptimizerKind::Sgd,
                 lr: 0.01,
@@ -476,6 +478,9 @@ impl TrainConfig {
             check_range("vnet.iterations", v.iterations, 1, lim::MAX_ITERATIONS)?;
             check_range("vnet.iterations_per_epoch", v.iterations_per_epoch, 1, lim::MAX_ITERATIONS)?;
             check_positive("vnet.lr", v.lr)?;
+            if !(0.0..1.0).contains(&v.dropout) {
+                return Err(Error::invalid(format!("vnet.dropout = {} must be in [0, 1)", v.dropout)));
+            }
             if !(0.0..1.0).contains(&v.momentum) {
                 return Err(Error::invalid(format!("vnet.momentum = {} must be in [0, 1)", v.momentum)));
             }

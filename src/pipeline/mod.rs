@@ -4,6 +4,7 @@
 //! cases from the labelled ones, fine-tune SAM and pseudo-label the unlabelled cases (when
 //! `sfr` is on), re-train the V-Net with the chosen SSL method, validate, and return the model.
 //! Labels of unlabelled cases are never opened (`Case::label` is `None` for them).
+pub mod class_check;
 pub mod config;
 pub mod data;
 pub mod guard;
@@ -18,6 +19,7 @@ use crate::limits::Classes;
 use crate::metrics::{evaluate_labels, ClassMetrics};
 use crate::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
 use crate::volume::Volume;
+use class_check::ClassCheck;
 use config::TrainConfig;
 use data::{load_source, CaseSource, Sample};
 use retrain::{retrain, Checkpointing, UnlabeledCase};
@@ -292,6 +294,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         let mean_dice = summary.iter().map(|s| s.dice_mean).sum::<f64>() / summary.len().max(1) as f64;
         reporter.message(&format!("validation mean Dice {:.4} on {} cases", mean_dice, val_cases.len()));
         model.meta.validation = Some(serde_json::json!({"mean_dice": mean_dice, "classes": summary}));
+        model.meta.training["class_check"] = serde_json::to_value(ClassCheck::new(&rows, &inputs.classes, "validation")).expect("serialisable");
     }
     if val_cases.is_empty() {
         // Nothing held out (few labels): say how well the model fits its labelled cases. That
@@ -307,6 +310,11 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             "classes": summary,
             "note": "Dice on the labelled cases the model was trained on: how well it fits them, not a test",
         });
+        model.meta.training["class_check"] = serde_json::to_value(ClassCheck::new(&rows, &inputs.classes, "fit")).expect("serialisable");
+    }
+    if let Some(w) = ClassCheck::from_training(&model.meta.training).and_then(|c| c.warning()) {
+        // In the job's log and progress messages (GUIs show them); the CLI says it again at the end.
+        reporter.message(&format!("WARNING: {w}"));
     }
     if let Some(ck) = &ck {
         let _ = std::fs::remove_file(&ck.path); // finished: the checkpoint has served

@@ -87,6 +87,33 @@ fn crop(rng: &mut Rng, image: &ArrayView3<f32>, labels: &[&ArrayView3<u8>], patc
     (img, labs)
 }
 
+/// Log of each class's voxel fraction over the labelled volumes (the smallest fraction
+/// counted as at least 1e-4, so an absent class gets a finite, very low bias): the head bias of
+/// `vnet.head_bias_prior`.
+///
+/// Why: with the reference's random head, one class starts out predicted almost everywhere
+/// (hippocampus, seed 1: posterior on 87k of 98k voxels at iteration 0). Cross-entropy then
+/// pushes that class's evidence down at every voxel of the other classes, and a minority
+/// class's voxels can end with every last-layer feature (8 channels after ReLU at 8 base
+/// filters) at zero: from then on they send no gradient through the network, and the class is
+/// never predicted (dead features at 85% of anterior voxels by iteration 100, anterior Dice 0
+/// at the end; 2 of 5 seeds on 4 labelled hippocampus cases). Starting at the prior, no class
+/// has evidence to lose.
+pub fn class_prior(labeled: &[Sample], num_classes: usize) -> Vec<f32> {
+    let mut counts = vec![0f64; num_classes];
+    let mut total = 0f64;
+    for s in labeled {
+        if let Some(l) = &s.label {
+            let f = crate::pipeline::guard::class_fractions(&l.view(), num_classes);
+            for (c, v) in counts.iter_mut().zip(f) {
+                *c += v * l.len() as f64;
+            }
+            total += l.len() as f64;
+        }
+    }
+    counts.iter().map(|&c| ((c / total.max(1.0)).max(1e-4)).ln() as f32).collect()
+}
+
 /// Label map of `net` on a normalised image (sliding window, eval mode).
 pub fn predict_labels(net: &VNet, cfg: &TrainConfig, image: &ArrayView3<f32>, device: Device) -> Result<Array3<u8>> {
     let sw = SlidingWindow { patch: cfg.patch_zyx(), stride: cfg.stride_zyx(), weighting: cfg.inference.weighting, batch: cfg.inference.batch };
@@ -235,7 +262,7 @@ impl Trainer {
         let v = &cfg.vnet;
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(device);
-        let net_cfg = VNetConfig { in_channels: 1, num_classes: num_classes as i64, n_filters: v.n_filters, deep_supervision: false, dropout: Some(0.5) };
+        let net_cfg = VNetConfig { in_channels: 1, num_classes: num_classes as i64, n_filters: v.n_filters, deep_supervision: false, dropout: (v.dropout > 0.0).then_some(v.dropout) };
         let net = VNet::new(&vs.root(), &net_cfg)?;
         let method = ssl::build(cfg.method, &net, v, device)?;
         let opt = Optimizer::new(&net, v);
@@ -347,6 +374,11 @@ pub fn retrain(
     let v = &cfg.vnet;
     let patch = cfg.patch_zyx();
     let mut trainer = Trainer::new(cfg, num_classes, device)?;
+    if v.head_bias_prior {
+        trainer.net.set_head_bias(&class_prior(labeled, num_classes))?;
+        // The mean teacher starts as a copy of the student.
+        trainer.method = ssl::build(cfg.method, &trainer.net, v, device)?;
+    }
     let fingerprint = run_fingerprint(cfg, labeled, unlabeled, checkpoint.map_or("", |c| c.pseudo_labels.as_str()));
     let mut start = 0usize;
     let mut own_pseudo: Option<Vec<Array3<u8>>> = None;

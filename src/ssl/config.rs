@@ -59,6 +59,10 @@ pub enum OptimizerKind {
 /// fraction may be down to 1/4 of the smallest and up to 4× the largest of the labelled cases.
 pub const DEFAULT_PSEUDO_LABEL_GUARD: f64 = 4.0;
 
+fn default_dropout() -> f64 {
+    0.5
+}
+
 fn default_pseudo_label_guard() -> f64 {
     DEFAULT_PSEUDO_LABEL_GUARD
 }
@@ -67,6 +71,16 @@ fn default_pseudo_label_guard() -> f64 {
 #[serde(deny_unknown_fields)]
 pub struct VNetStage {
     pub n_filters: i64,
+    /// Dropout3d probability at the bottleneck and before the head during training (0: none).
+    /// Configs written before the key existed trained with the reference's 0.5.
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// Start the head's bias at the log of each class's voxel fraction in the labelled cases
+    /// (RetinaNet's prior initialisation): every voxel starts as background with each class at
+    /// its prior, instead of one class predicted everywhere by the random head. See
+    /// `pipeline::retrain::class_prior`. Configs written before the key existed: false, as they trained.
+    #[serde(default)]
+    pub head_bias_prior: bool,
     pub iterations: usize,
     /// Absent in configs written before it existed: SGD, as they trained.
     #[serde(default)]

@@ -34,7 +34,7 @@ Sub-commands:
       sliding-window inference (mean of softmax over windows) and Dice per class on the test
       cases. Options: --method supervised|mean-teacher, --consistency W, --iterations N,
       --seed S, --threads T, --n-filters F, --patch X,Y,Z, --unlabeled-batch U (0 = labelled
-      crops only), --stride X,Y,Z.
+      crops only), --stride X,Y,Z, --optimizer sgd|adam, --lr L (0.01), --dropout P (0.5).
   evaluate <model.sfrmodel> <data_dir> [--bn keep|labeled|mixed|unlabeled|batch] [--batches N]
       Dice of a model written by `sfr train` on the test cases, with its own BatchNorm
       statistics or with them re-estimated (cumulative average over N batches of random crops
@@ -103,8 +103,11 @@ class Loop:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
             self.teacher.train()
-        self.opt = torch.optim.SGD(self.student.parameters(), lr=cfg["lr0"], momentum=cfg["momentum"],
-                                   weight_decay=cfg["weight_decay"])
+        if cfg.get("optimizer", "sgd") == "adam":
+            self.opt = torch.optim.Adam(self.student.parameters(), lr=cfg["lr0"], weight_decay=cfg["weight_decay"])
+        else:
+            self.opt = torch.optim.SGD(self.student.parameters(), lr=cfg["lr0"], momentum=cfg["momentum"],
+                                       weight_decay=cfg["weight_decay"])
         self.ema_steps = 0
 
     def step(self, x, y, it, lr, pseudo=None):
@@ -256,14 +259,15 @@ def train(data_dir, out_json, opts):
     cases, num_classes, nib = load_cases(data_dir)
     labeled = [(zscore(read_zyx(nib, i, np.float32)), read_zyx(nib, l, np.int64)) for i, l in cases[:n_lab]]
     unlabeled = [zscore(read_zyx(nib, i, np.float32)) for i, _ in cases[n_lab:n_lab + n_unl]]
-    cfg = dict(num_classes=num_classes, n_filters=int(opts.get("n_filters", 8)), dropout=0.5,
+    lr0 = float(opts.get("lr", 0.01))
+    cfg = dict(num_classes=num_classes, n_filters=int(opts.get("n_filters", 8)), dropout=float(opts.get("dropout", 0.5)),
                method=opts.get("method", "supervised"), consistency=float(opts.get("consistency", 0.1)),
                rampup_epochs=40.0, iterations_per_epoch=50, ema_decay=0.99, noise_std=0.1, noise_clamp=0.2,
-               momentum=0.9, weight_decay=1e-4, lr0=0.01)
+               momentum=0.9, weight_decay=1e-4, lr0=lr0, optimizer=opts.get("optimizer", "sgd"))
     loop = Loop(cfg)
     t0 = time.time()
     for it in range(iters):
-        lr = 0.01 * (1.0 - it / iters) ** 0.9
+        lr = lr0 * (1.0 - it / iters) ** 0.9
         xs, ys = [], []
         for _ in range(2):
             img, lab = labeled[rng.integers(len(labeled))]

@@ -11,7 +11,7 @@ import datetime
 import json
 import struct
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -59,6 +59,33 @@ def validation_dice(meta: dict) -> Optional[float]:
     return None
 
 
+def failed_classes(meta: dict) -> List[str]:
+    """Names of the classes that failed the library's training check (``training.class_check``:
+    never predicted, or far below the others, on the validation or labelled cases); empty when
+    every class passed or the model predates the check."""
+    check = (meta.get("training") or {}).get("class_check")
+    if not isinstance(check, dict):
+        return []
+    return [
+        str(c.get("name", c.get("class")))
+        for c in check.get("classes") or []
+        if isinstance(c, dict) and c.get("verdict") in ("never_predicted", "far_below")
+    ]
+
+
+def check_warning(meta: dict) -> Optional[str]:
+    """The training check's warning for people, or None when every class passed."""
+    failed = failed_classes(meta)
+    if not failed:
+        return None
+    check = meta["training"]["class_check"]
+    on = "validation cases" if check.get("judged_on") == "validation" else "its own labelled cases"
+    return (
+        f"Training failed: {', '.join(repr(n) for n in failed)} never or barely predicted on {on}. "
+        "Do not use this model: train again with another seed, more iterations or more labelled cases."
+    )
+
+
 def created(meta: dict) -> Optional[datetime.datetime]:
     t = meta.get("created_unix")
     if isinstance(t, (int, float)) and t > 0:
@@ -77,6 +104,8 @@ def summary(meta: dict) -> str:
         ", ".join(names) or "no classes",
         f"validation Dice {dice:.3f}" if dice is not None else "no validation",
     ]
+    if failed_classes(meta):
+        parts.insert(0, "FAILED: " + ", ".join(failed_classes(meta)) + " not learnt")
     if when:
         parts.append(when.strftime("%Y-%m-%d %H:%M"))
     return " | ".join(parts)

@@ -26,6 +26,11 @@ class ModelEntry:
         return modelfile.validation_dice(self.metadata) if not self.error else None
 
     @property
+    def check_warning(self) -> Optional[str]:
+        """The training check's warning (a class never or barely predicted), or None."""
+        return modelfile.check_warning(self.metadata) if not self.error else None
+
+    @property
     def created(self) -> Optional[datetime.datetime]:
         if not self.error:
             t = modelfile.created(self.metadata)

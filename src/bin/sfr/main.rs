@@ -27,6 +27,7 @@ use sfr::io::dataset::{read_id_list, Dataset};
 use sfr::io::nifti;
 use sfr::model::SfrModel;
 use sfr::pipeline::config::{Method, TrainConfig};
+use sfr::pipeline::class_check::ClassCheck;
 use sfr::pipeline::{default_work_dir, evaluate_cases, summarize, RunOptions, TrainInputs};
 use sfr::stitch::{stitch_image, stitch_labels, StitchLayout};
 use sfr::volume::{Geometry, Volume};
@@ -171,6 +172,11 @@ struct TrainArgs {
     /// unlabelled case, e.g. another run's OUT.work/pseudo) instead of running SAM again.
     #[arg(long, conflicts_with_all = ["write_pseudo_labels", "sfr_plus", "no_sam"])]
     pseudo_labels: Option<PathBuf>,
+    /// Keep a model in which a class failed (never predicted, or far below the others on the
+    /// validation or labelled cases) with exit status 0. Without it such a model is still
+    /// saved, for inspection, but `sfr train` warns and exits with status 3.
+    #[arg(long)]
+    allow_weak: bool,
     /// Print the effective config as JSON and exit.
     #[arg(long)]
     print_config: bool,
@@ -440,8 +446,24 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if let Some(fit) = model.meta.training["training_fit"]["mean_dice"].as_f64() {
         note!("no labelled case was held out for validation; fit on the training cases: mean Dice {fit:.4} (not a test: score held-out cases with sfr evaluate)");
     }
+    if let Some(w) = ClassCheck::from_training(&model.meta.training).and_then(|c| c.warning()) {
+        note!("WARNING: {w} (model saved for inspection: {})", a.out.display());
+        if !a.allow_weak {
+            return Err(Error::invalid(WEAK_MODEL));
+        }
+    }
     Ok(())
 }
+
+/// Said whenever a model that failed its training check is used.
+fn warn_if_failed(model: &SfrModel, path: &Path) {
+    if let Some(w) = ClassCheck::from_training(&model.meta.training).and_then(|c| c.warning()) {
+        note!("WARNING: {}: {w}", path.display());
+    }
+}
+
+/// The error of a training whose class check failed; `main` gives it exit status 3.
+const WEAK_MODEL: &str = "a class failed the training check (see the warning above); --allow-weak accepts such a model";
 
 /// `P.nii.gz` -> `P_class<c>.nii.gz` for each class `c`.
 fn probability_paths(p: &Path, classes: usize) -> Vec<PathBuf> {
@@ -460,6 +482,7 @@ fn segment_cmd(a: SegmentArgs) -> Result<()> {
     sfr::io::check_output(&output, &inputs)?;
     nifti::check_output_name(&output)?;
     let model = SfrModel::load(&a.model, device)?;
+    warn_if_failed(&model, &a.model);
     let prob_paths = a.probabilities.as_deref().map(|p| probability_paths(p, model.num_classes())).unwrap_or_default();
     for p in &prob_paths {
         sfr::io::check_output(p, &inputs)?;
@@ -489,6 +512,7 @@ fn segment_manifest(a: &SegmentArgs, manifest_path: &Path, device: tch::Device) 
     let (i, n) = a.shard.unwrap_or((0, 1));
     let rows = manifest::shard(all, (i, n));
     let model = SfrModel::load(&a.model, device)?;
+    warn_if_failed(&model, &a.model);
     note!("{}: shard {i}/{n}: {} of {total} rows", manifest_path.display(), rows.len());
     let results = run_job(a.progress, move |r| manifest::run(&model, &rows, r))?;
     let mut counts = [0usize; 3];
@@ -528,6 +552,7 @@ fn training_case_ids(training: &serde_json::Value) -> std::collections::HashSet<
 fn evaluate_cmd(a: EvaluateArgs) -> Result<()> {
     let device = sfr::nn::parse_device(&a.device)?;
     let model = SfrModel::load(&a.model, device)?;
+    warn_if_failed(&model, &a.model);
     let ds = Dataset::open(&a.data)?;
     let cases: Vec<_> = match &a.cases {
         Some(f) => read_id_list(f)?.iter().map(|id| ds.case(id).cloned()).collect::<Result<_>>()?,
@@ -614,6 +639,10 @@ fn main() -> ExitCode {
         // The reader of our output went away (`sfr info M | head -0`): nothing to report to
         // anyone; the status of a program killed by SIGPIPE, as other tools give.
         Err(Error::Io { path, source }) if path == Path::new(STDOUT) && source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(141),
+        Err(Error::Invalid(m)) if m == WEAK_MODEL => {
+            note!("error: {m}");
+            ExitCode::from(3)
+        }
         Err(Error::Cancelled) => {
             note!("cancelled: nothing was written");
             ExitCode::from(130)
