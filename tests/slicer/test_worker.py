@@ -191,3 +191,33 @@ def test_the_gui_thread_never_waits_for_the_version_check(tmp_path):
         release.write_text("")
     check.join(30)
     assert logic.describe()["version"] == "0.1.0"
+
+
+@pytest.mark.parametrize("mode", ["worker", "in-process"])
+def test_a_model_that_failed_its_training_check_is_marked(mode, worker_logic, native_logic, tmp_path):
+    """A class the network cannot learn (voxels scattered at random, no trace in the image)
+    fails the library's training check; the model still comes back (the worker passes
+    --allow-weak), and the registry entry the panel lists carries the warning that it shows in
+    red before the model is used."""
+    import SFRSegmentationLib as sl
+    from SFRSegmentationLib import modelfile
+
+    rng = np.random.default_rng(3)
+    data = sl.TrainingData({0: "background", 1: "blob", 2: "ghost"})
+    for s in range(2):
+        img, lab = phantom(s)
+        lab = lab.copy()
+        lab[(lab == 0) & (rng.random(lab.shape) < 0.02)] = 2
+        data.add_labeled(img, lab, M, label_ijk_to_ras=M)
+    logic = worker_logic if mode == "worker" else native_logic
+    job = logic.start_training(data, preset="test-tiny")
+    run_to_end(job)
+    model = job.wait()
+    entry = ModelRegistry(tmp_path).add(model, f"weak-{mode}")
+    model.close()
+    assert "ghost" in modelfile.failed_classes(entry.metadata)
+    assert entry.check_warning and "'ghost'" in entry.check_warning and "Do not use this model" in entry.check_warning
+    assert entry.summary.startswith("FAILED: ghost")
+    # A model whose classes all passed carries no warning.
+    ok = {"training": {"class_check": {"judged_on": "fit", "cases": 2, "classes": [{"class": 1, "name": "blob", "verdict": "ok"}]}}}
+    assert modelfile.check_warning(ok) is None and modelfile.failed_classes({}) == []

@@ -273,7 +273,9 @@ def _safe(text: str) -> str:
 def train_argv(cli: Path, data_dir: Path, n_labeled: int, out: Path, user_config: dict) -> List[str]:
     """The ``sfr train`` command for a user config: a full config (it has "version") goes in a
     file; ``{"preset": NAME, ...}`` becomes ``--preset NAME --set {...}``."""
-    argv = [str(cli), "train", "--data", str(data_dir), "--labeled", str(n_labeled), "--out", str(out), "--progress", "json"]
+    # --allow-weak: a model whose training check failed comes back like any other; the panel
+    # reads the check from its metadata and shows it in red before the model is used.
+    argv = [str(cli), "train", "--data", str(data_dir), "--labeled", str(n_labeled), "--out", str(out), "--progress", "json", "--allow-weak"]
     cfg = dict(user_config)
     if "version" in cfg:
         path = data_dir / "config.json"
