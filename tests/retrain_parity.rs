@@ -68,7 +68,7 @@ fn check_method(method: Method, batchnorm: BnBatches) {
         "momentum": v.momentum, "weight_decay": v.weight_decay, "method": method.name(),
         "consistency": v.consistency, "rampup_epochs": v.rampup_epochs,
         "iterations_per_epoch": v.iterations_per_epoch, "ema_decay": v.ema_decay,
-        "noise_std": v.noise_std, "noise_clamp": v.noise_clamp, "dropout": 0.5, "seed": SEED,
+        "noise_std": v.noise_std, "noise_clamp": v.noise_clamp, "dropout": v.dropout, "seed": SEED,
         "n_filters": v.n_filters, "num_classes": num_classes, "threads": 1,
         "batchnorm": match v.batchnorm { BnBatches::Joint => "joint", BnBatches::Separate => "separate" },
     });

@@ -431,6 +431,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if let (Some(mt), Some(sfr)) = (scores.iter().find(|s| s.row.method == Method::MeanTeacher && !s.row.sfr), scores.iter().find(|s| s.row.sfr && !s.row.sfr_plus)) {
         meaning.push(verdict("SFR (mean teacher) vs mean teacher alone", paired_gain(sfr, mt)));
     }
+    for (s, m) in scores.iter().zip(&models) {
+        // A row whose model failed the training check (a class never or barely predicted on its
+        // labelled cases): said in the table's notes, as `sfr train` says it.
+        if let Some(w) = sfr::pipeline::class_check::ClassCheck::from_training(&m.meta.training).and_then(|c| c.warning()) {
+            meaning.push(format!("WARNING: {}: {w}", s.row.name));
+        }
+    }
     for s in &scores {
         // A row that segments nothing scores 0 everywhere: say so, it reads differently from a
         // poor segmentation.
