@@ -104,8 +104,9 @@ def summary(meta: dict) -> str:
         ", ".join(names) or "no classes",
         f"validation Dice {dice:.3f}" if dice is not None else "no validation",
     ]
-    if failed_classes(meta):
-        parts.insert(0, "FAILED: " + ", ".join(failed_classes(meta)) + " not learnt")
+    failed = failed_classes(meta)
+    if failed:
+        parts.insert(0, "FAILED: " + ", ".join(failed) + " not learnt")
     if when:
         parts.append(when.strftime("%Y-%m-%d %H:%M"))
     return " | ".join(parts)
