@@ -138,7 +138,7 @@ pub struct SamStage {
     /// 34–47% of the true foreground was missed, 12–20% added); the labelled cases, not the
     /// unlabelled ones' labels, say how much foreground to expect. false: the argmax, the
     /// paper's rule, in every preset: on hippocampus the grown pseudo-labels scored 4.6 Dice
-    /// points higher but trained a V-Net 1.2 points lower (3 seeds; README, "Growing the
+    /// points higher but trained a V-Net 1.2 points lower (3 seeds; docs/experiments/notes.md, "Growing the
     /// pseudo-labels").
     #[serde(default)]
     pub match_labeled_fraction: bool,
@@ -273,7 +273,7 @@ impl TrainConfig {
                 acmt_ratio: 0.2,
                 // Not UA-MT's joint batch: with BatchNorm statistics shared by labelled and
                 // unlabelled crops, a mean teacher with consistency 0 lost 51 points of Dice
-                // against supervised on hippocampus (README, "Mixed batches"); separate batches
+                // against supervised on hippocampus (docs/experiments/notes.md, "Mixed batches"); separate batches
                 // make it train exactly as supervised. `joint` reproduces the paper's code.
                 batchnorm: BnBatches::Separate,
             },
@@ -298,7 +298,7 @@ impl TrainConfig {
         c.checkpoint_every = 100;
         // LiteMedSAM's pseudo-labels beat a SAM from scratch by far (demo split, 20 unlabelled
         // cases, Dice anterior/posterior: 69/62 against 23/22; SFR(MT) 80.8 against 47.1;
-        // README, "LiteMedSAM"). Its encoder stays frozen and 48 canvases are encoded once: one
+        // docs/experiments/notes.md, "LiteMedSAM"). Its encoder stays frozen and 48 canvases are encoded once: one
         // encoder forward costs 3–16 s on a 2-core CPU, so the paper's LoRA fine-tuning (forward
         // and backward every step) would take hours; 16 canvases and 300 decoder steps gave
         // 63/55 and SFR(MT) 77.9, below supervised. Every class head starts from the trained
@@ -318,11 +318,11 @@ impl TrainConfig {
         // Adam at 1e-3 instead of the paper's SGD at 0.01: on this CPU's budget SGD had not left
         // the all-background start (demo split, supervised, mean Dice 0.0 at 300 and 600
         // iterations; 32 at lr 0.05; 79 took 2000 iterations), while Adam reached 79.6 in 300
-        // and 81.0 in 600 iterations (README, "A recipe for the CPU"). The ramp-up spans the run.
+        // and 81.0 in 600 iterations (docs/experiments/notes.md, "A recipe for the CPU"). The ramp-up spans the run.
         // No Dropout3d: at 8 base filters the head sees 8 channels, and dropping half of them at
         // every step starved a minority class (hippocampus, 4 labelled cases, seed 1, with the
         // head at the class prior: anterior/posterior Dice 46.4/75.7 on 60 test cases with
-        // dropout 0.5, 82.0/79.3 without; README, "A lost class: the root cause").
+        // dropout 0.5, 82.0/79.3 without; docs/results.md, "A lost class: the root cause").
         c.vnet = VNetStage {
             n_filters: 8,
             dropout: 0.0,
@@ -340,7 +340,7 @@ impl TrainConfig {
     /// `cpu-small` with the paper's fine-tuning: LoRA on every attention block of the pretrained
     /// encoder, fresh augmented canvases every step (no frozen encoder, no cache), one canvas
     /// per step. Its fine-tuning takes about 11 minutes on 2 idle cores instead of about 3, for
-    /// pseudo-labels 13 points of Dice better (README, "LoRA on every encoder block"). With the `tiny` ViT from
+    /// pseudo-labels 13 points of Dice better (docs/experiments/notes.md, "LoRA on every encoder block"). With the `tiny` ViT from
     /// scratch (no cached LiteMedSAM) it is `cpu-small` with batches of one.
     pub fn cpu_lora() -> TrainConfig {
         let mut c = TrainConfig::cpu_small();

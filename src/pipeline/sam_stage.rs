@@ -24,7 +24,7 @@
 //! per random crop, as the reference does) is what makes it affordable. The label is their
 //! argmax, optionally grown to the labelled cases' foreground fraction
 //! (`sam.match_labeled_fraction`) and reduced to its largest pieces (`sam.largest_component`);
-//! both are off in every preset (README, "Growing the pseudo-labels").
+//! both are off in every preset (docs/experiments/notes.md, "Growing the pseudo-labels").
 use crate::error::{Error, Result};
 use crate::infer::{argmax, keep_largest_components, SlidingWindow, Weighting};
 use crate::job::Reporter;

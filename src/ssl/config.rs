@@ -114,6 +114,6 @@ pub struct VNetStage {
     /// BatchNorm batches of the student: `separate` (the default: two forwards, the labelled
     /// crops normalised by labelled statistics only, the unlabelled by their own, as the
     /// teacher's already are) or `joint` (UA-MT's code: labelled and unlabelled crops in one
-    /// forward, so BatchNorm statistics mix them). See README, "Mixed batches".
+    /// forward, so BatchNorm statistics mix them). See docs/experiments/notes.md, "Mixed batches".
     pub batchnorm: BnBatches,
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 const DEMO_DATA: &str = "demo/hippocampus";
 
 /// V-Net iterations per row on real data: half of cpu-small's 600, so that the three default
-/// rows fit 10 minutes on a 2-core CPU when it is otherwise idle (README, "The demo"). With
+/// rows fit 10 minutes on a 2-core CPU when it is otherwise idle (docs/experiments/notes.md, "The demo"). With
 /// cpu-small's Adam, supervised reached mean Dice 79.6 on the demo's test cases in 300
 /// iterations (81.0 in 600).
 pub const REAL_ITERATIONS: usize = 300;
@@ -35,7 +35,7 @@ pub const REAL_ITERATIONS: usize = 300;
 /// of 2 alone would take 275 s of the 10 minutes. Measured on the demo split (pseudo-labels of
 /// the 20 unlabelled cases against their true labels, mean Dice, one seed each): 63.2 with
 /// batch 1 against 69.0 with 2 on the filled canvas, 64.5 against 62.5 on the V-Net's patch
-/// (README, "Pretrained SAM: LiteMedSAM").
+/// (docs/experiments/notes.md, "Pretrained SAM: LiteMedSAM").
 pub const REAL_SAM_BATCH: usize = 1;
 
 #[derive(Args)]
