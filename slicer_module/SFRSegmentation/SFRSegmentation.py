@@ -63,6 +63,9 @@ PRESET_LABELS = [
     ("test-tiny", "Smoke test (seconds, not accurate)"),
 ]
 POLL_MS = 100
+# Path fields: the logic is rebuilt (and `sfr --version` run) once typing has paused this long,
+# not on every keystroke.
+SETTINGS_DEBOUNCE_MS = 700
 
 
 def _setting(key, default=""):
@@ -163,6 +166,11 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.libraryCheck = None
+        # Setup's state: Train and Segment stay disabled, with this reason shown, until the tool
+        # (or library) has been found and checked.
+        self.setupReady = False
+        self.setupReason = "checking the set-up..."
+        self.mappingError = None
         # The one task at a time: gathering scene data (collector), then a job; or a GUI task
         # (sfrsteps.Task: reading a volume, adding a result, saving a model) around a job.
         self.collector = None
@@ -215,8 +223,14 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.downloadTimer.setInterval(250)
         self.downloadTimer.connect("timeout()", self.onDownloadTimer)
 
-        self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibrarySettingsChanged)
+        self.settingsTimer = qt.QTimer()
+        self.settingsTimer.setSingleShot(True)
+        self.settingsTimer.setInterval(SETTINGS_DEBOUNCE_MS)
+        self.settingsTimer.connect("timeout()", self.onLibrarySettingsChanged)
+        # A path field changes on every keystroke: restart the debounce timer only.
+        self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibraryPathEdited)
         self.ui.modeComboBox.connect("currentIndexChanged(int)", self.onLibrarySettingsChanged)
+        self.ui.missingAsBackgroundCheckBox.connect("toggled(bool)", lambda on: self.refreshPairs())
         self.ui.modelsFolderLineEdit.connect("currentPathChanged(QString)", self.onModelsFolderChanged)
         self.ui.samCheckpointLineEdit.connect("currentPathChanged(QString)", lambda p: _set_setting("samCheckpoint", p))
         self.ui.methodComboBox.connect("currentIndexChanged(int)", lambda i: _set_setting("method", _comboData(self.ui.methodComboBox)))
@@ -246,6 +260,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.removeObservers()
         self.timer.stop()
+        self.settingsTimer.stop()
         self.downloadTimer.stop()
         self.collector = None
         if self.task is not None:
@@ -285,7 +300,16 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self.refreshPairs)
 
     # -- library ---------------------------------------------------------------------------
+    def onLibraryPathEdited(self, *_):
+        self.setSetupState(False, "waiting for the path to be complete...")
+        self.settingsTimer.start()
+
+    def setSetupState(self, ready, reason=""):
+        self.setupReady, self.setupReason = bool(ready), reason
+        self.updateButtons()
+
     def onLibrarySettingsChanged(self, *_):
+        self.settingsTimer.stop()
         path = self.ui.libraryPathLineEdit.currentPath
         mode = _comboData(self.ui.modeComboBox) or "worker"
         _set_setting("libraryPath", path)
@@ -313,8 +337,10 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 f"({'loaded' if info['version'] else 'loaded when the first job starts'}).\n\nWarning: {warning}"
             )
             self.ui.libraryStatusLabel.styleSheet = "color: #a05000"
+            self.setSetupState(True)  # the file exists; it is loaded (and checked) when the first job starts
             return
         self.ui.libraryStatusLabel.text = f"sfr tool {info['path']} (checking its version...); jobs run in a separate worker process."
+        self.setSetupState(False, "checking the sfr tool (Setup)...")
         # `sfr --version` starts a process: on a helper thread, picked up by the timer.
         self.libraryCheck = _Background(self.logic.sfr.check)
         self.timer.start()
@@ -323,6 +349,8 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.libraryStatusLabel.text = str(error)
         self.ui.libraryStatusLabel.styleSheet = "color: #b00000"
         self.ui.setupCollapsibleButton.collapsed = False
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        self.setSetupState(False, f"Setup is not ready: {first} (see Setup)")
 
     def pollLibraryCheck(self):
         check = self.libraryCheck
@@ -334,6 +362,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             info = check.result
             self.ui.libraryStatusLabel.text = f"SFR {info['version']}, tool {info['path']}; jobs run in a separate worker process."
+            self.setSetupState(True)
 
     # -- labelled cases --------------------------------------------------------------------
     def onAddPair(self):
@@ -348,6 +377,9 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.pairs.remove(_selectedRows(self.ui.labeledTable))
         self.refreshPairs()
 
+    def missingPolicy(self):
+        return "background" if self.ui.missingAsBackgroundCheckBox.checked else "error"
+
     def refreshPairs(self):
         pairs = self.pairs.pairs()  # drops nodes that left the scene
         table = self.ui.labeledTable
@@ -355,7 +387,29 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for row, (v, s) in enumerate(pairs):
             table.setItem(row, 0, qt.QTableWidgetItem(v.GetName()))
             table.setItem(row, 1, qt.QTableWidgetItem(s.GetName()))
+        self.refreshClassMapping()
         self.updateButtons()
+
+    def refreshClassMapping(self):
+        """Shows the classes the model would learn, decided from the segments of every
+        labelled case, before anything is trained; a case missing a class is an error here."""
+        pairs = self.pairs.pairs()
+        self.mappingError = None
+        label = self.ui.classMappingLabel
+        label.styleSheet = ""
+        if not pairs:
+            label.text = "Classes: add labelled cases."
+            return None
+        try:
+            mapping = sfrscene.class_mapping(pairs, self.missingPolicy())
+        except Exception as e:
+            self.mappingError = str(e)
+            label.text = f"Classes: {e}"
+            label.styleSheet = "color: #b00000"
+            return None
+        notes = mapping.notes()
+        label.text = f"Classes: {mapping.describe()}" + ("\n" + "\n".join(notes) if notes else "")
+        return mapping
 
     # -- jobs ------------------------------------------------------------------------------
     def log(self, text):
@@ -363,10 +417,27 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(f"{stamp}  {text}")
         logging.info(f"SFRSegmentation: {text}")
 
+    def trainBlocker(self):
+        """Why Train cannot start now (None when it can)."""
+        if not self.setupReady:
+            return self.setupReason or "Setup is not ready."
+        if len(self.pairs) == 0:
+            return "Add at least one labelled case."
+        if self.mappingError:
+            return self.mappingError
+        return None
+
     def updateButtons(self):
+        if not hasattr(self, "ui"):
+            return
         idle = not self.busy
-        self.ui.trainButton.enabled = idle and len(self.pairs) > 0
-        self.ui.segmentButton.enabled = idle and self.ui.inputVolumeSelector.currentNode() is not None and self.selectedModelEntry() is not None
+        blocker = self.trainBlocker()
+        self.ui.trainButton.enabled = idle and blocker is None
+        self.ui.trainButton.toolTip = blocker or ""
+        self.ui.trainStatusLabel.text = blocker or ""
+        self.ui.trainStatusLabel.styleSheet = "color: #b00000" if blocker and self.setupReady and len(self.pairs) else ""
+        self.ui.segmentButton.enabled = (idle and self.setupReady and self.ui.inputVolumeSelector.currentNode() is not None
+                                         and self.selectedModelEntry() is not None)
         self.ui.cancelButton.enabled = not idle
         self.ui.undoSegmentButton.enabled = idle and bool(self.undoStack)
         self.ui.removeModelButton.enabled = idle and self.selectedModelEntry() is not None
@@ -491,14 +562,19 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTrain(self):
         if self.logic is None or self.busy:
             return
+        if not self.setupReady:
+            # The tool is checked before any volume is gathered, never after.
+            slicer.util.errorDisplay(f"Training could not start:\n\n{self.setupReason}")
+            return
         try:
-            # Cheap checks now (class names, folder listing); the copies happen a slab per
-            # timer tick in stepCollector.
+            # Cheap checks now (the class mapping, folder listing); the copies happen a slab
+            # per timer tick in stepCollector.
             self.collector = sfrscene.TrainingCollector(
                 self.pairs.pairs(),
                 self.ui.unlabeledVolumesSelector.checkedNodes(),
                 self.ui.unlabeledFolderLineEdit.currentPath or None,
                 log=self.log,
+                missing=self.missingPolicy(),
             )
             self.collectorOptions = dict(
                 preset=_comboData(self.ui.presetComboBox),

@@ -98,7 +98,7 @@ def test_model_folder_save_list_load_remove(native_logic, native_trained, tmp_pa
     assert entries["liver"].created is not None
     assert entries["liver"].validation_dice is None  # test-tiny holds out no validation case
     back = reg.load("liver", native_logic)
-    assert Model.load(e1.path, native_logic).metadata() == model.metadata()
+    assert native_logic.load_model(e1.path).metadata() == model.metadata()
     image, _ = phantom(13)
     assert np.array_equal(back.segment(image, M), model.segment(image, M))
     back.close()

@@ -129,6 +129,18 @@ class Table(Widget):
         return types.SimpleNamespace(setStretchLastSection=lambda on: None)
 
 
+class Check(Widget):
+    def __init__(self, checked=False):
+        super().__init__()
+        self.checked = checked
+
+    def setChecked(self, on):
+        changed = bool(on) != self.checked
+        self.checked = bool(on)
+        if changed:
+            self.emit("toggled(bool)", self.checked)
+
+
 class Label(Widget):
     def __init__(self):
         super().__init__()
@@ -163,16 +175,18 @@ def make_ui():
     for name in ("libraryPathLineEdit", "modelsFolderLineEdit", "unlabeledFolderLineEdit", "samCheckpointLineEdit"):
         setattr(ui, name, PathEdit())
     for name in ("addPairButton", "removePairButton", "downloadSamButton", "trainButton", "cancelButton", "refreshModelsButton",
-                 "importModelButton", "removeModelButton", "segmentButton", "undoSegmentButton"):
+                 "importModelButton", "removeModelButton", "segmentButton", "undoSegmentButton", "fetchSamWeightsButton"):
         setattr(ui, name, Button())
     for name in ("labeledVolumeSelector", "labeledSegmentationSelector", "inputVolumeSelector", "outputSegmentationSelector"):
         setattr(ui, name, NodeSelector())
     ui.unlabeledVolumesSelector = CheckableSelector()
     ui.labeledTable, ui.modelsTable = Table(), Table()
-    ui.libraryStatusLabel, ui.statusLabel = Label(), Label()
+    for name in ("libraryStatusLabel", "statusLabel", "classMappingLabel", "trainStatusLabel", "presetTimeLabel", "samWeightsStatusLabel"):
+        setattr(ui, name, Label())
     ui.progressBar = Progress()
     ui.logTextEdit = Log()
-    ui.useSamCheckBox = types.SimpleNamespace(checked=True)
+    ui.useSamCheckBox = Check(True)
+    ui.missingAsBackgroundCheckBox = Check(False)
     for name in ("setupCollapsibleButton", "progressCollapsibleButton"):
         setattr(ui, name, types.SimpleNamespace(collapsed=True))
     return ui
@@ -193,6 +207,14 @@ def panel(monkeypatch, tmp_path):
 
         def setInterval(self, ms):
             pass
+
+        def setSingleShot(self, on):
+            self.single = on
+
+        def fire(self):
+            if self.active:
+                self.active = not getattr(self, "single", False)
+                self.slot()
 
         def connect(self, signal, slot):
             self.slot = slot
@@ -402,3 +424,90 @@ def test_cancel_while_gathering_and_close_scene_while_gathering(panel):
     assert not panel.busy and "scene was closed" in ui.statusLabel.text
     assert not ui.trainButton.enabled  # no pairs left
     assert panel.errors == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors up front (issue 35, item 2) and the class mapping in the panel (item 1)
+
+
+def test_train_is_disabled_with_the_reason_until_setup_is_ready(panel, monkeypatch, tmp_path):
+    ui = panel.ui
+    labelled_scene(panel)
+    # The version check is still running (or just finished): never enabled before it is done.
+    if panel.libraryCheck is not None:
+        assert not ui.trainButton.enabled and "checking the sfr tool" in ui.trainStatusLabel.text
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    assert ui.trainButton.enabled and ui.trainStatusLabel.text == ""
+
+    # A tool that is missing: disabled, the reason shown, nothing gathered on a click.
+    monkeypatch.setenv("SFR_CLI", str(tmp_path / "nowhere" / "sfr"))
+    panel.onLibrarySettingsChanged()
+    assert not ui.trainButton.enabled and not ui.segmentButton.enabled
+    assert "Setup is not ready" in ui.trainStatusLabel.text and "nowhere" in ui.trainStatusLabel.text
+    assert ui.trainButton.toolTip == ui.trainStatusLabel.text
+    panel.onTrain()  # e.g. from a script: refused before any volume is gathered
+    assert panel.collector is None and panel.errors and "nowhere" in panel.errors[-1]
+    panel.errors.clear()
+
+    # A tool of another version: refused once its `--version` has run (on a helper thread).
+    fake = tmp_path / "sfr"
+    fake.write_text("#!/bin/sh\necho 'sfr 9.9.9'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("SFR_CLI", str(fake))
+    panel.onLibrarySettingsChanged()
+    assert not ui.trainButton.enabled and "checking the sfr tool" in ui.trainStatusLabel.text
+    t0 = time.time()
+    while panel.libraryCheck is not None and time.time() - t0 < 30:
+        panel.onTimer()
+        time.sleep(0.02)
+    assert not ui.trainButton.enabled and "9.9.9" in ui.trainStatusLabel.text
+
+    monkeypatch.setenv("SFR_CLI", str(cli_path()))
+    panel.onLibrarySettingsChanged()
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    assert ui.trainButton.enabled
+
+
+def test_path_fields_are_debounced(panel, monkeypatch):
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    built = []
+    original = panel.logic.sfr.__class__.check
+    monkeypatch.setattr(panel.logic.sfr.__class__, "check", lambda self: built.append(self) or original(self))
+    logic = panel.logic
+    for text in ("/", "/o", "/op", "/opt/libsfr.so"):  # typing: one signal per keystroke
+        ui.libraryPathLineEdit.currentPath = text
+        ui.libraryPathLineEdit.emit("currentPathChanged(QString)", text)
+    assert panel.logic is logic and built == [] and panel.libraryCheck is None  # nothing rebuilt, nothing run
+    assert not ui.trainButton.enabled  # meanwhile the set-up is not known to be ready
+    assert panel.settingsTimer.active
+    panel.settingsTimer.fire()  # typing paused: applied once
+    assert panel.logic is not logic and not panel.settingsTimer.active
+    assert "/opt/libsfr.so" in ui.trainStatusLabel.text  # the file does not exist: said, Train disabled
+
+
+def test_class_mapping_is_shown_and_a_missing_segment_blocks_training(panel):
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    scene = panel.scene
+    image, label = phantom(0)
+    v0 = sc.add_volume(scene, image, M, "v0")
+    s0 = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s0")
+    sc.apply_labels(label, v0, {1: "Liver"}, s0)
+    other = (label == 0).astype("uint8")
+    other[:] = 0
+    other[0:3, 0:3, 0:3] = 1
+    sc.apply_labels(other, v0, {1: "spleen"}, s0)
+    v1 = sc.add_volume(scene, phantom(1)[0], M, "v1")
+    s1 = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "s1")
+    sc.apply_labels(phantom(1)[1], v1, {1: " liver"}, s1)
+    for v, s in ((v0, s0), (v1, s1)):
+        ui.labeledVolumeSelector.setCurrentNode(v)
+        ui.labeledSegmentationSelector.setCurrentNode(s)
+        ui.addPairButton.click()
+    assert "has no segment for class 'spleen'" in ui.classMappingLabel.text and "'s1' on 'v1'" in ui.classMappingLabel.text
+    assert not ui.trainButton.enabled and "'spleen'" in ui.trainStatusLabel.text
+    ui.missingAsBackgroundCheckBox.setChecked(True)  # the explicit choice
+    assert ui.classMappingLabel.text.startswith("Classes: 1 Liver; 2 spleen")
+    assert "counted as background" in ui.classMappingLabel.text
+    assert ui.trainButton.enabled

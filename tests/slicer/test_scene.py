@@ -328,14 +328,17 @@ def test_training_collector_exports_each_case_on_its_own_grid(scene, tmp_path):
     nodes_added = []
     scene.AddObserver(scene.NodeAddedEvent, lambda *a: nodes_added.append(a))
     logged = []
-    collector = sc.TrainingCollector(pairs, [unl, pairs[0][0]], str(folder), log=logged.append)
+    # 'labels1' has no "vessel": counted as background only because the caller chose it.
+    with pytest.raises(InputError, match="'labels1' on 'labelled1' has no segment for class 'vessel'"):
+        sc.TrainingCollector(pairs, [unl, pairs[0][0]], str(folder), log=logged.append)
+    collector = sc.TrainingCollector(pairs, [unl, pairs[0][0]], str(folder), log=logged.append, missing="background")
     assert collector.class_names == ["blob", "vessel"] and collector.total == 5
     while collector.step():  # one GUI-thread slice per call (returns at once while a helper thread works)
         pass
     assert collector.finished and collector.done == collector.total == 5
     assert nodes_added == [], "a node entered the scene"
     assert node_count(scene) == n, "temporary nodes were left in the scene"
-    assert any("'labels1' has no segment vessel" in line for line in logged)
+    assert any("'labels1' on 'labelled1' has no segment 'vessel': counted as background" in line for line in logged), logged
     data = collector.builder()()
     assert data.classes == {0: "background", 1: "blob", 2: "vessel"}
     assert data.counts() == (2, 4)

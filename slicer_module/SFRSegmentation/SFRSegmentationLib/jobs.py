@@ -163,21 +163,22 @@ class DeferredJob(Job):
             inner.close()
 
 
+def close_in_background(job: Job, name: str = "sfr-close") -> threading.Thread:
+    """Cancels ``job`` now and frees it on a helper thread; returns that thread. For callers
+    that must not block (a GUI's cleanup): freeing an in-process job joins the library's
+    thread, which ends only seconds after a cancel."""
+    job.cancel()
+    t = threading.Thread(target=job.close, name=name, daemon=True)
+    t.start()
+    return t
+
+
 class Model(_Closing):
     """A trained model. ``segment`` returns a label array with the image's shape ``[k, j, i]``
     (uint8; uint16 beyond 256 classes) on the image's own grid: the caller gives the result
     the same IJK-to-RAS matrix as the image."""
 
     path: Optional[Path] = None
-
-    @staticmethod
-    def load(path, logic=None) -> "Model":
-        """Loads a model file through ``logic`` (an SFRLogic; a default one when None)."""
-        if logic is None:
-            from .logic import SFRLogic  # logic imports this module
-
-            logic = SFRLogic()
-        return logic.load_model(path)
 
     def metadata(self) -> dict:
         raise NotImplementedError

@@ -23,7 +23,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from . import nifti, steps
+from . import classes, nifti, steps
 from .inputs import InputError, TrainingData, check_memory
 from .steps import SLICE_BYTES, Background
 
@@ -40,6 +40,8 @@ PALETTE = [
     (221, 130, 101), (144, 238, 144), (192, 104, 88), (220, 245, 20), (78, 63, 0),
 ]
 COLOR_TABLES = ("GenericAnatomyColors",)
+
+TERMINOLOGY_TAG = "TerminologyEntry"  # vtkSegment::GetTerminologyEntryTagName()
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -232,14 +234,47 @@ def segment_names(segmentation_node) -> List[str]:
     return [s.GetSegment(i).GetName() for i in s.GetSegmentIDs()]
 
 
+def segment_terminology(segment) -> str:
+    """A segment's terminology entry string ("" when it has none). Slicer 5.8 and later have
+    vtkSegment::GetTerminology; earlier versions keep it in the "TerminologyEntry" tag."""
+    if hasattr(segment, "GetTerminology"):
+        return segment.GetTerminology() or ""
+    value = vtk.reference("") if hasattr(vtk, "reference") else vtk.mutable("")
+    return str(value) if segment.GetTag(TERMINOLOGY_TAG, value) else ""
+
+
+def set_segment_terminology(segment, entry: str) -> None:
+    if hasattr(segment, "SetTerminology"):
+        segment.SetTerminology(entry)
+    else:
+        segment.SetTag(TERMINOLOGY_TAG, entry)
+
+
+def segment_infos(segmentation_node) -> List[classes.SegmentInfo]:
+    s = segmentation_node.GetSegmentation()
+    out = []
+    for sid in s.GetSegmentIDs():
+        segment = s.GetSegment(sid)
+        out.append(classes.SegmentInfo(sid, segment.GetName(), segment_terminology(segment)))
+    return out
+
+
+def case_label(volume_node, segmentation_node) -> str:
+    """How a labelled case is named in messages: its segmentation and its volume."""
+    return f"{_name(segmentation_node)}' on '{_name(volume_node)}"
+
+
+def class_mapping(pairs, missing: str = "error") -> classes.ClassMapping:
+    """The labelled cases' segments -> the model's classes (classes.map_classes): names
+    compared trimmed and without case, specific terminology codes matched; a case without a
+    segment for a class is an error naming both unless ``missing="background"``."""
+    return classes.map_classes([(case_label(v, s), segment_infos(s)) for v, s in pairs], missing)
+
+
 def class_names_of(pairs) -> List[str]:
-    """Class names from the segments of the labelled cases (by name, first appearance)."""
-    names: List[str] = []
-    for _volume, segmentation in pairs:
-        for name in segment_names(segmentation):
-            if name not in names:
-                names.append(name)
-    return names
+    """Class names from the segments of the labelled cases (first appearance; "Liver" and
+    "liver" are one class)."""
+    return class_mapping(pairs, "background").class_names
 
 
 def _remove_with_display(scene, node, keep_ids) -> None:
@@ -302,11 +337,13 @@ def _export_with_slicer(volume_node, segmentation_node, ids, lut, shape) -> np.n
         _remove_with_display(scene, labelmap, colors_before)
 
 
-def export_label_steps(volume_node, segmentation_node, class_names: Sequence[str]):
+def export_label_steps(volume_node, segmentation_node, class_names: Sequence[str], segment_classes: Optional[Dict[str, int]] = None):
     """Task generator (steps.py) giving ``(label, missing)``: the segments of
     ``segmentation_node`` as one label map on ``volume_node``'s grid (``[k, j, i]``; a segment
-    named ``class_names[c - 1]`` gets value c; where segments overlap, the later one wins, as
-    in Slicer's export), and the class names this case has no segment for.
+    whose class is ``class_names[c - 1]`` gets value c; where segments overlap, the later one
+    wins, as in Slicer's export), and the class names this case has no segment for.
+    ``segment_classes`` (segment id -> class index, from ``class_mapping``) decides each
+    segment's class; without it a segment's name is matched trimmed and without case.
 
     When each segment's binary labelmap lies on the volume's grid (same axes and spacing, any
     whole-voxel shift: the usual case, a segmentation made on that volume), its voxels are
@@ -321,15 +358,21 @@ def export_label_steps(volume_node, segmentation_node, class_names: Sequence[str
     segmentation = segmentation_node.GetSegmentation()
     ids = list(segmentation.GetSegmentIDs())
     present = [segmentation.GetSegment(i).GetName() for i in ids]
-    missing = [n for n in class_names if n not in present]
+    keys = [classes.name_key(n) for n in class_names]
+    lut = np.zeros(len(ids) + 1, dtype=dtype)
+    for n, (segment_id, name) in enumerate(zip(ids, present)):
+        if segment_classes is not None:
+            if segment_id not in segment_classes:
+                raise InputError(f"segment '{name}' was added to '{_name(segmentation_node)}' after the classes were decided: start again")
+            lut[n + 1] = segment_classes[segment_id]
+        elif classes.name_key(name) in keys:
+            lut[n + 1] = keys.index(classes.name_key(name)) + 1
+        else:
+            raise InputError(f"segment '{name}' of '{_name(segmentation_node)}' is not one of the classes {list(class_names)}")
+    missing = [c for i, c in enumerate(class_names) if i + 1 not in set(int(v) for v in lut[1:])]
     if not ids:
         label = yield Background(lambda: _prefaulted(shape, dtype), name="sfr-allocate")
         return label, missing
-    lut = np.zeros(len(ids) + 1, dtype=dtype)
-    for n, name in enumerate(present):
-        if name not in class_names:
-            raise InputError(f"segment '{name}' of '{_name(segmentation_node)}' is not one of the classes {list(class_names)}")
-        lut[n + 1] = list(class_names).index(name) + 1
 
     # The plan: per segment its labelmap layer (segments may share one) and label value; per
     # layer the part of it inside the volume, on both grids.
@@ -737,22 +780,24 @@ class TrainingCollector:
     thread: it builds and checks the TrainingData (and reads the NIfTI files)."""
 
     def __init__(self, pairs, unlabeled_nodes=(), folder: Optional[str] = None,
-                 read_file: Callable[[str], Tuple[np.ndarray, np.ndarray]] = read_volume_file, log: Callable[[str], None] = print):
+                 read_file: Callable[[str], Tuple[np.ndarray, np.ndarray]] = read_volume_file, log: Callable[[str], None] = print,
+                 missing: str = "error"):
         pairs = list(pairs)
         if not pairs:
             raise InputError("add at least one labelled case (a volume with its segmentation)")
-        self.class_names = class_names_of(pairs)
-        if not self.class_names:
-            raise InputError("the segmentations of the labelled cases have no segments")
-        if len(self.class_names) > 255:
-            raise InputError(f"{len(self.class_names)} segment names: at most 255 classes are supported")
+        # The classes are decided now, before any voxel is copied: a case missing a class's
+        # segment is an error here (missing="error") or an explicit choice ("background").
+        self.mapping = class_mapping(pairs, missing)
+        self.class_names = self.mapping.class_names
         self.log = log
+        for note in self.mapping.notes():
+            log(note)
         self.labeled: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self.unlabeled: List[Tuple[str, np.ndarray, np.ndarray]] = []
         self.nifti_files: List[str] = []
         self._steps: List[Tuple[str, Callable[[], object]]] = []
-        for v, s in pairs:
-            self._steps.append((f"exporting '{s.GetName()}' on '{v.GetName()}'", lambda v=v, s=s: self._labeled(v, s)))
+        for (v, s), cm in zip(pairs, self.mapping.cases):
+            self._steps.append((f"exporting '{s.GetName()}' on '{v.GetName()}'", lambda v=v, s=s, cm=cm: self._labeled(v, s, cm.segment_classes)))
         for v in unlabeled_nodes:
             if any(_same(v, pv) for pv, _ in pairs):
                 continue
@@ -774,13 +819,13 @@ class TrainingCollector:
             if self.done < self.total:
                 yield self.next_message()
 
-    def _labeled(self, volume_node, segmentation_node):
+    def _labeled(self, volume_node, segmentation_node, segment_classes):
         image, m = yield from volume_copy_steps(volume_node)
         yield f"exporting '{segmentation_node.GetName()}'"
-        label, missing = yield from export_label_steps(volume_node, segmentation_node, self.class_names)
-        if missing:
-            self.log(f"warning: '{segmentation_node.GetName()}' has no segment {', '.join(missing)}: "
-                     "those structures count as absent (background) in this case")
+        label, missing = yield from export_label_steps(volume_node, segmentation_node, self.class_names, segment_classes)
+        if missing and self.mapping.missing != "background":
+            # Segments removed after the mapping was decided: never silently background.
+            raise InputError(f"'{case_label(volume_node, segmentation_node)}' no longer has a segment for {', '.join(missing)}: start again")
         self.labeled.append((case_id(volume_node), image, m, label))
 
     def _unlabeled(self, volume_node):

@@ -14,6 +14,8 @@ result), so none of that happens on the thread that started it.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import os
 import shutil
@@ -22,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -41,6 +45,92 @@ CANCEL_GRACE_SECONDS = 5.0
 
 class CliNotFoundError(RuntimeError):
     pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker ends when Slicer ends.
+#
+# A worker that outlives Slicer (a crash, a kill, a closed terminal) keeps a CPU busy for hours
+# and holds its temporary folder. On Linux the kernel ends it: the child asks for SIGKILL when
+# its parent dies (prctl PR_SET_PDEATHSIG, set between fork and exec). The kernel sends it when
+# the *thread* that started the child ends; here that is the job's helper thread, which waits
+# for the child until it has ended, so it never ends first. Elsewhere (macOS, Windows) there is
+# no such call: an atexit handler kills the workers when Slicer's Python exits normally, but a
+# crash of Slicer leaves the worker to finish its job alone (the panel says so).
+PR_SET_PDEATHSIG = 1
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _resolve_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    f.restype = ctypes.c_int
+    return f
+
+
+# Resolved once, before any fork: the child may only call it, not load anything.
+_PRCTL = _resolve_prctl()
+DIES_WITH_PARENT = _PRCTL is not None
+
+
+def _die_with_parent(parent_pid: int):
+    def preexec() -> None:
+        _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)  # the parent died between fork and prctl: end now, as it would have asked
+
+    return preexec
+
+
+@atexit.register
+def _kill_live_workers() -> None:
+    # Daemon threads (and the cancel timer) do not run at interpreter exit: kill what is left.
+    for w in list(_LIVE):
+        try:
+            if w.proc.poll() is None:
+                w.proc.kill()
+        except Exception:
+            pass
+
+
+OWNER_FILE = "owner.pid"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_folders(root, prefixes=("sfr-train-", "sfr-segment-", "sfr-model-")) -> List[Path]:
+    """Removes job folders under ``root`` whose owner (the Slicer that made them) is no longer
+    running: what a crash or a kill left behind. Returns what was removed."""
+    removed = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        if not d.is_dir() or not d.name.startswith(prefixes):
+            continue
+        try:
+            pid = int((d / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours to judge (no owner file)
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def cli_file_name() -> str:
@@ -128,6 +218,8 @@ class WorkerProcess:
         kwargs = {}
         if sys.platform.startswith("win"):
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        if DIES_WITH_PARENT:
+            kwargs["preexec_fn"] = _die_with_parent(os.getpid())
         try:
             # env: inside Slicer, the environment Slicer was started with
             # (slicer.util.startupEnvironment(), as slicer.util.launchConsoleProcess uses), so
@@ -140,6 +232,7 @@ class WorkerProcess:
         except OSError as e:
             self._stderr.close()
             raise SfrError("SFR_WORKER_FAILED", f"cannot start {argv[0]}: {e}") from e
+        _LIVE.add(self)
         self._reader = threading.Thread(target=self._read_stdout, name="sfr-worker-reader", daemon=True)
         self._reader.start()
 
@@ -301,7 +394,10 @@ def read_segmentation(path: Path, expected_shape, ijk_to_ras) -> np.ndarray:
 def make_temp_dir(prefix: str, root: Optional[str] = None) -> Path:
     if root:
         Path(root).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    # Who made it: remove_stale_folders deletes it once that process is gone.
+    (d / OWNER_FILE).write_text(str(os.getpid()))
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
