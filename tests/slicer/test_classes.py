@@ -128,3 +128,28 @@ def test_terminology_parse_round_trip():
     assert classes.Terminology.parse("") is None and classes.Terminology.parse("a~b") is None
     with pytest.raises(ValueError):
         classes.map_classes([("c", [classes.SegmentInfo("s", "x")])], missing="ignore")
+
+
+def test_result_segments_carry_terminology(scene, tmp_path):
+    a, b = masks()
+    pairs = [case(scene, 0, [("Liver", LIVER, a), ("spleen", "", b)])]
+    mapping = sc.class_mapping(pairs)
+    volume = pairs[0][0]
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[a], labels[b] = 1, 2
+    out = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "result")
+    record = sc.apply_labels(labels, volume, mapping.training_classes(), out, mapping.terminology())
+    seg = out.GetSegmentation()
+    liver, spleen = (seg.GetSegment(s) for s in record.segment_ids)
+    # The coded class keeps its code; the other gets Slicer's generic "Tissue" (and its name).
+    assert classes.Terminology.parse(sc.segment_terminology(liver)).type == ("SCT", "10200004", "Liver")
+    t = classes.Terminology.parse(sc.segment_terminology(spleen))
+    assert t.type[:2] == ("SCT", "85756007") and spleen.GetName() == "spleen"
+    # The registry keeps the terminology beside a model and reads it back.
+    from SFRSegmentationLib import registry
+
+    model = tmp_path / "m.sfrmodel"
+    model.write_bytes(b"")
+    registry.terminology_path(model).write_text('{"Liver": "%s"}' % LIVER)
+    assert registry.ModelEntry("m", model).terminology == {"Liver": LIVER}
+    assert registry.ModelEntry("n", tmp_path / "n.sfrmodel").terminology == {}

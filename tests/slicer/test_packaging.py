@@ -114,8 +114,9 @@ def test_the_lib_has_no_import_cycle():
     for m in LIB_MODULES:
         if m not in state:
             visit(m)
-    # The layering the module's docs describe: jobs below logic, and nothing imports the logic.
-    assert "logic" not in graph["jobs"] and not any("logic" in deps for deps in graph.values())
+    # The layering the module's docs describe: jobs (and what runs them) below the logic.
+    for low in ("jobs", "native", "worker", "inputs", "steps", "binding"):
+        assert "logic" not in graph[low], f"{low} imports logic"
 
 
 @pytest.mark.parametrize("module", LIB_MODULES)

@@ -230,6 +230,7 @@ def panel(monkeypatch, tmp_path):
             slot()
 
     settings = {}
+    reloaded = []
 
     class QSettings:
         def value(self, key):
@@ -260,6 +261,10 @@ def panel(monkeypatch, tmp_path):
         def resourcePath(self, path):
             return str(MODULE_DIR / "Resources" / path)
 
+        def onReload(self):
+            # Slicer's reload re-imports the module file only.
+            reloaded.append(sorted(m for m in sys.modules if m.startswith("SFRSegmentationLib")))
+
     slm.ScriptedLoadableModule = type("ScriptedLoadableModule", (), {"__init__": lambda self, parent: None})
     slm.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
     slm.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
@@ -289,6 +294,7 @@ def panel(monkeypatch, tmp_path):
     widget = module.SFRSegmentationWidget()
     widget.setup()
     widget.errors = errors
+    widget.reloaded = reloaded
     widget.scene = scene
     yield widget
     widget.cleanup()
@@ -308,6 +314,8 @@ def spin(widget, until, timeout=600.0):
 
 
 def labelled_scene(widget, n=2):
+    # Train stays disabled until Setup has checked the tool (on a helper thread).
+    spin(widget, lambda: widget.libraryCheck is None, timeout=60)
     scene = widget.scene
     for seed in range(n):
         image, label = phantom(seed)
@@ -432,6 +440,7 @@ def test_cancel_while_gathering_and_close_scene_while_gathering(panel):
 
 def test_train_is_disabled_with_the_reason_until_setup_is_ready(panel, monkeypatch, tmp_path):
     ui = panel.ui
+    real_cli = str(cli_path())
     labelled_scene(panel)
     # The version check is still running (or just finished): never enabled before it is done.
     if panel.libraryCheck is not None:
@@ -462,10 +471,10 @@ def test_train_is_disabled_with_the_reason_until_setup_is_ready(panel, monkeypat
         time.sleep(0.02)
     assert not ui.trainButton.enabled and "9.9.9" in ui.trainStatusLabel.text
 
-    monkeypatch.setenv("SFR_CLI", str(cli_path()))
+    monkeypatch.setenv("SFR_CLI", real_cli)
     panel.onLibrarySettingsChanged()
     spin(panel, lambda: panel.libraryCheck is None, timeout=60)
-    assert ui.trainButton.enabled
+    assert ui.trainButton.enabled, ui.trainStatusLabel.text
 
 
 def test_path_fields_are_debounced(panel, monkeypatch):
@@ -483,7 +492,9 @@ def test_path_fields_are_debounced(panel, monkeypatch):
     assert panel.settingsTimer.active
     panel.settingsTimer.fire()  # typing paused: applied once
     assert panel.logic is not logic and not panel.settingsTimer.active
-    assert "/opt/libsfr.so" in ui.trainStatusLabel.text  # the file does not exist: said, Train disabled
+    assert panel.libraryCheck is not None and "checking the sfr tool" in ui.trainStatusLabel.text
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    assert len(built) == 1  # one `sfr --version` for the whole edit
 
 
 def test_class_mapping_is_shown_and_a_missing_segment_blocks_training(panel):
@@ -511,3 +522,185 @@ def test_class_mapping_is_shown_and_a_missing_segment_blocks_training(panel):
     assert ui.classMappingLabel.text.startswith("Classes: 1 Liver; 2 spleen")
     assert "counted as background" in ui.classMappingLabel.text
     assert ui.trainButton.enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancel at every stage leaves a consistent state (item 4); temporary files in Slicer's
+# temporary folder (item 5)
+
+
+def _job_folders(root):
+    return sorted(p.name for p in (root / "SFRSegmentation").glob("sfr-*")) if (root / "SFRSegmentation").is_dir() else []
+
+
+def _settle(panel, root, timeout=60):
+    # Job threads remove their folders when the worker process has ended (after a cancel, within
+    # the tool's grace period).
+    t0 = time.time()
+    while _job_folders(root) and time.time() - t0 < timeout:
+        panel.onTimer()
+        time.sleep(0.1)
+    return _job_folders(root)
+
+
+def test_temporary_files_go_to_slicers_temporary_folder(panel, tmp_path):
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    assert panel.logic.sfr.work_root == str(tmp_path / "SFRSegmentation")
+    labelled_scene(panel)
+    ui.trainButton.click()
+    spin(panel, lambda: panel.job is not None)
+    # The cases were written one by one into Slicer's temporary folder while they were gathered.
+    [folder] = _job_folders(tmp_path)
+    images = sorted((tmp_path / "SFRSegmentation" / folder / "data" / "imagesTr").iterdir())
+    assert [p.name[:5] for p in images] == ["L0000", "L0001", "U0000"]
+    spin(panel, lambda: not panel.busy)
+    assert any("model saved as" in line for line in ui.logTextEdit.lines)
+    assert _settle(panel, tmp_path) == []  # nothing left once the model is in the models folder
+
+
+def test_cancel_while_the_training_runs(panel, tmp_path):
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    labelled_scene(panel)
+    ui.trainButton.click()
+    spin(panel, lambda: panel.job is not None)
+    ui.cancelButton.click()
+    assert not ui.cancelButton.enabled
+    spin(panel, lambda: not panel.busy)
+    assert any("training cancelled" in line for line in ui.logTextEdit.lines), ui.logTextEdit.lines
+    assert panel.registry().list() == [] and _settle(panel, tmp_path) == []
+    assert ui.trainButton.enabled
+
+
+def test_cancel_after_the_training_finished_closes_the_model(panel, tmp_path):
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    labelled_scene(panel)
+    ui.trainButton.click()
+    # The job has finished and its model is being taken (the tick before it is saved).
+    spin(panel, lambda: panel.job is None and panel.task is not None and panel.task.what == "training")
+    ui.cancelButton.click()
+    spin(panel, lambda: not panel.busy)
+    assert any("training cancelled" in line for line in ui.logTextEdit.lines), ui.logTextEdit.lines
+    assert panel.registry().list() == []
+    assert _settle(panel, tmp_path) == [], "the trained model's temporary folder was left behind"
+
+
+def test_cancel_while_the_model_is_saved_keeps_it_and_says_so(panel, tmp_path):
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    labelled_scene(panel)
+    ui.trainButton.click()
+    spin(panel, lambda: panel.task is not None and panel.task.what == "saving the model")
+    ui.cancelButton.click()
+    assert panel.busy and not ui.cancelButton.enabled
+    assert any("saving the model cannot be interrupted: it finishes and is kept" in line for line in ui.logTextEdit.lines)
+    spin(panel, lambda: not panel.busy)
+    assert any("model saved as" in line for line in ui.logTextEdit.lines)
+    assert not any("saving the model cancelled" in line for line in ui.logTextEdit.lines)
+    assert len(panel.registry().list()) == 1 and ui.modelsTable.rowCount == 1  # the list was refreshed
+    assert _settle(panel, tmp_path) == []
+
+
+def test_cancel_while_gathering_removes_the_files_written_so_far(panel, tmp_path):
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=60)
+    labelled_scene(panel)
+    ui.trainButton.click()
+    # Until the first case has been written.
+    spin(panel, lambda: any((tmp_path / "SFRSegmentation").glob("sfr-train-*/data/imagesTr/L0000*")))
+    assert panel.collector is not None
+    ui.cancelButton.click()
+    assert not panel.busy
+    assert _settle(panel, tmp_path, timeout=10) == []
+
+
+def test_reload_also_reloads_the_lib(panel):
+    import SFRSegmentationLib.scene as before
+
+    panel.onReload()
+    assert panel.reloaded == [[]]  # the Lib's modules were dropped before Slicer re-imports the module
+    import SFRSegmentationLib.scene as after
+
+    assert after is not before
+
+
+def test_preset_default_and_its_expected_time(panel):
+    import SFRSegmentationLib as sl
+
+    ui = panel.ui
+    # The fixture chose test-tiny; the Lib's one function decides the default for a first use.
+    assert ui.presetComboBox.itemData(ui.presetComboBox.currentIndex) == "test-tiny"
+    assert ui.presetTimeLabel.text == sl.preset_expected_time("test-tiny") and "Seconds" in ui.presetTimeLabel.text
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findData(sl.default_preset()))
+    assert ui.presetTimeLabel.text == sl.preset_expected_time(sl.default_preset()) != ""
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findData("cpu-lora"))
+    assert "minutes" in ui.presetTimeLabel.text
+
+
+def test_sam_weights_state_and_the_warning_before_training(panel, monkeypatch, tmp_path):
+    ui = panel.ui
+    spin(panel, lambda: panel.samWeightsCheck is None, timeout=60)
+    # A cache without LiteMedSAM (the worker's environment decides where the tool looks).
+    monkeypatch.setattr(panel.logic.sfr, "env", {"PATH": os.environ.get("PATH", ""), "SFR_CACHE": str(tmp_path / "cache")})
+    panel.checkSamWeights()
+    spin(panel, lambda: panel.samWeightsCheck is None, timeout=60)
+    assert "not in the cache" in ui.samWeightsStatusLabel.text and ui.fetchSamWeightsButton.enabled
+    assert panel.samWeightsOk is False
+    labelled_scene(panel)
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findData("cpu-small"))
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or False, raising=False)
+    ui.trainButton.click()
+    assert asked and "RANDOM weights" in asked[0] and "Fetch LiteMedSAM" in asked[0]
+    assert panel.collector is None and not panel.busy  # declined: nothing gathered
+    assert any("RANDOM weights" in line for line in ui.logTextEdit.lines)
+    # Smoke test: never pretrained, no question.
+    asked.clear()
+    ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findData("test-tiny"))
+    ui.trainButton.click()
+    assert asked == [] and panel.collector is not None
+    ui.cancelButton.click()
+
+
+def test_worker_warnings_reach_the_panel_log(panel):
+    ui = panel.ui
+    labelled_scene(panel)
+    ui.trainButton.click()
+    spin(panel, lambda: not panel.busy)
+    # test-tiny's SAM starts from random weights: the tool warns, and the warning outlives the
+    # worker's temporary folder (removed on success).
+    assert any(line.split("  ", 1)[1].startswith("warning from the training: NO SAM CHECKPOINT") for line in ui.logTextEdit.lines), ui.logTextEdit.lines
+
+
+def test_the_panels_state_is_the_scenes_parameter_node(panel):
+    from SFRSegmentationLib.parameters import SFRParameters
+
+    ui = panel.ui
+    labelled_scene(panel)
+    params = SFRParameters.of_scene(panel.scene)  # what a script would use
+    assert params.node is panel.params.node and len(params.pairs()) == 2
+    params.preset = "cpu-lora"  # set from a script: the panel follows
+    assert ui.presetComboBox.itemData(ui.presetComboBox.currentIndex) == "cpu-lora"
+    assert "minutes" in ui.presetTimeLabel.text
+    ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("acmt"))  # set in the panel: the node follows
+    ui.missingAsBackgroundCheckBox.setChecked(True)
+    assert params.method == "acmt" and params.missing_as_background
+    panel.exit()  # the module is left: no more observation
+    params.preset = "test-tiny"
+    assert ui.presetComboBox.itemData(ui.presetComboBox.currentIndex) == "cpu-lora"
+    panel.enter()
+    assert ui.presetComboBox.itemData(ui.presetComboBox.currentIndex) == "test-tiny"
+    panel.ui.removePairButton.click()  # nothing selected: nothing removed
+    assert len(params.pairs()) == 2
+    panel.scene.Clear(0)  # Close Scene (keeps singleton nodes, reset): no cases left, the panel observes the node again
+    assert panel.params is not None and len(panel.pairs) == 0 and panel.params.preset in sl_presets()
+    panel.params.preset = "cpu-small"
+    assert ui.presetComboBox.itemData(ui.presetComboBox.currentIndex) == "cpu-small"
+
+
+def sl_presets():
+    import SFRSegmentationLib as sl
+
+    return sl.PRESETS

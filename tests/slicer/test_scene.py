@@ -332,14 +332,14 @@ def test_training_collector_exports_each_case_on_its_own_grid(scene, tmp_path):
     with pytest.raises(InputError, match="'labels1' on 'labelled1' has no segment for class 'vessel'"):
         sc.TrainingCollector(pairs, [unl, pairs[0][0]], str(folder), log=logged.append)
     collector = sc.TrainingCollector(pairs, [unl, pairs[0][0]], str(folder), log=logged.append, missing="background")
-    assert collector.class_names == ["blob", "vessel"] and collector.total == 5
+    assert collector.class_names == ["blob", "vessel"] and collector.total == 6
     while collector.step():  # one GUI-thread slice per call (returns at once while a helper thread works)
         pass
-    assert collector.finished and collector.done == collector.total == 5
+    assert collector.finished and collector.done == collector.total == 6
     assert nodes_added == [], "a node entered the scene"
     assert node_count(scene) == n, "temporary nodes were left in the scene"
     assert any("'labels1' on 'labelled1' has no segment 'vessel': counted as background" in line for line in logged), logged
-    data = collector.builder()()
+    data = collector.result()
     assert data.classes == {0: "background", 1: "blob", 2: "vessel"}
     assert data.counts() == (2, 4)
     for case, (image, label, matrix) in zip(data.labeled, truths):
@@ -349,11 +349,11 @@ def test_training_collector_exports_each_case_on_its_own_grid(scene, tmp_path):
             expected[0:2, 0:3, 0:4] = 2
         assert np.array_equal(case.label, expected)
     assert data.unlabeled[0].case_id.startswith("unlabelled [")
-    for case, (name, (image, matrix)) in zip(data.unlabeled[1:3], files.items()):
+    for case, (name, (image, matrix)) in zip(data.unlabeled[2:4], files.items()):
         assert case.case_id.endswith(name) and case.image.dtype == image.dtype
         assert np.array_equal(case.image, image) and np.allclose(case.ijk_to_ras, matrix, atol=1e-5)
-    assert data.unlabeled[3].case_id.endswith("a.nii.gz")
-    assert np.allclose(data.unlabeled[3].ijk_to_ras, M, atol=1e-4)  # read from the NIfTI file
+    assert data.unlabeled[1].case_id.endswith("a.nii.gz")  # the folder's files in name order
+    assert np.allclose(data.unlabeled[1].ijk_to_ras, M, atol=1e-4)  # read from the NIfTI file
 
 
 def test_training_collector_refuses_what_cannot_train(scene, tmp_path):

@@ -37,11 +37,24 @@ from .binding import (
     find_library_path,
     load_library,
 )
-from .download import Download, DownloadCancelled, cached_sam_checkpoint, sam_checkpoint_download
+from .classes import ClassMapping, map_classes
+from .download import Download, DownloadCancelled, LiteMedSamFetch, cached_sam_checkpoint, lite_medsam_state, sam_checkpoint_download
 from .geometry import LpsGeometry, ijk_to_ras_to_lps_geometry, lps_geometry_to_ijk_to_ras
 from .inputs import InputError, TrainingData, available_memory_bytes, build_config, check_memory
 from .jobs import DeferredJob, Job, Model
-from .logic import IN_PROCESS_RISK, LEGACY_MODES, METHODS, MODES, PRESETS, SFRLogic, torch_already_loaded
+from .logic import (
+    IN_PROCESS_RISK,
+    LEGACY_MODES,
+    METHODS,
+    MODES,
+    PRESET_LABELS,
+    PRESETS,
+    SFRLogic,
+    default_preset,
+    preset_expected_time,
+    sam_weights_warning,
+    torch_already_loaded,
+)
 from .modelfile import ModelFileError, read_metadata
 from .native import NativeModel
 from .registry import ModelEntry, ModelRegistry
@@ -73,10 +86,18 @@ __all__ = [
     "Job",
     "Model",
     "IN_PROCESS_RISK",
+    "ClassMapping",
+    "map_classes",
+    "LiteMedSamFetch",
+    "lite_medsam_state",
     "LEGACY_MODES",
     "METHODS",
     "MODES",
     "PRESETS",
+    "PRESET_LABELS",
+    "default_preset",
+    "preset_expected_time",
+    "sam_weights_warning",
     "SFRLogic",
     "torch_already_loaded",
     "ModelFileError",

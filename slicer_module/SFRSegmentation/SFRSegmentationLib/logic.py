@@ -41,6 +41,78 @@ MODES = ("worker", "in-process")
 LEGACY_MODES = {"auto": "worker"}
 METHODS = ("mean-teacher", "supervised", "self-training", "acmt")
 PRESETS = ("cpu-small", "cpu-lora", "paper-la", "test-tiny")
+# What each preset is and how long it takes, as measured (docs/results.md, README): shown next to
+# the preset selector.
+PRESET_LABELS = {
+    "cpu-small": "CPU, small",
+    "cpu-lora": "CPU, LoRA-tuned SAM (better pseudo-labels)",
+    "paper-la": "Paper settings (GPU)",
+    "test-tiny": "Smoke test (not accurate)",
+}
+# Presets whose SAM is LiteMedSAM from the cache (sam.variant "auto"); paper-la's is ViT-B
+# (needs the official checkpoint); test-tiny's a test-sized SAM that is never pretrained.
+LITE_MEDSAM_PRESETS = ("cpu-small", "cpu-lora")
+
+
+def default_preset() -> str:
+    """The preset the panel starts with. The one place that decides it."""
+    return "cpu-small"
+
+
+def cpu_has_avx512_bf16() -> Optional[bool]:
+    """Whether this CPU computes bfloat16 in hardware (Linux /proc/cpuinfo; None elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        return None
+    return None
+
+
+def preset_expected_time(preset: str) -> str:
+    """The preset's training time on this machine, as far as measurements say."""
+    import os
+
+    cores = os.cpu_count() or 0
+    if preset == "cpu-small":
+        return f"Minutes on a CPU (measured on 2 cores; this machine has {cores})."
+    if preset == "cpu-lora":
+        bf16 = cpu_has_avx512_bf16()
+        if bf16:
+            return f"About 7 minutes on a CPU with AVX512-BF16, as this one has ({cores} cores here)."
+        return (f"About 15 minutes measured on 2 cores without AVX512-BF16 (this machine: {cores} cores"
+                + (", no AVX512-BF16)." if bf16 is False else ")."))
+    if preset == "paper-la":
+        return "Hours; meant for a GPU."
+    if preset == "test-tiny":
+        return "Seconds; only shows that everything works."
+    return ""
+
+
+def sam_weights_warning(preset: Optional[str], use_sam: bool, sam_checkpoint: Optional[str], env: Optional[Dict[str, str]] = None,
+                        lite_medsam_ok: Optional[bool] = None) -> Optional[str]:
+    """The warning to give *before* training when SAM would start from random weights (None
+    when it would not). ``lite_medsam_ok``: the cache's state when already known (else it is
+    read: 37 MB, off the GUI thread)."""
+    import os
+
+    from . import download
+
+    if not use_sam or sam_checkpoint or preset == "test-tiny":
+        return None
+    env = os.environ if env is None else env
+    if env.get("SFR_SAM_CHECKPOINT"):
+        return None  # the tool takes the checkpoint the environment names
+    if preset in LITE_MEDSAM_PRESETS:
+        ok = download.lite_medsam_state(env)["ok"] if lite_medsam_ok is None else lite_medsam_ok
+        if ok:
+            return None
+        return ("LiteMedSAM's weights are not in the cache, so SAM would start from RANDOM weights and its pseudo-labels "
+                "would be far weaker. Fetch them in Setup (Fetch LiteMedSAM) first, or give a SAM checkpoint.")
+    return (f"No SAM checkpoint is given, so the '{preset}' preset's SAM (ViT-B) would start from RANDOM weights. "
+            "Download the official SAM ViT-B checkpoint first, or untick SAM pseudo-labels.")
 
 IN_PROCESS_RISK = (
     "libsfr and its libtorch 2.13 are loaded into Slicer's process: an extension that imports "
@@ -146,6 +218,11 @@ class SFRLogic:
         ``on_progress`` (in-process only) is called from the library's thread: do not touch a
         GUI from it; poll instead."""
         cfg = build_config(config, preset, method, sam_checkpoint, use_sam, device)
+        if isinstance(data, worker.DecathlonWriter):
+            if self.mode != "worker":
+                raise ValueError("cases written for the worker process cannot train in-process")
+            data.check_ready()
+            return worker.WorkerTrainingJob(self.cli, data, cfg, self.work_root, self.env, self.check_cli)
         if isinstance(data, TrainingData):
             data.check_ready()
         if self.mode == "worker" and on_progress is not None:
@@ -173,6 +250,14 @@ class SFRLogic:
             return NativeTrainingJob(self.library, d, cfg, on_progress)
 
         return DeferredJob(start_native)
+
+    def training_sink(self, classes):
+        """Where gathered training cases go, one at a time (scene.TrainingCollector's sink):
+        worker mode writes each case to a file in this logic's work folder as it arrives
+        (bounded memory); in-process mode keeps them (libsfr copies them when training starts)."""
+        if self.mode == "worker":
+            return worker.DecathlonWriter(classes, self.work_root)
+        return TrainingData(classes)
 
     # -- models ----------------------------------------------------------------------------
     def load_model(self, path) -> Model:
@@ -217,4 +302,5 @@ class SFRLogic:
             m.close()
 
 
-__all__ = ["MODES", "LEGACY_MODES", "METHODS", "PRESETS", "IN_PROCESS_RISK", "SFRLogic", "torch_already_loaded", "LibraryLoadError"]
+__all__ = ["MODES", "LEGACY_MODES", "METHODS", "PRESETS", "PRESET_LABELS", "default_preset", "preset_expected_time",
+           "sam_weights_warning", "IN_PROCESS_RISK", "SFRLogic", "torch_already_loaded", "LibraryLoadError"]

@@ -12,6 +12,15 @@ from . import modelfile
 from .jobs import Model
 
 MODEL_SUFFIX = ".sfrmodel"
+# Beside a model: the terminology of its classes (class name -> Slicer terminology entry) taken
+# from the segments it was trained on, so results carry the same codes (DICOM SEG export needs
+# them). A file of its own because the model's metadata is written by the sfr tool, which
+# knows class names only.
+TERMINOLOGY_SUFFIX = ".terminology.json"
+
+
+def terminology_path(model_path) -> Path:
+    return Path(str(model_path) + TERMINOLOGY_SUFFIX)
 
 
 @dataclass
@@ -44,6 +53,17 @@ class ModelEntry:
     @property
     def class_names(self) -> Dict[int, str]:
         return modelfile.class_names(self.metadata) if not self.error else {}
+
+    @property
+    def terminology(self) -> Dict[str, str]:
+        """class name -> terminology entry, for the classes whose training segments had one."""
+        import json
+
+        try:
+            doc = json.loads(terminology_path(self.path).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
 
     @property
     def summary(self) -> str:
@@ -88,11 +108,17 @@ class ModelRegistry:
         method = (model.metadata().get("training") or {}).get("method", "model")
         return self.unique_name(f"{method}-{datetime.datetime.now():%Y%m%d-%H%M%S}")
 
-    def add(self, model: Model, name: Optional[str] = None) -> ModelEntry:
-        """Saves a model into the folder under a new unique name (never overwrites)."""
+    def add(self, model: Model, name: Optional[str] = None, terminology: Optional[Dict[str, str]] = None) -> ModelEntry:
+        """Saves a model into the folder under a new unique name (never overwrites), with its
+        classes' terminology (class name -> entry) beside it when given."""
+        import json
+
         self.folder.mkdir(parents=True, exist_ok=True)
         name = self.unique_name(name) if name else self.default_name(model)
-        path = model.save(self.path_for(name))
+        path = self.path_for(name)
+        if terminology:
+            terminology_path(path).write_text(json.dumps(terminology, indent=1))
+        path = model.save(path)
         return ModelEntry(name, path, modelfile.read_metadata(path))
 
     def entry(self, name: str) -> ModelEntry:
@@ -107,6 +133,8 @@ class ModelRegistry:
         if any(sep in name for sep in ("/", "\\")) or name in ("", ".", "..") or not p.is_file():
             raise KeyError(f"no model named '{name}' in {self.folder}")
         p.unlink()
+        if terminology_path(p).is_file():
+            terminology_path(p).unlink()
         work = p.with_name(p.name + ".work")
         if work.is_dir():
             shutil.rmtree(work, ignore_errors=True)

@@ -577,7 +577,8 @@ def prepare_labels(labels: np.ndarray, ijk_to_ras) -> Optional[PreparedLabels]:
     return PreparedLabels(image, sorted(voxels), voxels)
 
 
-def import_labels_steps(labels: np.ndarray, volume_node, class_names: Dict[int, str], segmentation_node=None):
+def import_labels_steps(labels: np.ndarray, volume_node, class_names: Dict[int, str], segmentation_node=None,
+                        terminology: Optional[Dict[str, str]] = None):
     """Task generator (steps.py) giving an ApplyRecord: adds one new segment per class present
     in ``labels`` (``[k, j, i]`` on ``volume_node``'s grid) to ``segmentation_node``, or to a
     new node named "<volume> SFR" when None. Segments already there are never modified: the
@@ -590,6 +591,10 @@ def import_labels_steps(labels: np.ndarray, volume_node, class_names: Dict[int, 
     Here the scan and the labelmap are made on a helper thread (``prepare_labels``), and the
     GUI-thread slices only attach: one slice for the checks, one to create or pick the node,
     then one slice per segment (AddSegment of the prepared labelmap, its name and colour).
+
+    Every new segment gets a terminology (DICOM SEG export needs one): ``terminology[class
+    name]`` when the model's training segments were coded (registry.ModelEntry.terminology),
+    else Slicer's generic "Tissue" with the class name as the segment's name.
 
     Refused: a volume or segmentation that left the scene (deleted, or Close Scene while the
     job ran or the result was being added: its result is discarded), a transformed volume or
@@ -643,6 +648,7 @@ def import_labels_steps(labels: np.ndarray, volume_node, class_names: Dict[int, 
             segment_id = segmentation.GetSegmentIdBySegment(segment)
             record.segment_ids.append(segment_id)
             name = class_names.get(value, f"class {value}")
+            set_segment_terminology(segment, (terminology or {}).get(name) or classes.generic_terminology_entry(name))
             segment.SetColor(*class_color(name, value, scene, existing))
             segment.SetName(unique_segment_name(segmentation, name, exclude=segment_id, also=placeholders[n + 1 :]))
             record.names[segment_id] = segment.GetName()
@@ -656,9 +662,10 @@ def import_labels_steps(labels: np.ndarray, volume_node, class_names: Dict[int, 
     return record
 
 
-def apply_labels(labels: np.ndarray, volume_node, class_names: Dict[int, str], segmentation_node=None) -> ApplyRecord:
+def apply_labels(labels: np.ndarray, volume_node, class_names: Dict[int, str], segmentation_node=None,
+                 terminology: Optional[Dict[str, str]] = None) -> ApplyRecord:
     """``import_labels_steps`` run to its end at once (scripts, tests, Slicer's self-test)."""
-    return steps.run(import_labels_steps(labels, volume_node, class_names, segmentation_node), "import")
+    return steps.run(import_labels_steps(labels, volume_node, class_names, segmentation_node, terminology), "import")
 
 
 def undo_steps(record: ApplyRecord):
@@ -771,17 +778,25 @@ class TrainingCollector:
     ``step()`` per tick), so that Slicer stays responsive: a volume's voxels are copied a slab
     at a time and a labelled case's segments are read the same way (``export_label_steps``);
     the scene is only touched in those slices, on the caller's thread. Volume files of a
-    folder never enter the scene: NIfTI files are read later by the training data builder,
-    other formats now, on a helper thread, by ``read_file(path) -> (voxels, IJK-to-RAS)``
-    (default ``read_volume_file``: Slicer's reader on a node outside the scene).
+    folder never enter the scene: they are read on a helper thread (NIfTI by the module's
+    reader, other formats by ``read_file(path) -> (voxels, IJK-to-RAS)``, default
+    ``read_volume_file``: Slicer's reader on a node outside the scene).
+
+    The classes are decided first (``class_mapping``; ``missing`` as there). Each case, once
+    copied, goes to the sink on a helper thread and is let go: ``sink_factory(classes)`` makes
+    the sink (default: a TrainingData, which keeps every case; in worker mode
+    ``SFRLogic.training_sink`` gives a DecathlonWriter, which writes each case to a file as it
+    arrives, so at most one case is held in memory whatever the number of cases). Before
+    anything is copied, the memory check covers what the sink will hold: every case for a sink
+    that keeps them, the largest case otherwise.
 
     ``total`` and ``done`` count volumes (for a progress bar); ``step()`` runs one slice.
-    ``builder()`` then gives the function that ``SFRLogic.start_training`` runs on a helper
-    thread: it builds and checks the TrainingData (and reads the NIfTI files)."""
+    ``result()`` is then the filled sink, for ``SFRLogic.start_training``; ``close()`` lets go
+    of it (a cancelled gathering: a writer's folder is removed)."""
 
     def __init__(self, pairs, unlabeled_nodes=(), folder: Optional[str] = None,
                  read_file: Callable[[str], Tuple[np.ndarray, np.ndarray]] = read_volume_file, log: Callable[[str], None] = print,
-                 missing: str = "error"):
+                 missing: str = "error", sink_factory: Optional[Callable] = None):
         pairs = list(pairs)
         if not pairs:
             raise InputError("add at least one labelled case (a volume with its segmentation)")
@@ -792,25 +807,46 @@ class TrainingCollector:
         self.log = log
         for note in self.mapping.notes():
             log(note)
-        self.labeled: List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.unlabeled: List[Tuple[str, np.ndarray, np.ndarray]] = []
-        self.nifti_files: List[str] = []
         self._steps: List[Tuple[str, Callable[[], object]]] = []
+        sizes: List[int] = []  # bytes each scene case holds while it is copied (image + label)
         for (v, s), cm in zip(pairs, self.mapping.cases):
             self._steps.append((f"exporting '{s.GetName()}' on '{v.GetName()}'", lambda v=v, s=s, cm=cm: self._labeled(v, s, cm.segment_classes)))
+            view = volume_array(v, copy=False)
+            sizes.append(view.nbytes + view.size * (1 if len(self.class_names) < 256 else 2))
         for v in unlabeled_nodes:
             if any(_same(v, pv) for pv, _ in pairs):
                 continue
             self._steps.append((f"copying '{v.GetName()}'", lambda v=v: self._unlabeled(v)))
+            sizes.append(volume_array(v, copy=False).nbytes)
         if folder:
             for n, path in enumerate(volume_files(folder)):
-                if path.lower().endswith(NIFTI_SUFFIXES):
-                    self.nifti_files.append(path)
-                else:
-                    self._steps.append((f"reading {os.path.basename(path)}", lambda p=path, n=n: self._file(p, n, read_file)))
+                reader = (lambda p: nifti.read(p)) if path.lower().endswith(NIFTI_SUFFIXES) else read_file
+                self._steps.append((f"reading {os.path.basename(path)}", lambda p=path, n=n, r=reader: self._file(p, n, r)))
+        classes_ = ["background"] + list(self.class_names)
+        self.sink = (sink_factory or TrainingData)(classes_)
         self.total = len(self._steps)
         self.done = 0
+        try:
+            self._check_memory(sizes)
+        except BaseException:
+            self.close()
+            raise
         self._task = steps.Task(self._gather(), "gathering the training data")
+
+    def _check_memory(self, sizes: List[int]) -> None:
+        from . import inputs
+
+        if inputs.available_memory_bytes() is None:
+            self.log(f"note: {inputs.MEMORY_CHECK_UNAVAILABLE}")
+            return
+        if not sizes:
+            return
+        if getattr(self.sink, "holds_all", True):
+            check_memory(sum(sizes), f"keeping the {len(sizes)} cases of the scene in memory for training",
+                         "use the worker process mode (it writes each case to a file as it is gathered), or fewer or smaller volumes")
+        else:
+            # One case at a time, plus the labelmap copies of its segments while it is exported.
+            check_memory(2 * max(sizes), "gathering the largest case", "close other data or use smaller volumes")
 
     def _gather(self):
         for _message, make in self._steps:
@@ -826,15 +862,34 @@ class TrainingCollector:
         if missing and self.mapping.missing != "background":
             # Segments removed after the mapping was decided: never silently background.
             raise InputError(f"'{case_label(volume_node, segmentation_node)}' no longer has a segment for {', '.join(missing)}: start again")
-        self.labeled.append((case_id(volume_node), image, m, label))
+        cid = case_id(volume_node)
+        sink = self.sink
+        # Checked and handed to the sink (a file write in worker mode) on a helper thread; the
+        # generator's references end here, so a writing sink frees the case.
+        yield Background(lambda: sink.add_labeled(image, label, m, case_id=cid), name="sfr-case")
+        del image, label
 
     def _unlabeled(self, volume_node):
         image, m = yield from volume_copy_steps(volume_node)
-        self.unlabeled.append((case_id(volume_node), image, m))
+        cid = case_id(volume_node)
+        sink = self.sink
+        yield Background(lambda: sink.add_unlabeled(image, m, case_id=cid), name="sfr-case")
+        del image
 
     def _file(self, path: str, n: int, read):
-        image, m = yield Background(lambda: read(path), name="sfr-read-volume")
-        self.unlabeled.append((f"{n:04d}_{os.path.basename(path)}", image, m))
+        sink = self.sink
+        cid = f"{n:04d}_{os.path.basename(path)}"
+
+        def read_and_add():
+            try:
+                image, m = read(path)
+            except InputError:
+                raise
+            except (OSError, ValueError) as e:
+                raise InputError(f"{path}: {e}") from e
+            return sink.add_unlabeled(image, m, case_id=cid)
+
+        yield Background(read_and_add, name="sfr-read-volume")
 
     @property
     def finished(self) -> bool:
@@ -849,43 +904,44 @@ class TrainingCollector:
 
     def step(self) -> bool:
         """Runs the next GUI-thread slice; returns True while more remain. Raises the error
-        that stopped the gathering."""
-        more = self._task.step()
-        if not more:
-            self._task.take()
+        that stopped the gathering (the sink is then closed)."""
+        try:
+            more = self._task.step()
+            if not more:
+                self._task.take()
+        except BaseException:
+            self.close()
+            raise
         return more
 
     def run(self) -> "TrainingCollector":
-        self._task.run()
+        try:
+            self._task.run()
+        except BaseException:
+            self.close()
+            raise
         return self
 
+    def counts(self) -> Tuple[int, int]:
+        return self.sink.counts()
+
+    def result(self):
+        """The filled sink (TrainingData or DecathlonWriter), checked; only once finished."""
+        if not self.finished:
+            raise RuntimeError("the training data has not been gathered yet")
+        self.sink.check_ready()
+        return self.sink
+
     def builder(self) -> Callable:
-        labeled, unlabeled, files = self.labeled, self.unlabeled, list(self.nifti_files)
-        classes = ["background"] + list(self.class_names)
-        # The collector lets go of the arrays: from here the builder owns them.
-        self.labeled, self.unlabeled = [], []
+        """``result()`` as the function ``SFRLogic.start_training`` accepts (kept for scripts)."""
+        sink = self.result()
+        return lambda reporter=None: sink
 
-        def build(reporter=None) -> TrainingData:
-            data = TrainingData(classes)
-            total = len(labeled) + len(unlabeled) + len(files)
-            for n, (cid, image, m, label) in enumerate(labeled):
-                if reporter is not None:
-                    reporter.report(f"checking labelled case {cid}", n, total)
-                data.add_labeled(image, label, m, case_id=cid)
-            for n, (cid, image, m) in enumerate(unlabeled):
-                if reporter is not None:
-                    reporter.report(f"checking unlabelled case {cid}", len(labeled) + n, total)
-                data.add_unlabeled(image, m, case_id=cid)
-            for n, path in enumerate(files):
-                if reporter is not None:
-                    reporter.report(f"reading {os.path.basename(path)}", len(labeled) + len(unlabeled) + n, total)
-                try:
-                    image, m = nifti.read(path)
-                except (OSError, ValueError) as e:
-                    raise InputError(f"{path}: {e}") from e
-                data.add_unlabeled(image, m, case_id=f"{n:04d}_{os.path.basename(path)}")
-            labeled.clear()
-            unlabeled.clear()
-            return data
-
-        return build
+    def close(self) -> None:
+        """Stops a gathering and lets go of what it gathered (a writer removes its folder)."""
+        task = getattr(self, "_task", None)
+        if task is not None and not task.finished:
+            task.cancel()
+        close = getattr(self.sink, "close", None)
+        if close is not None:
+            close()

@@ -34,6 +34,9 @@ class Background:
     def __init__(self, function: Callable[[], object], name: str = "sfr-background"):
         self.result = None
         self.error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+        self._ended = False
+        self._discard: Optional[Callable[[object], None]] = None
         self._thread = threading.Thread(target=self._run, args=(function,), name=name, daemon=True)
         self._thread.start()
 
@@ -42,6 +45,20 @@ class Background:
             self.result = function()
         except BaseException as e:  # handed to the task at its yield, never lost in the thread
             self.error = e
+        with self._lock:
+            self._ended = True
+            discard = self._discard
+        if discard is not None and self.error is None:
+            discard(self.result)
+
+    def discard(self, callback: Callable[[object], None]) -> None:
+        """No one will take the result: ``callback(result)`` frees it (a model's temporary
+        folder, say) once the function has returned, now if it already has."""
+        with self._lock:
+            ended = self._ended
+            self._discard = callback
+        if ended and self.error is None:
+            callback(self.result)
 
     @property
     def done(self) -> bool:
@@ -56,8 +73,13 @@ class Task:
     progress message (str) to end a slice, or a ``Background`` to wait for; its return value is
     ``result``, its exception ``error`` (re-raised by ``take()``)."""
 
-    def __init__(self, generator: Generator, what: str = ""):
+    def __init__(self, generator: Generator, what: str = "", cancellable: bool = True,
+                 discard: Optional[Callable[[object], None]] = None):
         self._gen = generator
+        # cancellable=False: work that must end as it started (a model being saved is kept,
+        # never half-written); discard: frees a helper thread's result that a cancel orphans.
+        self.cancellable = cancellable
+        self._discard = discard
         self.what = what
         self.message = what
         self.finished = False
@@ -68,10 +90,15 @@ class Task:
         self._waiting: Optional[Background] = None
         self._cancelled = False
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         """Stops at the next step: the generator gets GeneratorExit at its current yield (its
-        ``finally`` blocks clean up); a helper thread still running is left to end alone."""
+        ``finally`` blocks clean up); a helper thread still running is left to end alone, and
+        its result goes to ``discard``. False (and nothing stops) for a task that is not
+        cancellable."""
+        if not self.cancellable or self.finished:
+            return False
         self._cancelled = True
+        return True
 
     def step(self) -> bool:
         """One slice; True while the task is not finished. Returns at once while a helper
@@ -79,6 +106,9 @@ class Task:
         if self.finished:
             return False
         if self._cancelled:
+            if self._waiting is not None and self._discard is not None:
+                self._waiting.discard(self._discard)
+                self._waiting = None
             self._gen.close()
             self._finish(error=Cancelled(f"{self.what or 'task'} cancelled"))
             return False
@@ -130,11 +160,13 @@ def run(generator: Generator, what: str = ""):
     return Task(generator, what).run()
 
 
-def in_background(function: Callable[[], object], what: str = "", name: str = "sfr-background") -> Task:
+def in_background(function: Callable[[], object], what: str = "", name: str = "sfr-background", cancellable: bool = True,
+                  discard: Optional[Callable[[object], None]] = None) -> Task:
     """A task whose only work is ``function()`` on a helper thread (file copies, model saves):
-    its GUI-thread slices only start the thread and hand over the result."""
+    its GUI-thread slices only start the thread and hand over the result. ``cancellable`` and
+    ``discard`` as for Task."""
 
     def gen():
         return (yield Background(function, name=name))
 
-    return Task(gen(), what)
+    return Task(gen(), what, cancellable=cancellable, discard=discard)

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import modelfile, nifti
 from .binding import Cancelled, SfrError, library_file_name, module_dir, parse_version, version_is_compatible
-from .inputs import TrainingData, _check_image, _check_matrix
+from .inputs import InputError, TrainingData, _check_image, _check_matrix
 from .jobs import Job, Model, progress
 
 MODEL_SUFFIX = ".sfrmodel"
@@ -294,6 +294,19 @@ class WorkerProcess:
             return ""
         return "\n".join(text.splitlines()[-n:])
 
+    def warnings(self) -> List[str]:
+        """The tool's warnings (env_logger's "[WARN ...] text" lines, e.g. SAM starting from
+        random weights), read from its log before the job's folder is removed."""
+        try:
+            text = self.stderr_path.read_text("utf-8", "replace")
+        except OSError:
+            return []
+        out = []
+        for line in text.splitlines():
+            if line.startswith("[WARN"):
+                out.append(line.split("]", 1)[1].strip() if "]" in line else line)
+        return out
+
     def error_text(self) -> str:
         lines = self.log_tail(200).splitlines()
         errors = [l for l in lines if l.startswith("error:")]
@@ -358,6 +371,78 @@ def write_decathlon(folder: Path, data, dataset_name: str = "slicer", report: Op
     return len(data.labeled)
 
 
+class DecathlonWriter:
+    """Training cases written into a Decathlon folder one at a time, as they arrive (the sink
+    of scene.TrainingCollector in worker mode): each case is checked (as TrainingData checks
+    it), written as NIfTI, and let go, so the memory the module holds stays that of one case
+    however many cases there are. ``WorkerTrainingJob`` then trains on the folder and owns it.
+    ``close()`` removes the folder (a cancelled or failed gathering)."""
+
+    holds_all = False
+
+    def __init__(self, classes, work_root: Optional[str] = None):
+        self._spec = TrainingData(classes)  # the class list and the checks; keeps no case
+        self.classes = self._spec.classes
+        self.dir = make_temp_dir("sfr-train-", work_root)
+        self.data_dir = self.dir / "data"
+        (self.data_dir / "imagesTr").mkdir(parents=True)
+        (self.data_dir / "labelsTr").mkdir()
+        self._labeled: List[dict] = []
+        self._unlabeled: List[dict] = []
+        self.handed_over = False
+        self.closed = False
+
+    def _writing(self):
+        if self.closed:
+            raise Cancelled("the training data was cancelled while it was being written")
+
+    def _written(self) -> None:
+        # Closed while this case was written (on a helper thread): remove what it added.
+        if self.closed:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise Cancelled("the training data was cancelled while it was being written")
+
+    def add_labeled(self, image, label, ijk_to_ras, label_ijk_to_ras=None, case_id: Optional[str] = None) -> str:
+        self._writing()
+        case = self._spec.check_labeled(image, label, ijk_to_ras, label_ijk_to_ras, case_id)
+        stem = f"L{len(self._labeled):04d}_{_safe(case.case_id)}"
+        nifti.write(self.data_dir / "imagesTr" / f"{stem}.nii", case.image, case.ijk_to_ras)
+        nifti.write(self.data_dir / "labelsTr" / f"{stem}.nii", np.ascontiguousarray(case.label, dtype=self._spec.label_dtype()), case.ijk_to_ras)
+        self._written()
+        self._labeled.append({"image": f"./imagesTr/{stem}.nii", "label": f"./labelsTr/{stem}.nii"})
+        return case.case_id
+
+    def add_unlabeled(self, image, ijk_to_ras, case_id: Optional[str] = None) -> str:
+        self._writing()
+        case = self._spec.check_unlabeled(image, ijk_to_ras, case_id)
+        stem = f"U{len(self._unlabeled):04d}_{_safe(case.case_id)}"
+        nifti.write(self.data_dir / "imagesTr" / f"{stem}.nii", case.image, case.ijk_to_ras)
+        self._written()
+        self._unlabeled.append({"image": f"./imagesTr/{stem}.nii"})
+        return case.case_id
+
+    def counts(self) -> tuple:
+        return len(self._labeled), len(self._unlabeled)
+
+    def check_ready(self) -> None:
+        if not self._labeled:
+            raise InputError("no labelled case: add at least one image with its segmentation")
+
+    def finish(self, dataset_name: str = "slicer") -> int:
+        """Writes dataset.json (labelled cases first: the tool takes "the first N" as the
+        labelled ones) -> the number labelled."""
+        self.check_ready()
+        doc = {"name": dataset_name, "labels": {str(k): v for k, v in sorted(self.classes.items())},
+               "training": self._labeled + self._unlabeled, "test": []}
+        (self.data_dir / "dataset.json").write_text(json.dumps(doc, indent=1))
+        return len(self._labeled)
+
+    def close(self) -> None:
+        if not self.handed_over:
+            self.closed = True
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def _safe(text: str) -> str:
     out = "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
     return out[:60] or "case"
@@ -410,8 +495,9 @@ class _WorkerJob(Job):
     started the job (Slicer's GUI thread). ``before`` (e.g. the ``sfr --version`` check) runs
     first on that thread."""
 
-    def __init__(self, prefix: str, work_root: Optional[str], env: Optional[Dict[str, str]], before: Optional[Callable[[], None]]):
-        self._dir = make_temp_dir(prefix, work_root)
+    def __init__(self, prefix: str, work_root: Optional[str], env: Optional[Dict[str, str]], before: Optional[Callable[[], None]],
+                 folder: Optional[Path] = None):
+        self._dir = Path(folder) if folder is not None else make_temp_dir(prefix, work_root)
         self._env = env
         self._before = before
         self._lock = threading.Lock()
@@ -421,6 +507,7 @@ class _WorkerJob(Job):
         self._result = None
         self._error: Optional[BaseException] = None
         self._taken = False
+        self.warnings: List[str] = []  # the tool's warnings, once its process has ended
         self._thread = threading.Thread(target=self._run, name="sfr-worker-job", daemon=True)
 
     # Subclasses: write the inputs and return the command; collect the result.
@@ -446,7 +533,11 @@ class _WorkerJob(Job):
                 if self._cancel.is_set():
                     raise Cancelled("cancelled while preparing the worker process")
                 self._proc = WorkerProcess(argv, self._dir, self._env)
-            self._proc.wait()
+            try:
+                self._proc.wait()
+            finally:
+                # Its log goes with the folder: keep the warnings for whoever takes the result.
+                self.warnings = self._proc.warnings()
             self._report("reading the result")
             self._result = self._collect()
         except BaseException as e:  # kept for wait(): nothing is lost in the thread
@@ -495,15 +586,24 @@ class _WorkerJob(Job):
 
 
 class WorkerTrainingJob(_WorkerJob):
-    def __init__(self, cli: Path, data: TrainingData, config: dict, work_root: Optional[str] = None,
+    """``data``: a TrainingData (written to files on the job's thread) or a DecathlonWriter
+    whose cases are already on disk (the job takes its folder over)."""
+
+    def __init__(self, cli: Path, data, config: dict, work_root: Optional[str] = None,
                  env: Optional[Dict[str, str]] = None, before: Optional[Callable[[], None]] = None):
-        super().__init__("sfr-train-", work_root, env, before)
+        written = isinstance(data, DecathlonWriter)
+        if written:
+            data.handed_over = True
+        super().__init__("sfr-train-", work_root, env, before, folder=data.dir if written else None)
         self._cli, self._data, self._config, self._work_root = Path(cli), data, config, work_root
         self._out = self._dir / "out" / ("model" + MODEL_SUFFIX)
         self._thread.start()
 
     def _prepare(self) -> List[str]:
-        n_labeled = write_decathlon(self._dir / "data", self._data, report=self._report)
+        if isinstance(self._data, DecathlonWriter):
+            n_labeled = self._data.finish()
+        else:
+            n_labeled = write_decathlon(self._dir / "data", self._data, report=self._report)
         self._data = None  # the arrays are on disk now: let Python free them
         self._out.parent.mkdir()
         return train_argv(self._cli, self._dir / "data", n_labeled, self._out, self._config)
