@@ -382,10 +382,13 @@ def test_export_on_a_shifted_grid_takes_the_slices_and_on_a_rotated_grid_slicers
     used = []
     real = sc._export_with_slicer
     monkeypatch.setattr(sc, "_export_with_slicer", lambda *a: used.append(a[0].GetName()) or real(*a))
+    said = []
     for v in (shifted, rotated):
-        label, _ = sc.export_label(v, node, NAMES)
+        label, _ = sc.steps.run(sc.export_label_steps(v, node, NAMES, on_resample=said.append))
         assert np.array_equal(label, references[v.GetName()]), v.GetName()
     assert used == ["rotated"]
+    # The one long slice is announced (the panel's log), only where it happens.
+    assert len(said) == 1 and "not on the grid of 'rotated'" in said[0] and "may pause" in said[0]
     assert references["shifted"].any() and references["rotated"].any()
 
 

@@ -619,11 +619,18 @@ def test_cancel_while_gathering_removes_the_files_written_so_far(panel, tmp_path
 def test_reload_also_reloads_the_lib(panel):
     import SFRSegmentationLib.scene as before
 
-    panel.onReload()
-    assert panel.reloaded == [[]]  # the Lib's modules were dropped before Slicer re-imports the module
-    import SFRSegmentationLib.scene as after
+    # The other tests hold the current Lib modules: they are put back afterwards.
+    saved = {n: m for n, m in sys.modules.items() if n.startswith("SFRSegmentationLib")}
+    try:
+        panel.onReload()
+        assert panel.reloaded == [[]]  # the Lib's modules were dropped before Slicer re-imports the module
+        import SFRSegmentationLib.scene as after
 
-    assert after is not before
+        assert after is not before
+    finally:
+        for n in [n for n in sys.modules if n.startswith("SFRSegmentationLib")]:
+            del sys.modules[n]
+        sys.modules.update(saved)
 
 
 def test_preset_default_and_its_expected_time(panel):

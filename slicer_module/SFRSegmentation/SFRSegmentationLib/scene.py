@@ -337,7 +337,8 @@ def _export_with_slicer(volume_node, segmentation_node, ids, lut, shape) -> np.n
         _remove_with_display(scene, labelmap, colors_before)
 
 
-def export_label_steps(volume_node, segmentation_node, class_names: Sequence[str], segment_classes: Optional[Dict[str, int]] = None):
+def export_label_steps(volume_node, segmentation_node, class_names: Sequence[str], segment_classes: Optional[Dict[str, int]] = None,
+                       on_resample: Optional[Callable[[str], None]] = None):
     """Task generator (steps.py) giving ``(label, missing)``: the segments of
     ``segmentation_node`` as one label map on ``volume_node``'s grid (``[k, j, i]``; a segment
     whose class is ``class_names[c - 1]`` gets value c; where segments overlap, the later one
@@ -413,6 +414,14 @@ def export_label_steps(volume_node, segmentation_node, class_names: Sequence[str
         volume_region = tuple(slice(l, h + 1) for l, h in zip(lo, hi))
         layers[key] = (segment_id, layer_region, volume_region)
     if not aligned:
+        # The one long GUI-thread slice left: Slicer resamples the segments onto the volume's
+        # grid in one call (MRML, so not on a helper thread; ~1.5 s for 512x512x300). Said
+        # before it happens, so a pause of the window has a reason in the log.
+        text = (f"'{_name(segmentation_node)}' is not on the grid of '{_name(volume_node)}' (other axes, spacing or a "
+                "fraction-of-a-voxel shift): Slicer resamples it in one step, and the window may pause for a moment")
+        if on_resample is not None:
+            on_resample(text)
+        yield text
         return _export_with_slicer(volume_node, segmentation_node, ids, lut, shape), missing
 
     what = f"the segments of '{_name(segmentation_node)}'"
@@ -858,7 +867,8 @@ class TrainingCollector:
     def _labeled(self, volume_node, segmentation_node, segment_classes):
         image, m = yield from volume_copy_steps(volume_node)
         yield f"exporting '{segmentation_node.GetName()}'"
-        label, missing = yield from export_label_steps(volume_node, segmentation_node, self.class_names, segment_classes)
+        label, missing = yield from export_label_steps(volume_node, segmentation_node, self.class_names, segment_classes,
+                                                       on_resample=self.log)
         if missing and self.mapping.missing != "background":
             # Segments removed after the mapping was decided: never silently background.
             raise InputError(f"'{case_label(volume_node, segmentation_node)}' no longer has a segment for {', '.join(missing)}: start again")
