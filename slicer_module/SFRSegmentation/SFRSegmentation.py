@@ -280,7 +280,12 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.libraryPathLineEdit.connect("currentPathChanged(QString)", self.onLibraryPathEdited)
         self.ui.modeComboBox.connect("currentIndexChanged(int)", self.onLibrarySettingsChanged)
         self.ui.missingAsBackgroundCheckBox.connect("toggled(bool)", lambda on: (self.updateParameterNodeFromGUI(), self.refreshPairs()))
-        self.ui.modelsFolderLineEdit.connect("currentPathChanged(QString)", self.onModelsFolderChanged)
+        # The models folder is listed (every model file's header read) once typing pauses.
+        self.modelsFolderTimer = qt.QTimer()
+        self.modelsFolderTimer.setSingleShot(True)
+        self.modelsFolderTimer.setInterval(SETTINGS_DEBOUNCE_MS)
+        self.modelsFolderTimer.connect("timeout()", lambda: self.onModelsFolderChanged(self.ui.modelsFolderLineEdit.currentPath))
+        self.ui.modelsFolderLineEdit.connect("currentPathChanged(QString)", lambda p: self.modelsFolderTimer.start())
         self.ui.samCheckpointLineEdit.connect("currentPathChanged(QString)", lambda p: (_set_setting("samCheckpoint", p), self.updateParameterNodeFromGUI()))
         self.ui.methodComboBox.connect("currentIndexChanged(int)", lambda i: (_set_setting("method", _comboData(self.ui.methodComboBox)), self.updateParameterNodeFromGUI()))
         self.ui.useSamCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
@@ -317,6 +322,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         self.timer.stop()
         self.settingsTimer.stop()
+        self.modelsFolderTimer.stop()
         self.downloadTimer.stop()
         if self.collector is not None:
             self.collector.close()
@@ -371,6 +377,11 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         combo.setCurrentIndex(index)
                 self.ui.useSamCheckBox.checked = p.use_sam
                 self.ui.missingAsBackgroundCheckBox.checked = p.missing_as_background
+                selector = self.ui.unlabeledVolumesSelector
+                if hasattr(selector, "setCheckState"):
+                    # qMRMLCheckableNodeComboBox: the saved unlabelled volumes ticked again.
+                    for node in p.unlabeled():
+                        selector.setCheckState(node, qt.Qt.Checked)
                 if p.unlabeled_folder != (self.ui.unlabeledFolderLineEdit.currentPath or ""):
                     self.ui.unlabeledFolderLineEdit.currentPath = p.unlabeled_folder
                 if p.sam_checkpoint != (self.ui.samCheckpointLineEdit.currentPath or ""):
@@ -380,7 +391,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updatingGUI = False
         self.refreshPairs()
 
-    def updateParameterNodeFromGUI(self, *_):
+    def updateParameterNodeFromGUI(self, *args):
         if self.updatingGUI or self.params is None:
             return
         p = self.params
@@ -434,7 +445,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QTimer.singleShot(0, self.refreshPairs)
 
     # -- library ---------------------------------------------------------------------------
-    def onLibraryPathEdited(self, *_):
+    def onLibraryPathEdited(self, *args):
         self.setSetupState(False, "waiting for the path to be complete...")
         self.settingsTimer.start()
 
@@ -442,7 +453,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupReady, self.setupReason = bool(ready), reason
         self.updateButtons()
 
-    def onLibrarySettingsChanged(self, *_):
+    def onLibrarySettingsChanged(self, *args):
         self.settingsTimer.stop()
         path = self.ui.libraryPathLineEdit.currentPath
         mode = _comboData(self.ui.modeComboBox) or "worker"
@@ -553,7 +564,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fetchSamWeightsButton.enabled = False
         self.timer.start()
 
-    def onPresetChanged(self, *_):
+    def onPresetChanged(self, *args):
         preset = _comboData(self.ui.presetComboBox)
         if preset:
             _set_setting("preset", preset)
@@ -990,7 +1001,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Could not load {path}:\n\n{e}")
             return
 
-        def copied(_):
+        def copied(result):
             self.log(f"model '{name}' added to {registry.folder}")
             self.refreshModels(select=name)
 
@@ -1149,7 +1160,7 @@ class SFRSegmentationTest(ScriptedLoadableModuleTest):
             self.assertEqual(len(record.segment_ids), 1)
             pairs.append((volume, segmentationNode))
         unlabeled = [sfrscene.add_volume(scene, self.phantom(s)[0], m, f"unlabelled{s}") for s in (2, 3)]
-        data = sfrscene.TrainingCollector(pairs, unlabeled).run().builder()()
+        data = sfrscene.TrainingCollector(pairs, unlabeled).run().result()
         self.assertEqual(data.counts(), (2, 2))
         self.assertEqual(data.classes, {0: "background", 1: "blob"})
         self.assertTrue(np.array_equal(data.labeled[0].label, self.phantom(0)[1]))

@@ -99,6 +99,10 @@ class CheckableSelector(Widget):
     def checkedNodes(self):
         return list(self.nodes)
 
+    def setCheckState(self, node, state):
+        if state and node not in self.nodes:
+            self.nodes.append(node)
+
 
 class Table(Widget):
     def __init__(self):
@@ -247,6 +251,7 @@ def panel(monkeypatch, tmp_path):
             pass
 
     qt.QTimer, qt.QSettings, qt.QTableWidgetItem = QTimer, QSettings, QTableWidgetItem
+    qt.Qt = types.SimpleNamespace(Checked=2, Unchecked=0)
     ctk = types.ModuleType("ctk")
     ctk.ctkPathLineEdit = types.SimpleNamespace(Files=1, Dirs=2)
     slm = types.ModuleType("slicer.ScriptedLoadableModule")
@@ -495,6 +500,15 @@ def test_path_fields_are_debounced(panel, monkeypatch):
     assert panel.libraryCheck is not None and "checking the sfr tool" in ui.trainStatusLabel.text
     spin(panel, lambda: panel.libraryCheck is None, timeout=60)
     assert len(built) == 1  # one `sfr --version` for the whole edit
+    # The models folder: listed once typing pauses, not per keystroke.
+    listed = []
+    monkeypatch.setattr(panel, "refreshModels", lambda *a, **k: listed.append(ui.modelsFolderLineEdit.currentPath))
+    for text in ("/t", "/tm", "/tmp"):
+        ui.modelsFolderLineEdit.currentPath = text
+        ui.modelsFolderLineEdit.emit("currentPathChanged(QString)", text)
+    assert listed == [] and panel.modelsFolderTimer.active
+    panel.modelsFolderTimer.fire()
+    assert listed == ["/tmp"]
 
 
 def test_class_mapping_is_shown_and_a_missing_segment_blocks_training(panel):
@@ -701,6 +715,10 @@ def test_the_panels_state_is_the_scenes_parameter_node(panel):
     assert ui.presetComboBox.itemData(ui.presetComboBox.currentIndex) == "test-tiny"
     panel.ui.removePairButton.click()  # nothing selected: nothing removed
     assert len(params.pairs()) == 2
+    # The unlabelled volumes ticked for a training are saved in the node and ticked again.
+    ui.unlabeledVolumesSelector.nodes = []
+    params.set_unlabeled([n for n, _ in params.pairs()][:1])
+    assert ui.unlabeledVolumesSelector.checkedNodes() == [params.pairs()[0][0]]
     panel.scene.Clear(0)  # Close Scene (keeps singleton nodes, reset): no cases left, the panel observes the node again
     assert panel.params is not None and len(panel.pairs) == 0 and panel.params.preset in sl_presets()
     panel.params.preset = "cpu-small"

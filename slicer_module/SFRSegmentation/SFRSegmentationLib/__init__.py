@@ -6,12 +6,18 @@ Qt, and loads no library, so it runs (and is tested) in any Python.
     jobs.py       the Job / Model interfaces, DeferredJob (preparation on a helper thread)
     native.py     in-process jobs and models over libsfr (ctypes; opt-in inside Slicer)
     worker.py     the same through the ``sfr`` tool in a child process (the default)
-    registry.py   the model folder
+    registry.py   the model folder (and the classes' terminology beside each model)
+    classes.py    the class mapping: segments of the labelled cases -> the model's classes
     logic.py      SFRLogic: mode, library/tool discovery, model cache
     steps.py      GUI-thread work in short slices (a generator per task; helper threads)
     scene.py      the MRML side (volumes, segmentations, results, undo); imports ``slicer`` and
                   ``vtk`` but no Qt, so it is tested against slicer-core's real MRML classes.
                   Not imported here: ``from SFRSegmentationLib import scene``.
+    parameters.py the module's state in a scene parameter node (``from SFRSegmentationLib
+                  import parameters``; not imported here either)
+
+Imports go one way: jobs/native/worker below logic, logic below parameters; nothing imports
+upwards (tests/slicer/test_packaging.py checks for cycles).
 
 Typical use (arrays are ``slicer.util.arrayFromVolume`` order ``[k, j, i]``, matrices are the
 volumes' IJK-to-RAS)::
