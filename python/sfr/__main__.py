@@ -1,0 +1,3 @@
+from sfr import main
+
+main()
