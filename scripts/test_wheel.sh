@@ -24,8 +24,21 @@ python3 -m venv --without-pip "$work/venv"
 site="$work/venv/lib/$py/site-packages"
 cp -al "$SFR_VENV/lib/$py/site-packages/." "$site/" 2>/dev/null || { rm -rf "$site"; cp -a "$SFR_VENV/lib/$py/site-packages" "$site"; }
 if [ -e "$site/sfr" ]; then echo "test_wheel: the cached venv already holds an sfr package" >&2; exit 1; fi
-"$work/venv/bin/python" -m pip install -q --disable-pip-version-check --no-index "$wheel"
+# The wheel is installed by the Slicer module's own install logic (what its "Install SFR" button
+# runs: `python -m pip install WHEEL`), offline here.
+"$work/venv/bin/python" - "$here/slicer_module/SFRSegmentation" "$wheel" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+import SFRSegmentationLib as sl
+assert sl.installed_engine() is None, "the new venv already has an sfr package"
+job = sl.EngineInstall(sys.argv[2], pip_args=["--no-index"]).start()
+result = job.wait(1800)
+print(f"the module's EngineInstall installed SFR {result['version']}: {result['cli']}")
+PY
 cp -r "$here/demo/hippocampus" "$work/data"
+# The module as an extension would hold it (its own folder), and the tests' phantoms.
+mkdir -p "$work/slicer_module" && cp -r "$here/slicer_module/SFRSegmentation" "$work/slicer_module/"
+cp -r "$here/tests/slicer" "$work/tests_slicer"
 cp -r "$here/tests/consumer" "$work/consumer"
 version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$here/Cargo.toml" | head -n 1)"
 
@@ -34,7 +47,7 @@ cat > "$work/check.sh" <<'CHECK'
 set -euo pipefail
 work="$1"
 export PATH="$work/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-unset LD_LIBRARY_PATH PYTHONPATH LIBTORCH LIBTORCH_USE_PYTORCH PYTHON_SYS_EXECUTABLE SFR_VENV
+unset LD_LIBRARY_PATH PYTHONPATH LIBTORCH LIBTORCH_USE_PYTORCH PYTHON_SYS_EXECUTABLE SFR_VENV SFR_LIBRARY SFR_CLI
 cd "$work"
 lib="$(python -c 'import sfr; print(sfr.library())')"
 exe="$(python -c 'import sfr; print(sfr.executable())')"
@@ -65,6 +78,25 @@ cmake --build consumer-build > /dev/null
 export PKG_CONFIG_PATH="$(python -c 'import sfr; print(sfr.pkgconfig_dir())')"
 cc consumer/main.c $(pkg-config --cflags --libs sfr) -DSFR_PACKAGE_VERSION="\"$(pkg-config --modversion sfr)\"" -o consumer-pc
 ./consumer-pc
+# The Slicer module's worker finds the installed engine without a path and trains through it.
+python - "$work/slicer_module/SFRSegmentation" "$work/tests_slicer" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[2])
+import numpy as np
+import SFRSegmentationLib as sl
+from conftest import phantom, training_data, oblique_matrix, run_to_end
+engine = sl.installed_engine()
+assert engine is not None and sl.find_cli() == engine["cli"], (engine, sl.find_cli())
+logic = sl.SFRLogic(mode="worker")
+job = logic.start_training(training_data(), preset="test-tiny")
+run_to_end(job)
+model = job.wait()
+image, _ = phantom(7)
+labels = model.segment(image, oblique_matrix())
+assert labels.shape == image.shape, labels.shape
+model.close()
+print(f"the module's worker trained test-tiny through {engine['cli']} and segmented a {image.shape} volume")
+PY
 echo "test_wheel: the installed wheel works with the build tree and the cache hidden"
 CHECK
 

@@ -233,6 +233,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.samWeightsCheck = None  # lite_medsam_state on a helper thread
         self.samWeightsOk = None  # None until checked
         self.samFetch = None
+        self.engineInstall = None
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self):
@@ -292,6 +293,8 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.unlabeledFolderLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
         self.ui.fetchSamWeightsButton.connect("clicked()", self.onFetchSamWeights)
+        self.ui.installEngineButton.connect("clicked()", self.onInstallEngine)
+        self.ui.installSourceLineEdit.text = sfrlib.default_source()
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
         self.ui.removePairButton.connect("clicked()", self.onRemovePair)
         self.ui.downloadSamButton.connect("clicked()", self.onDownloadSam)
@@ -509,6 +512,46 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.libraryStatusLabel.text = f"SFR {info['version']}, tool {info['path']}; jobs run in a separate worker process."
             self.setSetupState(True)
 
+    # -- the engine (the sfr-segmentation wheel) --------------------------------------------
+    def onInstallEngine(self):
+        if self.engineInstall is not None or self.busy:
+            return
+        source = self.ui.installSourceLineEdit.text.strip() or sfrlib.default_source()
+        if not slicer.util.confirmOkCancelDisplay(
+            _("Install the SFR engine into Slicer's Python?\n\npip installs {source} and its dependency PyTorch 2.13 "
+              "(a download of several GB when PyTorch is not installed yet; an installed PyTorch of another version "
+              "is replaced). It runs in the background; the panel shows pip's progress.").format(source=source),
+            windowTitle="SFR Segmentation",
+        ):
+            return
+        # Slicer's own Python runs pip, as slicer.util.pip_install does, without blocking the GUI.
+        python = shutil.which("PythonSlicer") or sys.executable
+        self.engineInstall = sfrlib.EngineInstall(source, python=python).start()
+        self.ui.installEngineButton.enabled = False
+        self.setSetupState(False, "installing the SFR engine (Setup)...")
+        self.timer.start()
+
+    def pollEngineInstall(self):
+        install = self.engineInstall
+        if install is None:
+            return
+        p = install.poll()
+        if not p["finished"]:
+            self.ui.libraryStatusLabel.text = f"Installing SFR: {p['stage']}"
+            return
+        self.engineInstall = None
+        self.ui.installEngineButton.enabled = True
+        if p["error"]:
+            self.log(f"SFR install: {p['error']}")
+            self.showLibraryError(f"SFR could not be installed: {p['error']}")
+            if "cancelled" not in p["error"]:
+                slicer.util.errorDisplay(f"SFR could not be installed:\n\n{p['error']}")
+            return
+        self.log(f"SFR {install.result['version']} installed: {install.result['cli']}")
+        # The installed package is found without a path: clear an explicit one that would win.
+        self.ui.libraryPathLineEdit.currentPath = ""
+        self.onLibrarySettingsChanged()
+
     # -- SAM weights (LiteMedSAM, for the CPU presets) ----------------------------------------
     def workerEnvironment(self):
         env = self.logic.sfr.env if self.logic is not None else None
@@ -703,13 +746,14 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTimer(self):
         self.pollLibraryCheck()
         self.pollSamWeights()
+        self.pollEngineInstall()
         if self.collector is not None:
             self.stepCollector()
         elif self.task is not None:
             self.stepTask()
         elif self.job is not None:
             self.pollJob()
-        elif self.libraryCheck is None and self.samWeightsCheck is None and self.samFetch is None:
+        elif self.libraryCheck is None and self.samWeightsCheck is None and self.samFetch is None and self.engineInstall is None:
             self.timer.stop()
 
     def pollJob(self):

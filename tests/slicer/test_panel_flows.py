@@ -179,13 +179,15 @@ def make_ui():
     for name in ("libraryPathLineEdit", "modelsFolderLineEdit", "unlabeledFolderLineEdit", "samCheckpointLineEdit"):
         setattr(ui, name, PathEdit())
     for name in ("addPairButton", "removePairButton", "downloadSamButton", "trainButton", "cancelButton", "refreshModelsButton",
-                 "importModelButton", "removeModelButton", "segmentButton", "undoSegmentButton", "fetchSamWeightsButton"):
+                 "importModelButton", "removeModelButton", "segmentButton", "undoSegmentButton", "fetchSamWeightsButton",
+                 "installEngineButton"):
         setattr(ui, name, Button())
     for name in ("labeledVolumeSelector", "labeledSegmentationSelector", "inputVolumeSelector", "outputSegmentationSelector"):
         setattr(ui, name, NodeSelector())
     ui.unlabeledVolumesSelector = CheckableSelector()
     ui.labeledTable, ui.modelsTable = Table(), Table()
-    for name in ("libraryStatusLabel", "statusLabel", "classMappingLabel", "trainStatusLabel", "presetTimeLabel", "samWeightsStatusLabel"):
+    for name in ("libraryStatusLabel", "statusLabel", "classMappingLabel", "trainStatusLabel", "presetTimeLabel", "samWeightsStatusLabel",
+                 "installSourceLineEdit"):
         setattr(ui, name, Label())
     ui.progressBar = Progress()
     ui.logTextEdit = Log()
@@ -729,3 +731,54 @@ def sl_presets():
     import SFRSegmentationLib as sl
 
     return sl.PRESETS
+
+
+def test_install_sfr_runs_in_the_background_then_checks_the_installed_tool(panel, monkeypatch):
+    import SFRSegmentationLib as sl
+
+    ui = panel.ui
+    spin(panel, lambda: panel.libraryCheck is None, timeout=120)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: True, raising=False)
+    runs = []
+
+    class FakeInstall:
+        """Finishes on its third poll; the real pip run is tested in test_install.py and
+        scripts/test_wheel.sh."""
+
+        def __init__(self, source, python=None):
+            self.source, self.polls, self.result = source, 0, None
+            runs.append(self)
+
+        def start(self):
+            return self
+
+        def poll(self):
+            self.polls += 1
+            done = self.polls >= 3
+            if done:
+                self.result = {"cli": cli_path(), "library": library_path(), "version": "0.1.0"}
+            return {"finished": done, "error": None, "stage": "Processing wheel"}
+
+    monkeypatch.setattr(sl, "EngineInstall", FakeInstall)
+    ui.installSourceLineEdit.text = "/wheels/sfr_segmentation-0.1.0-py3-none-manylinux_2_34_x86_64.whl"
+    ui.installEngineButton.click()
+    assert runs and runs[0].source == ui.installSourceLineEdit.text
+    assert not ui.installEngineButton.enabled and not ui.trainButton.enabled
+    panel.timer.fire()
+    assert "Installing SFR: Processing wheel" in ui.libraryStatusLabel.text
+    spin(panel, lambda: panel.engineInstall is None and panel.libraryCheck is None, timeout=120)
+    assert ui.installEngineButton.enabled
+    assert any("SFR 0.1.0 installed" in line for line in ui.logTextEdit.lines)
+    assert ui.libraryStatusLabel.text.startswith("SFR 0.1.0"), ui.libraryStatusLabel.text  # the tool was checked again
+
+    # A failed install: the error is shown, Setup is not ready.
+    class FailedInstall(FakeInstall):
+        def poll(self):
+            return {"finished": True, "error": "pip install x failed (exit 1): no such file", "stage": ""}
+
+    monkeypatch.setattr(sl, "EngineInstall", FailedInstall)
+    ui.installEngineButton.click()
+    panel.onTimer()  # the first poll finds it finished (spin() would stop at the error dialog)
+    assert panel.engineInstall is None and ui.installEngineButton.enabled
+    assert panel.errors and "could not be installed" in panel.errors[-1]
+    assert "could not be installed" in ui.libraryStatusLabel.text and not panel.setupReady

@@ -8,6 +8,7 @@ Qt, and loads no library, so it runs (and is tested) in any Python.
     worker.py     the same through the ``sfr`` tool in a child process (the default)
     registry.py   the model folder (and the classes' terminology beside each model)
     classes.py    the class mapping: segments of the labelled cases -> the model's classes
+    install.py    EngineInstall: pip-installs the sfr-segmentation wheel (tool + library)
     logic.py      SFRLogic: mode, library/tool discovery, model cache
     steps.py      GUI-thread work in short slices (a generator per task; helper threads)
     scene.py      the MRML side (volumes, segmentations, results, undo); imports ``slicer`` and
@@ -46,6 +47,7 @@ from .binding import (
 from .classes import ClassMapping, map_classes
 from .download import Download, DownloadCancelled, LiteMedSamFetch, cached_sam_checkpoint, lite_medsam_state, sam_checkpoint_download
 from .geometry import LpsGeometry, ijk_to_ras_to_lps_geometry, lps_geometry_to_ijk_to_ras
+from .install import EngineInstall, default_source, installed_engine, local_wheels
 from .inputs import InputError, TrainingData, available_memory_bytes, build_config, check_memory
 from .jobs import DeferredJob, Job, Model
 from .logic import (
@@ -95,6 +97,10 @@ __all__ = [
     "ClassMapping",
     "map_classes",
     "LiteMedSamFetch",
+    "EngineInstall",
+    "default_source",
+    "installed_engine",
+    "local_wheels",
     "lite_medsam_state",
     "LEGACY_MODES",
     "METHODS",

@@ -193,6 +193,23 @@ def module_dir() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def installed_engine() -> Optional[dict]:
+    """{"cli": Path, "library": Path} of the ``sfr-segmentation`` wheel installed in this Python
+    (see install.py), or None where it is not installed (or a different package named ``sfr``
+    is). Imports only the small ``sfr`` package; loads no library."""
+    import importlib
+    import importlib.util
+
+    importlib.invalidate_caches()  # a package pip installed after this Python started
+    if importlib.util.find_spec("sfr") is None:
+        return None
+    try:
+        sfr = importlib.import_module("sfr")
+        return {"cli": Path(sfr.executable()), "library": Path(sfr.library())}
+    except (AttributeError, OSError, ImportError):
+        return None
+
+
 def candidate_paths(explicit: Optional[str] = None) -> List[Tuple[str, Path]]:
     """(where it came from, path) in search order. A folder stands for the library file in it."""
     name = library_file_name()
@@ -212,6 +229,9 @@ def candidate_paths(explicit: Optional[str] = None) -> List[Tuple[str, Path]]:
     here = module_dir()
     add("next to the module", here / "lib" / name)
     add("next to the module", here / name)
+    engine = installed_engine()
+    if engine is not None:
+        add("installed sfr-segmentation package", engine["library"])
     # A source checkout: slicer_module/SFRSegmentation/../../target/release/
     add("source checkout", here.parent.parent / "target" / "release" / name)
     return out

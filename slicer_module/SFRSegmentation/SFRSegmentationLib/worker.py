@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import modelfile, nifti
-from .binding import Cancelled, SfrError, library_file_name, module_dir, parse_version, version_is_compatible
+from .binding import Cancelled, SfrError, installed_engine, library_file_name, module_dir, parse_version, version_is_compatible
 from .inputs import InputError, TrainingData, _check_image, _check_matrix
 from .jobs import Job, Model, progress
 
@@ -139,7 +139,8 @@ def cli_file_name() -> str:
 
 def find_cli(explicit: Optional[str] = None, library_path: Optional[str] = None) -> Path:
     """The ``sfr`` executable: explicit path > ``$SFR_CLI`` > next to the library > the module's
-    ``lib``/``bin`` folders > the crate's ``target/release`` > ``PATH``."""
+    ``lib``/``bin`` folders > the installed ``sfr-segmentation`` package > the crate's
+    ``target/release`` > ``PATH``."""
     name = cli_file_name()
     candidates: List[Tuple[str, Path]] = []
     if explicit:
@@ -154,6 +155,11 @@ def find_cli(explicit: Optional[str] = None, library_path: Optional[str] = None)
     candidates += [
         ("next to the module", here / "lib" / name),
         ("next to the module", here / "bin" / name),
+    ]
+    engine = installed_engine()
+    if engine is not None:
+        candidates.append(("installed sfr-segmentation package", engine["cli"]))
+    candidates += [
         ("source checkout", here.parent.parent / "target" / "release" / name),
     ]
     on_path = shutil.which(name)
