@@ -160,3 +160,24 @@ def test_extension_metadata_and_icon():
     assert "EXTENSION_LICENSE" not in meta or meta["EXTENSION_LICENSE"] == "Apache-2.0"
     assert (REPO / "LICENSE").is_file()
     assert "Apache" in ext and "LICENSE" in ext
+
+
+def test_the_catalog_entry_follows_the_index_schema(tmp_path):
+    import json
+    import subprocess
+
+    script = REPO / "slicer_module" / "make_catalog_entry.py"
+    url = "https://example.org/sfr.git"
+    out = subprocess.run([sys.executable, str(script), "--scm-url", url, "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    entry = json.loads((tmp_path / "SFRSegmentation.json").read_text())
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "build_subdirectory", "enabled", "tier"}
+    assert set(entry) <= allowed and {"$schema", "category", "scm_url"} <= set(entry)
+    assert entry["scm_url"] == url and entry["category"] == "Segmentation"
+    assert (REPO / entry["build_subdirectory"] / "CMakeLists.txt").is_file()
+    # An address that is not one is refused, and nothing is written.
+    bad = subprocess.run([sys.executable, str(script), "--scm-url", "TODO", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "--scm-url" in bad.stderr and not (tmp_path / "x").exists()
