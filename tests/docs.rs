@@ -13,6 +13,7 @@
 //!   which a user of the repository does not have), except `../shared/data` in a paragraph that
 //!   calls it the development data. docs/experiments/ (dated lab notes) is exempt from this rule
 //!   and from the command check, not from the link check.
+//!
 //! Only std and the built binary (`CARGO_BIN_EXE_sfr`); no network, no data, a few seconds.
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -227,9 +228,12 @@ fn relative_links_resolve() {
     assert!(bad.is_empty(), "broken links:\n{}", bad.join("\n"));
 }
 
-/// The built `sfr` and what its `--help` says, cached per argument list.
-fn sfr(args: &[&str]) -> (bool, String) {
-    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, (bool, String)>>> = OnceLock::new();
+/// Exit success and output of one `sfr` run.
+type Outcome = (bool, String);
+
+/// The built `sfr`'s success and output for an argument list, cached.
+fn sfr(args: &[&str]) -> Outcome {
+    static CACHE: OnceLock<Mutex<HashMap<Vec<String>, Outcome>>> = OnceLock::new();
     let key: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(hit) = cache.lock().unwrap().get(&key) {
