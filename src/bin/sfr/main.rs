@@ -132,7 +132,7 @@ struct TrainArgs {
     /// SFR+: confidence estimation and selective training.
     #[arg(long)]
     sfr_plus: bool,
-    /// Named preset: paper-la (GPU), cpu-small (2-core CPU), test-tiny.
+    /// Named preset: paper-la (GPU), cpu-small (2-core CPU), cpu-lora (CPU, LoRA on every SAM block), test-tiny (tests).
     #[arg(long, default_value = "cpu-small")]
     preset: String,
     /// A full config JSON file (see --print-config) instead of a preset.
