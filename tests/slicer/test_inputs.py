@@ -217,3 +217,14 @@ def test_ui_file_has_every_widget_the_module_uses():
     names = {w.get("name") for w in ui.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE_DIR / "SFRSegmentation.py").read_text()))
     assert used and used <= names, f"missing in the .ui: {sorted(used - names)}"
+
+
+def test_the_default_preset_follows_the_cpu():
+    import SFRSegmentationLib as sl
+    from SFRSegmentationLib import logic
+
+    assert sl.default_preset(bf16=True) == "cpu-lora"
+    assert sl.default_preset(bf16=False) == "cpu-small"
+    # This machine's own answer is the same function of its flags.
+    assert sl.default_preset() == ("cpu-lora" if logic.cpu_has_avx512_bf16() else "cpu-small")
+    assert "below" in sl.preset_expected_time("cpu-small")
