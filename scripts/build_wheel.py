@@ -115,10 +115,19 @@ def stage(build_dir, version):
     return stage_root
 
 
-def file_record(path, arcname):
-    data = open(path, "rb").read()
+def record(arcname, data):
+    """A RECORD row: the file's name, sha256 (urlsafe base64, unpadded) and size."""
     digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
     return [arcname, f"sha256={digest}", str(len(data))]
+
+
+def entry(arcname, mode=0o644):
+    """A zip entry with a fixed date (reproducible wheels), deflated, with its Unix mode (pip
+    keeps the executable bit)."""
+    info = zipfile.ZipInfo(arcname, date_time=(2020, 1, 1, 0, 0, 0))
+    info.external_attr = (stat.S_IFREG | mode) << 16
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
 
 
 def metadata(version):
@@ -155,13 +164,11 @@ def build_wheel(stage_root, out_dir, version, plat):
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
                 arc = os.path.relpath(path, stage_root)
-                info = zipfile.ZipInfo(arc, date_time=(2020, 1, 1, 0, 0, 0))
-                mode = 0o755 if os.stat(path).st_mode & stat.S_IXUSR else 0o644
-                info.external_attr = (stat.S_IFREG | mode) << 16
-                info.compress_type = zipfile.ZIP_DEFLATED
+                info = entry(arc, 0o755 if os.stat(path).st_mode & stat.S_IXUSR else 0o644)
                 with open(path, "rb") as f:
-                    zf.writestr(info, f.read())
-                records.append(file_record(path, arc))
+                    data = f.read()
+                zf.writestr(info, data)
+                records.append(record(arc, data))
         extra = {
             "METADATA": metadata(version),
             "WHEEL": f"Wheel-Version: 1.0\nGenerator: sfr build_wheel.py\nRoot-Is-Purelib: false\nTag: {tag}\n",
@@ -171,19 +178,13 @@ def build_wheel(stage_root, out_dir, version, plat):
         for name, text in extra.items():
             arc = f"{dist_info}/{name}"
             data = text.encode()
-            info = zipfile.ZipInfo(arc, date_time=(2020, 1, 1, 0, 0, 0))
-            info.external_attr = (stat.S_IFREG | 0o644) << 16
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            records.append([arc, f"sha256={digest}", str(len(data))])
+            zf.writestr(entry(arc), data)
+            records.append(record(arc, data))
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerows(records)
         w.writerow([f"{dist_info}/RECORD", "", ""])
-        info = zipfile.ZipInfo(f"{dist_info}/RECORD", date_time=(2020, 1, 1, 0, 0, 0))
-        info.external_attr = (stat.S_IFREG | 0o644) << 16
-        zf.writestr(info, buf.getvalue())
+        zf.writestr(entry(f"{dist_info}/RECORD"), buf.getvalue())
     final = os.path.join(out_dir, wheel_name)
     os.replace(tmp, final)  # never a half-written wheel under the final name
     return final

