@@ -404,8 +404,9 @@ void sfr_model_free(struct sfr_model *model);
  * floats, class-major ([c][k][j][i]), `probabilities_len` elements. Outputs are written only on
  * success. The labels have exactly the image's geometry (same dims: copy origin, spacing and
  * direction from the input image; with ITK, `CopyInformation(input)` and
- * `SetRegions(input->GetBufferedRegion())`). Thread-safe: one model may segment from several threads
- * at once.
+ * `SetRegions(input->GetBufferedRegion())`). An image at another spacing than the model's is
+ * resampled to the model's spacing inside, and the labels resampled back onto its grid.
+ * Thread-safe: one model may segment from several threads at once.
  */
 enum sfr_status sfr_segment(const struct sfr_model *model, const struct sfr_volume_view *image, sfr_dtype label_dtype, void *labels, size_t labels_len, float *probabilities, size_t probabilities_len);
 

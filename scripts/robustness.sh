@@ -13,7 +13,8 @@
 #   LABELED="4"           labelled cases per set (e.g. "1 2 4")
 #   SETS="A B C"          labelled sets
 #   SEEDS="1 2 3 4 5"     seeds
-#   ROWS="supervised"     rows: supervised, mean-teacher-sfr (SFR with a mean teacher)
+#   ROWS="supervised"     rows: supervised, mean-teacher-sfr (SFR with a mean teacher),
+#                         mean-teacher-sfr-lora (the same with cpu-lora's LoRA fine-tuning)
 #   SET='{...}'           extra config overrides for every run
 #   SFR_THREADS=2         threads per run
 # Finished runs (OUT/<row>-<N>-<set>-<seed>.json) are kept and skipped on a rerun; the table
@@ -50,8 +51,9 @@ PY
 
 args_of() {
   case "$1" in
-    supervised) echo "--method supervised --no-sam" ;;
-    mean-teacher-sfr) echo "--method mean-teacher --sfr" ;;
+    supervised) echo "--preset cpu-small --method supervised --no-sam" ;;
+    mean-teacher-sfr) echo "--preset cpu-small --method mean-teacher --sfr" ;;
+    mean-teacher-sfr-lora) echo "--preset cpu-lora --method mean-teacher --sfr" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
@@ -67,7 +69,7 @@ for n in $labeled_counts; do
         # --allow-weak: a run whose check fails is kept and counted, not dropped.
         # shellcheck disable=SC2046
         "$sfr" train --data "$data" --labeled-list "$out/labeled-$n-$s.txt" --max-unlabeled "$n_unlabeled" \
-          --preset cpu-small --seed "$seed" --progress none --allow-weak --set "$set" \
+          --seed "$seed" --progress none --allow-weak --set "$set" \
           --out "$out/$name.sfrmodel" --work-dir "$out/$name.work" $(args_of "$row") 2> "$out/$name.log"
         end=$(date +%s)
         "$sfr" evaluate --model "$out/$name.sfrmodel" --data "$data" --cases "$out/test_cases.txt" --json > "$out/$name.json.tmp" 2>> "$out/$name.log"

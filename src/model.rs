@@ -8,8 +8,8 @@ use crate::job::Reporter;
 use crate::limits::Classes;
 use crate::nn::vnet::{VNet, VNetConfig};
 use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
-use crate::volume::{zscore, Volume};
-use ndarray::Array4;
+use crate::volume::{resize_linear, zscore, Volume};
+use ndarray::{Array3, Array4, ArrayView3, Axis};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -184,27 +184,51 @@ impl SfrModel {
         SlidingWindow { patch: [p[2], p[1], p[0]], stride: [s[2], s[1], s[0]], weighting: self.meta.inference.weighting, batch: self.meta.inference.batch }
     }
 
-    /// Class probabilities [C, nz, ny, nx] of a raw (not yet normalised) image.
+    /// Class probabilities [C, nz, ny, nx] of a raw (not yet normalised) image, on the
+    /// image's own grid. An image whose spacing differs from the model's (by more than half a
+    /// voxel over its extent) is resampled (trilinear) onto the grid of the same field of view
+    /// at the model's spacing, predicted there, and the probabilities resampled back onto the
+    /// image's grid: the network sees structures at the size it learnt them.
     pub fn predict(&self, image: &Volume<f32>, reporter: Option<&Reporter>) -> Result<Array4<f32>> {
-        let s = image.geometry.spacing;
-        let t = self.meta.spacing;
-        if (0..3).any(|a| (s[a] / t[a] - 1.0).abs() > 0.25) {
-            log::warn!("input spacing {s:?} mm differs from the training spacing {t:?} mm by more than 25%: results may suffer (no resampling is done)");
+        let dims = image.dims();
+        let model_dims = image.geometry.dims_at_spacing(dims, self.meta.spacing);
+        self.check_size(dims)?;
+        if model_dims == dims || dims.contains(&0) {
+            return self.predict_on_grid(&image.data.view(), reporter);
         }
-        // The probabilities of every class for every voxel are held in memory: refuse sizes
-        // that cannot be held (an allocation failure would abort the host process).
-        let voxels = image.data.len();
+        self.check_size(model_dims)?;
+        log::info!(
+            "resampling the input from spacing {:?} mm ({dims:?} voxels) to the model's {:?} mm ({model_dims:?} voxels), and the result back",
+            image.geometry.spacing,
+            self.meta.spacing
+        );
+        let zyx = |d: [usize; 3]| [d[2], d[1], d[0]];
+        let resampled = resize_linear(&image.data.view(), zyx(model_dims));
+        let probs = self.predict_on_grid(&resampled.view(), reporter)?;
+        let back: Vec<Array3<f32>> = probs.outer_iter().map(|p| resize_linear(&p, zyx(dims))).collect();
+        let views: Vec<_> = back.iter().map(|b| b.view()).collect();
+        ndarray::stack(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))
+    }
+
+    /// The probabilities of every class for every voxel are held in memory: refuse sizes
+    /// that cannot be held (an allocation failure would abort the host process).
+    fn check_size(&self, dims: [usize; 3]) -> Result<()> {
+        let voxels = dims.iter().fold(1usize, |a, &d| a.saturating_mul(d));
         let values = voxels.saturating_mul(self.num_classes());
         if voxels > crate::limits::MAX_VOXELS || values > crate::limits::MAX_PROBABILITY_VALUES {
             return Err(Error::invalid(format!(
-                "input image of {:?} voxels × {} classes is too large to segment in one piece (limit {} voxels, {} class probabilities)",
-                image.dims(),
+                "input image of {dims:?} voxels × {} classes is too large to segment in one piece (limit {} voxels, {} class probabilities)",
                 self.num_classes(),
                 crate::limits::MAX_VOXELS,
                 crate::limits::MAX_PROBABILITY_VALUES
             )));
         }
-        let norm = zscore(&image.data.view(), "input image")?;
+        Ok(())
+    }
+
+    /// Class probabilities of a raw image already at the model's spacing.
+    fn predict_on_grid(&self, image: &ArrayView3<f32>, reporter: Option<&Reporter>) -> Result<Array4<f32>> {
+        let norm = zscore(image, "input image")?;
         // BatchNorm folded, channels-last: the same logits up to rounding, ~half the time on a CPU.
         let folded = self.net.folded();
         self.sliding_window().run(&norm.view(), self.device, reporter, |x| folded.f_forward(&self.net, x))
@@ -247,6 +271,41 @@ mod tests {
             created_unix: 0,
         };
         SfrModel::new(vs, net, meta)
+    }
+
+    #[test]
+    fn an_input_at_another_spacing_is_predicted_at_the_models() {
+        // A smooth image at the model's 1 mm, and the same field of view sampled at 2 mm along
+        // x (half the voxels). Resampled, the coarse input's probabilities are those of the
+        // fine one sampled at its voxels; fed as it is, the network sees everything half as
+        // wide along x and answers otherwise.
+        let m = tiny_model();
+        let fine = Array3::from_shape_fn((24, 24, 32), |(k, j, i)| {
+            let (z, y, x) = (k as f32 / 24.0, j as f32 / 24.0, i as f32 / 32.0);
+            (6.0 * x).sin() + (5.0 * y).cos() * (4.0 * z).sin()
+        });
+        let coarse = resize_linear(&fine.view(), [24, 24, 16]);
+        // Oblique (30° about z) and off the origin: only the spacing decides the resampling,
+        // and the output keeps the whole geometry.
+        let (c, s) = (30f64.to_radians().cos(), 30f64.to_radians().sin());
+        let g = Geometry { origin: [-12.5, 40.0, 7.25], spacing: [2.0, 1.0, 1.0], direction: [c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0] };
+        let img = Volume::new(coarse.clone(), g);
+        let (labels, probs) = m.segment(&img, None).unwrap();
+        assert_eq!(labels.geometry, g);
+        assert_eq!(probs.shape(), &[3, 24, 24, 16]);
+        let fine_probs = m.predict(&Volume::new(fine, Geometry::default()), None).unwrap();
+        let want: Vec<Array3<f32>> = fine_probs.outer_iter().map(|p| resize_linear(&p, [24, 24, 16])).collect();
+        let as_is = m.predict_on_grid(&coarse.view(), None).unwrap();
+        let diff = |p: &Array4<f32>| -> f32 {
+            let d: f32 = p.outer_iter().zip(&want).map(|(a, b)| (&a - b).mapv(f32::abs).sum()).sum();
+            d / p.len() as f32
+        };
+        let (resampled, unresampled) = (diff(&probs), diff(&as_is));
+        assert!(resampled < 0.5 * unresampled, "resampled {resampled} vs as is {unresampled}");
+        // Probabilities stay probabilities.
+        for s in probs.sum_axis(Axis(0)).iter() {
+            assert!((s - 1.0).abs() < 1e-4, "{s}");
+        }
     }
 
     #[test]

@@ -69,6 +69,67 @@ impl Geometry {
     }
 }
 
+impl Geometry {
+    /// The grid of the same physical extent (the same field of view, edge to edge) with
+    /// `to` voxels (i, j, k) instead of `from`: spacing `s·from/to`, and the origin moved to
+    /// the centre of the new first voxel. This is the grid [`resize_linear`] samples.
+    pub fn resized(&self, from: [usize; 3], to: [usize; 3]) -> Geometry {
+        let first = [0, 1, 2].map(|a| 0.5 * from[a] as f64 / to[a] as f64 - 0.5);
+        Geometry {
+            origin: self.index_to_physical(first),
+            spacing: [0, 1, 2].map(|a| self.spacing[a] * from[a] as f64 / to[a] as f64),
+            direction: self.direction,
+        }
+    }
+
+    /// Voxels (i, j, k) of the grid of the same field of view at (about) `spacing`: each axis
+    /// of `dims` scaled by its spacing ratio and rounded, at least 1. Equal to `dims` when
+    /// the spacings differ by less than half a voxel over the volume.
+    pub fn dims_at_spacing(&self, dims: [usize; 3], spacing: [f64; 3]) -> [usize; 3] {
+        [0, 1, 2].map(|a| ((dims[a] as f64 * self.spacing[a] / spacing[a]).round() as usize).max(1))
+    }
+}
+
+/// Trilinear resampling of `[nz, ny, nx]` voxels to `shape` (`[nz', ny', nx']`) over the same
+/// field of view: voxel centres map as `src = (dst + 0.5)·n/n' − 0.5`, clamped at the edges
+/// (PyTorch's `interpolate(mode="trilinear", align_corners=False)`, ITK's linear resampling
+/// onto [`Geometry::resized`]). Every output is a convex combination of inputs, so class
+/// probabilities stay probabilities. Separable: one pass per axis.
+pub fn resize_linear(v: &ArrayView3<f32>, shape: [usize; 3]) -> Array3<f32> {
+    let mut cur = v.to_owned();
+    for axis in 0..3 {
+        let n = cur.shape()[axis];
+        let m = shape[axis];
+        if n == m {
+            continue;
+        }
+        // Per output index along the axis: the two inputs and the weight of the second.
+        let taps: Vec<(usize, usize, f32)> = (0..m)
+            .map(|j| {
+                let src = ((j as f64 + 0.5) * n as f64 / m as f64 - 0.5).max(0.0);
+                let i0 = (src.floor() as usize).min(n - 1);
+                let i1 = (i0 + 1).min(n - 1);
+                (i0, i1, (src - i0 as f64).min(1.0) as f32)
+            })
+            .collect();
+        let mut dims = [cur.shape()[0], cur.shape()[1], cur.shape()[2]];
+        dims[axis] = m;
+        let mut out = Array3::<f32>::zeros(dims);
+        let src = &cur;
+        ndarray::Zip::indexed(&mut out).par_for_each(|(k, j, i), o| {
+            let mut at = [k, j, i];
+            let (i0, i1, w) = taps[at[axis]];
+            at[axis] = i0;
+            let a = src[at];
+            at[axis] = i1;
+            let b = src[at];
+            *o = a + w * (b - a);
+        });
+        cur = out;
+    }
+    cur
+}
+
 /// A 3D volume: voxels `[k, j, i]` (x fastest) plus geometry.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Volume<T> {
@@ -333,6 +394,43 @@ pub fn unit_range(v: &ArrayView3<f32>) -> Array3<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resize_linear_samples_a_ramp_at_the_voxel_centres() {
+        // A ramp along x, f(i) = i, halved to 5 voxels: output j sits at input 2j + 0.5.
+        let v = Array3::from_shape_fn((1, 1, 10), |(_, _, i)| i as f32);
+        let r = resize_linear(&v.view(), [1, 1, 5]);
+        assert_eq!(r.iter().copied().collect::<Vec<_>>(), vec![0.5, 2.5, 4.5, 6.5, 8.5]);
+        // Doubled to 20: centres at (j + 0.5)/2 - 0.5, clamped at the first voxel.
+        let r = resize_linear(&v.view(), [1, 1, 20]);
+        assert_eq!(r[[0, 0, 0]], 0.0);
+        assert_eq!(r[[0, 0, 1]], 0.25);
+        assert_eq!(r[[0, 0, 19]], 9.0);
+        // Linear in every axis at once: an affine field is reproduced exactly inside.
+        let f = |k: f64, j: f64, i: f64| (3.0 * k - 2.0 * j + 0.5 * i) as f32;
+        let v = Array3::from_shape_fn((8, 6, 4), |(k, j, i)| f(k as f64, j as f64, i as f64));
+        let r = resize_linear(&v.view(), [4, 12, 8]);
+        for ((k, j, i), &x) in r.indexed_iter() {
+            let src = |d: usize, n: f64, m: f64| ((d as f64 + 0.5) * n / m - 0.5).clamp(0.0, n - 1.0);
+            let want = f(src(k, 8.0, 4.0), src(j, 6.0, 12.0), src(i, 4.0, 8.0));
+            assert!((x - want).abs() < 1e-5, "{k},{j},{i}: {x} vs {want}");
+        }
+    }
+
+    #[test]
+    fn resized_grid_keeps_the_field_of_view() {
+        let g = Geometry { origin: [10.0, -5.0, 2.0], spacing: [0.5, 1.0, 3.0], direction: [0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0] };
+        let from = [40, 20, 10];
+        let to = g.dims_at_spacing(from, [1.0, 1.0, 1.0]);
+        assert_eq!(to, [20, 20, 30]);
+        let r = g.resized(from, to);
+        assert_eq!(r.spacing, [1.0, 1.0, 1.0]);
+        // The outer corner of the first voxel, and of the last, are the same physical points.
+        for (idx_g, idx_r) in [([-0.5; 3], [-0.5; 3]), ([39.5, 19.5, 9.5], [19.5, 19.5, 29.5])] {
+            let (a, b) = (g.index_to_physical(idx_g), r.index_to_physical(idx_r));
+            assert!((0..3).all(|c| (a[c] - b[c]).abs() < 1e-9), "{a:?} vs {b:?}");
+        }
+    }
 
     #[test]
     fn unit_range_clips_at_the_percentiles() {

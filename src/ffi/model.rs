@@ -155,8 +155,9 @@ pub unsafe extern "C" fn sfr_model_free(model: *mut sfr_model) {
 /// floats, class-major ([c][k][j][i]), `probabilities_len` elements. Outputs are written only on
 /// success. The labels have exactly the image's geometry (same dims: copy origin, spacing and
 /// direction from the input image; with ITK, `CopyInformation(input)` and
-/// `SetRegions(input->GetBufferedRegion())`). Thread-safe: one model may segment from several threads
-/// at once.
+/// `SetRegions(input->GetBufferedRegion())`). An image at another spacing than the model's is
+/// resampled to the model's spacing inside, and the labels resampled back onto its grid.
+/// Thread-safe: one model may segment from several threads at once.
 #[no_mangle]
 pub unsafe extern "C" fn sfr_segment(
     model: *const sfr_model,
