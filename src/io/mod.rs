@@ -1,8 +1,10 @@
-//! File formats: NIfTI volumes, PNG canvases, PyTorch checkpoints, dataset folders. No tch here.
+//! File formats: NIfTI volumes, PNG canvases (and the titles drawn into them), PyTorch checkpoints,
+//! dataset folders. No tch here.
 pub mod dataset;
 pub mod nifti;
 pub mod png;
 pub mod pytorch;
+pub mod text;
 
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};

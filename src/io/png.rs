@@ -3,10 +3,12 @@
 //! The image is windowed to 8-bit grey; a label canvas, when given, is blended over it with a
 //! fixed colour per class. This is a picture, not data: use NIfTI to keep values.
 use crate::error::{Error, Result};
+use crate::io::text::{with_titles, Titles};
 use crate::volume::Geometry;
 use ndarray::{s, Array2, Array3, ArrayView2, ArrayView3, Axis};
 use std::fs::File;
 use std::io::BufWriter;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 /// Colour of class c (c ≥ 1) is `CLASS_COLOURS[(c - 1) % len]`: a palette of distinct colours
@@ -105,11 +107,8 @@ impl Drop for TempFile {
     }
 }
 
-/// Writes `image` (a canvas, row = PNG row) as an 8-bit grey PNG, or as RGB with `label`
-/// blended over it in [`CLASS_COLOURS`]. The file is written beside `path` under a temporary
-/// name and renamed into place, so a failure never leaves a partial PNG at `path`.
-pub fn write_canvas_png(path: impl AsRef<Path>, image: &ArrayView2<f32>, label: Option<&ArrayView2<u8>>) -> Result<()> {
-    let path = path.as_ref();
+/// Checks that `image` and `label` can make a PNG at `path`; returns its size.
+fn check_canvas(path: &Path, image: &ArrayView2<f32>, label: Option<&ArrayView2<u8>>) -> Result<(u32, u32)> {
     let (h, w) = image.dim();
     if h == 0 || w == 0 {
         return Err(Error::format(path, format!("cannot write an empty {h}×{w} image as PNG")));
@@ -130,18 +129,24 @@ pub fn write_canvas_png(path: impl AsRef<Path>, image: &ArrayView2<f32>, label: 
     if path.file_name().is_none() {
         return Err(Error::format(path, "not a file path"));
     }
+    Ok((hu, wu))
+}
+
+/// Writes 8-bit `pixels` (row-major, `colour`'s channels) of `width` × `height` as a PNG at
+/// `path`: beside it under a temporary name, then renamed into place, so a failure never leaves
+/// a partial PNG at `path`.
+fn write_pixels(path: &Path, width: u32, height: u32, colour: png::ColorType, pixels: &[u8]) -> Result<()> {
     let mut tmp = TempFile { path: crate::io::temp_sibling(path, ".tmp"), keep: false };
-    let pixels = render(image, label);
     let file = File::create(&tmp.path).map_err(|e| Error::io(&tmp.path, e))?;
     let enc_err = |e: png::EncodingError| match e {
         png::EncodingError::IoError(e) => Error::io(path, e),
         e => Error::format(path, format!("PNG encoding failed: {e}")),
     };
-    let mut enc = png::Encoder::new(BufWriter::new(&file), wu, hu);
-    enc.set_color(if label.is_some() { png::ColorType::Rgb } else { png::ColorType::Grayscale });
+    let mut enc = png::Encoder::new(BufWriter::new(&file), width, height);
+    enc.set_color(colour);
     enc.set_depth(png::BitDepth::Eight);
     let mut writer = enc.write_header().map_err(enc_err)?;
-    writer.write_image_data(&pixels).map_err(enc_err)?;
+    writer.write_image_data(pixels).map_err(enc_err)?;
     // `finish` flushes the buffer and reports its errors; syncing makes the rename publish a
     // complete file even across a crash.
     writer.finish().map_err(enc_err)?;
@@ -149,6 +154,35 @@ pub fn write_canvas_png(path: impl AsRef<Path>, image: &ArrayView2<f32>, label: 
     std::fs::rename(&tmp.path, path).map_err(|e| Error::io(path, e))?;
     tmp.keep = true;
     Ok(())
+}
+
+/// Writes `image` (a canvas, row = PNG row) as an 8-bit grey PNG, or as RGB with `label`
+/// blended over it in [`CLASS_COLOURS`]. The file is written beside `path` under a temporary
+/// name and renamed into place, so a failure never leaves a partial PNG at `path`.
+pub fn write_canvas_png(path: impl AsRef<Path>, image: &ArrayView2<f32>, label: Option<&ArrayView2<u8>>) -> Result<()> {
+    let path = path.as_ref();
+    let (h, w) = check_canvas(path, image, label)?;
+    let colour = if label.is_some() { png::ColorType::Rgb } else { png::ColorType::Grayscale };
+    write_pixels(path, w, h, colour, &render(image, label))
+}
+
+/// As [`write_canvas_png`], always in RGB, with `titles` drawn on dark bands above and to the
+/// left of the canvas ([`crate::io::text::with_titles`]). The bands take no part in the grey
+/// window: the canvas's pixels are those [`write_canvas_png`] writes.
+pub fn write_titled_png(path: impl AsRef<Path>, image: &ArrayView2<f32>, label: Option<&ArrayView2<u8>>, titles: &Titles) -> Result<()> {
+    let path = path.as_ref();
+    check_canvas(path, image, label)?;
+    let mut pixels = render(image, label);
+    if label.is_none() {
+        pixels = pixels.iter().flat_map(|&g| [g; 3]).collect();
+    }
+    let canvas = Array3::from_shape_vec((image.nrows(), image.ncols(), 3), pixels).expect("3 bytes per pixel");
+    let out = with_titles(&canvas.view(), titles);
+    let (h, w, _) = out.dim();
+    let (Ok(hu), Ok(wu)) = (u32::try_from(h), u32::try_from(w)) else {
+        return Err(Error::format(path, format!("{h}×{w} is too large for a PNG")));
+    };
+    write_pixels(path, wu, hu, png::ColorType::Rgb, out.as_standard_layout().as_slice().expect("standard layout"))
 }
 
 /// The three planes of a viewer's slice views.
@@ -222,25 +256,39 @@ pub fn enlarge<T: Clone>(a: &ArrayView2<T>, rows: usize, cols: usize) -> Array2<
     Array2::from_shape_fn((a.nrows() * rows, a.ncols() * cols), |(r, c)| a[[r / rows, c / cols]].clone())
 }
 
+/// Where [`tile_grid`] puts its cells: the pixel rows of each row of cells and the pixel columns
+/// of each column of cells, for the same `tiles` and `gap`.
+pub fn grid_cells<T>(tiles: &[Vec<Array2<T>>], gap: usize) -> (Vec<Range<usize>>, Vec<Range<usize>>) {
+    let n_cols = tiles.iter().map(Vec::len).max().unwrap_or(0);
+    let row_h = tiles.iter().map(|r| r.iter().map(|t| t.nrows()).max().unwrap_or(0));
+    let col_w = (0..n_cols).map(|c| tiles.iter().filter_map(|r| r.get(c)).map(|t| t.ncols()).max().unwrap_or(0));
+    // Each cell starts `gap` after the previous one ends (or after the edge).
+    let spans = |sizes: Vec<usize>| {
+        sizes
+            .into_iter()
+            .scan(gap, |at, n| {
+                let r = *at..*at + n;
+                *at += n + gap;
+                Some(r)
+            })
+            .collect::<Vec<_>>()
+    };
+    (spans(row_h.collect()), spans(col_w.collect()))
+}
+
 /// Tiles laid out as a grid (`tiles[row][column]`), each centred in its cell, cells as large as
 /// the largest tile of their row and column, `gap` pixels of `pad` between and around them.
 /// Rows may have different lengths.
 pub fn tile_grid<T: Clone>(tiles: &[Vec<Array2<T>>], gap: usize, pad: T) -> Array2<T> {
-    let n_cols = tiles.iter().map(Vec::len).max().unwrap_or(0);
-    let row_h: Vec<usize> = tiles.iter().map(|r| r.iter().map(|t| t.nrows()).max().unwrap_or(0)).collect();
-    let col_w: Vec<usize> = (0..n_cols).map(|c| tiles.iter().filter_map(|r| r.get(c)).map(|t| t.ncols()).max().unwrap_or(0)).collect();
-    let h = row_h.iter().sum::<usize>() + gap * (tiles.len() + 1);
-    let w = col_w.iter().sum::<usize>() + gap * (n_cols + 1);
+    let (rows, cols) = grid_cells(tiles, gap);
+    let h = rows.last().map_or(0, |r| r.end) + gap;
+    let w = cols.last().map_or(0, |c| c.end) + gap;
     let mut out = Array2::from_elem((h, w), pad);
-    let mut y = gap;
-    for (r, row) in tiles.iter().enumerate() {
-        let mut x = gap;
-        for (c, t) in row.iter().enumerate() {
-            let (ty, tx) = (y + (row_h[r] - t.nrows()) / 2, x + (col_w[c] - t.ncols()) / 2);
+    for (row, rr) in tiles.iter().zip(&rows) {
+        for (t, cc) in row.iter().zip(&cols) {
+            let (ty, tx) = (rr.start + (rr.len() - t.nrows()) / 2, cc.start + (cc.len() - t.ncols()) / 2);
             out.slice_mut(s![ty..ty + t.nrows(), tx..tx + t.ncols()]).assign(t);
-            x += col_w[c] + gap;
         }
-        y += row_h[r] + gap;
     }
     out
 }
@@ -313,6 +361,40 @@ mod tests {
         assert!(p[0] > p[1] && p[0] > p[2], "class 17 reuses class 1's red: {p:?}");
         // The pixel labelled 255 is excluded from the window: value 1 is not its lower end.
         assert!(lo > 1.0);
+    }
+
+    #[test]
+    fn titled_png_adds_bands_and_keeps_the_canvas_pixels() {
+        use crate::io::text::{BAND, GLYPH, LINE, MARGIN};
+        let dir = tempfile::tempdir().unwrap();
+        let img = Array2::from_shape_fn((30, 40), |(r, c)| (r * 40 + c + 1) as f32);
+        let mut lab = Array2::<u8>::zeros((30, 40));
+        lab.slice_mut(s![5..10, 5..10]).fill(1);
+        let plain = dir.path().join("plain.png");
+        write_canvas_png(&plain, &img.view(), Some(&lab.view())).unwrap();
+        let titles = Titles { title: Some("c 7".into()), rows: vec![(0..30, "ax".into())], ..Titles::default() };
+        let titled = dir.path().join("titled.png");
+        write_titled_png(&titled, &img.view(), Some(&lab.view()), &titles).unwrap();
+        let (info, px) = decode(&titled);
+        let (top, left) = (2 * MARGIN + LINE, 2 * GLYPH + 2 * MARGIN);
+        assert_eq!((info.width, info.height, info.color_type), (40 + left as u32, 30 + top as u32, png::ColorType::Rgb));
+        let rgb = |r: usize, c: usize| px[(r * info.width as usize + c) * 3..][..3].to_vec();
+        assert_eq!(rgb(0, 0), BAND);
+        assert_eq!(rgb(info.height as usize - 1, 0), BAND);
+        // The canvas, below and right of the bands, is the untitled picture, pixel for pixel.
+        let (_, plain_px) = decode(&plain);
+        for r in 0..30 {
+            assert_eq!(rgb(top + r, left), plain_px[r * 40 * 3..][..3].to_vec());
+            assert_eq!(px[((top + r) * info.width as usize + left) * 3..][..40 * 3], plain_px[r * 40 * 3..][..40 * 3]);
+        }
+        // A grey canvas becomes RGB, grey repeated.
+        let grey = dir.path().join("grey.png");
+        write_titled_png(&grey, &img.view(), None, &Titles::default()).unwrap();
+        let (info, px) = decode(&grey);
+        assert_eq!((info.width, info.height, info.color_type), (40, 30, png::ColorType::Rgb));
+        assert!(px.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+        assert!(write_titled_png(dir.path().join("bad.png"), &img.view(), Some(&lab.slice(s![..29, ..])), &titles).is_err());
+        assert!(no_temp_files(dir.path()));
     }
 
     #[test]
@@ -425,6 +507,9 @@ mod tests {
         assert_eq!((g[[1, 5]], g[[4, 5]]), (2, 2));
         assert_eq!(g[[6, 2]], 3, "c centred in its 1×3 cell");
         assert_eq!(g.row(0).sum(), 0);
+        let (rows, cols) = grid_cells(&[vec![Array2::<u8>::zeros((2, 3)), Array2::zeros((4, 1))], vec![Array2::zeros((1, 1))]], 1);
+        assert_eq!((rows, cols), (vec![1..5, 6..7], vec![1..4, 5..6]));
+        assert_eq!(grid_cells::<u8>(&[], 3), (vec![], vec![]));
         let e = enlarge(&Array2::from_shape_vec((1, 2), vec![1u8, 2]).unwrap().view(), 2, 3);
         assert_eq!(e, Array2::from_shape_vec((2, 6), vec![1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2]).unwrap());
     }

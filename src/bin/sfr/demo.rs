@@ -8,7 +8,8 @@ use crate::progress::{run_job, ProgressMode};
 use clap::Args;
 use sfr::io::dataset::{Case, Dataset};
 use sfr::io::nifti;
-use sfr::io::png::{enlarge, oriented, tile_grid, write_canvas_png, View};
+use sfr::io::png::{enlarge, grid_cells, oriented, tile_grid, write_titled_png, View};
+use sfr::io::text::Titles;
 use sfr::metrics::ClassMetrics;
 use sfr::model::SfrModel;
 use sfr::nn::autocast;
@@ -507,13 +508,14 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let pic_dir = a.out.join("pictures");
     create_dir(&pic_dir)?;
     let views_png = pic_dir.join(format!("{}_views.png", example.id));
-    write_views_png(&views_png, &img, &truth, &preds)?;
+    let names: Vec<&str> = rows.iter().map(|r| r.name).collect();
+    write_views_png(&views_png, &example.id, &img, &truth, &names, &preds)?;
     let pseudo_png = match (&pseudo_dir, unlabeled.first()) {
         (Some(d), Some(u)) => {
             let p = pic_dir.join(format!("{}_sam_pseudo_label.png", u.id));
             let uimg = nifti::read(&u.image)?.cast::<f32>();
             let ulab = nifti::read(d.join(format!("{}_pseudo.nii.gz", u.id)))?.cast::<u8>();
-            write_stitched_png(&p, &uimg, &ulab)?;
+            write_stitched_png(&p, &u.id, &uimg, &ulab)?;
             Some((u.id.clone(), p))
         }
         _ => None,
@@ -546,7 +548,6 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::write(&results_txt, format!("{text}\n{}\n", meaning.iter().map(|m| format!("- {m}")).collect::<Vec<_>>().join("\n")))
         .map_err(|e| Error::io(&results_txt, e))?;
 
-    let names: Vec<&str> = rows.iter().map(|r| r.name).collect();
     println!();
     println!("whole demo: {total_s:.0} s of training and scoring");
     println!("results:      {} (table), {} (per case)", results_txt.display(), results_json.display());
@@ -599,9 +600,17 @@ fn centre_slice(label: &ndarray::Array3<u8>) -> usize {
     }
 }
 
+/// Column titles of the views picture: the image, the ground truth, then one per method.
+fn view_columns<'a>(methods: &[&'a str]) -> Vec<&'a str> {
+    ["image", "truth"].into_iter().chain(methods.iter().copied()).collect()
+}
+
 /// One test case as a grid: rows axial, coronal, sagittal through the centre of the ground
-/// truth; columns the image, the ground truth, and each prediction, overlaid.
-fn write_views_png(path: &Path, img: &Volume<f32>, truth: &Volume<u8>, preds: &[Volume<u8>]) -> Result<()> {
+/// truth; columns the image, the ground truth, and each method's prediction, overlaid; titled.
+fn write_views_png(path: &Path, case: &str, img: &Volume<f32>, truth: &Volume<u8>, methods: &[&str], preds: &[Volume<u8>]) -> Result<()> {
+    if methods.len() != preds.len() {
+        return Err(Error::invalid(format!("{}: {} method names for {} predictions", path.display(), methods.len(), preds.len())));
+    }
     let mut image_tiles = vec![];
     let mut label_tiles = vec![];
     for view in View::ALL {
@@ -619,14 +628,21 @@ fn write_views_png(path: &Path, img: &Volume<f32>, truth: &Volume<u8>, preds: &[
         image_tiles.push(vec![slice_im; labs.len()]);
         label_tiles.push(labs.iter().map(|l| enlarge(&l.view(), zr, zc)).collect::<Vec<_>>());
     }
-    let image = tile_grid(&image_tiles, 4, 0.0f32);
-    let label = tile_grid(&label_tiles, 4, LABEL_PAD);
-    write_canvas_png(path, &image.view(), Some(&label.view()))
+    const GAP: usize = 4;
+    let image = tile_grid(&image_tiles, GAP, 0.0f32);
+    let label = tile_grid(&label_tiles, GAP, LABEL_PAD);
+    let (row_cells, col_cells) = grid_cells(&label_tiles, GAP);
+    let titles = Titles {
+        title: Some(format!("test case {case}")),
+        columns: col_cells.into_iter().zip(view_columns(methods)).map(|(c, t)| (c, t.to_string())).collect(),
+        rows: row_cells.into_iter().zip(View::ALL).map(|(r, v)| (r, v.name().to_string())).collect(),
+    };
+    write_titled_png(path, &image.view(), Some(&label.view()), &titles)
 }
 
 /// An unlabelled case's axial slices (as a viewer shows them) stitched on the smallest square
-/// canvas that holds them all, with SAM's pseudo-label overlaid.
-fn write_stitched_png(path: &Path, img: &Volume<f32>, label: &Volume<u8>) -> Result<()> {
+/// canvas that holds them all, with SAM's pseudo-label overlaid; titled.
+fn write_stitched_png(path: &Path, case: &str, img: &Volume<f32>, label: &Volume<u8>) -> Result<()> {
     if img.dims() != label.dims() {
         return Err(Error::invalid(format!("{}: pseudo-label dims {:?} differ from the image's {:?}", path.display(), label.dims(), img.dims())));
     }
@@ -644,7 +660,8 @@ fn write_stitched_png(path: &Path, img: &Volume<f32>, label: &Volume<u8>) -> Res
     let base = (800 / canvas).clamp(1, 8) as f64;
     let min = sp[1].min(sp[2]);
     let (zr, zc) = (((base * sp[1] / min).round() as usize).max(1), ((base * sp[2] / min).round() as usize).max(1));
-    write_canvas_png(path, &enlarge(&ci.view(), zr, zc).view(), Some(&enlarge(&cl.view(), zr, zc).view()))
+    let titles = Titles { title: Some(format!("SAM pseudo-label of {case}, stitched canvas")), ..Titles::default() };
+    write_titled_png(path, &enlarge(&ci.view(), zr, zc).view(), Some(&enlarge(&cl.view(), zr, zc).view()), &titles)
 }
 
 #[cfg(test)]
@@ -679,6 +696,43 @@ mod tests {
         let tiny = scores(&[0.502, 0.602, 0.702, 0.802]);
         assert!(verdict("x", paired_gain(&tiny, &base)).contains("no clear difference"));
         assert!(verdict("x", paired_gain(&scores(&[0.9]), &scores(&[0.1]))).contains("no call"));
+    }
+
+    #[test]
+    fn pictures_carry_titles_in_bands_around_the_slices() {
+        use sfr::io::text::{BAND, GLYPH, LINE, MARGIN};
+        use sfr::volume::Geometry;
+        let dir = tempfile::tempdir().unwrap();
+        let img = Volume::new(ndarray::Array3::from_shape_fn((6, 8, 10), |(k, j, i)| (k + j + i) as f32 + 1.0), Geometry::default());
+        let mut lab = ndarray::Array3::<u8>::zeros((6, 8, 10));
+        lab.slice_mut(ndarray::s![2..4, 3..6, 4..7]).fill(1);
+        let truth = Volume::new(lab, Geometry::default());
+        let decode = |p: &Path| {
+            let mut r = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(p).unwrap())).read_info().unwrap();
+            let mut buf = vec![0; r.output_buffer_size().unwrap()];
+            let info = r.next_frame(&mut buf).unwrap();
+            (info.width as usize, info.height as usize, buf[..3].to_vec())
+        };
+        let methods = [ROWS[0].name, ROWS[2].name];
+        let path = dir.path().join("views.png");
+        write_views_png(&path, "case_1", &img, &truth, &methods, &[truth.clone(), truth.clone()]).unwrap();
+        let (w, h, corner) = decode(&path);
+        assert_eq!(corner, BAND);
+        // Slices enlarged 8 times (the most): four columns as wide as the axial slice's 10
+        // voxels, rows of the axial (8 voxels), coronal and sagittal (6) slices, 4-pixel gaps;
+        // the left band as wide as "sagittal"; above, the title and the column titles
+        // ("supervised (labels only)" takes 5 lines of 5 characters in 80 pixels).
+        assert_eq!(view_columns(&methods), ["image", "truth", "supervised (labels only)", "SFR (mean teacher)"]);
+        assert_eq!(w, 8 * GLYPH + 2 * MARGIN + 4 * 80 + 5 * 4);
+        assert_eq!(h, 2 * MARGIN + (1 + 5) * LINE + (8 + 6 + 6) * 8 + 4 * 4);
+        assert!(write_views_png(&path, "case_1", &img, &truth, &methods[..1], &[truth.clone(), truth.clone()]).is_err());
+        let path = dir.path().join("stitched.png");
+        write_stitched_png(&path, "case_2", &img, &truth).unwrap();
+        let (w, h, corner) = decode(&path);
+        assert_eq!(corner, BAND);
+        // A square canvas (512 pixels: 64 enlarged 8 times) under the title, on two lines of at
+        // most 31 characters.
+        assert_eq!((w, h - w), (512, 2 * MARGIN + 2 * LINE));
     }
 
     #[test]
