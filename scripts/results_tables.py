@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """Writes the tables of docs/results.md from the JSON files that scripts/results.sh's runs
 leave (one `sfr evaluate --json` per run, with `train_s` and `class_check` added by
-scripts/robustness.sh).
+scripts/robustness.sh), and the plot beside it, results-dice.svg.
 
     results_tables.py OUT DOC [TABLE ...]
 
 Each table replaces the text between `<!-- results:NAME -->` and `<!-- /results:NAME -->` in
 DOC. A table whose runs are all missing is left as it is (and said so); one with some runs
 missing is written from those present, with the seed counts showing it. Dice in %, mean ± std
-over seeds of each run's mean over the test cases. Standard library only.
+over seeds of each run's mean over the test cases. The tables need the standard library only.
+
+The plot shows every run in OUT/runs: per labelled count and set, each seed's mean Dice as a
+dot, one colour per row, and each row's mean over its seeds as a bar. It needs matplotlib;
+without it the plot is skipped (and said so) and the tables are still written. The SVG is
+deterministic: the same runs give the same file.
 """
 import json
 import os
@@ -149,6 +154,72 @@ def ablation(out):
 
 TABLES = {"robustness": robustness, "sfr": sfr, "one-label": one_label, "ablation": ablation}
 
+PLOT = "results-dice.svg"
+# Rows in the order of scripts/robustness.sh; any other row follows, alphabetically.
+ROW_ORDER = ["supervised", "mean-teacher-sfr", "mean-teacher-sfr-lora"]
+
+
+def plot(out, path):
+    """Writes the plot of OUT/runs to PATH. Returns what it did, in words, or None when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    runs = load(os.path.join(out, "runs"))
+    if not runs:
+        return f"no runs in {out}; plot left as it is"
+    groups = sorted({(n, s) for (_, n, s, _) in runs})
+    rows = sorted({row for (row, _, _, _) in runs}, key=lambda r: (r not in ROW_ORDER, ROW_ORDER.index(r) if r in ROW_ORDER else 0, r))
+    # A group's place on the x axis: one unit per set, half a unit more between labelled counts.
+    xs, x = {}, 0.0
+    for i, g in enumerate(groups):
+        if i and g[0] != groups[i - 1][0]:
+            x += 0.5
+        xs[g] = x
+        x += 1.0
+    tests = {len(r.get("cases", [])) for r in runs.values()}
+    cls = names(next(iter(runs.values())))
+    step = 0.8 / len(rows)
+    style = {"svg.hashsalt": "sfr-results", "svg.fonttype": "path", "font.size": 9}
+    with plt.rc_context(style):
+        fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * x + 2.0), 4.2))
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        legend = set()
+        for j, row in enumerate(rows):
+            colour = colours[j % len(colours)]
+            for g in groups:
+                seeds = sorted(seed for (r, n, s, seed) in runs if (r, n, s) == (row, *g))
+                if not seeds:
+                    continue
+                vals = [100 * st.mean(dice(runs[(row, *g, seed)])) for seed in seeds]
+                cx = xs[g] + (j - (len(rows) - 1) / 2) * step
+                ax.scatter([cx] * len(vals), vals, s=22, color=colour, edgecolors="white", linewidths=0.5, zorder=3,
+                           label=None if row in legend else row)
+                legend.add(row)
+                ax.hlines(st.mean(vals), cx - 0.4 * step, cx + 0.4 * step, colors=colour, linewidths=2.5, zorder=2)
+        ax.plot([], [], color="black", linewidth=2.5, label="mean of the seeds")
+        ax.set_xticks([xs[g] for g in groups], [f"set {s}" for _, s in groups])
+        for n in sorted({n for n, _ in groups}):
+            centre = st.mean(xs[g] for g in groups if g[0] == n)
+            ax.text(centre, -0.1, f"{n} labelled case{'s' if n != 1 else ''}", transform=ax.get_xaxis_transform(), ha="center", va="top")
+        for a, b in zip(groups, groups[1:]):
+            if a[0] != b[0]:
+                ax.axvline((xs[a] + xs[b]) / 2, color="0.8", linewidth=0.8)
+        ax.set_xlim(-0.6, x - 0.4)
+        ax.set_ylabel(f"Dice on the {tests.pop()} test cases (%)" if len(tests) == 1 else "Dice on the test cases (%)")
+        ax.set_title(f"Each run's mean Dice over the classes ({', '.join(cls)}): a dot per seed", fontsize=9)
+        ax.grid(axis="y", color="0.9")
+        ax.set_axisbelow(True)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.savefig(path + ".tmp", format="svg", bbox_inches="tight", metadata={"Date": None})
+        plt.close(fig)
+    os.replace(path + ".tmp", path)
+    return f"plot of {len(runs)} runs written to {path}"
+
 
 def main():
     out, doc, names_ = sys.argv[1], sys.argv[2], sys.argv[3:] or list(TABLES)
@@ -172,6 +243,8 @@ def main():
     with open(doc + ".tmp", "w") as fh:
         fh.write(text)
     os.replace(doc + ".tmp", doc)
+    done = plot(out, os.path.join(os.path.dirname(os.path.abspath(doc)), PLOT))
+    print(f"[results] {done or f'plot skipped: matplotlib is missing (pip install matplotlib); {PLOT} left as it is'}", file=sys.stderr)
 
 
 if __name__ == "__main__":
