@@ -343,6 +343,53 @@ fn resume_continues_from_the_checkpoint() {
 /// differences grow as any perturbation does: at test-tiny sizes, scaling one weight tensor by
 /// 1 + 1e-6 changed the first update by ~1%, while 1 vs 2 threads changed the convolution
 /// kernels' updates by at most ~2e-4.)
+/// A dataset of mixed spacings trains at one: the median (or `spacing` when set), recorded in
+/// the model; a thick-slice case is resampled (and said so), and the model segments scans at
+/// any spacing onto their own grid.
+#[test]
+fn mixed_spacings_train_at_one_spacing() {
+    let _serial = serial();
+    let spec = PhantomSpec { dims: [24, 24, 16], num_classes: 2, noise: 0.2 };
+    let classes = sfr::limits::Classes::new("labels", [(0, "background".into()), (1, "organ".into())].into()).unwrap();
+    // Three 1 mm cases and one with every other slice (2 mm along z).
+    let mut labeled = vec![];
+    for i in 0..4u64 {
+        let (img, lab) = phantom(i + 1, &spec);
+        let (img, lab) = if i == 3 {
+            let g = Geometry { spacing: [1.0, 1.0, 2.0], ..img.geometry };
+            let thick = |d: &ndarray::Array3<f32>| d.slice(ndarray::s![..;2, .., ..]).to_owned();
+            (Volume::new(thick(&img.data), g), Volume::new(thick(&lab.data.mapv(|v| v as f32)), g).cast::<f64>())
+        } else {
+            (img, lab.cast::<f64>())
+        };
+        labeled.push(memory_case(&format!("c{i}"), img, Some(lab)));
+    }
+    let inp = TrainInputs { labeled, unlabeled: vec![], classes, dataset_name: "t".into() };
+    let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s2 = said.clone();
+    let r = Reporter::detached(Some(Box::new(move |p| s2.lock().unwrap().push(p.message.clone()))));
+    let mut cfg = tiny(Method::Supervised, false);
+    cfg.threads = PINNED_THREADS;
+    let m = train(&cfg, &inp, &RunOptions::default(), &r).unwrap();
+    assert_eq!(m.meta.spacing, [1.0, 1.0, 1.0]);
+    assert!(said.lock().unwrap().iter().any(|t| t.contains("resampling 1 of 4 training volumes")), "{:?}", said.lock().unwrap());
+    // An explicit spacing: every case resampled, the model at that spacing.
+    cfg.spacing = Some([2.0, 2.0, 2.0]);
+    said.lock().unwrap().clear();
+    let m2 = train(&cfg, &inp, &RunOptions::default(), &r).unwrap();
+    assert_eq!(m2.meta.spacing, [2.0, 2.0, 2.0]);
+    assert!(said.lock().unwrap().iter().any(|t| t.contains("resampling 4 of 4 training volumes")));
+    let (img, _) = phantom(9, &spec);
+    let (labels, probs) = m2.segment(&img, None).unwrap();
+    assert_eq!(labels.geometry, img.geometry);
+    assert_eq!(labels.data.shape(), img.data.shape());
+    assert_eq!(&probs.shape()[1..], img.data.shape());
+    // A spacing that is not a spacing is refused before any work.
+    cfg.spacing = Some([1.0, 0.0, 1.0]);
+    let err = train(&cfg, &inp, &RunOptions::default(), &quiet()).err().unwrap().to_string();
+    assert!(err.contains("spacing[1]"), "{err}");
+}
+
 #[test]
 fn thread_count_changes_only_rounding() {
     let _serial = serial();

@@ -204,6 +204,12 @@ pub struct TrainConfig {
     /// cost 9 points of Dice on hippocampus), else 10% of them (at least 1). A number asks for
     /// exactly that many; more than half of the labelled cases is an error.
     pub validation_cases: Option<usize>,
+    /// Voxel spacing `[x, y, z]` (mm) to train at. `null` (the default): the median spacing of
+    /// the training images. Every training volume whose spacing differs (by more than half a
+    /// voxel over its extent) is resampled to it — images trilinearly, labels class by class —
+    /// and the model records it: segmentation resamples scans to it and the labels back.
+    #[serde(default)]
+    pub spacing: Option<[f64; 3]>,
     /// Iterations between checkpoints (0 = none).
     pub checkpoint_every: usize,
     pub sam: SamStage,
@@ -228,6 +234,7 @@ impl TrainConfig {
             patch: [112, 112, 80],
             rot_flip: true,
             validation_cases: None,
+            spacing: None,
             checkpoint_every: 500,
             sam: SamStage {
                 variant: "vit_b".into(),
@@ -473,6 +480,11 @@ impl TrainConfig {
                 check_range("threads", self.threads, 1, lim::MAX_THREADS)?;
             }
             lim::check_patch("patch", self.patch)?;
+            if let Some(sp) = self.spacing {
+                for (a, &v) in sp.iter().enumerate() {
+                    check_positive(&format!("spacing[{a}]"), v)?;
+                }
+            }
             let patch_voxels = self.patch.iter().product::<usize>();
             if self.inference.stride.contains(&0) || self.inference.stride.iter().zip(&self.patch).any(|(s, p)| s > p) {
                 return Err(Error::invalid(format!("inference stride {:?} must be in 1..=patch {:?}", self.inference.stride, self.patch)));

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::io::dataset::Case;
 use crate::io::nifti;
-use crate::volume::{Geometry, Volume, Voxel};
+use crate::volume::{resize_linear, Geometry, Volume, Voxel};
 use ndarray::{s, Array3, ArrayView3, Axis};
 use rand::RngExt;
 use std::borrow::Cow;
@@ -124,6 +124,46 @@ pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
         }
     };
     Ok(Sample { id: src.id().to_string(), image, label, geometry })
+}
+
+impl Sample {
+    /// Voxels (i, j, k).
+    pub fn dims(&self) -> [usize; 3] {
+        let s = self.image.shape();
+        [s[2], s[1], s[0]]
+    }
+
+    /// The sample on the grid of the same field of view at `spacing` (mm, x y z); itself when
+    /// that grid has the same voxels. The image is resampled trilinearly; the label class by
+    /// class — each class's indicator trilinearly, the largest wins, ties to the later class —
+    /// so that a thin structure is kept where nearest-neighbour sampling could skip it.
+    pub fn at_spacing(self, spacing: [f64; 3], num_classes: usize) -> Sample {
+        let dims = self.dims();
+        let to = self.geometry.dims_at_spacing(dims, spacing);
+        if to == dims {
+            return self;
+        }
+        let zyx = [to[2], to[1], to[0]];
+        let image = resize_linear(&self.image.view(), zyx);
+        let label = self.label.map(|l| {
+            let mut best = Array3::<f32>::from_elem(zyx, f32::NEG_INFINITY);
+            let mut out = Array3::<u8>::zeros(zyx);
+            for c in 0..num_classes.max(1) {
+                let indicator = l.mapv(|v| if v as usize == c { 1.0f32 } else { 0.0 });
+                let r = resize_linear(&indicator.view(), zyx);
+                // A tie goes to the later class: a structure half inside a voxel keeps it
+                // rather than losing it to the background.
+                ndarray::Zip::from(&mut out).and(&mut best).and(&r).for_each(|o, b, &x| {
+                    if x >= *b {
+                        *b = x;
+                        *o = c as u8;
+                    }
+                });
+            }
+            out
+        });
+        Sample { id: self.id, image, label, geometry: self.geometry.resized(dims, to) }
+    }
 }
 
 /// A label must have its image's shape and geometry (within 1e-3 of the largest spacing) and
@@ -327,6 +367,36 @@ mod tests {
                 assert_eq!(cl[[k, j, i]], (v as u32 % 7) as u8);
             }
         }
+    }
+
+    #[test]
+    fn a_sample_at_another_spacing_keeps_its_field_of_view_and_thin_classes() {
+        // 2 mm along z: a one-voxel-thick class-2 sheet at z = 5 and a class-1 block.
+        let mut label = Array3::<u8>::zeros((10, 8, 8));
+        label.slice_mut(s![2..8, 2..6, 2..6]).fill(1);
+        label.slice_mut(s![5, .., ..]).fill(2);
+        let image = label.mapv(|v| v as f32);
+        let geometry = Geometry { origin: [0.0; 3], spacing: [1.0, 1.0, 2.0], direction: crate::volume::IDENTITY3 };
+        let s0 = Sample { id: "c".into(), image, label: Some(label), geometry };
+        let r = s0.clone().at_spacing([1.0, 1.0, 1.0], 3);
+        assert_eq!(r.dims(), [8, 8, 20]);
+        assert_eq!(r.geometry.spacing, [1.0, 1.0, 1.0]);
+        // The first voxel's outer face stays where it was: z = -1 mm (2 mm voxel) = -0.5 mm - 0.5.
+        assert!((r.geometry.origin[2] - -0.5).abs() < 1e-12, "{:?}", r.geometry.origin);
+        let l = r.label.as_ref().unwrap();
+        // Each class keeps its volume in mm³ (2 mm slices become two 1 mm slices).
+        for c in 0..3u8 {
+            let before = s0.label.as_ref().unwrap().iter().filter(|&&v| v == c).count() * 2;
+            let after = l.iter().filter(|&&v| v == c).count();
+            assert_eq!(before, after, "class {c}");
+        }
+        // Same spacing: the very same sample.
+        let same = s0.clone().at_spacing([1.0, 1.0, 2.0], 3);
+        assert_eq!(same.image, s0.image);
+        // Down to 4 mm: the 2 mm sheet (1 voxel) still shows as class 2 somewhere.
+        let coarse = s0.at_spacing([1.0, 1.0, 4.0], 3);
+        assert_eq!(coarse.dims(), [8, 8, 5]);
+        assert!(coarse.label.unwrap().iter().any(|&v| v == 2));
     }
 
     #[test]

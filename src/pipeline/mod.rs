@@ -184,7 +184,18 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         unl_samples.push(load_source(&c.without_label(), num_classes)?);
         reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
     }
-    let spacing = [0, 1, 2].map(|a| median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()));
+    let spacing = cfg.spacing.unwrap_or_else(|| [0, 1, 2].map(|a| median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect())));
+    // Every volume at the training spacing: the network learns one physical scale, the one
+    // segmentation resamples scans to (the model records it).
+    let off_grid = labeled.iter().chain(&unl_samples).filter(|s| s.geometry.dims_at_spacing(s.dims(), spacing) != s.dims()).count();
+    if off_grid > 0 {
+        reporter.message(&format!(
+            "resampling {off_grid} of {} training volumes to the training spacing {spacing:?} mm",
+            labeled.len() + unl_samples.len()
+        ));
+        labeled = labeled.into_iter().map(|s| s.at_spacing(spacing, num_classes)).collect();
+        unl_samples = unl_samples.into_iter().map(|s| s.at_spacing(spacing, num_classes)).collect();
+    }
 
     let mut sam_summary = serde_json::Value::Null;
     let mut guard_record = serde_json::Value::Null;
