@@ -2,8 +2,8 @@
 # Regenerates the tables of docs/results.md: runs the trainings behind each table (through
 # scripts/robustness.sh, which trains with `sfr train`, scores on the 60 test cases 100..159 of
 # the hippocampus data with `sfr evaluate` and keeps one JSON per run), then rewrites each table
-# of docs/results.md (between its `<!-- results:NAME -->` markers) from those JSON files
-# (scripts/results_tables.py).
+# of docs/results.md (between its `<!-- results:NAME -->` markers) from those JSON files, and
+# the plot of every run, docs/results-dice.svg (scripts/results_tables.py).
 #
 #   scripts/results.sh [DATA] [OUT]       DATA: MSD hippocampus (default ../shared/data/hippocampus)
 #   TABLES="robustness sfr one-label ablation"   which tables (default: all)

@@ -554,7 +554,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     println!("model:        {} ({} row; open with SFR's 3D Slicer module or `sfr segment`)", model_path.display(), rows[saved].name);
     println!("example:      {} -> {} (open both in 3D Slicer)", example.image.display(), seg_path.display());
     println!(
-        "picture:      {} — test case {}: rows axial, coronal, sagittal (as 3D Slicer shows them); columns image, ground truth, {}",
+        "picture:      {} — test case {}: rows axial, coronal, sagittal (as 3D Slicer shows them); columns image, truth (the expert label), {}",
         views_png.display(),
         example.id,
         names.join(", ")
