@@ -19,7 +19,6 @@ import json
 import os
 import re
 import statistics as st
-import subprocess
 import sys
 
 RUN = re.compile(r"(.+)-(\d+)-([A-C])-(\d+)\.json")
@@ -57,75 +56,59 @@ def failed(r):
     return any(c.get("verdict") in ("never_predicted", "far_below") for c in classes)
 
 
-def robustness(out):
+def per_set(out, counts):
+    """Supervised runs per labelled count and set: mean ± std over seeds."""
     runs = load(os.path.join(out, "runs"))
-    by_set = {}
+    groups = {}
     for (row, n, s, seed), r in sorted(runs.items()):
-        if row == "supervised" and n == 4:
-            by_set.setdefault(s, []).append(r)
-    if not by_set:
+        if row == "supervised" and n in counts:
+            groups.setdefault((n, s), []).append(r)
+    if not groups:
         return None
-    cls = names(next(iter(by_set.values()))[0])
-    lines = ["| labelled set | seeds | " + " | ".join(cls) + " | mean | lowest class of any run | runs with a class < 60 | check failed | train s |",
-             "|---|---|" + "---|" * len(cls) + "---|---|---|---|---|"]
-    for s, rs in sorted(by_set.items()):
+    cls = names(next(iter(groups.values()))[0])
+    lines = ["| labelled | set | seeds | " + " | ".join(cls) + " | mean | lowest class of any run | runs with a class < 60 | check failed | train s |",
+             "|---|---|---|" + "---|" * len(cls) + "---|---|---|---|---|"]
+    for (n, s), rs in sorted(groups.items()):
         per = [dice(r) for r in rs]
         cells = [pct(p[k] for p in per) for k in range(len(cls))]
-        lines.append(f"| {s} | {len(rs)} | " + " | ".join(cells)
+        lines.append(f"| {n} | {s} | {len(rs)} | " + " | ".join(cells)
                      + f" | {pct(sum(p) / len(p) for p in per)} | {100 * min(min(p) for p in per):.1f}"
                      + f" | {sum(min(p) < 0.6 for p in per)} | {sum(failed(r) for r in rs)} | {st.mean(r['train_s'] for r in rs):.0f} |")
     return lines
 
 
-def sfr(out):
+def robustness(out):
+    return per_set(out, (4,))
+
+
+def few_labels(out):
+    return per_set(out, (1, 2))
+
+
+# The SFR rows, as robustness.sh names them, and their column titles.
+SFR_ROWS = [("mean-teacher-sfr", "SFR (MT), cpu-small"), ("mean-teacher-sfr-lora", "SFR (MT), cpu-lora")]
+
+
+def sfr_table(out, counts):
+    """Every (labelled count, set, seed) with an SFR run, beside supervised on the same."""
     runs = load(os.path.join(out, "runs"))
-    seeds = sorted(seed for (row, n, s, seed) in runs if row == "mean-teacher-sfr" and n == 4 and s == "A")
-    if not seeds:
+    keys = sorted({(n, s, seed) for (row, n, s, seed) in runs if row in dict(SFR_ROWS) and n in counts})
+    if not keys:
         return None
-    cls = names(runs[("mean-teacher-sfr", 4, "A", seeds[0])])
+    cls = names(runs[next((row, *k) for k in keys for row, _ in SFR_ROWS if (row, *k) in runs)])
     both = " / ".join(cls)
-    lines = [f"| seed | supervised: {both} | mean | SFR (mean teacher): {both} | mean | SFR − supervised (mean) |",
-             "|---|---|---|---|---|---|"]
-    for seed in seeds:
-        f = runs[("mean-teacher-sfr", 4, "A", seed)]
-        s = runs.get(("supervised", 4, "A", seed))
-        fd = dice(f)
-        fm = sum(fd) / len(fd)
-        if s is None:
-            lines.append(f"| {seed} | — | — | {' / '.join(f'{100 * d:.1f}' for d in fd)} | {100 * fm:.1f} | — |")
-            continue
-        sd = dice(s)
-        sm = sum(sd) / len(sd)
-        lines.append(f"| {seed} | {' / '.join(f'{100 * d:.1f}' for d in sd)} | {100 * sm:.1f} | "
-                     f"{' / '.join(f'{100 * d:.1f}' for d in fd)} | {100 * fm:.1f} | {100 * (fm - sm):+.1f} |")
-    return lines
 
-
-def training_fit(model):
-    """Mean Dice of a model on its own labelled cases (`sfr info`), or None."""
-    sfr_bin = os.environ.get("SFR_BIN") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "sfr")
-    if not os.path.isfile(model) or not os.path.isfile(sfr_bin):
-        return None
-    p = subprocess.run([sfr_bin, "info", model], capture_output=True, text=True)
-    if p.returncode != 0:
-        return None
-    fit = json.loads(p.stdout).get("training", {}).get("training_fit")
-    return fit and fit.get("mean_dice")
-
-
-def one_label(out):
-    runs = load(os.path.join(out, "runs"))
-    picked = {(s, seed): r for (row, n, s, seed), r in runs.items() if row == "supervised" and n == 1}
-    if not picked:
-        return None
-    cls = names(next(iter(picked.values())))
-    lines = ["| labelled set (one case) | seed | " + " | ".join(cls) + " | fit on its labelled case |",
-             "|---|---|" + "---|" * len(cls) + "---|"]
-    for (s, seed), r in sorted(picked.items()):
+    def cell(r):
+        if r is None:
+            return "—"
         d = dice(r)
-        fit = training_fit(r["_model"])
-        lines.append(f"| {s} | {seed} | " + " | ".join(f"{100 * x:.1f}" for x in d)
-                     + f" | {'—' if fit is None else f'{100 * fit:.1f}'} |")
+        return f"{' / '.join(f'{100 * x:.1f}' for x in d)} ({100 * sum(d) / len(d):.1f})"
+
+    lines = [f"| labelled | set | seed | supervised: {both} (mean) | " + " | ".join(f"{t}: {both} (mean)" for _, t in SFR_ROWS) + " |",
+             "|---|---|---|---|" + "---|" * len(SFR_ROWS)]
+    for n, s, seed in keys:
+        lines.append(f"| {n} | {s} | {seed} | {cell(runs.get(('supervised', n, s, seed)))} | "
+                     + " | ".join(cell(runs.get((row, n, s, seed))) for row, _ in SFR_ROWS) + " |")
     return lines
 
 
@@ -152,7 +135,15 @@ def ablation(out):
     return lines
 
 
-TABLES = {"robustness": robustness, "sfr": sfr, "one-label": one_label, "ablation": ablation}
+def sfr(out):
+    return sfr_table(out, (4,))
+
+
+def sfr_few(out):
+    return sfr_table(out, (1, 2))
+
+
+TABLES = {"robustness": robustness, "sfr": sfr, "few-labels": few_labels, "sfr-few": sfr_few, "ablation": ablation}
 
 PLOT = "results-dice.svg"
 # Rows in the order of scripts/robustness.sh; any other row follows, alphabetically.

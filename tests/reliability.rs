@@ -1049,3 +1049,27 @@ fn manifest_shards_segment_every_volume_exactly_once() {
     let o = run(&["segment", "--model", model.to_str().unwrap(), "--manifest", mpath.to_str().unwrap(), "--shard", "3/3"]);
     assert!(!o.status.success() && stderr(&o).contains("0 <= i < n"), "{}", stderr(&o));
 }
+
+/// `sfr plan` on a dataset: a fingerprint and a plan as JSON, the preset's patch, and a note
+/// on stderr when a patch sees little of the foreground; a missing folder is a clear error.
+#[test]
+fn plan_prints_the_fingerprint_and_what_the_preset_makes_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(dir.path(), 3, &PhantomSpec { dims: [24, 24, 16], num_classes: 3, noise: 0.2 }, 5).unwrap();
+    let data = dir.path().to_str().unwrap();
+    let o = run(&["plan", "--data", data, "--labeled", "2", "--preset", "test-tiny"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["fingerprint"]["cases"], 3);
+    assert_eq!(v["fingerprint"]["labelled"], 2);
+    assert_eq!(v["fingerprint"]["classes"].as_array().unwrap().len(), 2);
+    assert_eq!(v["plan"]["patch"], serde_json::json!(TrainConfig::test_tiny().patch));
+    assert!(v["fingerprint"]["foreground_intensity"]["std"].as_f64().unwrap() > 0.0);
+    // A tiny spacing: a patch spans a sliver of the foreground, and the note says so.
+    let o = run(&["plan", "--data", data, "--labeled", "2", "--preset", "test-tiny", "--set", r#"{"spacing": [0.05, 0.05, 0.05]}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("spans at least half of it"), "{}", stderr(&o));
+    let o = run(&["plan", "--data", "/nonexistent/dataset"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/nonexistent/dataset"), "{}", stderr(&o));
+}

@@ -8,6 +8,7 @@ pub mod class_check;
 pub mod config;
 pub mod data;
 pub mod guard;
+pub mod plan;
 pub mod retrain;
 pub mod sam_stage;
 

@@ -63,6 +63,9 @@ enum Command {
     Segment(SegmentArgs),
     /// Segment labelled cases and report Dice, Jaccard, ASD, HD95 per class.
     Evaluate(EvaluateArgs),
+    /// A dataset's fingerprint (spacings, shapes, foreground intensities, class sizes) and what
+    /// training with a preset makes of it (spacing, patch, how much of the foreground a patch sees), as JSON.
+    Plan(PlanArgs),
     /// Train on real MRI shipped with SFR (MSD hippocampus subset) with few labels; compare supervised, mean teacher, SFR and SFR+ on held-out cases; write the model, a segmentation and pictures.
     Demo(demo::DemoArgs),
     /// Run the benchmarks and print one JSON object.
@@ -373,6 +376,46 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
+#[derive(Args)]
+struct PlanArgs {
+    /// Dataset folder in the Decathlon layout (dataset.json, imagesTr/, labelsTr/).
+    #[arg(long)]
+    data: PathBuf,
+    /// The first N cases are labelled (their labels are read); default: every case with a label.
+    #[arg(long, conflicts_with = "labeled_list")]
+    labeled: Option<usize>,
+    /// A file of labelled case ids, one per line.
+    #[arg(long)]
+    labeled_list: Option<PathBuf>,
+    /// Named preset, as for train.
+    #[arg(long, default_value = "cpu-small")]
+    preset: String,
+    /// Config overrides as JSON, as for train (e.g. '{"spacing": [1.25, 1.25, 1.25]}').
+    #[arg(long)]
+    set: Option<String>,
+}
+
+fn plan_cmd(a: PlanArgs) -> Result<()> {
+    let mut cfg = TrainConfig::preset(&a.preset)?;
+    if let Some(s) = &a.set {
+        cfg = cfg.with_override_value(sfr::pipeline::config::parse_overrides(s)?)?;
+    }
+    cfg.validate()?;
+    let ds = Dataset::open(&a.data)?;
+    let (labeled, unlabeled) = match (&a.labeled, &a.labeled_list) {
+        (Some(n), None) => ds.split_first(*n)?,
+        (None, Some(f)) => ds.split_by_ids(&read_id_list(f)?)?,
+        _ => ds.training.iter().cloned().partition(|c| c.label.is_some()),
+    };
+    let fp = sfr::pipeline::plan::fingerprint(&sfr::pipeline::sources(&labeled), &sfr::pipeline::sources(&unlabeled), &ds.labels)?;
+    let plan = sfr::pipeline::plan::plan(&fp, &cfg);
+    for n in &plan.notes {
+        eprintln!("note: {n}");
+    }
+    out!("{}", serde_json::to_string_pretty(&json!({"dataset": ds.name, "fingerprint": fp, "plan": plan})).map_err(|e| Error::invalid(e.to_string()))?);
+    Ok(())
+}
+
 fn train_cmd(a: TrainArgs) -> Result<()> {
     let cfg = train_config(&a)?;
     if a.print_config {
@@ -620,6 +663,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd(a)?,
         Command::Segment(a) => segment_cmd(a)?,
         Command::Evaluate(a) => evaluate_cmd(a)?,
+        Command::Plan(a) => plan_cmd(a)?,
         Command::Demo(a) => demo::run(a)?,
         Command::Bench { json: _, quick, threads, only, device, reps, no_pytorch } => {
             let opts = bench::BenchOptions { quick, threads, only, device, reps, pytorch: !no_pytorch };
