@@ -110,8 +110,9 @@ struct StitchArgs {
     patch: Option<[usize; 3]>,
 }
 
+/// A dataset and which of its cases are labelled (train, plan).
 #[derive(Args)]
-struct TrainArgs {
+struct CasesArgs {
     /// Dataset folder in the Decathlon layout (dataset.json, imagesTr/, labelsTr/).
     #[arg(long)]
     data: PathBuf,
@@ -121,6 +122,27 @@ struct TrainArgs {
     /// A file of labelled case ids (one per line); every other case is unlabelled.
     #[arg(long)]
     labeled_list: Option<PathBuf>,
+}
+
+impl CasesArgs {
+    /// The dataset, its labelled and its unlabelled cases; `all_labelled`: without --labeled
+    /// or --labeled-list, every case with a label is labelled (else that is an error).
+    fn split(&self, all_labelled: bool) -> Result<(Dataset, Vec<sfr::io::dataset::Case>, Vec<sfr::io::dataset::Case>)> {
+        let ds = Dataset::open(&self.data)?;
+        let (labeled, unlabeled) = match (&self.labeled, &self.labeled_list) {
+            (Some(n), None) => ds.split_first(*n)?,
+            (None, Some(f)) => ds.split_by_ids(&read_id_list(f)?)?,
+            _ if all_labelled => ds.training.iter().cloned().partition(|c| c.label.is_some()),
+            _ => return Err(Error::invalid("say which cases are labelled: --labeled N or --labeled-list FILE")),
+        };
+        Ok((ds, labeled, unlabeled))
+    }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    cases: CasesArgs,
     /// Use only this many unlabelled cases (after the labelled ones, in dataset.json order).
     #[arg(long)]
     max_unlabeled: Option<usize>,
@@ -378,15 +400,9 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
 
 #[derive(Args)]
 struct PlanArgs {
-    /// Dataset folder in the Decathlon layout (dataset.json, imagesTr/, labelsTr/).
-    #[arg(long)]
-    data: PathBuf,
-    /// The first N cases are labelled (their labels are read); default: every case with a label.
-    #[arg(long, conflicts_with = "labeled_list")]
-    labeled: Option<usize>,
-    /// A file of labelled case ids, one per line.
-    #[arg(long)]
-    labeled_list: Option<PathBuf>,
+    /// Without --labeled or --labeled-list every case with a label counts as labelled.
+    #[command(flatten)]
+    cases: CasesArgs,
     /// Named preset, as for train.
     #[arg(long, default_value = "cpu-small")]
     preset: String,
@@ -401,12 +417,7 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
         cfg = cfg.with_override_value(sfr::pipeline::config::parse_overrides(s)?)?;
     }
     cfg.validate()?;
-    let ds = Dataset::open(&a.data)?;
-    let (labeled, unlabeled) = match (&a.labeled, &a.labeled_list) {
-        (Some(n), None) => ds.split_first(*n)?,
-        (None, Some(f)) => ds.split_by_ids(&read_id_list(f)?)?,
-        _ => ds.training.iter().cloned().partition(|c| c.label.is_some()),
-    };
+    let (ds, labeled, unlabeled) = a.cases.split(true)?;
     let fp = sfr::pipeline::plan::fingerprint(&sfr::pipeline::sources(&labeled), &sfr::pipeline::sources(&unlabeled), &ds.labels)?;
     let plan = sfr::pipeline::plan::plan(&fp, &cfg);
     for n in &plan.notes {
@@ -435,11 +446,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             None => eprintln!("WARNING: {}", sfr::nn::sam::checkpoint::random_warning(if cfg.sam.variant == "auto" { "tiny" } else { &cfg.sam.variant })),
         }
     }
-    let ds = Dataset::open(&a.data)?;
+    let (ds, labeled, mut unlabeled) = a.cases.split(false)?;
     // Before any work: the model must not overwrite any file the run reads (a dataset image,
     // the config...), and its folder and the work folder must be writable, so that a run
     // cannot fail at its end.
-    let json_path = a.data.join("dataset.json");
+    let json_path = a.cases.data.join("dataset.json");
     let mut inputs: Vec<&Path> = vec![&json_path];
     for c in &ds.training {
         inputs.push(&c.image);
@@ -447,16 +458,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     }
     inputs.extend(ds.test.iter().map(|p| p.as_path()));
     inputs.extend(a.config.as_deref());
-    inputs.extend(a.labeled_list.as_deref());
+    inputs.extend(a.cases.labeled_list.as_deref());
     inputs.extend(cfg.sam.checkpoint.as_deref());
     sfr::io::check_output(&a.out, &inputs)?;
     let work_dir = a.work_dir.clone().unwrap_or_else(|| default_work_dir(&a.out));
     sfr::io::check_dir_creatable(&work_dir)?;
-    let (labeled, mut unlabeled) = match (&a.labeled, &a.labeled_list) {
-        (Some(n), None) => ds.split_first(*n)?,
-        (None, Some(f)) => ds.split_by_ids(&read_id_list(f)?)?,
-        _ => return Err(Error::invalid("say which cases are labelled: --labeled N or --labeled-list FILE")),
-    };
     // The pipeline's own rule, applied before any work: a request that cannot be met is an error.
     sfr::pipeline::validation_count(cfg.validation_cases, labeled.len())?;
     if let Some(m) = a.max_unlabeled {
