@@ -6,9 +6,10 @@
 # the plot of every run, docs/results-dice.svg (scripts/results_tables.py).
 #
 #   scripts/results.sh [DATA] [OUT]       DATA: MSD hippocampus (default ../shared/data/hippocampus)
-#   TABLES="robustness sfr few-labels sfr-few ablation"  which tables (default: all)
+#   TABLES="robustness sfr few-labels sfr-few ablation la-spacing"  which tables (default: all)
 #   SEEDS="1 2 3 4 5"  SETS="A B C"       seeds and labelled sets of the robustness table
 #   FEW_SEEDS="1 2 3"                     seeds of the few-labels table (one labelled case)
+#   LA_DATA=../shared/data/la2018  LA_SEEDS="1 2 3"   the left atrium table (scripts/la_spacing.sh)
 #   RUN=0                                 no training: rewrite the tables from the JSON in OUT
 #   SET='{...}'                           config overrides for every run (e.g. a small budget to
 #                                         try the script; such runs are not the documented ones)
@@ -23,7 +24,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/env.sh"
 data="${1:-$here/../shared/data/hippocampus}"
 out="${2:-$here/experiments/results}"
-tables="${TABLES:-robustness sfr few-labels sfr-few ablation}"
+tables="${TABLES:-robustness sfr few-labels sfr-few ablation la-spacing}"
 doc="${RESULTS_DOC:-$here/docs/results.md}"
 extra="${SET:-{\}}"
 runs="$out/runs"
@@ -46,6 +47,7 @@ if [ "${RUN:-1}" != 0 ]; then
       sfr) LABELED=4 SETS=A SEEDS="1 3" ROWS="supervised mean-teacher-sfr" SET="$extra" robustness "$runs" ;;
       sfr-few) LABELED=1 SETS=A SEEDS=1 ROWS="supervised mean-teacher-sfr mean-teacher-sfr-lora" SET="$extra" robustness "$runs" ;;
       few-labels) LABELED=1 SETS="A B C" SEEDS="${FEW_SEEDS:-1 2 3}" ROWS=supervised SET="$extra" robustness "$runs" ;;
+      la-spacing) SEEDS="${LA_SEEDS:-1 2 3}" "$here/scripts/la_spacing.sh" "${LA_DATA:-$here/../shared/data/la2018}" "$out/la" ;;
       ablation)
         # class-prior head without dropout is the preset itself: the robustness table's run
         LABELED=4 SETS=A SEEDS=1 ROWS=supervised SET="$extra" robustness "$runs"
@@ -54,7 +56,7 @@ if [ "${RUN:-1}" != 0 ]; then
           LABELED=4 SETS=A SEEDS=1 ROWS=supervised SET="$(merge "{\"vnet\": {\"head_bias_prior\": $head, \"dropout\": ${v#*-}}}")" \
             robustness "$out/ablation-$v"
         done ;;
-      *) echo "results: unknown table $t (robustness, sfr, few-labels, sfr-few, ablation)" >&2; exit 2 ;;
+      *) echo "results: unknown table $t (robustness, sfr, few-labels, sfr-few, ablation, la-spacing)" >&2; exit 2 ;;
     esac
   done
 fi
