@@ -560,7 +560,7 @@ static void test_models(sfr_model *model, sfr_dataset *ds, const char *dir) {
   static uint8_t truth[NVOX];
   make_case(999u, img, truth);
   sfr_volume_view v = view(img, sizeof img, SFR_DTYPE_F32, NX, NY, NZ);
-  v.spacing[2] = 2.5; /* geometry is not used by the network: any valid one works */
+  v.spacing[2] = 2.5; /* not the model's spacing: resampled to it inside, the outputs on this grid */
   static uint8_t l8[NVOX];
   static uint16_t l16[NVOX];
   static float probs[2 * NVOX];
