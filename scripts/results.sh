@@ -8,7 +8,7 @@
 #   scripts/results.sh [DATA] [OUT]       DATA: MSD hippocampus (default ../shared/data/hippocampus)
 #   TABLES="robustness sfr few-labels sfr-few ablation la-spacing"  which tables (default: all)
 #   SEEDS="1 2 3 4 5"  SETS="A B C"       seeds and labelled sets of the robustness table
-#   FEW_SEEDS="1 2 3"                     seeds of the few-labels table (one labelled case)
+#   FEW_SEEDS="1 2 3 4 5"                 seeds of the few-labels table (one labelled case)
 #   LA_DATA=../shared/data/la2018  LA_SEEDS="1 2 3"   the left atrium table (scripts/la_spacing.sh)
 #   RUN=0                                 no training: rewrite the tables from the JSON in OUT
 #   SET='{...}'                           config overrides for every run (e.g. a small budget to
@@ -46,7 +46,7 @@ if [ "${RUN:-1}" != 0 ]; then
       robustness) LABELED=4 SETS="${SETS:-A B C}" SEEDS="${SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
       sfr) LABELED=4 SETS=A SEEDS="1 3" ROWS="supervised mean-teacher-sfr" SET="$extra" robustness "$runs" ;;
       sfr-few) LABELED=1 SETS=A SEEDS=1 ROWS="supervised mean-teacher-sfr mean-teacher-sfr-lora" SET="$extra" robustness "$runs" ;;
-      few-labels) LABELED=1 SETS="A B C" SEEDS="${FEW_SEEDS:-1 2 3}" ROWS=supervised SET="$extra" robustness "$runs" ;;
+      few-labels) LABELED=1 SETS="A B C" SEEDS="${FEW_SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
       la-spacing) SEEDS="${LA_SEEDS:-1 2 3}" "$here/scripts/la_spacing.sh" "${LA_DATA:-$here/../shared/data/la2018}" "$out/la" ;;
       ablation)
         # class-prior head without dropout is the preset itself: the robustness table's run
