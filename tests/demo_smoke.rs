@@ -101,12 +101,14 @@ fn demo_runs_end_to_end_on_the_shipped_hippocampus_scans() {
     assert!(seg.data.iter().all(|&v| v <= 2));
 
     // Pictures: the views grid (3 rows of 6 tiles, each at least as large as a slice) and the
-    // stitched pseudo-label canvas (square).
+    // stitched pseudo-label canvas (square, under its title band of whole text lines).
     let views = decode_png(&out.path().join("pictures/hippocampus_393_views.png"), true);
     assert!(views.width > 6 * 30 && views.height > 3 * 24, "{}×{}", views.width, views.height);
     // A SAM trained for 2 iterations may label everything or nothing: only validity is checked.
     let canvas = decode_png(&out.path().join(format!("pictures/{}_sam_pseudo_label.png", unl[0])), false);
-    assert_eq!(canvas.width, canvas.height);
+    use sfr::io::text::{LINE, MARGIN};
+    let band = canvas.height as usize - canvas.width as usize;
+    assert!(band > 2 * MARGIN && (band - 2 * MARGIN) % LINE == 0, "{}×{}", canvas.width, canvas.height);
     for p in [&results["pictures"]["views"], &results["pictures"]["sam_pseudo_label"]] {
         assert!(stdout.contains(p.as_str().unwrap()), "picture path {p} not printed:\n{stdout}");
     }
