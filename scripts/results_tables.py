@@ -24,17 +24,19 @@ import sys
 RUN = re.compile(r"(.+)-(\d+)-([A-C])-(\d+)\.json")
 
 
-def load(folder):
-    """{(row, labelled, set, seed): run} of a folder of robustness.sh runs."""
+def load(folder, pattern=RUN):
+    """{(row, labelled, set, seed): run} of a folder of robustness.sh runs; with another
+    `pattern`, keyed by its groups (as strings)."""
     runs = {}
     if os.path.isdir(folder):
         for f in sorted(os.listdir(folder)):
-            m = RUN.fullmatch(f)
+            m = pattern.fullmatch(f)
             if m:
                 with open(os.path.join(folder, f)) as fh:
                     r = json.load(fh)
                 r["_model"] = os.path.join(folder, f[: -len(".json")] + ".sfrmodel")
-                runs[(m[1], int(m[2]), m[3], int(m[4]))] = r
+                key = (m[1], int(m[2]), m[3], int(m[4])) if pattern is RUN else m.groups()
+                runs[key] = r
     return runs
 
 
@@ -140,14 +142,9 @@ LA_RUN = re.compile(r"supervised-4-(native|[0-9.]+)-(\d+)\.json")
 
 def la_spacing(out):
     """The left atrium at native and coarser training spacings (scripts/la_spacing.sh)."""
-    folder = os.path.join(out, "la")
     groups = {}
-    if os.path.isdir(folder):
-        for f in sorted(os.listdir(folder)):
-            m = LA_RUN.fullmatch(f)
-            if m:
-                with open(os.path.join(folder, f)) as fh:
-                    groups.setdefault(m[1], []).append(json.load(fh))
+    for (spacing, _seed), r in load(os.path.join(out, "la"), LA_RUN).items():
+        groups.setdefault(spacing, []).append(r)
     if not groups:
         return None
     lines = ["| training spacing (mm) | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s |", "|---|---|---|---|---|---|"]

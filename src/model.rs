@@ -9,7 +9,7 @@ use crate::limits::Classes;
 use crate::nn::vnet::{VNet, VNetConfig};
 use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
 use crate::volume::{resize_linear, zscore, Volume};
-use ndarray::{Array3, Array4, ArrayView3, Axis};
+use ndarray::{Array4, ArrayView3};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
@@ -205,9 +205,12 @@ impl SfrModel {
         let zyx = |d: [usize; 3]| [d[2], d[1], d[0]];
         let resampled = resize_linear(&image.data.view(), zyx(model_dims));
         let probs = self.predict_on_grid(&resampled.view(), reporter)?;
-        let back: Vec<Array3<f32>> = probs.outer_iter().map(|p| resize_linear(&p, zyx(dims))).collect();
-        let views: Vec<_> = back.iter().map(|b| b.view()).collect();
-        ndarray::stack(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))
+        let sh = image.data.shape();
+        let mut back = Array4::<f32>::zeros((probs.shape()[0], sh[0], sh[1], sh[2]));
+        for (mut to, p) in back.outer_iter_mut().zip(probs.outer_iter()) {
+            to.assign(&resize_linear(&p, zyx(dims)));
+        }
+        Ok(back)
     }
 
     /// The probabilities of every class for every voxel are held in memory: refuse sizes
@@ -245,6 +248,7 @@ impl SfrModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::{Array3, Axis};
     use crate::infer::Weighting;
     use crate::volume::Geometry;
 

@@ -96,8 +96,10 @@ impl Geometry {
 /// onto [`Geometry::resized`]). Every output is a convex combination of inputs, so class
 /// probabilities stay probabilities. Separable: one pass per axis.
 pub fn resize_linear(v: &ArrayView3<f32>, shape: [usize; 3]) -> Array3<f32> {
-    let mut cur = v.to_owned();
+    // The input is read in place by the first pass that changes an axis; copied only when none does.
+    let mut owned: Option<Array3<f32>> = None;
     for axis in 0..3 {
+        let cur = owned.as_ref().map(|a| a.view()).unwrap_or_else(|| v.view());
         let n = cur.shape()[axis];
         let m = shape[axis];
         if n == m {
@@ -125,9 +127,9 @@ pub fn resize_linear(v: &ArrayView3<f32>, shape: [usize; 3]) -> Array3<f32> {
             let b = src[at];
             *o = a + w * (b - a);
         });
-        cur = out;
+        owned = Some(out);
     }
-    cur
+    owned.unwrap_or_else(|| v.to_owned())
 }
 
 /// A 3D volume: voxels `[k, j, i]` (x fastest) plus geometry.
