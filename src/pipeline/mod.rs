@@ -119,15 +119,6 @@ pub fn evaluate_sources(model: &SfrModel, cases: &[CaseSource], reporter: Option
     Ok(out)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        1.0
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -185,7 +176,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         unl_samples.push(load_source(&c.without_label(), num_classes)?);
         reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
     }
-    let spacing = cfg.spacing.unwrap_or_else(|| [0, 1, 2].map(|a| median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect())));
+    let spacing = cfg.spacing.unwrap_or_else(|| [0, 1, 2].map(|a| plan::median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()).unwrap_or(1.0)));
     // Every volume at the training spacing: the network learns one physical scale, the one
     // segmentation resamples scans to (the model records it).
     let off_grid = labeled.iter().chain(&unl_samples).filter(|s| s.geometry.dims_at_spacing(s.dims(), spacing) != s.dims()).count();

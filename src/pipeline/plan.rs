@@ -67,7 +67,8 @@ pub struct Plan {
     pub notes: Vec<String>,
 }
 
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+/// The upper median (the middle value; of two, the larger). None when `v` is empty.
+pub fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied()
 }
