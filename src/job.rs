@@ -34,6 +34,8 @@ struct Shared {
     progress: Mutex<Progress>,
     cancel: AtomicBool,
     stage_start: Mutex<Instant>,
+    /// Every stage started so far, in order, with its start time: where a job's time went.
+    stages: Mutex<Vec<(String, Instant)>>,
     callback: Option<Callback>,
 }
 
@@ -51,7 +53,9 @@ impl Reporter {
 
     /// Starts a new stage of `total` steps.
     pub fn stage(&self, stage: &str, total: u64, message: &str) -> Result<()> {
-        *self.shared.stage_start.lock().unwrap() = Instant::now();
+        let now = Instant::now();
+        *self.shared.stage_start.lock().unwrap() = now;
+        self.shared.stages.lock().unwrap().push((stage.to_string(), now));
         self.update(|p| {
             p.stage = stage.to_string();
             p.step = 0;
@@ -103,6 +107,42 @@ impl Reporter {
         self.shared.progress.lock().unwrap().clone()
     }
 
+    /// Runs `f` as an aside within the current stage, timed under `name` in `stage_seconds`, so
+    /// that the stage's own time (and its ETA) leaves it out; the progress shown carries on.
+    pub fn aside<T>(&self, name: &str, f: impl FnOnce() -> T) -> T {
+        let current = self.progress().stage;
+        let start = Instant::now();
+        self.shared.stages.lock().unwrap().push((name.to_string(), start));
+        let out = f();
+        let now = Instant::now();
+        self.shared.stages.lock().unwrap().push((current, now));
+        *self.shared.stage_start.lock().unwrap() += now - start;
+        out
+    }
+
+    /// How many stages have started so far (a mark for `stage_seconds`).
+    pub fn stages_started(&self) -> usize {
+        self.shared.stages.lock().unwrap().len()
+    }
+
+    /// Wall-clock seconds per stage name over the stages started since the mark `from`, in the
+    /// order each name first appeared (a name met again, as in SFR+'s rounds, adds up): each
+    /// stage lasts until the next one starts, the last until now.
+    pub fn stage_seconds(&self, from: usize) -> Vec<(String, f64)> {
+        let stages = self.shared.stages.lock().unwrap();
+        let now = Instant::now();
+        let mut out: Vec<(String, f64)> = vec![];
+        for (i, (name, start)) in stages.iter().enumerate().skip(from) {
+            let end = stages.get(i + 1).map(|(_, t)| *t).unwrap_or(now);
+            let secs = end.duration_since(*start).as_secs_f64();
+            match out.iter_mut().find(|(n, _)| n == name) {
+                Some((_, total)) => *total += secs,
+                None => out.push((name.clone(), secs)),
+            }
+        }
+        out
+    }
+
     fn update(&self, f: impl FnOnce(&mut Progress)) {
         let snapshot = {
             let mut p = self.shared.progress.lock().unwrap();
@@ -121,6 +161,7 @@ impl Shared {
             progress: Mutex::new(Progress { loss: f64::NAN, eta_seconds: -1.0, ..Default::default() }),
             cancel: AtomicBool::new(false),
             stage_start: Mutex::new(Instant::now()),
+            stages: Mutex::new(vec![]),
             callback,
         }
     }
@@ -230,6 +271,27 @@ mod tests {
         .unwrap();
         assert_eq!(ok.wait().unwrap(), "done");
         assert!(ok.progress().finished);
+    }
+
+    #[test]
+    fn stage_seconds_add_up_per_name_in_first_seen_order() {
+        let r = Reporter::detached(None);
+        r.stage("before", 1, "").unwrap();
+        let mark = r.stages_started();
+        for name in ["load", "finetune", "pseudolabel", "finetune"] {
+            r.stage(name, 1, "").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // An aside inside the last finetune stage: timed apart, the stage's own time without it.
+        r.aside("probe", || std::thread::sleep(Duration::from_millis(100)));
+        assert_eq!(r.progress().stage, "finetune", "the progress carries on in the stage");
+        let s = r.stage_seconds(mark);
+        let names: Vec<&str> = s.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["load", "finetune", "pseudolabel", "probe"], "the stage before the mark is left out; a repeated name adds up");
+        let finetune = s[1].1;
+        assert!((0.035..0.1).contains(&finetune), "two 20 ms stages, without the 100 ms aside: {finetune}");
+        assert!(s[3].1 >= 0.1, "{s:?}");
+        assert!(s.iter().all(|(_, t)| *t >= 0.015), "{s:?}");
     }
 
     #[test]

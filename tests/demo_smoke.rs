@@ -28,7 +28,7 @@ fn demo_runs_end_to_end_on_the_shipped_hippocampus_scans() {
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_sfr"))
         .args(["demo", "--iterations", "3", "--sam-iterations", "2", "--sam-canvases", "2", "--labeled", "2", "--unlabeled", "2", "--test", "2"])
-        .args(["--sfr-plus", "--progress", "none", "--out"])
+        .args(["--sfr-plus", "--pseudo-label-curve", "3", "--progress", "none", "--out"])
         .arg(out.path())
         .output()
         .unwrap();
@@ -86,6 +86,32 @@ fn demo_runs_end_to_end_on_the_shipped_hippocampus_scans() {
         }
     }
     assert!(out.path().join("results.txt").is_file());
+
+    // The pseudo-label curve: 3 points over SAM's 2 fine-tuning steps. Its last point scores the
+    // module that wrote the pseudo-labels, so it must equal their score above (per class, mean
+    // over cases): the probe looked without changing the training.
+    let curve = results["pseudo_label_curve"].as_array().unwrap();
+    assert_eq!(curve.iter().map(|p| p["step"].as_u64().unwrap()).collect::<Vec<_>>(), [0, 1, 2], "{curve:?}");
+    let last = &curve[2]["dice"];
+    for (k, name) in [(0, "Anterior"), (1, "Posterior")] {
+        let from_files = 100.0 * pseudo.iter().map(|p| p["metrics"][k]["dice"].as_f64().unwrap()).sum::<f64>() / pseudo.len() as f64;
+        let probed = last[name].as_f64().unwrap_or_else(|| panic!("{name} missing: {last}"));
+        assert!((probed - from_files).abs() < 1e-6, "{name}: curve's last point {probed} against the written pseudo-labels' {from_files}");
+    }
+    assert!(stdout.contains("SAM's pseudo-labels along its fine-tuning (3 points)"), "{stdout}");
+
+    // Time per stage, per row: every row loads and re-trains; the SFR rows fine-tune SAM and
+    // pseudo-label; the probe's passes are timed apart from the fine-tuning they interrupt.
+    let stages = |r: &serde_json::Value| r["stage_seconds"].as_array().unwrap().iter().map(|s| {
+        assert!(s["seconds"].as_f64().unwrap() >= 0.0, "{s}");
+        s["stage"].as_str().unwrap().to_string()
+    }).collect::<Vec<_>>();
+    assert_eq!(stages(&rows[0]), ["load", "retrain", "fit"], "{}", rows[0]);
+    let sfr_stages = stages(&rows[2]);
+    for st in ["load", "finetune", "sam_probe", "pseudolabel", "retrain", "fit"] {
+        assert!(sfr_stages.iter().any(|s| s == st), "{st} missing: {sfr_stages:?}");
+    }
+    assert!(!stages(&rows[3]).iter().any(|s| s == "sam_probe"), "only the first SFR row is probed");
 
     // The model loads and says it is the SFR (mean teacher) one.
     let meta = sfr::model::SfrModel::read_meta(out.path().join("sfr_mean_teacher.sfrmodel")).unwrap();

@@ -26,7 +26,7 @@ fn overfit_dice(dims: [usize; 3], scale: usize) -> f64 {
     let r = Reporter::detached(None);
     let mut sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
     let data = [LabeledVolume { image: &image, label: &lab.data }];
-    sam.finetune(&cfg, &data, 300, 1, &r).unwrap();
+    sam.finetune(&cfg, &data, 300, 1, &r, None).unwrap();
     let p = sam.pseudo_label(&cfg, &image, None).unwrap();
     assert_eq!(p.probabilities.shape()[1..], *image.shape(), "probabilities on the voxel grid");
     let m = binary_metrics(&p.label.mapv(|v| v == 1).view(), &lab.data.mapv(|v| v == 1).view(), [1.0; 3]).unwrap();
@@ -83,7 +83,7 @@ fn lora_on_the_last_blocks_over_a_cached_frozen_prefix() {
     let mut sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
     assert!(sam.frozen_encoder(&cfg));
     let data = [LabeledVolume { image: &image, label: &lab.data }];
-    sam.finetune(&cfg, &data, 150, 1, &r).unwrap();
+    sam.finetune(&cfg, &data, 150, 1, &r, None).unwrap();
     let n = sam.lora.blocks.len();
     for (i, b) in sam.lora.blocks.iter().enumerate() {
         let moved = f64::try_from(b.linear_b_q.abs().max()).unwrap() + f64::try_from(b.linear_b_v.abs().max()).unwrap();
@@ -111,7 +111,7 @@ fn lora_on_the_last_blocks_over_a_cached_frozen_prefix() {
     // K = 0: the whole encoder frozen and cached, only the decoder trains; LoRA stays zero.
     cfg.sam.lora_last_blocks = 0;
     let mut frozen = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
-    frozen.finetune(&cfg, &data, 5, 1, &r).unwrap();
+    frozen.finetune(&cfg, &data, 5, 1, &r, None).unwrap();
     assert!(frozen.lora.blocks.iter().all(|b| f64::try_from(b.linear_b_q.abs().max()).unwrap() == 0.0));
     frozen.pseudo_label(&cfg, &image, None).unwrap();
 

@@ -50,6 +50,9 @@ pub struct RunOptions {
     /// of one run, or another model's, train several V-Nets at the cost of one SAM stage. The
     /// pseudo-label guard still applies. SFR only (SFR+ fine-tunes SAM between its rounds).
     pub pseudo_labels_from: Option<PathBuf>,
+    /// Looks at SAM during its first fine-tuning (`sam_stage::SamProbe`; the demo's
+    /// pseudo-label curve).
+    pub sam_probe: Option<sam_stage::SamProbe>,
 }
 
 /// Mean ± std over cases of the per-class metrics.
@@ -140,6 +143,7 @@ pub fn validation_count(requested: Option<usize>, n_labeled: usize) -> Result<us
 /// Runs SFR / SFR+ (or the method alone when `sfr` is off) and returns the trained model.
 pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporter: &Reporter) -> Result<SfrModel> {
     cfg.validate()?;
+    let stages_mark = reporter.stages_started();
     let device = crate::nn::parse_device(&cfg.device)?;
     // Said once per run, so a silent fall-back of "auto" to the CPU shows in the log and GUIs.
     reporter.message(&format!("training on {} (device \"{}\")", crate::nn::device_name(device), cfg.device));
@@ -211,7 +215,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
                 (labels, vec![false; unl_samples.len()])
             }
             None => {
-                let (sam_module, pseudo, confident) = sam_stage::run_sam_stage(cfg, num_classes, &labeled_for_vnet, &unl_samples, device, reporter)?;
+                let (sam_module, pseudo, confident) = sam_stage::run_sam_stage(cfg, num_classes, &labeled_for_vnet, &unl_samples, device, reporter, opts.sam_probe.as_ref())?;
                 let confidences: Vec<f64> = pseudo.iter().map(|p| p.confidence).collect();
                 if opts.write_pseudo_labels {
                     let dir = opts.work_dir.as_ref().ok_or_else(|| Error::invalid("writing pseudo-labels needs a work folder"))?.join("pseudo");
@@ -322,6 +326,13 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     if let Some(ck) = &ck {
         let _ = std::fs::remove_file(&ck.path); // finished: the checkpoint has served
     }
+    // Where the run's time went, stage by stage (wall clock), in the model and the log.
+    let stage_seconds = reporter.stage_seconds(stages_mark);
+    reporter.message(&format!(
+        "time per stage: {}",
+        stage_seconds.iter().map(|(n, t)| format!("{n} {t:.1} s")).collect::<Vec<_>>().join(", ")
+    ));
+    model.meta.training["stage_seconds"] = stage_seconds.iter().map(|(n, t)| serde_json::json!({"stage": n, "seconds": t})).collect();
     Ok(model)
 }
 

@@ -60,6 +60,45 @@ pub struct SamModule {
     cache: Option<(usize, Tensor, Tensor)>,
 }
 
+/// A look at SAM during its first fine-tuning, for diagnostics such as `sfr demo
+/// --pseudo-label-curve`: `call` gets the step, the module as it is after that many steps, the
+/// config and the unlabelled volumes (normalised, on the training grid), at `points` steps spread
+/// evenly from 0 (before the first step) to the last. It must only read the module: fine-tuning
+/// goes on exactly as without it (no random draw, no gradient).
+#[derive(Clone)]
+pub struct SamProbe {
+    pub points: usize,
+    pub call: std::sync::Arc<dyn Fn(usize, &SamModule, &TrainConfig, &[Sample]) -> Result<()> + Send + Sync>,
+}
+
+/// The steps at which a probe of `points` points looks, over `iterations` steps: 0, the last, and
+/// evenly between (fewer when there are fewer steps than points).
+pub fn probe_steps(points: usize, iterations: usize) -> Vec<usize> {
+    let mut steps: Vec<usize> = match points {
+        0 => vec![],
+        1 => vec![iterations],
+        p => (0..p).map(|k| ((k * iterations) as f64 / (p - 1) as f64).round() as usize).collect(),
+    };
+    steps.dedup();
+    steps
+}
+
+/// A probe bound to one fine-tuning: its steps and what to call there.
+pub struct FinetuneProbe<'a> {
+    pub steps: Vec<usize>,
+    pub call: &'a dyn Fn(usize, &SamModule) -> Result<()>,
+}
+
+impl FinetuneProbe<'_> {
+    /// Calls the probe at its steps, timed apart from fine-tuning (stage "sam_probe").
+    fn at(&self, step: usize, m: &SamModule, reporter: &Reporter) -> Result<()> {
+        if self.steps.contains(&step) {
+            reporter.aside("sam_probe", || (self.call)(step, m))?;
+        }
+        Ok(())
+    }
+}
+
 /// A labelled volume for fine-tuning: image and (pseudo-)label.
 pub struct LabeledVolume<'a> {
     pub image: &'a Array3<f32>,
@@ -208,7 +247,7 @@ impl SamModule {
     /// Frozen-encoder fine-tuning: encodes `frozen_encoder_canvases` augmented canvases once
     /// (again only when the labelled set grew, as in SFR+), then trains the prompt encoder and
     /// mask decoder on random batches of the cached embeddings.
-    fn finetune_cached(&mut self, cfg: &TrainConfig, data: &[LabeledVolume], iterations: usize, rng: &mut Rng, reporter: &Reporter) -> Result<()> {
+    fn finetune_cached(&mut self, cfg: &TrainConfig, data: &[LabeledVolume], iterations: usize, rng: &mut Rng, reporter: &Reporter, probe: Option<&FinetuneProbe>) -> Result<()> {
         let s = &cfg.sam;
         let n = s.frozen_encoder_canvases;
         let size = self.layout.canvas as i64;
@@ -250,6 +289,9 @@ impl SamModule {
         reporter.stage("finetune", iterations as u64, &format!("SAM {} {what} on {n} cached canvases ({}×{} grid on {}²)", self.sam.cfg.name, self.layout.n_row, self.layout.n_col, size))?;
         for it in 0..iterations {
             crate::threads::tick();
+            if let Some(p) = probe {
+                p.at(it, self, reporter)?;
+            }
             opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
             let idx: Vec<i64> = (0..s.batch).map(|_| rng.random_range(0..n) as i64).collect();
             let idx = Tensor::from_slice(&idx).to_device(emb.device());
@@ -264,18 +306,21 @@ impl SamModule {
             opt.step();
             reporter.step(it as u64 + 1, finite_loss(&loss, "SAM fine-tuning", it)?)?;
         }
+        if let Some(p) = probe {
+            p.at(iterations, self, reporter)?;
+        }
         Ok(())
     }
 
-    /// Fine-tunes on `data` for `iterations` steps.
-    pub fn finetune(&mut self, cfg: &TrainConfig, data: &[LabeledVolume], iterations: usize, seed: u64, reporter: &Reporter) -> Result<()> {
+    /// Fine-tunes on `data` for `iterations` steps; `probe` looks at the module on its way.
+    pub fn finetune(&mut self, cfg: &TrainConfig, data: &[LabeledVolume], iterations: usize, seed: u64, reporter: &Reporter, probe: Option<&FinetuneProbe>) -> Result<()> {
         if data.is_empty() {
             return Err(Error::invalid("SAM fine-tuning needs at least one labelled volume"));
         }
         let s = &cfg.sam;
         let mut rng = Rng::seed_from_u64(seed);
         if self.frozen_encoder(cfg) {
-            return self.finetune_cached(cfg, data, iterations, &mut rng, reporter);
+            return self.finetune_cached(cfg, data, iterations, &mut rng, reporter, probe);
         }
         let mut opt = nn::AdamW { beta1: 0.9, beta2: 0.999, wd: s.weight_decay, eps: 1e-8, amsgrad: false }.build(&self.vs, s.lr)?;
         let size = self.layout.canvas as i64;
@@ -286,6 +331,9 @@ impl SamModule {
         )?;
         for it in 0..iterations {
             crate::threads::tick();
+            if let Some(p) = probe {
+                p.at(it, self, reporter)?;
+            }
             opt.set_lr(s.lr * (1.0 - it as f64 / iterations as f64).powf(0.9));
             let mut imgs = Vec::with_capacity(s.batch);
             let mut labs = Vec::with_capacity(s.batch);
@@ -303,6 +351,9 @@ impl SamModule {
             loss.backward();
             opt.step();
             reporter.step(it as u64 + 1, finite_loss(&loss, "SAM fine-tuning", it)?)?;
+        }
+        if let Some(p) = probe {
+            p.at(iterations, self, reporter)?;
         }
         Ok(())
     }
@@ -370,6 +421,7 @@ pub fn run_sam_stage(
     unlabeled: &[Sample],
     device: Device,
     reporter: &Reporter,
+    probe: Option<&SamProbe>,
 ) -> Result<(SamModule, Vec<PseudoLabel>, Vec<bool>)> {
     // libtorch's generator is global: seed it here, so that the SAM's fresh weights and every
     // later draw depend on the run's seed only, not on what the process did before.
@@ -390,7 +442,10 @@ pub fn run_sam_stage(
             }
         }
         let iters = if round == 0 { cfg.sam.iterations } else { cfg.sam.iterations / 2 };
-        sam.finetune(cfg, &set, iters, cfg.seed.wrapping_add(round as u64), reporter)?;
+        // The probe looks at the first fine-tuning only (SFR+'s later rounds continue it).
+        let call = |step: usize, m: &SamModule| probe.map_or(Ok(()), |p| (p.call)(step, m, cfg, unlabeled));
+        let bound = probe.filter(|_| round == 0).map(|p| FinetuneProbe { steps: probe_steps(p.points, iters), call: &call });
+        sam.finetune(cfg, &set, iters, cfg.seed.wrapping_add(round as u64), reporter, bound.as_ref())?;
         reporter.stage("pseudolabel", unlabeled.len() as u64, &format!("SAM pseudo-labels for {} unlabelled volumes (round {})", unlabeled.len(), round + 1))?;
         let mut next = Vec::with_capacity(unlabeled.len());
         for (i, u) in unlabeled.iter().enumerate() {
@@ -633,7 +688,7 @@ mod tests {
             cfg.sam.bf16 = bf16.into();
             tch::manual_seed(5);
             let mut sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
-            sam.finetune(&cfg, &data, 3, 7, &r).unwrap();
+            sam.finetune(&cfg, &data, 3, 7, &r, None).unwrap();
             sam.pseudo_label(&cfg, &image, None).unwrap().probabilities
         };
         let (p32, p16) = (run(false), run(true));

@@ -15,6 +15,8 @@ use sfr::model::SfrModel;
 use sfr::nn::autocast;
 use sfr::phantom::{write_dataset, PhantomSpec};
 use sfr::pipeline::config::{Method, SamStage, TrainConfig};
+use sfr::pipeline::data::Sample;
+use sfr::pipeline::sam_stage::{SamModule, SamProbe};
 use sfr::pipeline::{evaluate_cases, summarize, RunOptions, TrainInputs};
 use sfr::stitch::{stitch_image, stitch_labels, StitchLayout, LABEL_PAD};
 use sfr::volume::Volume;
@@ -78,6 +80,11 @@ pub struct DemoArgs {
     /// 10-minute budget on a 2-core CPU, hence off by default).
     #[arg(long)]
     sfr_plus: bool,
+    /// Score SAM's pseudo-labels of the unlabelled cases against their true labels at N points of
+    /// the first SFR row's fine-tuning, from step 0 to the last (the curve goes into results.json;
+    /// each point costs one pseudo-labelling pass, timed apart from fine-tuning) [default: 0, off].
+    #[arg(long, default_value_t = 0)]
+    pseudo_label_curve: usize,
     /// libtorch threads; 0 = auto, the cores other work leaves free [default: the config's, 0].
     #[arg(long)]
     threads: Option<usize>,
@@ -218,6 +225,61 @@ struct Scores {
     per_case: Vec<(String, Vec<ClassMetrics>)>,
     train_s: f64,
     sam: serde_json::Value,
+    /// The model's `training.stage_seconds`.
+    stage_seconds: serde_json::Value,
+}
+
+/// One point of the pseudo-label curve: SAM's pseudo-labels of the unlabelled cases after `step`
+/// fine-tuning steps, Dice (%) per class (mean over cases) against their true labels.
+#[derive(Clone, Debug, serde::Serialize)]
+struct CurvePoint {
+    step: usize,
+    dice: BTreeMap<String, f64>,
+    mean_dice: f64,
+    seconds: f64,
+}
+
+/// The probe that draws the pseudo-label curve: it pseudo-labels every unlabelled volume as the
+/// pipeline holds it (normalised, on the training grid) and scores it against `truth`, the
+/// case's true label on that same grid (read for this diagnosis only; no row trains on it).
+fn curve_probe(points: usize, truth: BTreeMap<String, ndarray::Array3<u8>>, classes: BTreeMap<u16, String>, out: std::sync::Arc<std::sync::Mutex<Vec<CurvePoint>>>) -> SamProbe {
+    let call = move |step: usize, sam: &SamModule, cfg: &TrainConfig, unlabeled: &[Sample]| -> Result<()> {
+        let t = std::time::Instant::now();
+        let mut sums: BTreeMap<u16, f64> = classes.keys().map(|&c| (c, 0.0)).collect();
+        for u in unlabeled {
+            let truth = truth.get(&u.id).ok_or_else(|| Error::invalid(format!("pseudo-label curve: no true label for {}", u.id)))?;
+            if truth.dim() != u.image.dim() {
+                return Err(Error::invalid(format!(
+                    "pseudo-label curve: {} was resampled for training ({:?} voxels, its label {:?}); the curve needs cases at the training spacing",
+                    u.id,
+                    u.image.dim(),
+                    truth.dim()
+                )));
+            }
+            let pred = sam.pseudo_label(cfg, &u.image, None)?.label;
+            for (&c, sum) in sums.iter_mut() {
+                *sum += dice(&pred, truth, c as u8);
+            }
+        }
+        let n = unlabeled.len().max(1) as f64;
+        let dice: BTreeMap<String, f64> = sums.iter().map(|(c, s)| (classes[c].clone(), 100.0 * s / n)).collect();
+        let mean_dice = dice.values().sum::<f64>() / dice.len().max(1) as f64;
+        out.lock().unwrap().push(CurvePoint { step, dice, mean_dice, seconds: t.elapsed().as_secs_f64() });
+        Ok(())
+    };
+    SamProbe { points, call: std::sync::Arc::new(call) }
+}
+
+/// Dice of class `c` between two label volumes; 1 when neither has it (as `sfr evaluate`).
+fn dice(pred: &ndarray::Array3<u8>, truth: &ndarray::Array3<u8>, c: u8) -> f64 {
+    let (mut both, mut p, mut t) = (0usize, 0usize, 0usize);
+    for (&a, &b) in pred.iter().zip(truth.iter()) {
+        let (x, y) = (a == c, b == c);
+        both += (x && y) as usize;
+        p += x as usize;
+        t += y as usize;
+    }
+    if p + t == 0 { 1.0 } else { 2.0 * both as f64 / (p + t) as f64 }
 }
 
 /// Per-class metrics of the pseudo-labels in `dir` (`<id>_pseudo.nii.gz`) against the true labels
@@ -338,6 +400,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let mut models: Vec<SfrModel> = vec![];
     let mut pseudo_dir: Option<PathBuf> = None;
     let mut sfr_sam: Option<SamStage> = None;
+    let classes: BTreeMap<u16, String> = ds.labels.iter().filter(|(&c, _)| c != 0).map(|(&c, n)| (c, n.clone())).collect();
+    let curve = std::sync::Arc::new(std::sync::Mutex::new(Vec::<CurvePoint>::new()));
     let demo_start = std::time::Instant::now();
     for (n, &row) in rows.iter().enumerate() {
         let cfg = if a.synthetic { synthetic_config(&a, row, iterations) } else { real_config(&a, row, iterations) };
@@ -347,7 +411,17 @@ pub fn run(a: DemoArgs) -> Result<()> {
             let d = work.join(cfg.method.name());
             pseudo_dir = Some(d.join("pseudo"));
             sfr_sam = Some(cfg.sam.clone());
-            RunOptions { work_dir: Some(d), write_pseudo_labels: true, ..Default::default() }
+            let sam_probe = if a.pseudo_label_curve > 0 {
+                let mut truth = BTreeMap::new();
+                for u in &unlabeled {
+                    let path = ds.case(&u.id)?.label.clone().ok_or_else(|| Error::invalid(format!("pseudo-label curve: unlabelled case {} has no label file to score against", u.id)))?;
+                    truth.insert(u.id.clone(), nifti::read(&path)?.cast::<u8>().data);
+                }
+                Some(curve_probe(a.pseudo_label_curve, truth, classes.clone(), curve.clone()))
+            } else {
+                None
+            };
+            RunOptions { work_dir: Some(d), write_pseudo_labels: true, sam_probe, ..Default::default() }
         } else {
             RunOptions::default()
         };
@@ -372,13 +446,13 @@ pub fn run(a: DemoArgs) -> Result<()> {
             Ok((model, per_case, train_s))
         })?;
         let sam = model.meta.training["sam"].clone();
-        scores.push(Scores { row, per_case, train_s, sam });
+        let stage_seconds = model.meta.training["stage_seconds"].clone();
+        scores.push(Scores { row, per_case, train_s, sam, stage_seconds });
         models.push(model);
     }
     let total_s = demo_start.elapsed().as_secs_f64();
 
     // The table.
-    let classes: BTreeMap<u16, String> = ds.labels.iter().filter(|(&c, _)| c != 0).map(|(&c, n)| (c, n.clone())).collect();
     let mut text = String::new();
     text += &format!(
         "{} held-out test cases of {}: Dice (%) mean ± std over cases, HD95 (mm) mean\n",
@@ -419,7 +493,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         text += &line;
         json_rows.push(serde_json::json!({
             "name": s.row.name, "method": s.row.method.name(), "sfr": s.row.sfr, "sfr_plus": s.row.sfr_plus,
-            "mean_dice": mean_dice, "classes": summ, "train_seconds": s.train_s, "sam": s.sam,
+            "mean_dice": mean_dice, "classes": summ, "train_seconds": s.train_s, "stage_seconds": s.stage_seconds, "sam": s.sam,
             "per_case": s.per_case.iter().map(|(id, m)| serde_json::json!({"id": id, "metrics": m})).collect::<Vec<_>>(),
         }));
     }
@@ -478,6 +552,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
             if ck.is_null() { "no checkpoint (random initial weights: not pretrained)".to_string() } else { format!("checkpoint {}", ck.as_str().unwrap_or("?")) }
         ));
     }
+    let curve = curve.lock().unwrap().clone();
+    if let (Some(first), Some(last)) = (curve.first(), curve.last()) {
+        meaning.push(format!(
+            "SAM's pseudo-labels along its fine-tuning ({} points): mean Dice {:.1} at step {}, {:.1} at step {}; each point took {:.0} s (timed apart)",
+            curve.len(),
+            first.mean_dice,
+            first.step,
+            last.mean_dice,
+            last.step,
+            curve.iter().map(|p| p.seconds).sum::<f64>() / curve.len() as f64
+        ));
+    }
     meaning.push(format!(
         "{} test cases are few: differences within about 2 standard errors are noise; one run, one seed.",
         test.len()
@@ -532,6 +618,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "seed": a.seed,
         "total_seconds": total_s,
         "rows": json_rows,
+        "pseudo_label_curve": curve,
         "pseudo_labels": pseudo_scores.iter().map(|(id, m)| serde_json::json!({"id": id, "metrics": m})).collect::<Vec<_>>(),
         "meaning": meaning,
         "saved_model": {"row": rows[saved].name, "path": model_path.display().to_string()},
@@ -677,7 +764,7 @@ mod tests {
                 (format!("c{i}"), vec![m])
             })
             .collect();
-        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null }
+        Scores { row: ROWS[0], per_case, train_s: 0.0, sam: serde_json::Value::Null, stage_seconds: serde_json::Value::Null }
     }
 
     #[test]

@@ -469,7 +469,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         unlabeled.truncate(m);
     }
     let inputs = TrainInputs { labeled: sfr::pipeline::sources(&labeled), unlabeled: sfr::pipeline::sources(&unlabeled), classes: ds.labels.clone(), dataset_name: ds.name.clone() };
-    let opts = RunOptions { work_dir: Some(work_dir), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels, pseudo_labels_from: a.pseudo_labels.clone() };
+    let opts = RunOptions { work_dir: Some(work_dir), resume: a.resume, write_pseudo_labels: a.write_pseudo_labels, pseudo_labels_from: a.pseudo_labels.clone(), sam_probe: None };
     let out = a.out.clone();
     let t = std::time::Instant::now();
     let model = run_job(a.progress, move |r| {
