@@ -3,13 +3,13 @@
 # scripts/robustness.sh, which trains with `sfr train`, scores on the 60 test cases 100..159 of
 # the hippocampus data with `sfr evaluate` and keeps one JSON per run), then rewrites each table
 # of docs/results.md (between its `<!-- results:NAME -->` markers) from those JSON files, and
-# the plot of every run, docs/results-dice.svg (scripts/results_tables.py).
+# the plot of every run, docs/results-dice.svg, and the demo's figures (scripts/results_tables.py).
 #
 #   scripts/results.sh [DATA] [OUT]       DATA: MSD hippocampus (default ../shared/data/hippocampus)
-#   TABLES="robustness sfr few-labels sfr-few ablation la-spacing"  which tables (default: all)
+#   TABLES="demo robustness sfr few-labels sfr-few ablation la-spacing la"  which tables (default: all)
 #   SEEDS="1 2 3 4 5"  SETS="A B C"       seeds and labelled sets of the robustness table
 #   FEW_SEEDS="1 2 3 4 5"                 seeds of the few-labels table (one labelled case)
-#   LA_DATA=../shared/data/la2018  LA_SEEDS="1 2 3"   the left atrium table (scripts/la_spacing.sh)
+#   LA_DATA=../shared/data/la2018  LA_SEEDS="1 2 3"   the left atrium tables (scripts/la.sh)
 #   RUN=0                                 no training: rewrite the tables from the JSON in OUT
 #   SET='{...}'                           config overrides for every run (e.g. a small budget to
 #                                         try the script; such runs are not the documented ones)
@@ -24,7 +24,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/env.sh"
 data="${1:-$here/../shared/data/hippocampus}"
 out="${2:-$here/experiments/results}"
-tables="${TABLES:-robustness sfr few-labels sfr-few ablation la-spacing}"
+tables="${TABLES:-demo robustness sfr few-labels sfr-few ablation la-spacing la}"
 doc="${RESULTS_DOC:-$here/docs/results.md}"
 extra="${SET:-{\}}"
 runs="$out/runs"
@@ -43,11 +43,17 @@ if [ "${RUN:-1}" != 0 ]; then
   for t in $tables; do
     echo "== table $t"
     case "$t" in
+      # The demo on the scans shipped in demo/hippocampus, with SAM's pseudo-label curve: its
+      # table, pictures, and plots of the curve and of time per stage.
+      demo) [ -f "$out/demo/results.json" ] || "$here/target/release/sfr" demo --out "$out/demo" --pseudo-label-curve 7 --progress none ;;
       robustness) LABELED=4 SETS="${SETS:-A B C}" SEEDS="${SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
       sfr) LABELED=4 SETS=A SEEDS="1 3" ROWS="supervised mean-teacher-sfr" SET="$extra" robustness "$runs" ;;
       sfr-few) LABELED=1 SETS=A SEEDS=1 ROWS="supervised mean-teacher-sfr mean-teacher-sfr-lora" SET="$extra" robustness "$runs" ;;
       few-labels) LABELED=1 SETS="A B C" SEEDS="${FEW_SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
-      la-spacing) SEEDS="${LA_SEEDS:-1 2 3}" "$here/scripts/la_spacing.sh" "${LA_DATA:-$here/../shared/data/la2018}" "$out/la" ;;
+      la-spacing) LABELED=4 ROWS=supervised SPACINGS="native 1.25 1.7 default" SEEDS="${LA_SEEDS:-1 2 3}" \
+        "$here/scripts/la.sh" "${LA_DATA:-$here/../shared/data/la2018}" "$out/la" ;;
+      la) LABELED="1 4 16" ROWS="supervised mean-teacher-sfr" SPACINGS=default SEEDS="${LA_SEEDS:-1 2 3}" \
+        "$here/scripts/la.sh" "${LA_DATA:-$here/../shared/data/la2018}" "$out/la" ;;
       ablation)
         # class-prior head without dropout is the preset itself: the robustness table's run
         LABELED=4 SETS=A SEEDS=1 ROWS=supervised SET="$extra" robustness "$runs"
@@ -56,7 +62,7 @@ if [ "${RUN:-1}" != 0 ]; then
           LABELED=4 SETS=A SEEDS=1 ROWS=supervised SET="$(merge "{\"vnet\": {\"head_bias_prior\": $head, \"dropout\": ${v#*-}}}")" \
             robustness "$out/ablation-$v"
         done ;;
-      *) echo "results: unknown table $t (robustness, sfr, few-labels, sfr-few, ablation, la-spacing)" >&2; exit 2 ;;
+      *) echo "results: unknown table $t (demo, robustness, sfr, few-labels, sfr-few, ablation, la-spacing, la)" >&2; exit 2 ;;
     esac
   done
 fi

@@ -10,6 +10,11 @@ DOC. A table whose runs are all missing is left as it is (and said so); one with
 missing is written from those present, with the seed counts showing it. Dice in %, mean ± std
 over seeds of each run's mean over the test cases. The tables need the standard library only.
 
+The `demo` table comes from OUT/demo/results.json (`sfr demo --pseudo-label-curve`), with two
+plots beside DOC, demo-pseudo-label-curve.svg (SAM's pseudo-label Dice against its fine-tuning
+steps) and demo-stage-times.svg (each row's training time, stage by stage), and the demo's two
+pictures copied beside DOC as demo-views.png and demo-pseudo-label.png.
+
 The plot shows every run in OUT/runs: per labelled count and set, each seed's mean Dice as a
 dot, one colour per row, and each row's mean over its seeds as a bar. It needs matplotlib;
 without it the plot is skipped (and said so) and the tables are still written. The SVG is
@@ -137,25 +142,73 @@ def ablation(out):
     return lines
 
 
-LA_RUN = re.compile(r"supervised-4-(native|[0-9.]+)-(\d+)\.json")
+LA_RUN = re.compile(r"(supervised|mean-teacher-sfr)-(\d+)-(native|default|[0-9.]+)-(\d+)\.json")
+
+
+def model_meta(path):
+    """The `sfr` metadata of a .sfrmodel (a safetensors file: an 8-byte header length, then a
+    JSON header whose __metadata__ holds it), or None when the file is missing."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    return json.loads(header["__metadata__"]["sfr"])
+
+
+def la_runs(out):
+    """{(row, labelled, spacing, seed): run} of scripts/la.sh's runs."""
+    return {(k[0], int(k[1]), k[2], int(k[3])): r for k, r in load(os.path.join(out, "la"), LA_RUN).items()}
+
+
+def spacing_words(k, rs):
+    if k == "native":
+        return "0.625 (native)"
+    if k == "default":
+        sp = {tuple(m["spacing"]) for m in (model_meta(r["_model"]) for r in rs) if m}
+        return "preset's choice" + (f": {', '.join(' × '.join(f'{v:g}' for v in s) for s in sorted(sp))}" if sp else "")
+    return k
+
+
+def la_row(label, rs):
+    d = [r["summary"][0]["dice_mean"] for r in rs]
+    hd = [r["summary"][0]["hd95_mean"] for r in rs if r["summary"][0].get("hd95_mean") is not None]
+    low = min(min(c["classes"][0]["dice"] for c in r["cases"]) for r in rs)
+    return f"| {label} | {len(rs)} | {pct(d)} | {st.mean(hd):.1f} | {100 * low:.1f} | {st.mean(r['train_s'] for r in rs):.0f} |"
 
 
 def la_spacing(out):
-    """The left atrium at native and coarser training spacings (scripts/la_spacing.sh)."""
+    """The left atrium, supervised with 4 labelled cases, at native, coarser and the preset's
+    own training spacing (scripts/la.sh)."""
     groups = {}
-    for (spacing, _seed), r in load(os.path.join(out, "la"), LA_RUN).items():
-        groups.setdefault(spacing, []).append(r)
+    for (row, n, spacing, _seed), r in la_runs(out).items():
+        if (row, n) == ("supervised", 4):
+            groups.setdefault(spacing, []).append(r)
     if not groups:
         return None
     lines = ["| training spacing (mm) | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s |", "|---|---|---|---|---|---|"]
-    order = sorted(groups, key=lambda k: 0.0 if k == "native" else float(k))
-    for k in order:
-        rs = groups[k]
-        d = [r["summary"][0]["dice_mean"] for r in rs]
-        hd = [r["summary"][0]["hd95_mean"] for r in rs if r["summary"][0].get("hd95_mean") is not None]
-        low = min(min(c["classes"][0]["dice"] for c in r["cases"]) for r in rs)
-        label = "0.625 (native)" if k == "native" else k
-        lines.append(f"| {label} | {len(rs)} | {pct(d)} | {st.mean(hd):.1f} | {100 * low:.1f} | {st.mean(r['train_s'] for r in rs):.0f} |")
+    for k in sorted(groups, key=lambda k: (k == "default", 0.0 if k in ("native", "default") else float(k))):
+        lines.append(la_row(spacing_words(k, groups[k]), groups[k]))
+    return lines
+
+
+# The SFR paper's Table I on LA (GPU, full resolution, its own 20 test volumes): V-Net with N
+# labelled cases, and SFR(MT) with N labelled + the rest unlabelled.
+PAPER_LA = {("supervised", 1): 17.99, ("supervised", 4): None, ("supervised", 16): 86.03, ("mean-teacher-sfr", 1): 74.40, ("mean-teacher-sfr", 16): 90.86}
+
+
+def la(out):
+    """The left atrium at the preset's own spacing: labelled counts × rows (scripts/la.sh)."""
+    groups = {}
+    for (row, n, spacing, _seed), r in la_runs(out).items():
+        if spacing == "default":
+            groups.setdefault((n, row), []).append(r)
+    if not groups:
+        return None
+    lines = ["| labelled | row | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s | the paper (GPU) |", "|---|---|---|---|---|---|---|---|"]
+    for (n, row) in sorted(groups, key=lambda g: (g[0], g[1] != "supervised")):
+        paper = PAPER_LA.get((row, n))
+        lines.append(la_row(f"{n} | {row}", groups[(n, row)]) + f" {paper if paper is not None else '–'} |")
     return lines
 
 
@@ -167,7 +220,59 @@ def sfr_few(out):
     return sfr_table(out, (1, 2))
 
 
-TABLES = {"robustness": robustness, "sfr": sfr, "few-labels": few_labels, "sfr-few": sfr_few, "ablation": ablation, "la-spacing": la_spacing}
+def demo_results(out):
+    path = os.path.join(out, "demo", "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def machine_words(m):
+    if not m:
+        return "an unrecorded CPU"
+    bf16 = "with AVX512-BF16" if m.get("avx512_bf16") else "without AVX512-BF16"
+    return f"{m.get('cpu_model') or 'an unnamed CPU'}, {m.get('logical_cpus')} logical CPUs, {bf16}"
+
+
+def probe_seconds(row):
+    return sum(x["seconds"] for x in row.get("stage_seconds") or [] if x["stage"] == "sam_probe")
+
+
+# The pipeline's stages in the order they run (any other stage follows).
+STAGES = ["load", "encode", "finetune", "pseudolabel", "retrain", "validate", "fit"]
+
+
+def demo(out):
+    r = demo_results(out)
+    if r is None:
+        return None
+    cls = [c["name"] for c in r["rows"][0]["classes"]]
+    lines = [
+        f"`sfr demo --pseudo-label-curve 7` on {machine_words(r.get('machine'))}: {len(r['labeled'])} labelled + "
+        f"{len(r['unlabeled'])} unlabelled cases, {len(r['test'])} test cases, seed {r['seed']}, "
+        f"{r['vnet_iterations']} V-Net iterations per row. Dice (%) mean ± std over the test cases.",
+        "",
+        "| row | " + " | ".join(f"{c} Dice" for c in cls) + " | mean Dice | train s |",
+        "|---|" + "---|" * (len(cls) + 2),
+    ]
+    probed = 0.0
+    for row in r["rows"]:
+        cells = [f"{100 * c['dice_mean']:.1f} ± {100 * c['dice_std']:.1f}" for c in row["classes"]]
+        probe = probe_seconds(row)
+        probed += probe
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {100 * row['mean_dice']:.1f} | {row['train_seconds'] - probe:.0f} |")
+    if probed:
+        lines += ["", f"Train s: the training's wall clock, without the {probed:.0f} s the pseudo-label curve's scoring took (`sam_probe`)."]
+    curve = r.get("pseudo_label_curve") or []
+    if curve:
+        pts = ", ".join(f"{p['mean_dice']:.1f} at step {p['step']}" for p in curve)
+        lines += ["", f"SAM's pseudo-labels of the {len(r['unlabeled'])} unlabelled cases against their true labels, mean Dice over the classes: {pts}."]
+    lines += [""] + [f"- {m}" for m in r.get("meaning", [])]
+    return lines
+
+
+TABLES = {"demo": demo, "robustness": robustness, "sfr": sfr, "few-labels": few_labels, "sfr-few": sfr_few, "ablation": ablation, "la-spacing": la_spacing, "la": la}
 
 PLOT = "results-dice.svg"
 # Rows in the order of scripts/robustness.sh; any other row follows, alphabetically.
@@ -236,6 +341,94 @@ def plot(out, path):
     return f"plot of {len(runs)} runs written to {path}"
 
 
+def demo_figures(out, docdir):
+    """The demo's curve and stage-time plots and its pictures, beside DOC. Returns what it did."""
+    r = demo_results(out)
+    if r is None:
+        return f"no demo run in {out}/demo; its figures left as they are"
+    import shutil
+
+    for key, name in (("views", "demo-views.png"), ("sam_pseudo_label", "demo-pseudo-label.png")):
+        src = r["pictures"].get(key)
+        if src:
+            # The picture as the run wrote it (the run folder may have moved with OUT).
+            src = src if os.path.isfile(src) else os.path.join(out, "demo", "pictures", os.path.basename(src))
+            shutil.copyfile(src, os.path.join(docdir, name + ".tmp"))
+            os.replace(os.path.join(docdir, name + ".tmp"), os.path.join(docdir, name))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "demo pictures copied; plots skipped: matplotlib is missing"
+    style = {"svg.hashsalt": "sfr-results", "svg.fonttype": "path", "font.size": 9}
+    machine = machine_words(r.get("machine"))
+    done = ["demo pictures copied"]
+    curve = r.get("pseudo_label_curve") or []
+    if curve:
+        path = os.path.join(docdir, "demo-pseudo-label-curve.svg")
+        with plt.rc_context(style):
+            fig, ax = plt.subplots(figsize=(5.5, 3.6))
+            steps = [p["step"] for p in curve]
+            for name in curve[0]["dice"]:
+                ax.plot(steps, [p["dice"][name] for p in curve], marker="o", markersize=3.5, label=name)
+            ax.plot(steps, [p["mean_dice"] for p in curve], marker="o", markersize=3.5, color="black", linewidth=2, label="mean")
+            sup = r["rows"][0]
+            ax.axhline(100 * sup["mean_dice"], color="0.5", linestyle="--", linewidth=1, label=f"{sup['name']}:\nthe V-Net's mean Dice\non the test cases")
+            ax.set_xlabel("SAM fine-tuning steps")
+            ax.set_ylabel(f"Dice on the {len(r['unlabeled'])} unlabelled cases (%)")
+            ax.set_title("SAM's pseudo-labels against the true labels along its fine-tuning", fontsize=9)
+            ax.grid(color="0.9")
+            ax.set_axisbelow(True)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+            fig.text(0.01, -0.05, f"sfr demo --pseudo-label-curve {len(curve)}, seed {r['seed']}; {machine}", fontsize=7, color="0.4")
+            fig.savefig(path + ".tmp", format="svg", bbox_inches="tight", metadata={"Date": None})
+            plt.close(fig)
+        os.replace(path + ".tmp", path)
+        done.append(f"curve of {len(curve)} points written to {path}")
+    rows = [row for row in r["rows"] if row.get("stage_seconds")]
+    if rows:
+        path = os.path.join(docdir, "demo-stage-times.svg")
+        stages = [x for x in STAGES if any(x == s_["stage"] for row in rows for s_ in row["stage_seconds"])]
+        for row in rows:
+            for st_ in row["stage_seconds"]:
+                if st_["stage"] not in stages and st_["stage"] != "sam_probe":
+                    stages.append(st_["stage"])
+        with plt.rc_context(style):
+            fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(rows) + 1.6))
+            colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+            legend = set()
+            for j, row in enumerate(rows):
+                secs = {s_["stage"]: s_["seconds"] for s_ in row["stage_seconds"]}
+                left = 0.0
+                for k, stage in enumerate(stages):
+                    w = secs.get(stage, 0.0)
+                    if w <= 0:
+                        continue
+                    ax.barh(j, w, left=left, color=colours[k % len(colours)], label=None if stage in legend else stage)
+                    legend.add(stage)
+                    left += w
+                ax.text(left + 2, j, f"{left:.0f} s", va="center", fontsize=8)
+            ax.set_yticks(range(len(rows)), [row["name"] for row in rows])
+            ax.invert_yaxis()
+            ax.set_xlabel("seconds (wall clock)")
+            ax.set_title("Where each row's training time goes, stage by stage", fontsize=9)
+            handles, names_ = ax.get_legend_handles_labels()
+            order = sorted(range(len(names_)), key=lambda i: stages.index(names_[i]))
+            ax.legend([handles[i] for i in order], [names_[i] for i in order], loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+            ax.grid(axis="x", color="0.9")
+            ax.set_axisbelow(True)
+            probed = sum(probe_seconds(row) for row in rows)
+            left_out = f"; the curve's scoring ({probed:.0f} s, not training) left out" if probed else ""
+            fig.text(0.01, -0.08, f"sfr demo, seed {r['seed']}; {machine}{left_out}", fontsize=7, color="0.4")
+            fig.savefig(path + ".tmp", format="svg", bbox_inches="tight", metadata={"Date": None})
+            plt.close(fig)
+        os.replace(path + ".tmp", path)
+        done.append(f"stage times written to {path}")
+    return "; ".join(done)
+
+
 def main():
     out, doc, names_ = sys.argv[1], sys.argv[2], sys.argv[3:] or list(TABLES)
     with open(doc) as fh:
@@ -258,6 +451,8 @@ def main():
     with open(doc + ".tmp", "w") as fh:
         fh.write(text)
     os.replace(doc + ".tmp", doc)
+    if "demo" in names_:
+        print(f"[results] {demo_figures(out, os.path.dirname(os.path.abspath(doc)))}", file=sys.stderr)
     done = plot(out, os.path.join(os.path.dirname(os.path.abspath(doc)), PLOT))
     print(f"[results] {done or f'plot skipped: matplotlib is missing (pip install matplotlib); {PLOT} left as it is'}", file=sys.stderr)
 

@@ -591,6 +591,42 @@ fn user_docs_do_not_point_into_the_development_folder() {
     );
 }
 
+/// Every C code block of README.md compiles against the committed `include/sfr.h` (strict C11,
+/// every warning an error): the front door's code is real code.
+#[test]
+fn the_readme_c_code_compiles_against_the_header() {
+    let readme = read(&root().join("README.md"));
+    let mut blocks = vec![];
+    let mut cur: Option<String> = None;
+    for l in readme.lines() {
+        match (&mut cur, l.trim_end()) {
+            (None, "```c") => cur = Some(String::new()),
+            (Some(b), "```") => {
+                blocks.push(std::mem::take(b));
+                cur = None;
+            }
+            (Some(b), _) => {
+                b.push_str(l);
+                b.push('\n');
+            }
+            _ => {}
+        }
+    }
+    assert!(!blocks.is_empty(), "README.md has no ```c block");
+    let dir = tempfile::tempdir().unwrap();
+    for (i, code) in blocks.iter().enumerate() {
+        let file = dir.path().join(format!("readme_{i}.c"));
+        std::fs::write(&file, code).unwrap();
+        let out = Command::new("cc")
+            .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-fsyntax-only", "-I"])
+            .arg(root().join("include"))
+            .arg(&file)
+            .output()
+            .expect("cc (installed by scripts/setup.sh) runs");
+        assert!(out.status.success(), "README.md's C block {i} does not compile:\n{}\n{code}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 #[test]
 fn the_parsers_of_this_test_work() {
     assert_eq!(slug("The training check"), "the-training-check");

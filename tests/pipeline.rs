@@ -384,6 +384,32 @@ fn mixed_spacings_train_at_one_spacing() {
     assert_eq!(labels.geometry, img.geometry);
     assert_eq!(labels.data.shape(), img.data.shape());
     assert_eq!(&probs.shape()[1..], img.data.shape());
+    // No spacing, patch_context 1, on phantoms twice as large (a foreground wider than the
+    // smallest patch the V-Net takes, 16³): the median, coarsened until one patch spans the
+    // labelled foreground's median extent along every axis, and said so.
+    cfg.spacing = None;
+    cfg.patch_context = 1.0;
+    said.lock().unwrap().clear();
+    let big = PhantomSpec { dims: [48, 48, 32], ..spec };
+    let labeled: Vec<_> = (0..2u64).map(|i| {
+        let (img, lab) = phantom(i + 1, &big);
+        memory_case(&format!("b{i}"), img, Some(lab.cast::<f64>()))
+    }).collect();
+    let inp = TrainInputs { labeled, unlabeled: vec![], classes: inp.classes.clone(), dataset_name: "t".into() };
+    let m3 = train(&cfg, &inp, &RunOptions::default(), &r).unwrap();
+    let extents: Vec<[f64; 3]> = inp.labeled.iter().map(|c| {
+        let (_, lab, _, _) = c.read().unwrap();
+        let lab = lab.unwrap();
+        sfr::pipeline::plan::foreground_extent_mm(&lab.data, lab.geometry.spacing).unwrap()
+    }).collect();
+    let fg = [0, 1, 2].map(|a| sfr::pipeline::plan::median(extents.iter().map(|e| e[a]).collect()).unwrap());
+    assert!((0..3).any(|a| 16.0 < fg[a]), "the phantom's foreground {fg:?} mm fits a 16 mm patch: nothing to coarsen");
+    let sp = m3.meta.spacing;
+    assert!((0..3).all(|a| sp[a] >= 1.0 && 16.0 * sp[a] >= fg[a]), "spacing {sp:?} for a foreground of {fg:?} mm");
+    assert!((0..3).any(|a| 16.0 * (sp[a] - 0.05) < fg[a]), "{sp:?} is not the finest 0.05 mm step that spans {fg:?} mm");
+    assert_eq!(m3.meta.training["spacing_from"], "the median spacing, coarsened so that one patch spans patch_context of the foreground");
+    assert!(said.lock().unwrap().iter().any(|t| t.contains("coarsened so that one [16, 16, 16] patch spans at least 100%")), "{:?}", said.lock().unwrap());
+    cfg.patch_context = 0.0;
     // A spacing that is not a spacing is refused before any work.
     cfg.spacing = Some([1.0, 0.0, 1.0]);
     let err = train(&cfg, &inp, &RunOptions::default(), &quiet()).err().unwrap().to_string();

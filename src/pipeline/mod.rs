@@ -180,7 +180,18 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         unl_samples.push(load_source(&c.without_label(), num_classes)?);
         reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
     }
-    let spacing = cfg.spacing.unwrap_or_else(|| [0, 1, 2].map(|a| plan::median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()).unwrap_or(1.0)));
+    let median = [0, 1, 2].map(|a| plan::median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()).unwrap_or(1.0));
+    let fg_extents: Vec<[f64; 3]> = labeled.iter().filter_map(|s| plan::foreground_extent_mm(s.label.as_ref()?, s.geometry.spacing)).collect();
+    let fg_mm = (!fg_extents.is_empty()).then(|| [0, 1, 2].map(|a| plan::median(fg_extents.iter().map(|e| e[a]).collect()).unwrap_or(0.0)));
+    let (spacing, spacing_from) = plan::training_spacing(cfg, median, fg_mm);
+    if spacing != median && cfg.spacing.is_none() {
+        reporter.message(&format!(
+            "training spacing {spacing:?} mm: the median {median:?} mm coarsened so that one {:?} patch spans at least {:.0}% of the labelled foreground's median extent ({:?} mm); `patch_context` 0 trains at the median",
+            cfg.patch,
+            100.0 * cfg.patch_context,
+            fg_mm.unwrap_or_default()
+        ));
+    }
     // Every volume at the training spacing: the network learns one physical scale, the one
     // segmentation resamples scans to (the model records it).
     let off_grid = labeled.iter().chain(&unl_samples).filter(|s| s.geometry.dims_at_spacing(s.dims(), spacing) != s.dims()).count();
@@ -272,6 +283,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             "sfr_plus": cfg.sfr_plus.enabled,
             "preset": cfg.preset,
             "seed": cfg.seed,
+            "spacing_from": spacing_from,
             "device": crate::nn::device_name(device),
             "dataset": inputs.dataset_name,
             "labeled_cases": train_cases.len(),

@@ -2,9 +2,12 @@
 //! training configuration makes of it: the spacing it trains at, the volumes and the patch at
 //! that spacing, and how much of the foreground one patch sees (`sfr plan`).
 //!
-//! The plan chooses nothing the configuration does not already decide (the training spacing is
-//! `spacing`, else the median); where a patch sees less than half of the foreground's extent
-//! along an axis, it says so and names the isotropic spacing at which it would see half.
+//! The training spacing is the configuration's `spacing`, else the median spacing, coarsened
+//! where one patch would span less than `patch_context` of the foreground's median extent
+//! (`training_spacing`, which `pipeline::train` calls too, so that the plan printed is the one
+//! trained). Where a patch still sees less than half of the foreground along an axis (a
+//! `spacing` given, or `patch_context` 0), the plan says so and names the isotropic spacing at
+//! which it would see half.
 use crate::error::Result;
 use crate::limits::Classes;
 use crate::pipeline::config::TrainConfig;
@@ -47,6 +50,8 @@ pub struct Fingerprint {
     pub foreground_intensity: Option<Intensity>,
     /// Median bounding box of all classes together, mm (x, y, z).
     pub foreground_extent_mm: [f64; 3],
+    /// Labelled cases with any foreground (those `foreground_extent_mm` is the median of).
+    pub foreground_cases: usize,
     pub classes: Vec<ClassPrint>,
 }
 
@@ -55,6 +60,7 @@ pub struct Plan {
     pub preset: String,
     /// The spacing training resamples every volume to, and where it comes from.
     pub spacing: [f64; 3],
+    pub patch_context: f64,
     pub spacing_from: &'static str,
     /// Median voxels (i, j, k) of a volume at that spacing.
     pub shape_at_spacing: [usize; 3],
@@ -71,6 +77,45 @@ pub struct Plan {
 pub fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v.get(v.len() / 2).copied()
+}
+
+/// The bounding box of every voxel with a class > 0, in mm (x, y, z); None when there is none.
+pub fn foreground_extent_mm(label: &ndarray::Array3<u8>, spacing: [f64; 3]) -> Option<[f64; 3]> {
+    let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
+    for ((k, j, x), &v) in label.indexed_iter() {
+        if v != 0 {
+            for (a, p) in [x, j, k].into_iter().enumerate() {
+                lo[a] = lo[a].min(p);
+                hi[a] = hi[a].max(p);
+            }
+        }
+    }
+    (lo[0] != usize::MAX).then(|| [0, 1, 2].map(|a| (hi[a] + 1 - lo[a]) as f64 * spacing[a]))
+}
+
+/// The spacing training resamples to, and where it comes from: `cfg.spacing`; else the median
+/// spacing, coarsened (isotropically, to a multiple of 0.05 mm, never finer than the median on
+/// any axis) where a `cfg.patch` there would span less than `cfg.patch_context` of the
+/// foreground's median extent `foreground_mm` along some axis.
+pub fn training_spacing(cfg: &TrainConfig, median: [f64; 3], foreground_mm: Option<[f64; 3]>) -> ([f64; 3], &'static str) {
+    if let Some(s) = cfg.spacing {
+        return (s, "the configuration's spacing");
+    }
+    let Some(fg) = foreground_mm.filter(|_| cfg.patch_context > 0.0) else { return (median, "the median spacing of the cases") };
+    if (0..3).all(|a| cfg.patch[a] as f64 * median[a] >= cfg.patch_context * fg[a]) {
+        return (median, "the median spacing of the cases");
+    }
+    let iso = context_spacing(cfg.patch, fg, cfg.patch_context, median);
+    ([0, 1, 2].map(|a| median[a].max(iso)), "the median spacing, coarsened so that one patch spans patch_context of the foreground")
+}
+
+/// The finest isotropic spacing s, a multiple of 0.05 mm, at which `patch` spans `share` of the
+/// extent `fg` (mm) along every axis when each axis is at the coarser of s and `floor` (an axis
+/// that spans it at its floor needs nothing; a floor of zeros asks for s alone).
+fn context_spacing(patch: [usize; 3], fg: [f64; 3], share: f64, floor: [f64; 3]) -> f64 {
+    let need = (0..3).filter(|&a| (patch[a] as f64) * floor[a] < share * fg[a]).map(|a| share * fg[a] / patch[a] as f64).fold(0.0, f64::max);
+    // The tolerance keeps an exact multiple (1.7 from 1.7000000000000002) where it is.
+    (need * 20.0 - 1e-9).ceil() / 20.0
 }
 
 fn per_axis<T: Copy + PartialOrd>(rows: &[[T; 3]], f: fn(Vec<T>) -> Option<T>, default: T) -> [T; 3] {
@@ -94,30 +139,25 @@ pub fn fingerprint(labeled: &[CaseSource], unlabeled: &[CaseSource], classes: &C
         if lab.data.shape() != img.data.shape() {
             return Err(crate::Error::invalid(format!("{lname}: label dims {:?} differ from the image's {:?}", lab.dims(), img.dims())));
         }
-        // Bounding boxes in voxels (i, j, k) per class and of all classes together.
-        let mut lo = vec![[usize::MAX; 3]; ids.len() + 1];
-        let mut hi = vec![[0usize; 3]; ids.len() + 1];
+        fg_extents.extend(foreground_extent_mm(&lab.data, g.spacing));
+        // Bounding boxes in voxels (i, j, k) per class.
+        let mut lo = vec![[usize::MAX; 3]; ids.len()];
+        let mut hi = vec![[0usize; 3]; ids.len()];
         let mut count = vec![0usize; ids.len()];
         for ((k, j, x), &v) in lab.data.indexed_iter() {
             if v == 0 {
                 continue;
             }
             fg_values.push(img.data[[k, j, x]]);
-            let c = ids.iter().position(|&c| c == v as u16);
-            for slot in c.into_iter().chain([ids.len()]) {
+            if let Some(c) = ids.iter().position(|&c| c == v as u16) {
                 for (a, p) in [x, j, k].into_iter().enumerate() {
-                    lo[slot][a] = lo[slot][a].min(p);
-                    hi[slot][a] = hi[slot][a].max(p);
+                    lo[c][a] = lo[c][a].min(p);
+                    hi[c][a] = hi[c][a].max(p);
                 }
-            }
-            if let Some(c) = c {
                 count[c] += 1;
             }
         }
         let mm = |s: usize| [0, 1, 2].map(|a| (hi[s][a] + 1 - lo[s][a]) as f64 * g.spacing[a]);
-        if lo[ids.len()][0] != usize::MAX {
-            fg_extents.push(mm(ids.len()));
-        }
         for c in 0..ids.len() {
             per_class[c].0 += count[c] as f64 / lab.data.len() as f64;
             if count[c] > 0 {
@@ -147,6 +187,7 @@ pub fn fingerprint(labeled: &[CaseSource], unlabeled: &[CaseSource], classes: &C
         anisotropy: spacing_median.iter().cloned().fold(0.0, f64::max) / spacing_median.iter().cloned().fold(f64::INFINITY, f64::min),
         foreground_intensity,
         foreground_extent_mm: per_axis(&fg_extents, median, 0.0),
+        foreground_cases: fg_extents.len(),
         classes: ids
             .iter()
             .zip(per_class)
@@ -163,10 +204,8 @@ pub fn fingerprint(labeled: &[CaseSource], unlabeled: &[CaseSource], classes: &C
 
 /// What `cfg` does with the dataset of `fp`.
 pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
-    let (spacing, spacing_from) = match cfg.spacing {
-        Some(s) => (s, "the configuration's spacing"),
-        None => (fp.spacing_median, "the median spacing of the cases"),
-    };
+    let fg_mm = (fp.foreground_cases > 0).then_some(fp.foreground_extent_mm);
+    let (spacing, spacing_from) = training_spacing(cfg, fp.spacing_median, fg_mm);
     let shape_at_spacing = [0, 1, 2].map(|a| ((fp.extent_mm_median[a] / spacing[a]).round() as usize).max(1));
     let patch_mm = [0, 1, 2].map(|a| cfg.patch[a] as f64 * spacing[a]);
     let fg = fp.foreground_extent_mm;
@@ -181,11 +220,19 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
     if fp.anisotropy > 3.0 {
         notes.push(format!("anisotropic scans (median spacing {:?} mm, ratio {:.1})", fp.spacing_median, fp.anisotropy));
     }
+    if spacing != fp.spacing_median && cfg.spacing.is_none() {
+        notes.push(format!(
+            "training coarsens the median spacing {:?} mm to {spacing:?} mm, so that one {:?} patch spans at least {:.0}% of the foreground's median extent ({fg:?} mm) along every axis \
+             (patch_context {}; --set '{{\"patch_context\": 0}}' trains at the median, '{{\"spacing\": [x, y, z]}}' at a spacing of your choice)",
+            fp.spacing_median,
+            cfg.patch,
+            100.0 * cfg.patch_context,
+            cfg.patch_context
+        ));
+    }
     let worst = patch_over_foreground.iter().cloned().fold(f64::INFINITY, f64::min);
     if worst < 0.5 {
-        // The isotropic spacing at which a patch spans half the foreground along every axis.
-        let half = (0..3).map(|a| 0.5 * fg[a] / cfg.patch[a] as f64).fold(0.0, f64::max);
-        let s = (half * 20.0).ceil() / 20.0;
+        let s = context_spacing(cfg.patch, fg, 0.5, [0.0; 3]);
         notes.push(format!(
             "one {:?} patch at {spacing:?} mm spans {:.0}% of the foreground's median extent ({fg:?} mm) along its shortest-covered axis: the network sees little context. \
              A coarser spacing widens it: at --set '{{\"spacing\": [{s}, {s}, {s}]}}' a patch spans at least half of it along every axis (fine detail is lost in proportion)",
@@ -196,6 +243,7 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
     Plan {
         preset: cfg.preset.clone(),
         spacing,
+        patch_context: cfg.patch_context,
         spacing_from,
         shape_at_spacing,
         patch: cfg.patch,
@@ -246,5 +294,27 @@ mod tests {
         cfg.spacing = Some([0.25, 0.25, 0.25]);
         let p = plan(&fp, &cfg);
         assert!(p.notes.iter().any(|n| n.contains("\"spacing\": [0.4, 0.4, 0.4]")), "{:?}", p.notes);
+
+        // No spacing given: the median [1, 1, 2], where a 4³ patch spans 4 × 4 × 8 mm, less than
+        // half of 10 × 8 × 12 mm along x: coarsened to the finest multiple of 0.05 mm that spans
+        // half (5 mm / 4 = 1.25), never finer than the median's 2 mm along z.
+        cfg.spacing = None;
+        cfg.patch = [4, 4, 4];
+        cfg.patch_context = 0.5;
+        let p = plan(&fp, &cfg);
+        assert_eq!(p.spacing, [1.25, 1.25, 2.0]);
+        assert!(p.patch_over_foreground.iter().all(|&r| r >= 0.5), "{:?}", p.patch_over_foreground);
+        assert!(p.notes.iter().any(|n| n.contains("coarsens the median spacing")), "{:?}", p.notes);
+        // patch_context 0: the median, and the note naming the spacing that would span half.
+        cfg.patch_context = 0.0;
+        let p = plan(&fp, &cfg);
+        assert_eq!(p.spacing, [1.0, 1.0, 2.0]);
+        assert!(p.notes.iter().any(|n| n.contains("\"spacing\": [1.5, 1.5, 1.5]")), "{:?}", p.notes);
+        // A patch that already spans the share: the median, untouched.
+        cfg.patch_context = 0.5;
+        cfg.patch = [16, 16, 16];
+        assert_eq!(plan(&fp, &cfg).spacing, [1.0, 1.0, 2.0]);
+        // An exact multiple stays itself: 0.5 × 54.4 mm / 16 = 1.7 (1.7000000000000002 in floats).
+        assert_eq!(context_spacing([16, 16, 16], [54.4, 1.0, 1.0], 0.5, [0.0; 3]), 1.7);
     }
 }

@@ -617,6 +617,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
         "vnet_iterations": iterations,
         "seed": a.seed,
         "total_seconds": total_s,
+        // What the times were measured on: the SAM path and its speed depend on the CPU class.
+        "machine": {
+            "cpu_model": crate::bench::cpu_model(),
+            "logical_cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+            "avx512_bf16": autocast::cpu_has_bf16(),
+        },
         "rows": json_rows,
         "pseudo_label_curve": curve,
         "pseudo_labels": pseudo_scores.iter().map(|(id, m)| serde_json::json!({"id": id, "metrics": m})).collect::<Vec<_>>(),
