@@ -205,10 +205,11 @@ def la(out):
             groups.setdefault((n, row), []).append(r)
     if not groups:
         return None
-    lines = ["| labelled | row | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s | the paper (GPU) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| labelled | row | training spacing (mm) | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s | the paper (GPU) |", "|---|---|---|---|---|---|---|---|---|"]
     for (n, row) in sorted(groups, key=lambda g: (g[0], g[1] != "supervised")):
         paper = PAPER_LA.get((row, n))
-        lines.append(la_row(f"{n} | {row}", groups[(n, row)]) + f" {paper if paper is not None else '–'} |")
+        spacing = spacing_words("default", groups[(n, row)]).replace("preset's choice: ", "")
+        lines.append(la_row(f"{n} | {row} | {spacing}", groups[(n, row)]) + f" {paper if paper is not None else '–'} |")
     return lines
 
 
@@ -264,6 +265,7 @@ def demo(out):
         lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {100 * row['mean_dice']:.1f} | {row['train_seconds'] - probe:.0f} |")
     if probed:
         lines += ["", f"Train s: the training's wall clock, without the {probed:.0f} s the pseudo-label curve's scoring took (`sam_probe`)."]
+    lines += ["", f"The whole demo: {r['total_seconds'] - probed:.0f} s of training and scoring" + (" (without the curve's scoring)." if probed else ".")]
     curve = r.get("pseudo_label_curve") or []
     if curve:
         pts = ", ".join(f"{p['mean_dice']:.1f} at step {p['step']}" for p in curve)
