@@ -253,10 +253,24 @@ mod tests {
     use crate::volume::Geometry;
 
     pub fn tiny_model() -> SfrModel {
-        tch::manual_seed(1);
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = VNetConfig { n_filters: 2, num_classes: 3, ..VNetConfig::default() };
         let net = VNet::new(&vs.root(), &cfg).unwrap();
+        // Its random weights from a generator of its own, not libtorch's global one: tests run
+        // on parallel threads, and another test's draws between a `manual_seed` here and the
+        // initialisation changed these weights (and a test's margin) by scheduling.
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        tch::no_grad(|| {
+            for (name, mut t) in vs.variables() {
+                if t.dim() >= 2 || name.ends_with("bias") {
+                    let fan_in = if t.dim() >= 2 { (t.numel() / t.size()[0] as usize) as f32 } else { 8.0 };
+                    let b = fan_in.sqrt().recip();
+                    let v: Vec<f32> = (0..t.numel()).map(|_| rng.random_range(-b..b)).collect();
+                    t.copy_(&tch::Tensor::from_slice(&v).view(t.size().as_slice()));
+                }
+            }
+        });
         let meta = ModelMeta {
             format: FORMAT.into(),
             format_version: FORMAT_VERSION,

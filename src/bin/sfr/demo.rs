@@ -258,7 +258,7 @@ fn curve_probe(points: usize, truth: BTreeMap<String, ndarray::Array3<u8>>, clas
             }
             let pred = sam.pseudo_label(cfg, &u.image, None)?.label;
             for (&c, sum) in sums.iter_mut() {
-                *sum += dice(&pred, truth, c as u8);
+                *sum += sfr::metrics::class_dice(&pred.view(), &truth.view(), c as u8)?;
             }
         }
         let n = unlabeled.len().max(1) as f64;
@@ -268,18 +268,6 @@ fn curve_probe(points: usize, truth: BTreeMap<String, ndarray::Array3<u8>>, clas
         Ok(())
     };
     SamProbe { points, call: std::sync::Arc::new(call) }
-}
-
-/// Dice of class `c` between two label volumes; 1 when neither has it (as `sfr evaluate`).
-fn dice(pred: &ndarray::Array3<u8>, truth: &ndarray::Array3<u8>, c: u8) -> f64 {
-    let (mut both, mut p, mut t) = (0usize, 0usize, 0usize);
-    for (&a, &b) in pred.iter().zip(truth.iter()) {
-        let (x, y) = (a == c, b == c);
-        both += (x && y) as usize;
-        p += x as usize;
-        t += y as usize;
-    }
-    if p + t == 0 { 1.0 } else { 2.0 * both as f64 / (p + t) as f64 }
 }
 
 /// Per-class metrics of the pseudo-labels in `dir` (`<id>_pseudo.nii.gz`) against the true labels
