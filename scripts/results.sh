@@ -49,7 +49,7 @@ if [ "${RUN:-1}" != 0 ]; then
       robustness) LABELED=4 SETS="${SETS:-A B C}" SEEDS="${SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
       sfr) LABELED=4 SETS=A SEEDS="1 3" ROWS="supervised mean-teacher-sfr" SET="$extra" robustness "$runs" ;;
       sfr-few) LABELED=1 SETS=A SEEDS=1 ROWS="supervised mean-teacher-sfr mean-teacher-sfr-lora" SET="$extra" robustness "$runs" ;;
-      few-labels) LABELED=1 SETS="A B C" SEEDS="${FEW_SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
+      few-labels) LABELED="1 2" SETS="A B C" SEEDS="${FEW_SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
       la-spacing) LABELED=4 ROWS=supervised SPACINGS="native 1.25 1.7 default" SEEDS="${LA_SEEDS:-1 2 3}" \
         "$here/scripts/la.sh" "${LA_DATA:-$here/../shared/data/la2018}" "$out/la" ;;
       la) LABELED="1 4 16" ROWS="supervised mean-teacher-sfr" SPACINGS=default SEEDS="${LA_SEEDS:-1 2 3}" \
