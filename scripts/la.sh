@@ -9,11 +9,12 @@
 #   SPACINGS="native 1.25 1.7 default"   native: the median 0.625 mm (patch_context 0); a number:
 #                             that isotropic spacing; default: the preset's own choice
 #   SEEDS="1 2 3"  UNLABELED=16 (SFR rows: the next cases after the labelled ones)  SFR_THREADS=2
-# Finished runs (OUT/<row>-<N>-<spacing>-<seed>.json: sfr evaluate --json plus train_s) are
-# kept and skipped on a rerun.
+# Finished runs (OUT/<row>-<N>-<spacing>-<seed>.json: sfr evaluate --json plus train_s and the
+# training check; scripts/train_and_score.sh) are kept and skipped on a rerun.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/env.sh"
+source "$here/scripts/train_and_score.sh"
 data="${1:-$here/../shared/data/la2018}"
 out="${2:-$here/experiments/results/la}"
 sfr="${SFR_BIN:-$here/target/release/sfr}"
@@ -38,8 +39,6 @@ for seed in ${SEEDS:-1 2 3}; do
     for row in ${ROWS:-supervised}; do
       for sp in ${SPACINGS:-native 1.25 1.7 default}; do
         name="$row-$n-$sp-$seed"
-        [ -f "$out/$name.json" ] && continue
-        echo "== $name"
         case "$sp" in
           native) set="{$threads, \"patch_context\": 0}" ;;
           default) set="{$threads}" ;;
@@ -52,20 +51,8 @@ for seed in ${SEEDS:-1 2 3}; do
           mean-teacher-sfr) how=(--method mean-teacher --sfr --max-unlabeled "$unlabeled") ;;
           *) echo "la: unknown row $row (supervised, mean-teacher-sfr)" >&2; exit 2 ;;
         esac
-        start=$(date +%s)
-        "$sfr" train --data "$data" --labeled-list "$out/labeled-$n.txt" "${how[@]}" --preset cpu-small \
-          --seed "$seed" --progress none --allow-weak --set "$set" \
-          --out "$out/$name.sfrmodel" --work-dir "$out/$name.work" 2> "$out/$name.log"
-        end=$(date +%s)
-        "$sfr" evaluate --model "$out/$name.sfrmodel" --data "$data" --cases "$out/test_cases.txt" --json > "$out/$name.json.tmp" 2>> "$out/$name.log"
-        python3 - "$out/$name.json.tmp" "$((end - start))" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-r["train_s"] = int(sys.argv[2])
-json.dump(r, open(sys.argv[1], "w"))
-PY
-        rm -rf "$out/$name.work"
-        mv "$out/$name.json.tmp" "$out/$name.json"
+        train_and_score "$name" "$out" "$data" "$out/test_cases.txt" --labeled-list "$out/labeled-$n.txt" "${how[@]}" \
+          --preset cpu-small --seed "$seed" --set "$set"
       done
     done
   done

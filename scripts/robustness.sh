@@ -22,6 +22,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$here/scripts/env.sh"
+source "$here/scripts/train_and_score.sh"
 data="${1:-$here/../shared/data/hippocampus}"
 out="${2:-$here/experiments/robustness}"
 sfr="${SFR_BIN:-$here/target/release/sfr}"
@@ -62,29 +63,9 @@ for n in $labeled_counts; do
   for s in $sets; do
     for seed in $seeds; do
       for row in $rows; do
-        name="$row-$n-$s-$seed"
-        [ -f "$out/$name.json" ] && continue
-        echo "== $name"
-        start=$(date +%s)
-        # --allow-weak: a run whose check fails is kept and counted, not dropped.
         # shellcheck disable=SC2046
-        "$sfr" train --data "$data" --labeled-list "$out/labeled-$n-$s.txt" --max-unlabeled "$n_unlabeled" \
-          --seed "$seed" --progress none --allow-weak --set "$set" \
-          --out "$out/$name.sfrmodel" --work-dir "$out/$name.work" $(args_of "$row") 2> "$out/$name.log"
-        end=$(date +%s)
-        "$sfr" evaluate --model "$out/$name.sfrmodel" --data "$data" --cases "$out/test_cases.txt" --json > "$out/$name.json.tmp" 2>> "$out/$name.log"
-        "$sfr" info "$out/$name.sfrmodel" > "$out/$name.info.json"
-        python3 - "$out/$name.json.tmp" "$out/$name.info.json" "$((end - start))" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-t = json.load(open(sys.argv[2]))["training"]
-r["train_s"] = int(sys.argv[3])
-r["class_check"] = t.get("class_check")
-json.dump(r, open(sys.argv[1], "w"))
-PY
-        rm -f "$out/$name.info.json"
-        rm -rf "$out/$name.work"
-        mv "$out/$name.json.tmp" "$out/$name.json"
+        train_and_score "$row-$n-$s-$seed" "$out" "$data" "$out/test_cases.txt" --labeled-list "$out/labeled-$n-$s.txt" \
+          --max-unlabeled "$n_unlabeled" --seed "$seed" --set "$set" $(args_of "$row")
       done
     done
   done
