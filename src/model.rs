@@ -8,7 +8,7 @@ use crate::job::Reporter;
 use crate::limits::Classes;
 use crate::nn::vnet::{VNet, VNetConfig};
 use crate::nn::weights::{read_safetensors_with_metadata, save_safetensors};
-use crate::volume::{resize_linear, zscore, Volume};
+use crate::volume::{resize_linear, CtWindow, Normalization, Volume};
 use ndarray::{Array4, ArrayView3};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -30,8 +30,15 @@ pub struct ModelMeta {
     pub classes: Classes,
     /// Patch `[x, y, z]` the network was trained on (and inference windows).
     pub patch: [usize; 3],
-    /// Intensity normalisation applied to every input volume.
+    /// Intensity normalisation applied to every input volume: "zscore-per-volume" (or
+    /// "zscore", as the first models wrote it) or "ct-foreground" with its window
+    /// (`volume::Normalization`).
     pub normalization: String,
+    /// The CT window ("ct-foreground" only). Absent from per-volume z-score models, whose files
+    /// stay as they were; a library that does not know the key refuses a CT model rather than
+    /// z-scoring its inputs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalization_window: Option<CtWindow>,
     /// Median voxel spacing (mm) of the training images; inputs far from it are warned about.
     pub spacing: [f64; 3],
     pub vnet: VNetConfig,
@@ -115,7 +122,13 @@ impl ModelMeta {
         for (a, &sp) in self.spacing.iter().enumerate() {
             check_positive(&format!("spacing[{a}]"), sp)?;
         }
+        self.normalization()?;
         Ok(())
+    }
+
+    /// The normalisation every input volume gets.
+    pub fn normalization(&self) -> Result<Normalization> {
+        Normalization::from_parts(&self.normalization, self.normalization_window)
     }
 }
 
@@ -231,7 +244,7 @@ impl SfrModel {
 
     /// Class probabilities of a raw image already at the model's spacing.
     fn predict_on_grid(&self, image: &ArrayView3<f32>, reporter: Option<&Reporter>) -> Result<Array4<f32>> {
-        let norm = zscore(image, "input image")?;
+        let norm = self.meta.normalization()?.apply(image, "input image")?;
         // BatchNorm folded, channels-last: the same logits up to rounding, ~half the time on a CPU.
         let folded = self.net.folded();
         self.sliding_window().run(&norm.view(), self.device, reporter, |x| folded.f_forward(&self.net, x))
@@ -278,6 +291,7 @@ mod tests {
             classes: Classes::new("classes", [(0, "background".into()), (1, "a".into()), (2, "b".into())].into()).unwrap(),
             patch: [16, 16, 16],
             normalization: "zscore".into(),
+            normalization_window: None,
             spacing: [1.0, 1.0, 1.0],
             vnet: cfg,
             inference: InferenceConfig { stride: [8, 8, 8], weighting: Weighting::Gaussian, batch: 2 },

@@ -348,29 +348,147 @@ from_volume!(f64, F64);
 /// infinite voxel is an error; a constant image has nothing to normalise and becomes zeros
 /// (logged).
 pub fn zscore(v: &ArrayView3<f32>, what: &str) -> Result<Array3<f32>> {
+    Normalization::ZscorePerVolume.apply(v, what)
+}
+
+/// The mean and standard deviation of a volume for its z-score; None for a constant image.
+fn zscore_stats(v: &ArrayView3<f32>, what: &str) -> Result<Option<(f64, f64)>> {
     let n = v.len() as f64;
-    if n == 0.0 {
-        return Err(Error::invalid(format!("{what}: empty image")));
-    }
     // Sums in f64 over z-slices in parallel (a CT volume is ~10^8 voxels), added in slice order
     // so that the result does not depend on the thread count.
     let slice_sums = |f: &(dyn Fn(f32) -> f64 + Sync)| -> f64 {
         let per_slice: Vec<f64> = v.outer_iter().into_par_iter().map(|sl| sl.iter().map(|&x| f(x)).sum::<f64>()).collect();
         per_slice.iter().sum()
     };
-    if v.outer_iter().into_par_iter().any(|sl| sl.iter().any(|x| !x.is_finite())) {
-        return Err(Error::invalid(format!("{what}: the image contains NaN or infinite voxels")));
-    }
     let mean = slice_sums(&|x| x as f64) / n;
     let var = slice_sums(&|x| (x as f64 - mean).powi(2)) / n;
     let std = var.sqrt();
     if std < 1e-8 * mean.abs().max(1.0) {
         log::warn!("{what}: constant image (all voxels {mean}); normalised to zeros");
-        return Ok(Array3::zeros(v.raw_dim()));
+        return Ok(None);
     }
-    let mut out = Array3::<f32>::zeros(v.raw_dim());
-    ndarray::Zip::from(&mut out).and(v).par_for_each(|o, &x| *o = ((x as f64 - mean) / std) as f32);
-    Ok(out)
+    Ok(Some((mean, std)))
+}
+
+/// The numbers of nnU-Net's CT normalisation, measured on the labelled foreground (every voxel
+/// of a class > 0) of the training cases, in the scanner's units (Hounsfield units are absolute,
+/// so one window serves every scan): the 0.5th and 99.5th percentiles to clip to, then the mean
+/// and standard deviation (of the unclipped voxels) to standardise with.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtWindow {
+    pub clip: [f32; 2],
+    pub mean: f64,
+    pub std: f64,
+}
+
+/// How a volume's intensities are made comparable before the network sees them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Normalization {
+    /// Each volume by its own mean and standard deviation ([`zscore`]): MRI intensities have no
+    /// absolute scale, so only a volume's own statistics mean anything.
+    ZscorePerVolume,
+    /// One window for every volume ([`CtWindow`]): a CT's values mean the same tissue in every
+    /// scan, and a per-volume z-score would shift with how much air the field of view holds.
+    Ct(CtWindow),
+}
+
+impl Normalization {
+    /// Names as the model file records them.
+    pub const ZSCORE: &'static str = "zscore-per-volume";
+    pub const CT: &'static str = "ct-foreground";
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Normalization::ZscorePerVolume => Self::ZSCORE,
+            Normalization::Ct(_) => Self::CT,
+        }
+    }
+
+    pub fn window(&self) -> Option<CtWindow> {
+        match self {
+            Normalization::ZscorePerVolume => None,
+            Normalization::Ct(w) => Some(*w),
+        }
+    }
+
+    /// From a model file's name and window ("zscore" is the name files of the first format
+    /// version carry).
+    pub fn from_parts(name: &str, window: Option<CtWindow>) -> Result<Normalization> {
+        match (name, window) {
+            (Self::ZSCORE | "zscore", None) => Ok(Normalization::ZscorePerVolume),
+            (Self::CT, Some(w)) if w.clip[0].is_finite() && w.clip[1] >= w.clip[0] && w.mean.is_finite() && w.std.is_finite() && w.std > 0.0 => {
+                Ok(Normalization::Ct(w))
+            }
+            (Self::CT, Some(w)) => Err(Error::invalid(format!("normalization {}: invalid window {w:?} (clip low <= high, finite mean, std > 0)", Self::CT))),
+            (Self::CT, None) => Err(Error::invalid(format!("normalization {} needs its window (clip, mean, std)", Self::CT))),
+            (Self::ZSCORE | "zscore", Some(_)) => Err(Error::invalid(format!("normalization {name} takes no window"))),
+            (other, _) => Err(Error::invalid(format!("unknown normalization \"{other}\" ({} or {})", Self::ZSCORE, Self::CT))),
+        }
+    }
+
+    /// The CT window of foreground voxel values (reordered). An error when there are none, or
+    /// when they are all one value (nothing to standardise by).
+    pub fn ct_from_foreground(values: &mut [f32], what: &str) -> Result<Normalization> {
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!("{what}: the foreground contains NaN or infinite voxels")));
+        }
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let Some((lo, hi)) = quantile_pair(values, (0.005, 0.995)) else {
+            return Err(Error::invalid(format!("{what}: CT normalisation needs labelled foreground voxels, and the labels have none")));
+        };
+        if !(std > 1e-6 * mean.abs().max(1.0)) {
+            return Err(Error::invalid(format!("{what}: every labelled foreground voxel has the value {mean}: CT normalisation has no spread to standardise by")));
+        }
+        Ok(Normalization::Ct(CtWindow { clip: [lo, hi], mean, std }))
+    }
+
+    /// The map of this volume's voxels: clip to a window, then (x - mean) / std; None (every
+    /// voxel to 0) for a constant image under the z-score. A NaN or infinite voxel, or an empty
+    /// image, is an error named by `what`.
+    fn voxel_map(&self, v: &ArrayView3<f32>, what: &str) -> Result<Option<([f32; 2], f64, f64)>> {
+        if v.is_empty() {
+            return Err(Error::invalid(format!("{what}: empty image")));
+        }
+        if v.outer_iter().into_par_iter().any(|sl| sl.iter().any(|x| !x.is_finite())) {
+            return Err(Error::invalid(format!("{what}: the image contains NaN or infinite voxels")));
+        }
+        Ok(match self {
+            Normalization::ZscorePerVolume => zscore_stats(v, what)?.map(|(mean, std)| ([f32::NEG_INFINITY, f32::INFINITY], mean, std)),
+            Normalization::Ct(w) => Some((w.clip, w.mean, w.std)),
+        })
+    }
+
+    /// The normalised volume.
+    pub fn apply(&self, v: &ArrayView3<f32>, what: &str) -> Result<Array3<f32>> {
+        let mut out = Array3::<f32>::zeros(v.raw_dim());
+        if let Some(([lo, hi], mean, std)) = self.voxel_map(v, what)? {
+            ndarray::Zip::from(&mut out).and(v).par_for_each(|o, &x| *o = ((x.clamp(lo, hi) as f64 - mean) / std) as f32);
+        }
+        Ok(out)
+    }
+
+    /// [`Normalization::apply`] without a second volume in memory.
+    pub fn apply_in_place(&self, a: &mut Array3<f32>, what: &str) -> Result<()> {
+        match self.voxel_map(&a.view(), what)? {
+            Some(([lo, hi], mean, std)) => a.par_mapv_inplace(|x| ((x.clamp(lo, hi) as f64 - mean) / std) as f32),
+            None => a.fill(0.0),
+        }
+        Ok(())
+    }
+
+    /// One line for people: what is done, with its numbers.
+    pub fn describe(&self) -> String {
+        match self {
+            Normalization::ZscorePerVolume => "per-volume z-score (each volume by its own mean and standard deviation)".into(),
+            Normalization::Ct(w) => format!(
+                "CT: clip to the labelled foreground's 0.5-99.5th percentiles [{}, {}], then subtract its mean {} and divide by its standard deviation {}",
+                w.clip[0], w.clip[1], w.mean as f32, w.std as f32
+            ),
+        }
+    }
 }
 
 /// The `q.0` and `q.1` quantiles (in [0, 1]; nearest rank, the lower one rounded down and the
@@ -446,6 +564,34 @@ mod tests {
         let mid = u.as_slice().unwrap()[500];
         assert!((mid - 495.0 / 990.0).abs() < 1e-6, "{mid}");
         assert!(unit_range(&Array3::from_elem((2, 2, 2), 3.0f32).view()).iter().all(|&x| x == 0.0));
+    }
+
+    #[test]
+    fn ct_normalisation_clips_to_the_foreground_window_then_standardises() {
+        // Foreground voxels 0..=999 (HU): window [4, 995] (nearest rank), mean 499.5.
+        let mut fg: Vec<f32> = (0..1000).map(|v| v as f32).collect();
+        let n = Normalization::ct_from_foreground(&mut fg, "t").unwrap();
+        let w = n.window().unwrap();
+        assert_eq!(w.clip, [4.0, 995.0]);
+        assert!((w.mean - 499.5).abs() < 1e-9 && (w.std - 288.67499).abs() < 1e-3, "{w:?}");
+        // Air at -1000 and at -3000 both clip to the window's low end: the same value, unlike
+        // a z-score, which moves with the amount and value of the air.
+        let img = Array3::from_shape_vec((1, 1, 4), vec![-1000.0f32, -3000.0, 499.5, 5000.0]).unwrap();
+        let out = n.apply(&img.view(), "t").unwrap();
+        let low = ((4.0 - 499.5) / w.std) as f32;
+        assert_eq!(out.as_slice().unwrap()[..2], [low, low]);
+        assert!(out[[0, 0, 2]].abs() < 1e-6);
+        assert_eq!(out[[0, 0, 3]], ((995.0 - 499.5) / w.std) as f32);
+        // The names a model file carries, old and new, and windows that cannot be right.
+        assert_eq!(Normalization::from_parts("zscore", None).unwrap(), Normalization::ZscorePerVolume);
+        assert_eq!(Normalization::from_parts(n.name(), n.window()).unwrap(), n);
+        for (name, win) in [("ct-foreground", None), ("ct-foreground", Some(CtWindow { std: 0.0, ..w })), ("zscore-per-volume", Some(w)), ("minmax", None)] {
+            assert!(Normalization::from_parts(name, win).is_err(), "{name} {win:?}");
+        }
+        assert!(Normalization::ct_from_foreground(&mut [], "t").unwrap_err().to_string().contains("no"));
+        assert!(Normalization::ct_from_foreground(&mut [7.0; 5], "t").unwrap_err().to_string().contains("spread"));
+        let nan = Array3::from_elem((1, 1, 2), f32::NAN);
+        assert!(n.apply(&nan.view(), "t").unwrap_err().to_string().contains("NaN"));
     }
 
     #[test]

@@ -416,6 +416,62 @@ fn mixed_spacings_train_at_one_spacing() {
     assert!(err.contains("spacing[1]"), "{err}");
 }
 
+/// CT: one intensity window from the labelled foreground (nnU-Net's clip to its 0.5-99.5th
+/// percentiles, then its mean and std), recorded in the model file and applied to every scan,
+/// so that a scan's air, however much and however dark, does not move its tissue values (a
+/// per-volume z-score would).
+#[test]
+fn ct_normalisation_is_one_window_from_the_labelled_foreground() {
+    let _serial = serial();
+    let spec = PhantomSpec { dims: [24, 24, 16], num_classes: 2, noise: 0.2 };
+    let classes = sfr::limits::Classes::new("labels", [(0, "background".into()), (1, "organ".into())].into()).unwrap();
+    // Phantoms in Hounsfield-like units, each with a slab of air of its own thickness.
+    let hu = |seed: u64, air: usize| {
+        let (img, lab) = phantom(seed, &spec);
+        let mut d = img.data.mapv(|v| v * 300.0 - 100.0);
+        d.slice_mut(ndarray::s![.., ..air, ..]).fill(-1000.0);
+        (Volume::new(d, img.geometry), lab)
+    };
+    let cases: Vec<_> = (0..3u64).map(|i| hu(i + 1, 1 + i as usize)).collect();
+    let mut fg: Vec<f64> = cases.iter().flat_map(|(i, l)| i.data.iter().zip(l.data.iter()).filter(|(_, &c)| c > 0).map(|(&v, _)| v as f64).collect::<Vec<_>>()).collect();
+    let labeled = cases.iter().enumerate().map(|(k, (i, l))| memory_case(&format!("ct{k}"), i.clone(), Some(l.cast::<f64>()))).collect();
+    let inp = TrainInputs { labeled, unlabeled: vec![], classes, dataset_name: "t".into() };
+    let mut cfg = tiny(Method::Supervised, false);
+    cfg.threads = PINNED_THREADS;
+    cfg.normalization = sfr::pipeline::config::NormalizationChoice::Ct;
+    let m = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+    assert_eq!(m.meta.normalization, "ct-foreground");
+    let w = m.meta.normalization_window.expect("a CT model records its window");
+    // The window, computed here on its own: nearest-rank percentiles and the plain mean.
+    fg.sort_by(f64::total_cmp);
+    let last = (fg.len() - 1) as f64;
+    let (lo, hi) = (fg[(0.005 * last).floor() as usize], fg[(0.995 * last).ceil() as usize]);
+    let mean = fg.iter().sum::<f64>() / fg.len() as f64;
+    assert_eq!(w.clip, [lo as f32, hi as f32]);
+    assert!((w.mean - mean).abs() < 1e-6 * mean.abs().max(1.0), "{} vs {mean}", w.mean);
+    assert!(lo > -1000.0, "the window {:?} must clip the air away", w.clip);
+    // The file keeps it.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ct.sfrmodel");
+    m.save(&path).unwrap();
+    let mut back = sfr::model::SfrModel::load(&path, Device::Cpu).unwrap();
+    assert_eq!(back.meta.normalization_window, Some(w));
+    // A scan whose air is darker: the same probabilities to the bit.
+    let (scan, _) = hu(9, 3);
+    let mut darker = scan.clone();
+    darker.data.mapv_inplace(|v| if v < w.clip[0] { -3000.0 } else { v });
+    assert_ne!(scan.data, darker.data);
+    assert_eq!(back.predict(&scan, None).unwrap(), back.predict(&darker, None).unwrap());
+    // Under the per-volume z-score the same change moves every voxel's input: not vacuous.
+    back.meta.normalization = "zscore-per-volume".into();
+    back.meta.normalization_window = None;
+    assert_ne!(back.predict(&scan, None).unwrap(), back.predict(&darker, None).unwrap());
+    // `auto` without a declared modality (in-memory cases) is the z-score.
+    cfg.normalization = sfr::pipeline::config::NormalizationChoice::Auto;
+    let z = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+    assert_eq!((z.meta.normalization.as_str(), z.meta.normalization_window), ("zscore-per-volume", None));
+}
+
 #[test]
 fn thread_count_changes_only_rounding() {
     let _serial = serial();

@@ -76,6 +76,7 @@ fn tiny_model() -> SfrModel {
         classes: sfr::limits::Classes::new("classes", [(0, "background".into()), (1, "organ".into())].into()).unwrap(),
         patch: [16, 16, 16],
         normalization: "zscore-per-volume".into(),
+        normalization_window: None,
         spacing: [1.0, 1.0, 1.0],
         vnet: cfg,
         inference: InferenceConfig { stride: [16, 16, 16], weighting: Weighting::Mean, batch: 2 },
@@ -1069,6 +1070,33 @@ fn plan_prints_the_fingerprint_and_what_the_preset_makes_of_it() {
     let o = run(&["plan", "--data", data, "--labeled", "2", "--preset", "test-tiny", "--set", r#"{"spacing": [0.05, 0.05, 0.05]}"#]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("spans at least half of it"), "{}", stderr(&o));
+    // The phantoms' "synthetic MRI": the per-volume z-score. Declared CT: one window from the
+    // labelled foreground, said on stderr; `--set` overrides either way.
+    assert!(v["plan"]["normalization"].as_str().unwrap().starts_with("per-volume z-score"), "{}", v["plan"]);
+    assert!(stderr(&o).contains("normalisation: per-volume z-score: dataset.json names the modality \"synthetic MRI\""), "{}", stderr(&o));
+    let jp = dir.path().join("dataset.json");
+    let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+    j["modality"] = serde_json::json!({"0": "CT"});
+    std::fs::write(&jp, j.to_string()).unwrap();
+    let o = run(&["plan", "--data", data, "--labeled", "2", "--preset", "test-tiny"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let i = &v["fingerprint"]["foreground_intensity"];
+    let f32_of = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
+    let want = format!("CT: clip to the labelled foreground's 0.5-99.5th percentiles [{}, {}]", f32_of(&i["p0_5"]), f32_of(&i["p99_5"]));
+    assert!(v["plan"]["normalization"].as_str().unwrap().starts_with(&want), "{} vs {want}", v["plan"]["normalization"]);
+    assert!(stderr(&o).contains("normalisation: CT"), "{}", stderr(&o));
+    // `sfr train` resolves it the same way and the model carries the window.
+    let model = dir.path().join("ct.sfrmodel");
+    let o = run(&["train", "--data", data, "--labeled", "2", "--preset", "test-tiny", "--method", "supervised", "--no-sam", "--allow-weak", "--out", model.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("normalisation: CT"), "{}", stderr(&o));
+    let meta = sfr::model::SfrModel::read_meta(&model).unwrap();
+    assert_eq!(meta.normalization, "ct-foreground");
+    assert_eq!(meta.normalization_window.unwrap().clip, [f32_of(&i["p0_5"]), f32_of(&i["p99_5"])]);
+    let o = run(&["plan", "--data", data, "--labeled", "2", "--preset", "test-tiny", "--set", r#"{"normalization": "zscore"}"#]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["plan"]["normalization"].as_str().unwrap().starts_with("per-volume z-score"), "{}", v["plan"]);
     let o = run(&["plan", "--data", "/nonexistent/dataset"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("/nonexistent/dataset"), "{}", stderr(&o));

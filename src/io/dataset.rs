@@ -27,6 +27,9 @@ pub struct Dataset {
     pub training: Vec<Case>,
     /// Images of `test` (no labels).
     pub test: Vec<PathBuf>,
+    /// The imaging modality of channel 0, as `modality` (Decathlon) or `channel_names`
+    /// (nnU-Net v2) names it: "CT" decides the intensity normalisation.
+    pub modality: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +46,8 @@ struct DatasetJson {
     training: Vec<Pair>,
     #[serde(default)]
     test: Vec<serde_json::Value>,
+    modality: Option<BTreeMap<String, String>>,
+    channel_names: Option<BTreeMap<String, String>>,
 }
 
 /// `hippocampus_001.nii.gz` -> `hippocampus_001`.
@@ -97,7 +102,8 @@ impl Dataset {
                 test.push(resolve(rel)?);
             }
         }
-        Ok(Dataset { root, name: parsed.name.unwrap_or_default(), labels, training, test })
+        let modality = parsed.modality.or(parsed.channel_names).and_then(|m| m.get("0").cloned());
+        Ok(Dataset { root, name: parsed.name.unwrap_or_default(), labels, training, test, modality })
     }
 
     pub fn num_classes(&self) -> usize {
@@ -205,6 +211,21 @@ mod tests {
         assert_eq!(l[0].id, "c_2");
         assert_eq!(u.len(), 3);
         assert!(ds.split_by_ids(&["nope".into()]).unwrap_err().to_string().contains("nope"));
+    }
+
+    #[test]
+    fn the_modality_of_channel_0_is_read_from_either_key() {
+        let d = tempfile::tempdir().unwrap();
+        make(d.path());
+        assert_eq!(Dataset::open(d.path()).unwrap().modality, None);
+        let jp = d.path().join("dataset.json");
+        for (key, want) in [("modality", "CT"), ("channel_names", "T2")] {
+            let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+            j.as_object_mut().unwrap().remove("modality");
+            j[key] = serde_json::json!({"0": want, "1": "other"});
+            std::fs::write(&jp, j.to_string()).unwrap();
+            assert_eq!(Dataset::open(d.path()).unwrap().modality.as_deref(), Some(want), "{key}");
+        }
     }
 
     #[test]

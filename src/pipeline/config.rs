@@ -170,6 +170,39 @@ impl SamStage {
     }
 }
 
+/// `normalization`: how intensities are normalised before the networks see them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormalizationChoice {
+    /// CT where the dataset says its images are CT (dataset.json's `modality` or
+    /// `channel_names`), else the per-volume z-score. In-memory datasets (the C ABI, Slicer)
+    /// name no modality: they get the z-score unless the config says `ct`.
+    #[default]
+    Auto,
+    /// Each volume by its own mean and standard deviation (MRI and other relative intensities).
+    Zscore,
+    /// nnU-Net's CT scheme: clip to the labelled foreground's 0.5-99.5th percentiles, then
+    /// standardise by the foreground's mean and standard deviation, one window for every scan.
+    Ct,
+}
+
+impl NormalizationChoice {
+    /// `Auto` made definite by the dataset's declared modality (channel 0), if any.
+    pub fn resolve(self, modality: Option<&str>) -> NormalizationChoice {
+        match self {
+            NormalizationChoice::Auto if modality.is_some_and(is_ct_modality) => NormalizationChoice::Ct,
+            NormalizationChoice::Auto => NormalizationChoice::Zscore,
+            other => other,
+        }
+    }
+}
+
+/// "CT", "ct", "CT scan", "non-contrast CT": a word "CT" (not "CTA"-like words; they are CT too,
+/// but not every word containing the letters is, e.g. "SPECT").
+pub fn is_ct_modality(m: &str) -> bool {
+    m.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| w.eq_ignore_ascii_case("ct"))
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SfrPlus {
@@ -219,6 +252,12 @@ pub struct TrainConfig {
     /// the median spacing. Configs written before the key existed get 0.
     #[serde(default)]
     pub patch_context: f64,
+    /// Intensity normalisation: `auto` (the default: CT where the dataset declares CT, else the
+    /// per-volume z-score), `zscore` or `ct`. The model records what was used, with the CT
+    /// window, and segmentation applies the same to every scan. Configs written before the key
+    /// existed get `auto`.
+    #[serde(default)]
+    pub normalization: NormalizationChoice,
     /// Iterations between checkpoints (0 = none).
     pub checkpoint_every: usize,
     pub sam: SamStage,
@@ -245,6 +284,7 @@ impl TrainConfig {
             validation_cases: None,
             spacing: None,
             patch_context: 0.5,
+            normalization: NormalizationChoice::Auto,
             checkpoint_every: 500,
             sam: SamStage {
                 variant: "vit_b".into(),
@@ -677,6 +717,19 @@ mod tests {
         for bad in ["1.5", "-0.1"] {
             let e = TrainConfig::preset_with_overrides("cpu-small", &format!(r#"{{"patch_context": {bad}}}"#)).unwrap_err().to_string();
             assert!(e.contains("patch_context"), "{e}");
+        }
+        // normalization: auto by default and in configs written before the key; auto becomes
+        // CT only where the modality is a word "CT".
+        let mut old: serde_json::Value = serde_json::from_str(&small.to_json()).unwrap();
+        old.as_object_mut().unwrap().remove("normalization");
+        assert_eq!(TrainConfig::from_json(&old.to_string()).unwrap().normalization, NormalizationChoice::Auto);
+        let ct = TrainConfig::preset_with_overrides("cpu-small", r#"{"normalization": "ct"}"#).unwrap();
+        assert_eq!(ct.normalization, NormalizationChoice::Ct);
+        assert!(TrainConfig::preset_with_overrides("cpu-small", r#"{"normalization": "minmax"}"#).is_err());
+        for (m, want) in [(Some("CT"), true), (Some("non-contrast ct"), true), (Some("MRI"), false), (Some("SPECT"), false), (Some("LGE-MRI"), false), (None, false)] {
+            let got = NormalizationChoice::Auto.resolve(m);
+            assert_eq!(got == NormalizationChoice::Ct, want, "{m:?}");
+            assert_eq!(NormalizationChoice::Zscore.resolve(m), NormalizationChoice::Zscore);
         }
     }
 

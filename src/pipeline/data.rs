@@ -108,13 +108,30 @@ impl CaseSource {
 /// Loads a case: image (z-scored) and, when the case has one, its label, which must have the
 /// image's shape and geometry and only declared classes.
 pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
+    let mut s = load_source_raw(src, num_classes)?;
+    crate::volume::Normalization::ZscorePerVolume.apply_in_place(&mut s.image, &src_image_name(src))?;
+    Ok(s)
+}
+
+/// How messages name a case's image.
+pub fn src_image_name(src: &CaseSource) -> String {
+    match src {
+        CaseSource::Files(c) => c.image.display().to_string(),
+        CaseSource::Memory { id, .. } => format!("case {id} (image)"),
+    }
+}
+
+/// [`load_source`] with the image's intensities as they are, for a normalisation that needs
+/// every case first (`volume::Normalization::ct_from_foreground`).
+pub fn load_source_raw(src: &CaseSource, num_classes: usize) -> Result<Sample> {
     let (img, lab, iname, lname) = src.read()?;
     let geometry = img.geometry;
-    let image = zscore(&img.data.view(), &iname)?;
+    // A file's image moves in; an in-memory one is copied (to be normalised in place).
+    let image = img.into_owned().data;
     let label = match lab {
         None => None,
         Some(lab) => {
-            check_label_fits(&lab, img.data.shape(), &geometry, num_classes, &lname, &iname)?;
+            check_label_fits(&lab, image.shape(), &geometry, num_classes, &lname, &iname)?;
             // A file's label moves in; an in-memory one is copied (u8: 1 byte per voxel).
             let l = lab.into_owned().data;
             if l.iter().all(|&v| v == 0) {

@@ -19,10 +19,10 @@ use crate::job::Reporter;
 use crate::limits::Classes;
 use crate::metrics::{evaluate_labels, ClassMetrics};
 use crate::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
-use crate::volume::Volume;
+use crate::volume::{Normalization, Volume};
 use class_check::ClassCheck;
-use config::TrainConfig;
-use data::{load_source, CaseSource, Sample};
+use config::{NormalizationChoice, TrainConfig};
+use data::{load_source_raw, CaseSource, Sample};
 use retrain::{retrain, Checkpointing, UnlabeledCase};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -140,6 +140,24 @@ pub fn validation_count(requested: Option<usize>, n_labeled: usize) -> Result<us
     }
 }
 
+/// The normalisation a training run applies, from the labelled cases' raw intensities.
+/// `auto` is the z-score here: the dataset's modality resolves it before (`sfr train` reads
+/// dataset.json's), and in-memory cases name none.
+pub fn training_normalization(choice: NormalizationChoice, labeled: &[Sample]) -> Result<Normalization> {
+    match choice.resolve(None) {
+        NormalizationChoice::Ct => {
+            let mut fg: Vec<f32> = vec![];
+            for s in labeled {
+                if let Some(l) = &s.label {
+                    fg.extend(s.image.iter().zip(l).filter(|(_, &c)| c > 0).map(|(&v, _)| v));
+                }
+            }
+            Normalization::ct_from_foreground(&mut fg, "the labelled cases")
+        }
+        _ => Ok(Normalization::ZscorePerVolume),
+    }
+}
+
 /// Runs SFR / SFR+ (or the method alone when `sfr` is off) and returns the trained model.
 pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporter: &Reporter) -> Result<SfrModel> {
     cfg.validate()?;
@@ -171,13 +189,21 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         if !c.has_label() {
             return Err(Error::invalid(format!("case {} is listed as labelled but has no label", c.id())));
         }
-        labeled.push(load_source(c, num_classes)?);
+        labeled.push(load_source_raw(c, num_classes)?);
         reporter.step(i as u64 + 1, f64::NAN)?;
+    }
+    // The labelled cases decide a CT window; every case is normalised once it is read.
+    let normalization = training_normalization(cfg.normalization, &labeled)?;
+    reporter.message(&format!("intensity normalisation: {}", normalization.describe()));
+    for (s, c) in labeled.iter_mut().zip(train_cases) {
+        normalization.apply_in_place(&mut s.image, &data::src_image_name(c))?;
     }
     let mut unl_samples: Vec<Sample> = Vec::with_capacity(inputs.unlabeled.len());
     for (i, c) in inputs.unlabeled.iter().enumerate() {
         // Unlabelled cases: the label is dropped even if the caller passed one.
-        unl_samples.push(load_source(&c.without_label(), num_classes)?);
+        let mut s = load_source_raw(&c.without_label(), num_classes)?;
+        normalization.apply_in_place(&mut s.image, &data::src_image_name(c))?;
+        unl_samples.push(s);
         reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
     }
     let median = [0, 1, 2].map(|a| plan::median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()).unwrap_or(1.0));
@@ -273,7 +299,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         library_version: crate::VERSION.into(),
         classes: inputs.classes.clone(),
         patch: cfg.patch,
-        normalization: "zscore-per-volume".into(),
+        normalization: normalization.name().into(),
+        normalization_window: normalization.window(),
         spacing,
         vnet: net.config().clone(),
         inference: cfg.inference.clone(),

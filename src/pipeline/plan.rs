@@ -10,7 +10,8 @@
 //! which it would see half.
 use crate::error::Result;
 use crate::limits::Classes;
-use crate::pipeline::config::TrainConfig;
+use crate::pipeline::config::{NormalizationChoice, TrainConfig};
+use crate::volume::{CtWindow, Normalization};
 use crate::pipeline::data::CaseSource;
 use serde::Serialize;
 
@@ -69,7 +70,8 @@ pub struct Plan {
     pub patch_mm: [f64; 3],
     /// Patch extent over the foreground's median extent, per axis.
     pub patch_over_foreground: [f64; 3],
-    pub normalization: &'static str,
+    /// What training does to the intensities (`normalization`, `auto` resolved by the caller).
+    pub normalization: String,
     pub notes: Vec<String>,
 }
 
@@ -240,6 +242,16 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
             100.0 * worst
         ));
     }
+    let normalization = match (cfg.normalization.resolve(None), &fp.foreground_intensity) {
+        (NormalizationChoice::Ct, Some(i)) if i.std > 0.0 => {
+            Normalization::Ct(CtWindow { clip: [i.p0_5, i.p99_5], mean: i.mean, std: i.std }).describe()
+        }
+        (NormalizationChoice::Ct, _) => {
+            notes.push("CT normalisation needs labelled foreground voxels of more than one value, and these labels have none: training will refuse it".into());
+            "CT (no window: the labels have no foreground)".into()
+        }
+        _ => Normalization::ZscorePerVolume.describe(),
+    };
     Plan {
         preset: cfg.preset.clone(),
         spacing,
@@ -249,7 +261,7 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
         patch: cfg.patch,
         patch_mm,
         patch_over_foreground,
-        normalization: "per-volume z-score (every modality)",
+        normalization,
         notes,
     }
 }

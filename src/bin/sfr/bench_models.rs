@@ -447,6 +447,7 @@ fn build_segment(spec: &Spec, device: Device, weights: &Path, inputs: &Path) -> 
         classes: Classes::new("bench", [(0, "background".into()), (1, "foreground".into())].into()).map_err(|err| e("classes", &err))?,
         patch: [px, py, pz],
         normalization: "zscore".into(),
+        normalization_window: None,
         spacing: [1.0, 1.0, 1.0],
         vnet: VNetConfig::default(),
         inference: InferenceConfig { stride: [sx, sy, sz], weighting: seg.weighting, batch: seg.batch },

@@ -26,7 +26,7 @@ use serde_json::json;
 use sfr::io::dataset::{read_id_list, Dataset};
 use sfr::io::nifti;
 use sfr::model::SfrModel;
-use sfr::pipeline::config::{Method, TrainConfig};
+use sfr::pipeline::config::{Method, NormalizationChoice, TrainConfig};
 use sfr::pipeline::class_check::ClassCheck;
 use sfr::pipeline::{default_work_dir, evaluate_cases, summarize, RunOptions, TrainInputs};
 use sfr::stitch::{stitch_image, stitch_labels, StitchLayout};
@@ -418,6 +418,7 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
     }
     cfg.validate()?;
     let (ds, labeled, unlabeled) = a.cases.split(true)?;
+    cfg.normalization = resolve_normalization(cfg.normalization, &ds);
     let fp = sfr::pipeline::plan::fingerprint(&sfr::pipeline::sources(&labeled), &sfr::pipeline::sources(&unlabeled), &ds.labels)?;
     let plan = sfr::pipeline::plan::plan(&fp, &cfg);
     for n in &plan.notes {
@@ -427,8 +428,22 @@ fn plan_cmd(a: PlanArgs) -> Result<()> {
     Ok(())
 }
 
+/// `auto` made definite by the dataset's declared modality, said on stderr.
+fn resolve_normalization(choice: NormalizationChoice, ds: &Dataset) -> NormalizationChoice {
+    let resolved = choice.resolve(ds.modality.as_deref());
+    if choice == NormalizationChoice::Auto {
+        let why = match &ds.modality {
+            Some(m) => format!("dataset.json names the modality \"{m}\""),
+            None => "dataset.json names no modality".into(),
+        };
+        let what = if resolved == NormalizationChoice::Ct { "CT (one intensity window from the labelled foreground)" } else { "per-volume z-score" };
+        eprintln!("normalisation: {what}: {why} (--set '{{\"normalization\": \"ct\"}}' or \"zscore\" chooses)");
+    }
+    resolved
+}
+
 fn train_cmd(a: TrainArgs) -> Result<()> {
-    let cfg = train_config(&a)?;
+    let mut cfg = train_config(&a)?;
     if a.print_config {
         out!("{}", cfg.to_json());
         return Ok(());
@@ -447,6 +462,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         }
     }
     let (ds, labeled, mut unlabeled) = a.cases.split(false)?;
+    cfg.normalization = resolve_normalization(cfg.normalization, &ds);
     // Before any work: the model must not overwrite any file the run reads (a dataset image,
     // the config...), and its folder and the work folder must be writable, so that a run
     // cannot fail at its end.
