@@ -466,10 +466,20 @@ fn ct_normalisation_is_one_window_from_the_labelled_foreground() {
     back.meta.normalization = "zscore-per-volume".into();
     back.meta.normalization_window = None;
     assert_ne!(back.predict(&scan, None).unwrap(), back.predict(&darker, None).unwrap());
-    // `auto` without a declared modality (in-memory cases) is the z-score.
+    // `auto` without a declared modality (in-memory cases) is the z-score, with a warning when
+    // the images look like CT (air at -1000); an explicit "zscore" is not warned about.
+    let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let s2 = said.clone();
+    let r = Reporter::detached(Some(Box::new(move |p| s2.lock().unwrap().push(p.message.clone()))));
+    let warned = |said: &std::sync::Mutex<Vec<String>>| said.lock().unwrap().iter().any(|m| m.contains("nothing declares the scans CT"));
     cfg.normalization = sfr::pipeline::config::NormalizationChoice::Auto;
-    let z = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
+    let z = train(&cfg, &inp, &RunOptions::default(), &r).unwrap();
     assert_eq!((z.meta.normalization.as_str(), z.meta.normalization_window), ("zscore-per-volume", None));
+    assert!(warned(&said), "{:?}", said.lock().unwrap());
+    said.lock().unwrap().clear();
+    cfg.normalization = sfr::pipeline::config::NormalizationChoice::Zscore;
+    train(&cfg, &inp, &RunOptions::default(), &r).unwrap();
+    assert!(!warned(&said), "{:?}", said.lock().unwrap());
 }
 
 #[test]

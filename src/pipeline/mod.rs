@@ -158,6 +158,12 @@ pub fn training_normalization(choice: NormalizationChoice, labeled: &[Sample]) -
     }
 }
 
+/// Whether every labelled image (raw) reaches -900 or below: air in Hounsfield units. MRI, and
+/// images already normalised, never do.
+fn looks_like_ct(labeled: &[Sample]) -> bool {
+    !labeled.is_empty() && labeled.iter().all(|s| s.image.iter().any(|&v| v <= -900.0))
+}
+
 /// Runs SFR / SFR+ (or the method alone when `sfr` is off) and returns the trained model.
 pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporter: &Reporter) -> Result<SfrModel> {
     cfg.validate()?;
@@ -193,6 +199,13 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         reporter.step(i as u64 + 1, f64::NAN)?;
     }
     // The labelled cases decide a CT window; every case is normalised once it is read.
+    if cfg.normalization == NormalizationChoice::Auto && looks_like_ct(&labeled) {
+        reporter.message(
+            "WARNING: every labelled image has voxels at or below -900, as air has in a CT's Hounsfield units, but nothing declares the scans CT: \
+             they get the per-volume z-score. If they are CT, train with --set '{\"normalization\": \"ct\"}' (or \"modality\": {\"0\": \"CT\"} in dataset.json); \
+             \"zscore\" keeps the z-score and silences this",
+        );
+    }
     let normalization = training_normalization(cfg.normalization, &labeled)?;
     reporter.message(&format!("intensity normalisation: {}", normalization.describe()));
     for (s, c) in labeled.iter_mut().zip(train_cases) {
