@@ -198,18 +198,23 @@ PAPER_LA = {("supervised", 1): 17.99, ("supervised", 4): None, ("supervised", 16
 
 
 def la(out):
-    """The left atrium at the preset's own spacing: labelled counts × rows (scripts/la.sh)."""
+    """The left atrium at the preset's own spacing: labelled counts × rows (scripts/la.sh), and
+    for SFR rows the difference to supervised training on the same seeds."""
     groups = {}
-    for (row, n, spacing, _seed), r in la_runs(out).items():
+    for (row, n, spacing, seed), r in la_runs(out).items():
         if spacing == "default":
-            groups.setdefault((n, row), []).append(r)
+            groups.setdefault((n, row), {})[seed] = r
     if not groups:
         return None
-    lines = ["| labelled | row | training spacing (mm) | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s | the paper (GPU) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| labelled | row | training spacing (mm) | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s | − supervised, per seed | the paper (GPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    dice = lambda r: 100 * r["summary"][0]["dice_mean"]
     for (n, row) in sorted(groups, key=lambda g: (g[0], g[1] != "supervised")):
+        runs = [groups[(n, row)][k] for k in sorted(groups[(n, row)])]
         paper = PAPER_LA.get((row, n))
-        spacing = spacing_words("default", groups[(n, row)]).replace("preset's choice: ", "")
-        lines.append(la_row(f"{n} | {row} | {spacing}", groups[(n, row)]) + f" {paper if paper is not None else '–'} |")
+        spacing = spacing_words("default", runs).replace("preset's choice: ", "")
+        sup = groups.get((n, "supervised"), {})
+        diffs = [f"{dice(r) - dice(sup[k]):+.1f}" for k, r in sorted(groups[(n, row)].items()) if k in sup] if row != "supervised" else []
+        lines.append(la_row(f"{n} | {row} | {spacing}", runs) + f" {', '.join(diffs) or '–'} | {paper if paper is not None else '–'} |")
     return lines
 
 

@@ -52,6 +52,12 @@ fn starts(n: usize, p: usize, stride: usize) -> Vec<usize> {
     v
 }
 
+/// Windows a sliding window visits over a volume `[z, y, x]` (an axis shorter than the patch
+/// is padded to it: one window along it).
+pub fn window_count(volume: [usize; 3], patch: [usize; 3], stride: [usize; 3]) -> usize {
+    (0..3).map(|a| starts(volume[a].max(patch[a]), patch[a], stride[a]).len()).product()
+}
+
 /// nnU-Net's Gaussian importance map: sigma = patch/8 per axis, normalised to max 1, with a
 /// floor so that no voxel gets zero weight.
 fn gaussian(patch: [usize; 3]) -> Array3<f32> {
@@ -275,6 +281,7 @@ mod tests {
 
     #[test]
     fn window_starts_cover_everything() {
+        assert_eq!(window_count([32, 53, 74], [40, 48, 32], [20, 24, 16]), 1 * 2 * 4);
         assert_eq!(starts(10, 4, 3), vec![0, 3, 6]);
         assert_eq!(starts(11, 4, 3), vec![0, 3, 6, 7]);
         assert_eq!(starts(4, 4, 2), vec![0]);

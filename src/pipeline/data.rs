@@ -1,4 +1,4 @@
-//! Training data: loading and checking cases, per-volume z-score normalisation, patch sampling
+//! Training data: loading and checking cases, intensity normalisation, patch sampling
 //! and augmentation (3D rot90/flip, random crop, Bezier intensity curve).
 //!
 //! Arrays are `[nz, ny, nx]` (x fastest), patches `[pz, py, px]`.
@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 pub type Rng = rand_chacha::ChaCha8Rng;
 
-/// A loaded case: normalised image, optional label, and the image's geometry.
+/// A loaded case: image (normalised by `load_source`; as read by `load_source_raw`, until
+/// training normalises it), optional label, and the image's geometry.
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub id: String,

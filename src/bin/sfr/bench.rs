@@ -325,6 +325,13 @@ pub fn stitch_bench() -> Value {
 mod tests {
     use super::*;
 
+    /// A left-atrium volume at 1.7 mm is 32×53×74 voxels (z, y, x): cpu-small's 40×48×32 SAM
+    /// patch at half stride covers it in 1 × 2 × 4 canvases.
+    #[test]
+    fn an_la_volume_is_eight_canvases_for_cpu_small() {
+        assert_eq!(models::la_pseudo_label_windows(), 8);
+    }
+
     /// bf16 / float32 per side, from the two LoRA-step cases' medians; nothing when one is missing.
     #[test]
     fn bf16_speed_up_is_the_ratio_of_the_lora_step_medians() {

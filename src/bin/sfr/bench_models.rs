@@ -76,8 +76,18 @@ pub struct SegmentSpec {
 impl SegmentSpec {
     /// Windows the sliding window visits (every `stride`, plus one flush with the end).
     pub fn windows(&self) -> usize {
-        (0..3).map(|a| (self.volume[a] - self.patch[a]).div_ceil(self.stride[a]) + 1).product()
+        sfr::infer::window_count(self.volume, self.patch, self.stride)
     }
+}
+
+/// Windows (SAM canvases) `SamModule::pseudo_label` runs on a left-atrium-sized volume
+/// (200×144×88 voxels at 0.625 mm, the segment cases' volume) as `cpu-small` trains on it:
+/// resampled to 1.7 mm (what `sfr plan` chooses for the left atrium with 4 labelled cases), the
+/// preset's SAM patch at half-patch stride.
+pub fn la_pseudo_label_windows() -> usize {
+    let la = [88.0, 144.0, 200.0].map(|n: f64| (n * 0.625 / 1.7).round() as usize);
+    let patch = sfr::pipeline::config::TrainConfig::cpu_small().sam_patch_zyx().expect("cpu-small stitches");
+    sfr::infer::window_count(la, patch, patch.map(|p| (p / 2).max(1)))
 }
 
 /// One benchmark: a computation on an input of a given shape.
@@ -872,7 +882,14 @@ impl Side {
             let voxels = case.input[2..].iter().filter(|&&d| d > 0).product::<i64>() as f64 * b;
             match case.kind {
                 CaseKind::SamEncoder | CaseKind::TinyVitEncoder => out["images_per_s"] = json!(b / s),
-                CaseKind::LiteMedsamPseudoLabel | CaseKind::SamPseudoLabel => out["canvases_per_s"] = json!(b / s),
+                CaseKind::SamPseudoLabel => out["canvases_per_s"] = json!(b / s),
+                CaseKind::LiteMedsamPseudoLabel => {
+                    out["canvases_per_s"] = json!(b / s);
+                    // Volumes per minute follow from canvases per second and canvases per volume.
+                    let w = la_pseudo_label_windows();
+                    out["la_volume_canvases"] = json!(w);
+                    out["la_volumes_per_minute"] = json!(60.0 * b / s / w as f64);
+                }
                 CaseKind::LiteMedsamDecoderStep | CaseKind::LiteMedsamLoraStep | CaseKind::LiteMedsamLoraStepBf16 => {
                     out["steps_per_s"] = json!(1.0 / s)
                 }
