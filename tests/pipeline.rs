@@ -441,6 +441,12 @@ fn ct_normalisation_is_one_window_from_the_labelled_foreground() {
     cfg.normalization = sfr::pipeline::config::NormalizationChoice::Ct;
     let m = train(&cfg, &inp, &RunOptions::default(), &quiet()).unwrap();
     assert_eq!(m.meta.normalization, "ct-foreground");
+    // A NaN voxel in a labelled case is refused, naming the case.
+    let mut bad = cases[1].0.clone();
+    bad.data[[0, 0, 0]] = f32::NAN;
+    let nan_inp = TrainInputs { labeled: vec![memory_case("nan-case", bad, Some(cases[1].1.cast::<f64>()))], unlabeled: vec![], classes: inp.classes.clone(), dataset_name: "t".into() };
+    let err = train(&cfg, &nan_inp, &RunOptions::default(), &quiet()).err().unwrap().to_string();
+    assert!(err.contains("nan-case") && err.contains("NaN"), "{err}");
     let w = m.meta.normalization_window.expect("a CT model records its window");
     // The window, computed here on its own: nearest-rank percentiles and the plain mean.
     fg.sort_by(f64::total_cmp);

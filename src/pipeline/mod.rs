@@ -148,6 +148,10 @@ pub fn training_normalization(choice: NormalizationChoice, labeled: &[Sample]) -
         NormalizationChoice::Ct => {
             let mut fg: Vec<f32> = vec![];
             for s in labeled {
+                // Named here: the window's own check could only say "the labelled cases".
+                if s.image.iter().any(|v| !v.is_finite()) {
+                    return Err(Error::invalid(format!("case {}: the image contains NaN or infinite voxels", s.id)));
+                }
                 if let Some(l) = &s.label {
                     fg.extend(s.image.iter().zip(l).filter(|(_, &c)| c > 0).map(|(&v, _)| v));
                 }
