@@ -336,13 +336,6 @@ fn resume_continues_from_the_checkpoint() {
     assert_eq!(first_difference(&model, &straight), None, "the resumed and the uninterrupted run differ");
 }
 
-/// Auto threads (`sfr::threads`) may change the thread count during a run. That must change
-/// the result only by the order of floating-point sums: libtorch's random draws (dropout
-/// masks, the teacher's noise, initialisation) must not depend on it, and a training step from
-/// the same weights must make the same update up to rounding. (Over many steps the rounding
-/// differences grow as any perturbation does: at test-tiny sizes, scaling one weight tensor by
-/// 1 + 1e-6 changed the first update by ~1%, while 1 vs 2 threads changed the convolution
-/// kernels' updates by at most ~2e-4.)
 /// A dataset of mixed spacings trains at one: the median (or `spacing` when set), recorded in
 /// the model; a thick-slice case is resampled (and said so), and the model segments scans at
 /// any spacing onto their own grid.
@@ -488,6 +481,13 @@ fn ct_normalisation_is_one_window_from_the_labelled_foreground() {
     assert!(!warned(&said), "{:?}", said.lock().unwrap());
 }
 
+/// Auto threads (`sfr::threads`) may change the thread count during a run. That must change
+/// the result only by the order of floating-point sums: libtorch's random draws (dropout
+/// masks, the teacher's noise, initialisation) must not depend on it, and a training step from
+/// the same weights must make the same update up to rounding. (Over many steps the rounding
+/// differences grow as any perturbation does: at test-tiny sizes, scaling one weight tensor by
+/// 1 + 1e-6 changed the first update by ~1%, while 1 vs 2 threads changed the convolution
+/// kernels' updates by at most ~2e-4.)
 #[test]
 fn thread_count_changes_only_rounding() {
     let _serial = serial();
