@@ -382,6 +382,18 @@ pub struct CtWindow {
     pub std: f64,
 }
 
+impl CtWindow {
+    /// The window's numbers of `values` (reordered): nearest-rank percentiles, plain mean and
+    /// standard deviation. None when there are none. Not checked: [`Normalization::ct`] does.
+    pub fn of_values(values: &mut [f32]) -> Option<CtWindow> {
+        let n = values.len() as f64;
+        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let std = (values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let (lo, hi) = quantile_pair(values, (0.005, 0.995))?;
+        Some(CtWindow { clip: [lo, hi], mean, std })
+    }
+}
+
 /// How a volume's intensities are made comparable before the network sees them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Normalization {
@@ -417,14 +429,24 @@ impl Normalization {
     pub fn from_parts(name: &str, window: Option<CtWindow>) -> Result<Normalization> {
         match (name, window) {
             (Self::ZSCORE | "zscore", None) => Ok(Normalization::ZscorePerVolume),
-            (Self::CT, Some(w)) if w.clip[0].is_finite() && w.clip[1] >= w.clip[0] && w.mean.is_finite() && w.std.is_finite() && w.std > 0.0 => {
-                Ok(Normalization::Ct(w))
-            }
-            (Self::CT, Some(w)) => Err(Error::invalid(format!("normalization {}: invalid window {w:?} (clip low <= high, finite mean, std > 0)", Self::CT))),
+            (Self::CT, Some(w)) => Self::ct(w, &format!("normalization {}", Self::CT)),
             (Self::CT, None) => Err(Error::invalid(format!("normalization {} needs its window (clip, mean, std)", Self::CT))),
             (Self::ZSCORE | "zscore", Some(_)) => Err(Error::invalid(format!("normalization {name} takes no window"))),
             (other, _) => Err(Error::invalid(format!("unknown normalization \"{other}\" ({} or {})", Self::ZSCORE, Self::CT))),
         }
+    }
+
+    /// CT normalisation by `w`, if it can standardise: finite numbers, clip low <= high, and a
+    /// spread (the one rule for training, `sfr plan` and model files).
+    pub fn ct(w: CtWindow, what: &str) -> Result<Normalization> {
+        let finite = w.clip.iter().all(|c| c.is_finite()) && w.mean.is_finite() && w.std.is_finite();
+        if !finite || w.clip[1] < w.clip[0] {
+            return Err(Error::invalid(format!("{what}: invalid CT window {w:?} (finite numbers, clip low <= high)")));
+        }
+        if !(w.std > 1e-6 * w.mean.abs().max(1.0)) {
+            return Err(Error::invalid(format!("{what}: every labelled foreground voxel has the value {}: CT normalisation has no spread to standardise by", w.mean)));
+        }
+        Ok(Normalization::Ct(w))
     }
 
     /// The CT window of foreground voxel values (reordered). An error when there are none, or
@@ -433,16 +455,8 @@ impl Normalization {
         if values.iter().any(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("{what}: the foreground contains NaN or infinite voxels")));
         }
-        let n = values.len() as f64;
-        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let std = (values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-        let Some((lo, hi)) = quantile_pair(values, (0.005, 0.995)) else {
-            return Err(Error::invalid(format!("{what}: CT normalisation needs labelled foreground voxels, and the labels have none")));
-        };
-        if !(std > 1e-6 * mean.abs().max(1.0)) {
-            return Err(Error::invalid(format!("{what}: every labelled foreground voxel has the value {mean}: CT normalisation has no spread to standardise by")));
-        }
-        Ok(Normalization::Ct(CtWindow { clip: [lo, hi], mean, std }))
+        let w = CtWindow::of_values(values).ok_or_else(|| Error::invalid(format!("{what}: CT normalisation needs labelled foreground voxels, and the labels have none")))?;
+        Self::ct(w, what)
     }
 
     /// The map of this volume's voxels: clip to a window, then (x - mean) / std; None (every

@@ -88,6 +88,14 @@ impl CaseSource {
             CaseSource::Memory { id, image, .. } => CaseSource::Memory { id: id.clone(), image: image.clone(), label: None },
         }
     }
+    /// How messages name the case's image.
+    pub fn image_name(&self) -> String {
+        match self {
+            CaseSource::Files(c) => c.image.display().to_string(),
+            CaseSource::Memory { id, .. } => format!("case {id} (image)"),
+        }
+    }
+
     /// The image and label (label values checked to be integers in 0..=255, not yet against
     /// the classes), and names for messages. In-memory volumes are borrowed, not copied.
     #[allow(clippy::type_complexity)]
@@ -97,10 +105,10 @@ impl CaseSource {
                 let img = nifti::read(&c.image)?;
                 let lname = c.label.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
                 let lab = c.label.as_deref().map(read_label_file).transpose()?.map(Cow::Owned);
-                Ok((Cow::Owned(img.cast::<f32>()), lab, c.image.display().to_string(), lname))
+                Ok((Cow::Owned(img.cast::<f32>()), lab, self.image_name(), lname))
             }
             CaseSource::Memory { id, image, label } => {
-                Ok((Cow::Borrowed(&**image), label.as_deref().map(Cow::Borrowed), format!("case {id} (image)"), format!("case {id} (label)")))
+                Ok((Cow::Borrowed(&**image), label.as_deref().map(Cow::Borrowed), self.image_name(), format!("case {id} (label)")))
             }
         }
     }
@@ -110,16 +118,8 @@ impl CaseSource {
 /// image's shape and geometry and only declared classes.
 pub fn load_source(src: &CaseSource, num_classes: usize) -> Result<Sample> {
     let mut s = load_source_raw(src, num_classes)?;
-    crate::volume::Normalization::ZscorePerVolume.apply_in_place(&mut s.image, &src_image_name(src))?;
+    crate::volume::Normalization::ZscorePerVolume.apply_in_place(&mut s.image, &src.image_name())?;
     Ok(s)
-}
-
-/// How messages name a case's image.
-pub fn src_image_name(src: &CaseSource) -> String {
-    match src {
-        CaseSource::Files(c) => c.image.display().to_string(),
-        CaseSource::Memory { id, .. } => format!("case {id} (image)"),
-    }
 }
 
 /// [`load_source`] with the image's intensities as they are, for a normalisation that needs

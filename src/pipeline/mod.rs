@@ -213,13 +213,13 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     let normalization = training_normalization(cfg.normalization, &labeled)?;
     reporter.message(&format!("intensity normalisation: {}", normalization.describe()));
     for (s, c) in labeled.iter_mut().zip(train_cases) {
-        normalization.apply_in_place(&mut s.image, &data::src_image_name(c))?;
+        normalization.apply_in_place(&mut s.image, &c.image_name())?;
     }
     let mut unl_samples: Vec<Sample> = Vec::with_capacity(inputs.unlabeled.len());
     for (i, c) in inputs.unlabeled.iter().enumerate() {
         // Unlabelled cases: the label is dropped even if the caller passed one.
         let mut s = load_source_raw(&c.without_label(), num_classes)?;
-        normalization.apply_in_place(&mut s.image, &data::src_image_name(c))?;
+        normalization.apply_in_place(&mut s.image, &c.image_name())?;
         unl_samples.push(s);
         reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
     }

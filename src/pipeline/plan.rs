@@ -167,13 +167,8 @@ pub fn fingerprint(labeled: &[CaseSource], unlabeled: &[CaseSource], classes: &C
             }
         }
     }
-    let foreground_intensity = (!fg_values.is_empty()).then(|| {
-        let n = fg_values.len() as f64;
-        let mean = fg_values.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let std = (fg_values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
-        let (p0_5, p99_5) = crate::volume::quantile_pair(&mut fg_values, (0.005, 0.995)).unwrap_or((0.0, 0.0));
-        Intensity { p0_5, p99_5, mean, std }
-    });
+    // The numbers CT normalisation's window takes from the same voxels.
+    let foreground_intensity = CtWindow::of_values(&mut fg_values).map(|w| Intensity { p0_5: w.clip[0], p99_5: w.clip[1], mean: w.mean, std: w.std });
     let spacing_median = per_axis(&spacings, median, 1.0);
     let shape_median = per_axis(&shapes, median, 0);
     let extents: Vec<[f64; 3]> = spacings.iter().zip(&shapes).map(|(s, d)| [0, 1, 2].map(|a| s[a] * d[a] as f64)).collect();
@@ -242,13 +237,19 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
             100.0 * worst
         ));
     }
-    let normalization = match (cfg.normalization.resolve(None), &fp.foreground_intensity) {
-        (NormalizationChoice::Ct, Some(i)) if i.std > 0.0 => {
-            Normalization::Ct(CtWindow { clip: [i.p0_5, i.p99_5], mean: i.mean, std: i.std }).describe()
-        }
-        (NormalizationChoice::Ct, _) => {
-            notes.push("CT normalisation needs labelled foreground voxels of more than one value, and these labels have none: training will refuse it".into());
-            "CT (no window: the labels have no foreground)".into()
+    let normalization = match cfg.normalization.resolve(None) {
+        NormalizationChoice::Ct => {
+            let ct = match &fp.foreground_intensity {
+                Some(i) => Normalization::ct(CtWindow { clip: [i.p0_5, i.p99_5], mean: i.mean, std: i.std }, "the labelled cases"),
+                None => Err(crate::Error::invalid("the labelled cases: CT normalisation needs labelled foreground voxels, and the labels have none")),
+            };
+            match ct {
+                Ok(n) => n.describe(),
+                Err(e) => {
+                    notes.push(format!("{e}: training will refuse CT normalisation"));
+                    "CT (no usable window)".into()
+                }
+            }
         }
         _ => Normalization::ZscorePerVolume.describe(),
     };
