@@ -7,7 +7,8 @@
 #   LABELED="4"               labelled counts (the first N cases of dataset.json)
 #   ROWS="supervised"         supervised, mean-teacher-sfr (SFR with a mean teacher)
 #   SPACINGS="native 1.25 1.7 default"   native: the median 0.625 mm (patch_context 0); a number:
-#                             that isotropic spacing; default: the preset's own choice
+#                             that isotropic spacing; default: the preset's own choice;
+#                             patch-XxYxZ-S: that patch at that isotropic spacing (stride half of it)
 #   SEEDS="1 2 3"  UNLABELED=16 (SFR rows: the next cases after the labelled ones)  SFR_THREADS=2
 # Finished runs (OUT/<row>-<N>-<spacing>-<seed>.json: sfr evaluate --json plus train_s and the
 # training check; scripts/train_and_score.sh) are kept and skipped on a rerun.
@@ -41,6 +42,10 @@ for seed in ${SEEDS:-1 2 3}; do
         name="$row-$n-$sp-$seed"
         case "$sp" in
           native) set="{$threads, \"patch_context\": 0}" ;;
+          patch-*)
+            IFS=- read -r _ dims s <<<"$sp"
+            IFS=x read -r px py pz <<<"$dims"
+            set="{$threads, \"spacing\": [$s, $s, $s], \"patch\": [$px, $py, $pz], \"inference\": {\"stride\": [$((px / 2)), $((py / 2)), $((pz / 2))]}}" ;;
           default) set="{$threads}" ;;
           *) set="{$threads, \"spacing\": [$sp, $sp, $sp]}" ;;
         esac

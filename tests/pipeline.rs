@@ -402,6 +402,20 @@ fn mixed_spacings_train_at_one_spacing() {
     assert!((0..3).any(|a| 16.0 * (sp[a] - 0.05) < fg[a]), "{sp:?} is not the finest 0.05 mm step that spans {fg:?} mm");
     assert_eq!(m3.meta.training["spacing_from"], "the median spacing, coarsened so that one patch spans patch_context of the foreground");
     assert!(said.lock().unwrap().iter().any(|t| t.contains("coarsened so that one [16, 16, 16] patch spans at least 100%")), "{:?}", said.lock().unwrap());
+    // A patch budget: training plans the patch (and its half stride) with the plan's code, at
+    // the plan's spacing, says so, and the model carries them: here 16×16×32 voxels' worth,
+    // long along the axis the foreground needs.
+    cfg.patch_context = 0.5;
+    cfg.patch_budget = 16 * 16 * 32;
+    said.lock().unwrap().clear();
+    let m4 = train(&cfg, &inp, &RunOptions::default(), &r).unwrap();
+    let fov = big.dims.map(|d| d as f64);
+    let want = sfr::pipeline::plan::plan_grid(&cfg, [1.0; 3], Some(fg), fov);
+    assert_eq!((m4.meta.patch, m4.meta.inference.stride, m4.meta.spacing), (want.patch, want.stride, want.spacing));
+    assert!(want.patch.iter().product::<usize>() == 8192 && want.patch != cfg.patch, "{want:?}");
+    assert_eq!(m4.meta.training["patch_from"], "planned within patch_budget voxels to span the foreground");
+    assert!(said.lock().unwrap().iter().any(|t| t.contains(&format!("patch {:?} voxels, stride {:?}: planned within 8192 voxels", want.patch, want.stride))), "{:?}", said.lock().unwrap());
+    cfg.patch_budget = 0;
     cfg.patch_context = 0.0;
     // A spacing that is not a spacing is refused before any work.
     cfg.spacing = Some([1.0, 0.0, 1.0]);

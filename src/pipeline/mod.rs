@@ -21,7 +21,7 @@ use crate::metrics::{evaluate_labels, ClassMetrics};
 use crate::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
 use crate::volume::{Normalization, Volume};
 use class_check::ClassCheck;
-use config::{NormalizationChoice, TrainConfig};
+use config::{InferenceConfig, NormalizationChoice, TrainConfig};
 use data::{load_source_raw, CaseSource, Sample};
 use retrain::{retrain, Checkpointing, UnlabeledCase};
 use serde::Serialize;
@@ -223,16 +223,30 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
         unl_samples.push(s);
         reporter.step((train_cases.len() + i) as u64 + 1, f64::NAN)?;
     }
-    let median = [0, 1, 2].map(|a| plan::median(labeled.iter().chain(&unl_samples).map(|s| s.geometry.spacing[a]).collect()).unwrap_or(1.0));
+    let all = || labeled.iter().chain(&unl_samples);
+    let median = [0, 1, 2].map(|a| plan::median(all().map(|s| s.geometry.spacing[a]).collect()).unwrap_or(1.0));
+    let extent_mm = [0, 1, 2].map(|a| plan::median(all().map(|s| s.geometry.spacing[a] * s.dims()[a] as f64).collect()).unwrap_or(0.0));
     let fg_extents: Vec<[f64; 3]> = labeled.iter().filter_map(|s| plan::foreground_extent_mm(s.label.as_ref()?, s.geometry.spacing)).collect();
     let fg_mm = (!fg_extents.is_empty()).then(|| [0, 1, 2].map(|a| plan::median(fg_extents.iter().map(|e| e[a]).collect()).unwrap_or(0.0)));
-    let (spacing, spacing_from) = plan::training_spacing(cfg, median, fg_mm);
-    if spacing != median && cfg.spacing.is_none() {
+    let grid = plan::plan_grid(cfg, median, fg_mm, extent_mm);
+    let spacing = grid.spacing;
+    if grid.spacing_from == plan::SPACING_FROM_CONTEXT {
         reporter.message(&format!(
             "training spacing {spacing:?} mm: the median {median:?} mm coarsened so that one {:?} patch spans at least {:.0}% of the labelled foreground's median extent ({:?} mm); `patch_context` 0 trains at the median",
-            cfg.patch,
+            grid.patch,
             100.0 * cfg.patch_context,
             fg_mm.unwrap_or_default()
+        ));
+    }
+    // From here on the planned patch and stride are the configuration: SAM's canvas, the V-Net's
+    // crops, validation and the model file all use them.
+    let planned = TrainConfig { patch: grid.patch, inference: InferenceConfig { stride: grid.stride, ..cfg.inference.clone() }, ..cfg.clone() };
+    planned.validate()?;
+    let cfg = &planned;
+    if cfg.patch_budget > 0 {
+        reporter.message(&format!(
+            "patch {:?} voxels, stride {:?}: planned within {} voxels to span the labelled foreground at {spacing:?} mm (`sfr plan` shows why; --set '{{\"patch\": [x, y, z]}}' fixes one)",
+            grid.patch, grid.stride, cfg.patch_budget
         ));
     }
     // Every volume at the training spacing: the network learns one physical scale, the one
@@ -327,7 +341,8 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
             "sfr_plus": cfg.sfr_plus.enabled,
             "preset": cfg.preset,
             "seed": cfg.seed,
-            "spacing_from": spacing_from,
+            "spacing_from": grid.spacing_from,
+            "patch_from": grid.patch_from,
             "device": crate::nn::device_name(device),
             "dataset": inputs.dataset_name,
             "labeled_cases": train_cases.len(),

@@ -1,13 +1,16 @@
 //! A dataset's fingerprint — spacings, shapes, foreground intensities, class sizes — and what a
-//! training configuration makes of it: the spacing it trains at, the volumes and the patch at
-//! that spacing, and how much of the foreground one patch sees (`sfr plan`).
+//! training configuration makes of it: the spacing it trains at, the V-Net's patch and the
+//! inference stride ([`plan_grid`], which `pipeline::train` calls too, so that the plan printed
+//! is the one trained), the volumes at that spacing, how much of the foreground one patch sees,
+//! SAM's canvas and the intensity normalisation (`sfr plan`).
 //!
-//! The training spacing is the configuration's `spacing`, else the median spacing, coarsened
-//! where one patch would span less than `patch_context` of the foreground's median extent
-//! (`training_spacing`, which `pipeline::train` calls too, so that the plan printed is the one
-//! trained). Where a patch still sees less than half of the foreground along an axis (a
-//! `spacing` given, or `patch_context` 0), the plan says so and names the isotropic spacing at
-//! which it would see half.
+//! With a budget, `patch_budget` voxels per patch (the compute of one V-Net step on a CPU grows
+//! with them), the patch is planned too: shaped like the labelled foreground, the spacing
+//! coarsened where even that patch would see less than `patch_context` of it. No preset plans
+//! its patch (on the left atrium the shaped patch scored below the preset's; docs/results.md).
+//! Where a patch still sees less than half of the foreground along an axis (a `spacing` given,
+//! or `patch_context` 0), the plan says so and names the isotropic spacing at which it would
+//! see half.
 use crate::error::Result;
 use crate::limits::Classes;
 use crate::pipeline::config::{NormalizationChoice, TrainConfig};
@@ -65,14 +68,32 @@ pub struct Plan {
     pub spacing_from: &'static str,
     /// Median voxels (i, j, k) of a volume at that spacing.
     pub shape_at_spacing: [usize; 3],
-    /// The V-Net's patch (i, j, k) and what it covers, mm.
+    /// The V-Net's patch (i, j, k), where it comes from, and what it covers, mm.
+    pub patch_budget: usize,
     pub patch: [usize; 3],
+    pub patch_from: &'static str,
     pub patch_mm: [f64; 3],
+    /// The sliding window's stride at inference (i, j, k).
+    pub stride: [usize; 3],
+    /// How SAM's canvas holds the slices of the SAM stage's patch (with SFR on).
+    pub sam_canvas: Option<SamCanvas>,
     /// Patch extent over the foreground's median extent, per axis.
     pub patch_over_foreground: [f64; 3],
     /// What training does to the intensities (`normalization`, `auto` resolved by the caller).
     pub normalization: String,
     pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SamCanvas {
+    /// Side of the square canvas, pixels.
+    pub image_size: usize,
+    /// Slices of the SAM stage's patch stitched on one canvas, and their grid.
+    pub slices: usize,
+    pub rows: usize,
+    pub columns: usize,
+    /// One slice on the canvas (rows × columns, pixels: magnified `sam.scale`×).
+    pub slice: [usize; 2],
 }
 
 /// The upper median (the middle value; of two, the larger). None when `v` is empty.
@@ -95,20 +116,127 @@ pub fn foreground_extent_mm(label: &ndarray::Array3<u8>, spacing: [f64; 3]) -> O
     (lo[0] != usize::MAX).then(|| [0, 1, 2].map(|a| (hi[a] + 1 - lo[a]) as f64 * spacing[a]))
 }
 
-/// The spacing training resamples to, and where it comes from: `cfg.spacing`; else the median
-/// spacing, coarsened (isotropically, to a multiple of 0.05 mm, never finer than the median on
-/// any axis) where a `cfg.patch` there would span less than `cfg.patch_context` of the
-/// foreground's median extent `foreground_mm` along some axis.
-pub fn training_spacing(cfg: &TrainConfig, median: [f64; 3], foreground_mm: Option<[f64; 3]>) -> ([f64; 3], &'static str) {
-    if let Some(s) = cfg.spacing {
-        return (s, "the configuration's spacing");
+/// Where the training spacing comes from (`GridPlan::spacing_from`, recorded in the model).
+pub const SPACING_FROM_CONFIG: &str = "the configuration's spacing";
+pub const SPACING_FROM_MEDIAN: &str = "the median spacing of the cases";
+pub const SPACING_FROM_CONTEXT: &str = "the median spacing, coarsened so that one patch spans patch_context of the foreground";
+
+/// The grid training runs on: its spacing, the V-Net's patch and the inference stride, and
+/// where the spacing and the patch come from. `pipeline::train` and `sfr plan` both take it
+/// from [`plan_grid`], so that the plan printed is the one trained.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GridPlan {
+    pub spacing: [f64; 3],
+    pub spacing_from: &'static str,
+    /// `[x, y, z]` voxels.
+    pub patch: [usize; 3],
+    pub patch_from: &'static str,
+    /// `[x, y, z]` voxels.
+    pub stride: [usize; 3],
+}
+
+/// The spacing, patch and stride `cfg` gives a dataset whose median spacing is `median`, whose
+/// labelled foreground's median bounding box is `foreground_mm` (None: no labelled foreground)
+/// and whose median field of view is `extent_mm` (all x, y, z in mm).
+///
+/// - Patch: `cfg.patch`, or with `patch_budget` > 0 the patch of at most that many voxels
+///   that spans the most of the foreground along its worst-covered axis ([`budget_patch`]):
+///   shaped like the structure, not like the preset's default.
+/// - Spacing: `cfg.spacing`; else the median spacing, coarsened (isotropically, to a multiple
+///   of 0.05 mm, never finer than the median on any axis) where the patch there would span
+///   less than `cfg.patch_context` of the foreground along some axis. With a budget the patch
+///   is planned again at each candidate spacing, and the finest spacing whose patch spans the
+///   share wins.
+/// - Stride: `inference.stride`; a stride of half the configured patch (the presets') stays
+///   half of a planned patch, any other is kept, clipped to the patch.
+pub fn plan_grid(cfg: &TrainConfig, median: [f64; 3], foreground_mm: Option<[f64; 3]>, extent_mm: [f64; 3]) -> GridPlan {
+    let aim = foreground_mm.unwrap_or(extent_mm);
+    let slice_cap = cfg.sam.image_size / cfg.sam.scale.max(1);
+    let patch_at = |s: [f64; 3]| if cfg.patch_budget == 0 { cfg.patch } else { budget_patch(cfg.patch_budget, s, aim, extent_mm, slice_cap) };
+    let spans = |p: [usize; 3], s: [f64; 3], fg: [f64; 3]| (0..3).all(|a| p[a] as f64 * s[a] >= cfg.patch_context * fg[a]);
+    let (spacing, spacing_from) = match (cfg.spacing, foreground_mm.filter(|_| cfg.patch_context > 0.0)) {
+        (Some(s), _) => (s, SPACING_FROM_CONFIG),
+        (None, None) => (median, SPACING_FROM_MEDIAN),
+        (None, Some(fg)) if spans(patch_at(median), median, fg) => (median, SPACING_FROM_MEDIAN),
+        (None, Some(fg)) if cfg.patch_budget == 0 => {
+            let iso = context_spacing(cfg.patch, fg, cfg.patch_context, median);
+            ([0, 1, 2].map(|a| median[a].max(iso)), SPACING_FROM_CONTEXT)
+        }
+        (None, Some(fg)) => {
+            // Once every 16-voxel axis spans the share, any patch does: the search ends there.
+            let last = (0..3).map(|a| cfg.patch_context * fg[a] / 16.0).fold(0.0, f64::max);
+            let first = median.iter().cloned().fold(f64::INFINITY, f64::min);
+            let mut k = (first * 20.0).floor() as usize + 1;
+            loop {
+                let iso = k as f64 / 20.0;
+                let s = [0, 1, 2].map(|a| median[a].max(iso));
+                if spans(patch_at(s), s, fg) || iso >= last {
+                    break (s, SPACING_FROM_CONTEXT);
+                }
+                k += 1;
+            }
+        }
+    };
+    let patch = patch_at(spacing);
+    let half = |p: [usize; 3]| p.map(|v| (v / 2).max(1));
+    let stride = if cfg.patch_budget > 0 && cfg.inference.stride == half(cfg.patch) {
+        half(patch)
+    } else {
+        [0, 1, 2].map(|a| cfg.inference.stride[a].min(patch[a]))
+    };
+    let patch_from = if cfg.patch_budget == 0 { "the configuration's patch" } else { "planned within patch_budget voxels to span the foreground" };
+    GridPlan { spacing, spacing_from, patch, patch_from, stride }
+}
+
+/// The patch `[x, y, z]` (multiples of 16) of at most `budget` voxels that, at `spacing`,
+/// spans the largest share of `aim_mm` along its worst-covered axis (shares above 1 count as
+/// 1); ties go to the larger total share, then to more voxels. No axis is longer than the
+/// median field of view `extent_mm` holds (at least 16), nor an in-plane axis longer than
+/// `slice_cap` (SAM's canvas over `sam.scale`); every axis is at least 32 voxels where that
+/// fits (a V-Net halves a patch four times: 16 leaves one voxel at its bottom), else 16.
+pub fn budget_patch(budget: usize, spacing: [f64; 3], aim_mm: [f64; 3], extent_mm: [f64; 3], slice_cap: usize) -> [usize; 3] {
+    let round16 = |v: usize| (v / 16 * 16).clamp(16, crate::limits::MAX_PATCH_AXIS);
+    let cap = [0, 1, 2].map(|a| {
+        let fov = round16((extent_mm[a] / spacing[a] + 1e-6) as usize);
+        if a < 2 { fov.min(round16(slice_cap)) } else { fov }
+    });
+    let share = |p: usize, a: usize| if aim_mm[a] > 0.0 { (p as f64 * spacing[a] / aim_mm[a]).min(1.0) } else { 1.0 };
+    for floor in [32, 16] {
+        let mut best: Option<((f64, f64, usize), [usize; 3])> = None;
+        let axis = |a: usize| (floor.min(cap[a])..=cap[a]).step_by(16);
+        for x in axis(0) {
+            for y in axis(1) {
+                for z in axis(2) {
+                    let voxels = x * y * z;
+                    if voxels > budget {
+                        continue;
+                    }
+                    let shares = [share(x, 0), share(y, 1), share(z, 2)];
+                    let key = (shares.iter().cloned().fold(1.0, f64::min), shares.iter().sum::<f64>(), voxels);
+                    let better = match &best {
+                        None => true,
+                        Some((b, _)) => {
+                            let eq = |u: f64, v: f64| (u - v).abs() < 1e-9;
+                            if !eq(key.0, b.0) {
+                                key.0 > b.0
+                            } else if !eq(key.1, b.1) {
+                                key.1 > b.1
+                            } else {
+                                key.2 > b.2
+                            }
+                        }
+                    };
+                    if better {
+                        best = Some((key, [x, y, z]));
+                    }
+                }
+            }
+        }
+        if let Some((_, p)) = best {
+            return p;
+        }
     }
-    let Some(fg) = foreground_mm.filter(|_| cfg.patch_context > 0.0) else { return (median, "the median spacing of the cases") };
-    if (0..3).all(|a| cfg.patch[a] as f64 * median[a] >= cfg.patch_context * fg[a]) {
-        return (median, "the median spacing of the cases");
-    }
-    let iso = context_spacing(cfg.patch, fg, cfg.patch_context, median);
-    ([0, 1, 2].map(|a| median[a].max(iso)), "the median spacing, coarsened so that one patch spans patch_context of the foreground")
+    [16, 16, 16]
 }
 
 /// The finest isotropic spacing s, a multiple of 0.05 mm, at which `patch` spans `share` of the
@@ -202,9 +330,11 @@ pub fn fingerprint(labeled: &[CaseSource], unlabeled: &[CaseSource], classes: &C
 /// What `cfg` does with the dataset of `fp`.
 pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
     let fg_mm = (fp.foreground_cases > 0).then_some(fp.foreground_extent_mm);
-    let (spacing, spacing_from) = training_spacing(cfg, fp.spacing_median, fg_mm);
+    let grid = plan_grid(cfg, fp.spacing_median, fg_mm, fp.extent_mm_median);
+    let spacing = grid.spacing;
+    let planned = TrainConfig { patch: grid.patch, ..cfg.clone() };
     let shape_at_spacing = [0, 1, 2].map(|a| ((fp.extent_mm_median[a] / spacing[a]).round() as usize).max(1));
-    let patch_mm = [0, 1, 2].map(|a| cfg.patch[a] as f64 * spacing[a]);
+    let patch_mm = [0, 1, 2].map(|a| grid.patch[a] as f64 * spacing[a]);
     let fg = fp.foreground_extent_mm;
     let patch_over_foreground = [0, 1, 2].map(|a| if fg[a] > 0.0 { patch_mm[a] / fg[a] } else { f64::INFINITY });
     let mut notes = vec![];
@@ -222,18 +352,25 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
             "training coarsens the median spacing {:?} mm to {spacing:?} mm, so that one {:?} patch spans at least {:.0}% of the foreground's median extent ({fg:?} mm) along every axis \
              (patch_context {}; --set '{{\"patch_context\": 0}}' trains at the median, '{{\"spacing\": [x, y, z]}}' at a spacing of your choice)",
             fp.spacing_median,
-            cfg.patch,
+            grid.patch,
             100.0 * cfg.patch_context,
             cfg.patch_context
         ));
     }
+    if cfg.patch_budget > 0 {
+        notes.push(format!(
+            "patch {:?} voxels: the one of at most {} (patch_budget) that spans the most of the foreground ({fg:?} mm) along its worst-covered axis at {spacing:?} mm; \
+             --set '{{\"patch\": [x, y, z]}}' fixes a patch of your choice",
+            grid.patch, cfg.patch_budget
+        ));
+    }
     let worst = patch_over_foreground.iter().cloned().fold(f64::INFINITY, f64::min);
     if worst < 0.5 {
-        let s = context_spacing(cfg.patch, fg, 0.5, [0.0; 3]);
+        let s = context_spacing(grid.patch, fg, 0.5, [0.0; 3]);
         notes.push(format!(
             "one {:?} patch at {spacing:?} mm spans {:.0}% of the foreground's median extent ({fg:?} mm) along its shortest-covered axis: the network sees little context. \
              A coarser spacing widens it: at --set '{{\"spacing\": [{s}, {s}, {s}]}}' a patch spans at least half of it along every axis (fine detail is lost in proportion)",
-            cfg.patch,
+            grid.patch,
             100.0 * worst
         ));
     }
@@ -253,14 +390,25 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
         }
         _ => Normalization::ZscorePerVolume.describe(),
     };
+    let sam_canvas = match planned.sam_canvas_patch_zyx().and_then(|shape| crate::stitch::StitchLayout::for_shape(&shape, cfg.sam.image_size)) {
+        Ok(l) => Some(SamCanvas { image_size: l.canvas, slices: l.d, rows: l.n_row, columns: l.n_col, slice: [l.h, l.w] }),
+        Err(e) => {
+            notes.push(format!("SAM's canvas cannot hold the patch {:?}: {e}", grid.patch));
+            None
+        }
+    };
     Plan {
         preset: cfg.preset.clone(),
         spacing,
         patch_context: cfg.patch_context,
-        spacing_from,
+        spacing_from: grid.spacing_from,
         shape_at_spacing,
-        patch: cfg.patch,
+        patch_budget: cfg.patch_budget,
+        patch: grid.patch,
+        patch_from: grid.patch_from,
         patch_mm,
+        stride: grid.stride,
+        sam_canvas,
         patch_over_foreground,
         normalization,
         notes,
@@ -329,5 +477,43 @@ mod tests {
         assert_eq!(plan(&fp, &cfg).spacing, [1.0, 1.0, 2.0]);
         // An exact multiple stays itself: 0.5 × 54.4 mm / 16 = 1.7 (1.7000000000000002 in floats).
         assert_eq!(context_spacing([16, 16, 16], [54.4, 1.0, 1.0], 0.5, [0.0; 3]), 1.7);
+    }
+
+    #[test]
+    fn a_budget_plans_a_patch_shaped_like_the_foreground() {
+        let cfg = TrainConfig { patch_budget: 32 * 48 * 32, ..TrainConfig::cpu_small() };
+        // Hippocampus's fingerprint (median volume 35×50×36 at 1 mm, foreground 23×41×26 mm):
+        // the preset's own 32×48×32, at the median spacing, with the preset's stride.
+        let g = plan_grid(&cfg, [1.0; 3], Some([23.0, 41.0, 26.0]), [35.0, 50.0, 36.0]);
+        assert_eq!(g, GridPlan { spacing: [1.0; 3], spacing_from: SPACING_FROM_MEDIAN, patch: [32, 48, 32], patch_from: g.patch_from, stride: [16, 24, 16] });
+        // The left atrium's (0.625 mm, field of view 120×89×55 mm, foreground 107×58×35 mm): a
+        // patch long along x, and the finest 0.05 mm step at which it spans half of the
+        // foreground along every axis; one step finer, the best patch there does not.
+        let (fg, fov) = ([106.875, 58.125, 35.0], [120.0, 89.375, 55.0]);
+        let g = plan_grid(&cfg, [0.625; 3], Some(fg), fov);
+        assert_eq!((g.spacing, g.spacing_from, g.patch, g.stride), ([1.15; 3], SPACING_FROM_CONTEXT, [48, 32, 32], [24, 16, 16]));
+        let spans = |p: [usize; 3], s: f64| (0..3).all(|a| p[a] as f64 * s >= 0.5 * fg[a]);
+        assert!(spans(g.patch, 1.15));
+        assert!(!spans(budget_patch(cfg.patch_budget, [1.1; 3], fg, fov, 256), 1.1));
+        // Every planned patch: multiples of 16, within the budget and the field of view.
+        for (s, fg, fov) in [(0.5, [10.0, 200.0, 30.0], [40.0, 300.0, 60.0]), (2.0, [300.0, 250.0, 400.0], [400.0, 400.0, 500.0]), (1.0, [5.0, 5.0, 5.0], [20.0, 20.0, 20.0])] {
+            for budget in [4096, 49152, 1 << 20] {
+                let p = budget_patch(budget, [s; 3], fg, fov, 256);
+                assert!(p.iter().all(|&v| v % 16 == 0 && v >= 16) && p.iter().product::<usize>() <= budget, "{p:?}");
+                assert!((0..3).all(|a| p[a] == 16 || p[a] as f64 * s <= fov[a]), "{p:?} exceeds the field of view {fov:?} at {s} mm");
+            }
+        }
+        // A thin foreground (10 mm along x) still gets 32 voxels along x where the budget allows
+        // (a V-Net halves 16 voxels to one); SAM's canvas caps the in-plane axes.
+        assert_eq!(budget_patch(49152, [0.5; 3], [10.0, 200.0, 30.0], [40.0, 300.0, 60.0], 256)[0], 32);
+        let p = budget_patch(1 << 20, [1.0; 3], [300.0; 3], [400.0; 3], 64);
+        assert!(p[0] <= 64 && p[1] <= 64 && p[2] > 64, "{p:?}");
+        // A fixed patch (no budget) is used as it is; a stride other than half the patch is kept,
+        // clipped to a planned patch.
+        let fixed = TrainConfig { patch_budget: 0, ..cfg.clone() };
+        assert_eq!(plan_grid(&fixed, [1.0; 3], Some([23.0, 41.0, 26.0]), [35.0, 50.0, 36.0]).patch, [32, 48, 32]);
+        let mut odd = cfg.clone();
+        odd.inference.stride = [40, 8, 8];
+        assert_eq!(plan_grid(&odd, [1.0; 3], Some([23.0, 41.0, 26.0]), [35.0, 50.0, 36.0]).stride, [32, 8, 8]);
     }
 }
