@@ -249,6 +249,8 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.methodComboBox.addItem(label, key)
         for key, label in PRESET_LABELS:
             self.ui.presetComboBox.addItem(label, key)
+        for key in sfrlib.NORMALIZATIONS:
+            self.ui.normalizationComboBox.addItem(_(sfrlib.NORMALIZATION_LABELS[key]), key)
         self.ui.libraryPathLineEdit.filters = ctk.ctkPathLineEdit.Files
         self.ui.modelsFolderLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.unlabeledFolderLineEdit.filters = ctk.ctkPathLineEdit.Dirs
@@ -290,6 +292,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.samCheckpointLineEdit.connect("currentPathChanged(QString)", lambda p: (_set_setting("samCheckpoint", p), self.updateParameterNodeFromGUI()))
         self.ui.methodComboBox.connect("currentIndexChanged(int)", lambda i: (_set_setting("method", _comboData(self.ui.methodComboBox)), self.updateParameterNodeFromGUI()))
         self.ui.useSamCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
+        self.ui.normalizationComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.unlabeledFolderLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
         self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
         self.ui.fetchSamWeightsButton.connect("clicked()", self.onFetchSamWeights)
@@ -374,7 +377,7 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             p = self.params
             if p is not None:
-                for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.presetComboBox, p.preset)):
+                for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.presetComboBox, p.preset), (self.ui.normalizationComboBox, p.normalization)):
                     index = combo.findData(value)
                     if index >= 0 and index != combo.currentIndex:
                         combo.setCurrentIndex(index)
@@ -405,6 +408,9 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 p.method = method
             if preset:
                 p.preset = preset
+            normalization = _comboData(self.ui.normalizationComboBox)
+            if normalization:
+                p.normalization = normalization
             p.use_sam = bool(self.ui.useSamCheckBox.checked)
             p.missing_as_background = bool(self.ui.missingAsBackgroundCheckBox.checked)
             p.unlabeled_folder = self.ui.unlabeledFolderLineEdit.currentPath or ""
@@ -866,7 +872,13 @@ class SFRSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 # Worker mode: each case is written to a file as soon as it is gathered.
                 sink_factory=self.logic.sfr.training_sink,
             )
+            # CT or MRI: from the panel, or for "Automatic" from the labelled images' DICOM modality
+            # (the library cannot see it: it gets voxels).
+            modalities = [sfrlib.dicom_modality(volume, getattr(slicer, "dicomDatabase", None)) for volume, _segmentation in self.pairs.pairs()]
+            normalization, why = sfrlib.resolve_normalization(_comboData(self.ui.normalizationComboBox) or "auto", modalities)
+            self.log(f"intensities: {why}")
             self.collectorOptions = dict(
+                normalization=normalization,
                 preset=_comboData(self.ui.presetComboBox),
                 method=_comboData(self.ui.methodComboBox),
                 use_sam=self.ui.useSamCheckBox.checked,

@@ -100,6 +100,9 @@ def test_build_config():
         build_config(None, "cpu-small", sam_checkpoint="/nonexistent/sam_vit_b_01ec64.pth")
     with pytest.raises(InputError, match="full config"):
         build_config({"version": 1}, "cpu-small")
+    assert build_config(None, "cpu-small", normalization="ct") == {"preset": "cpu-small", "normalization": "ct"}
+    with pytest.raises(InputError, match="hounsfield"):
+        build_config(None, "cpu-small", normalization="hounsfield")
 
 
 def test_worker_process_is_the_default_and_auto_is_gone(monkeypatch):

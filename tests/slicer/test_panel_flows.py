@@ -174,7 +174,7 @@ class Log(Widget):
 
 def make_ui():
     ui = types.SimpleNamespace()
-    for name in ("modeComboBox", "methodComboBox", "presetComboBox"):
+    for name in ("modeComboBox", "methodComboBox", "presetComboBox", "normalizationComboBox"):
         setattr(ui, name, Combo())
     for name in ("libraryPathLineEdit", "modelsFolderLineEdit", "unlabeledFolderLineEdit", "samCheckpointLineEdit"):
         setattr(ui, name, PathEdit())
@@ -352,6 +352,9 @@ def test_train_then_segment_one_job_at_a_time(panel):
     assert ui.labeledTable.rowCount == 2 and ui.trainButton.enabled
     ui.trainButton.click()
     assert panel.busy and not ui.trainButton.enabled and not ui.segmentButton.enabled and ui.cancelButton.enabled
+    # "Automatic" intensities on volumes that did not come from DICOM: the library's auto.
+    assert panel.collectorOptions["normalization"] == "auto"
+    assert any("intensities: the labelled images carry no DICOM modality" in line for line in ui.logTextEdit.lines), ui.logTextEdit.lines
     collector = panel.collector
     ui.trainButton.click()  # a second click while busy starts nothing
     assert panel.collector is collector and panel.job is None
@@ -710,6 +713,12 @@ def test_the_panels_state_is_the_scenes_parameter_node(panel):
     ui.methodComboBox.setCurrentIndex(ui.methodComboBox.findData("acmt"))  # set in the panel: the node follows
     ui.missingAsBackgroundCheckBox.setChecked(True)
     assert params.method == "acmt" and params.missing_as_background
+    # Intensities: the node follows the panel, and the panel's choice reaches the training config.
+    assert params.normalization == "auto"
+    ui.normalizationComboBox.setCurrentIndex(ui.normalizationComboBox.findData("ct"))
+    assert params.normalization == "ct"
+    params.normalization = "zscore"
+    assert ui.normalizationComboBox.itemData(ui.normalizationComboBox.currentIndex) == "zscore"
     panel.exit()  # the module is left: no more observation
     params.preset = "test-tiny"
     assert ui.presetComboBox.itemData(ui.presetComboBox.currentIndex) == "cpu-lora"

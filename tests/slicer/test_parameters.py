@@ -35,6 +35,11 @@ def test_values_defaults_and_the_singleton():
     with pytest.raises(InputError, match="preset must be one of"):
         p.preset = "gpu-huge"
     assert p.preset == "cpu-lora"
+    assert p.normalization == "auto"
+    p.normalization = "ct"
+    assert p.normalization == "ct"
+    with pytest.raises(InputError, match="normalization must be one of"):
+        p.normalization = "minmax"
 
 
 def test_cases_as_node_references_survive_removals():

@@ -381,3 +381,45 @@ def test_copying_a_volume_that_cannot_fit_is_refused(scene, monkeypatch):
     with pytest.raises(InputError, match="copying 'big one' needs about .* GB of memory, but only 0.0 GB is available"):
         sc.volume_array_and_matrix(volume)
     assert sc.volume_array(volume, copy=False).shape == SHAPE  # a view needs no memory
+
+
+class FakeDicomDatabase:
+    """Slicer's ctkDICOMDatabase as the module uses it: instance UID -> file -> tag value."""
+
+    def __init__(self, modality_of_uid):
+        self.modality_of_uid = modality_of_uid
+
+    def fileForInstance(self, uid):
+        return f"/dicom/{uid}.dcm" if uid in self.modality_of_uid else ""
+
+    def fileValue(self, path, tag):
+        assert tag == "0008,0060", tag
+        return self.modality_of_uid[path[len("/dicom/"):-len(".dcm")]]
+
+
+def test_intensities_follow_the_labelled_images_dicom_modality(scene):
+    from SFRSegmentationLib import dicom_modality, resolve_normalization
+
+    image, _ = phantom(1)
+    ct = sc.add_volume(scene, image, np.eye(4), "ct")
+    ct.SetAttribute("DICOM.instanceUIDs", "1.2.3.1 1.2.3.2")
+    mr = sc.add_volume(scene, image, np.eye(4), "mr")
+    mr.SetAttribute("DICOM.instanceUIDs", "1.2.9.1")
+    plain = sc.add_volume(scene, image, np.eye(4), "from a NIfTI file")
+    db = FakeDicomDatabase({"1.2.3.1": "CT", "1.2.9.1": "MR"})
+    assert [dicom_modality(n, db) for n in (ct, mr, plain)] == ["CT", "MR", None]
+    assert dicom_modality(ct, None) is None  # no DICOM database in this Slicer
+    assert dicom_modality(ct, FakeDicomDatabase({})) is None  # files gone from the database
+
+    # Automatic: CT only when every labelled image is a DICOM CT; unknown stays the library's
+    # "auto" (z-score, with its warning when the voxels look like Hounsfield units).
+    assert resolve_normalization("auto", ["CT", "CT"])[0] == "ct"
+    assert resolve_normalization("auto", ["MR"])[0] == "zscore"
+    choice, why = resolve_normalization("auto", ["CT", None])
+    assert choice == "auto" and "mixed or partly unknown" in why
+    assert resolve_normalization("auto", [None, None])[0] == "auto"
+    # An explicit choice wins over the modality.
+    assert resolve_normalization("zscore", ["CT"])[0] == "zscore"
+    assert resolve_normalization("ct", [None])[0] == "ct"
+    with pytest.raises(InputError, match="minmax"):
+        resolve_normalization("minmax", ["CT"])

@@ -48,7 +48,17 @@ from .classes import ClassMapping, map_classes
 from .download import Download, DownloadCancelled, LiteMedSamFetch, cached_sam_checkpoint, lite_medsam_state, sam_checkpoint_download
 from .geometry import LpsGeometry, ijk_to_ras_to_lps_geometry, lps_geometry_to_ijk_to_ras
 from .install import EngineInstall, default_source, installed_engine, local_wheels
-from .inputs import InputError, TrainingData, available_memory_bytes, build_config, check_memory
+from .inputs import (
+    NORMALIZATION_LABELS,
+    NORMALIZATIONS,
+    InputError,
+    TrainingData,
+    available_memory_bytes,
+    build_config,
+    check_memory,
+    dicom_modality,
+    resolve_normalization,
+)
 from .jobs import DeferredJob, Job, Model
 from .logic import (
     IN_PROCESS_RISK,
@@ -90,6 +100,10 @@ __all__ = [
     "available_memory_bytes",
     "build_config",
     "check_memory",
+    "NORMALIZATIONS",
+    "NORMALIZATION_LABELS",
+    "dicom_modality",
+    "resolve_normalization",
     "DeferredJob",
     "Job",
     "Model",

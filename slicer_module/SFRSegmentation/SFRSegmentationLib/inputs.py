@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -182,11 +182,62 @@ class TrainingData:
             raise InputError("no labelled case: add at least one image with its segmentation")
 
 
+# The config's `normalization`, with the words the panel shows for each.
+NORMALIZATIONS = ("auto", "zscore", "ct")
+NORMALIZATION_LABELS = {
+    "auto": "Automatic: CT where the labelled images' DICOM modality is CT",
+    "zscore": "Z-score per volume (MRI and most other scans)",
+    "ct": "CT: one window from the labelled cases (Hounsfield units)",
+}
+
+
+def dicom_modality(node, database) -> Optional[str]:
+    """The DICOM modality (0008,0060: "CT", "MR", ...) of a volume node loaded from DICOM, read
+    from Slicer's DICOM database through the node's "DICOM.instanceUIDs"; None where the node did
+    not come from DICOM, there is no database, or the database no longer has its files."""
+    if node is None or database is None:
+        return None
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    if not uids:
+        return None
+    try:
+        path = database.fileForInstance(uids[0])
+        value = database.fileValue(path, "0008,0060") if path else ""
+    except Exception:  # a database closed or moved: unknown, not an error
+        return None
+    return (value or "").strip() or None
+
+
+def resolve_normalization(choice: str, modalities: Sequence[Optional[str]]) -> Tuple[str, str]:
+    """The config's ``normalization`` for the panel's ``choice`` and the DICOM modalities of the
+    labelled images (None where unknown), and why, for the log. "auto" becomes "ct" when every
+    labelled image is a DICOM CT; with no modality known it stays "auto", so that the library
+    still warns when the intensities look like Hounsfield units."""
+    if choice not in NORMALIZATIONS:
+        raise InputError(f"intensity normalisation {choice!r} is not one of {', '.join(NORMALIZATIONS)}")
+    if choice != "auto":
+        return choice, f"chosen in the panel: {NORMALIZATION_LABELS[choice]}"
+    known = sorted({m.upper() for m in modalities if m})
+    if modalities and known == ["CT"] and all(modalities):
+        return "ct", "every labelled image is a DICOM CT: one window from the labelled cases"
+    if "CT" in known:
+        return "auto", (f"the labelled images' DICOM modalities are mixed or partly unknown ({', '.join(m or 'unknown' for m in modalities)}): "
+                        "z-score per volume; choose CT in the panel if they are all CT")
+    if known:
+        return "zscore", f"the labelled images are DICOM {', '.join(known)}, not CT: z-score per volume"
+    return "auto", "the labelled images carry no DICOM modality: z-score per volume (choose CT in the panel for CT scans)"
+
+
 def build_config(config: Optional[dict] = None, preset: Optional[str] = None, method: Optional[str] = None,
-                 sam_checkpoint: Optional[str] = None, use_sam: Optional[bool] = None, device: Optional[str] = None) -> dict:
+                 sam_checkpoint: Optional[str] = None, use_sam: Optional[bool] = None, device: Optional[str] = None,
+                 normalization: Optional[str] = None) -> dict:
     """The JSON document for ``sfr_train_start``: a full config (has "version") with the given
     fields replaced, or ``{"preset": NAME, ...overrides}``. The library rejects unknown keys."""
     cfg = json.loads(json.dumps(config or {}))  # deep copy, and proves it is JSON
+    if normalization is not None:
+        if normalization not in NORMALIZATIONS:
+            raise InputError(f"intensity normalisation {normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+        cfg["normalization"] = normalization
     if preset is not None:
         if "version" in cfg:
             raise InputError("a full config (with \"version\") cannot be combined with a preset")

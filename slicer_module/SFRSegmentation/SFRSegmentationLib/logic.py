@@ -220,14 +220,14 @@ class SFRLogic:
     def start_training(self, data: Union[TrainingData, Callable[[Reporter], TrainingData]], config: Optional[dict] = None,
                        preset: Optional[str] = None, method: Optional[str] = None, sam_checkpoint: Optional[str] = None,
                        use_sam: Optional[bool] = None, device: Optional[str] = None,
-                       on_progress: Optional[Callable[[dict], None]] = None) -> Job:
+                       on_progress: Optional[Callable[[dict], None]] = None, normalization: Optional[str] = None) -> Job:
         """Starts training and returns at once with a job whose ``wait()`` gives the Model.
 
         ``data``: a TrainingData, or a function ``(reporter) -> TrainingData`` that is called on
         a helper thread (so that building and checking big arrays does not block a GUI).
         ``on_progress`` (in-process only) is called from the library's thread: do not touch a
         GUI from it; poll instead."""
-        cfg = build_config(config, preset, method, sam_checkpoint, use_sam, device)
+        cfg = build_config(config, preset, method, sam_checkpoint, use_sam, device, normalization)
         if isinstance(data, worker.DecathlonWriter):
             if self.mode != "worker":
                 raise ValueError("cases written for the worker process cannot train in-process")

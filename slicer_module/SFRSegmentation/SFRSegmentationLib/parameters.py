@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from .inputs import InputError
+from .inputs import NORMALIZATIONS, InputError
 from .logic import METHODS, PRESETS, default_preset
 
 MODULE_NAME = "SFRSegmentation"
@@ -28,6 +28,7 @@ CASE_SEGMENTATION = "SFRCaseSegmentation"
 UNLABELED = "SFRUnlabeledVolume"
 DEFAULTS = {
     "Method": "mean-teacher",
+    "Normalization": "auto",
     "UseSam": "true",
     "MissingAsBackground": "false",
     "UnlabeledFolder": "",
@@ -88,6 +89,15 @@ class SFRParameters:
     @preset.setter
     def preset(self, value: str) -> None:
         self._choice("Preset", PRESETS, value)
+
+    @property
+    def normalization(self) -> str:
+        """The *Intensities* choice: "auto", "zscore" or "ct" (inputs.resolve_normalization)."""
+        return self.node.GetParameter("Normalization")
+
+    @normalization.setter
+    def normalization(self, value: str) -> None:
+        self._choice("Normalization", NORMALIZATIONS, value)
 
     @property
     def use_sam(self) -> bool:
