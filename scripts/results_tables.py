@@ -116,6 +116,18 @@ def sfr_table(out, counts):
     for n, s, seed in keys:
         lines.append(f"| {n} | {s} | {seed} | {cell(runs.get(('supervised', n, s, seed)))} | "
                      + " | ".join(cell(runs.get((row, n, s, seed))) for row, _ in SFR_ROWS) + " |")
+    # Per labelled set with two or more seeds: mean ± std over its seeds of the mean Dice.
+    mean_dice = lambda r: 100 * sum(dice(r)) / len(dice(r))
+    for n, s in sorted({(n, s) for n, s, _ in keys}):
+        seeds = [seed for (m, t, seed) in keys if (m, t) == (n, s)]
+        if len(seeds) < 2:
+            continue
+
+        def summary(row):
+            v = [mean_dice(runs[(row, n, s, seed)]) for seed in seeds if (row, n, s, seed) in runs]
+            return "—" if len(v) < 2 else f"{st.mean(v):.1f} ± {st.stdev(v):.1f} ({len(v)} seeds)"
+
+        lines.append(f"| {n} | {s} | **all** | {summary('supervised')} | " + " | ".join(summary(row) for row, _ in SFR_ROWS) + " |")
     return lines
 
 
