@@ -216,7 +216,7 @@ def la_patch(out):
         if (row, n, spacing) == ("supervised", 4, "default"):
             groups.setdefault(("32 × 48 × 32 (the preset's)", spacing_words("default", [r]).split(": ")[-1]), []).append(r)
     for k, r in load(os.path.join(out, "la"), LA_PATCH_RUN).items():
-        groups.setdefault((f"{k[0]} × {k[1]} × {k[2]} (planned within 32·48·32 voxels)", f"{k[3]} × {k[3]} × {k[3]}"), []).append(r)
+        groups.setdefault((f"{k[0]} × {k[1]} × {k[2]} (the shape planned within 32·48·32 voxels)", f"{k[3]} × {k[3]} × {k[3]}"), []).append(r)
     if len(groups) < 2:
         return None
     lines = ["| patch (x × y × z voxels) | training spacing (mm) | seeds | Dice | HD95 (mm) | lowest case Dice of any run | train s |", "|---|---|---|---|---|---|---|"]

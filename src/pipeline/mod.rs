@@ -21,7 +21,7 @@ use crate::metrics::{evaluate_labels, ClassMetrics};
 use crate::model::{ModelMeta, SfrModel, FORMAT, FORMAT_VERSION};
 use crate::volume::{Normalization, Volume};
 use class_check::ClassCheck;
-use config::{InferenceConfig, NormalizationChoice, TrainConfig};
+use config::{NormalizationChoice, TrainConfig};
 use data::{load_source_raw, CaseSource, Sample};
 use retrain::{retrain, Checkpointing, UnlabeledCase};
 use serde::Serialize;
@@ -240,7 +240,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     }
     // From here on the planned patch and stride are the configuration: SAM's canvas, the V-Net's
     // crops, validation and the model file all use them.
-    let planned = TrainConfig { patch: grid.patch, inference: InferenceConfig { stride: grid.stride, ..cfg.inference.clone() }, ..cfg.clone() };
+    let planned = grid.applied_to(cfg);
     planned.validate()?;
     let cfg = &planned;
     if cfg.patch_budget > 0 {
@@ -251,7 +251,7 @@ pub fn train(cfg: &TrainConfig, inputs: &TrainInputs, opts: &RunOptions, reporte
     }
     // Every volume at the training spacing: the network learns one physical scale, the one
     // segmentation resamples scans to (the model records it).
-    let off_grid = labeled.iter().chain(&unl_samples).filter(|s| s.geometry.dims_at_spacing(s.dims(), spacing) != s.dims()).count();
+    let off_grid = all().filter(|s| s.geometry.dims_at_spacing(s.dims(), spacing) != s.dims()).count();
     if off_grid > 0 {
         reporter.message(&format!(
             "resampling {off_grid} of {} training volumes to the training spacing {spacing:?} mm",

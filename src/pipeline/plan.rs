@@ -135,6 +135,16 @@ pub struct GridPlan {
     pub stride: [usize; 3],
 }
 
+impl GridPlan {
+    /// `cfg` with this plan's patch and stride: the configuration training runs with.
+    pub fn applied_to(&self, cfg: &TrainConfig) -> TrainConfig {
+        let mut c = cfg.clone();
+        c.patch = self.patch;
+        c.inference.stride = self.stride;
+        c
+    }
+}
+
 /// The spacing, patch and stride `cfg` gives a dataset whose median spacing is `median`, whose
 /// labelled foreground's median bounding box is `foreground_mm` (None: no labelled foreground)
 /// and whose median field of view is `extent_mm` (all x, y, z in mm).
@@ -332,7 +342,7 @@ pub fn plan(fp: &Fingerprint, cfg: &TrainConfig) -> Plan {
     let fg_mm = (fp.foreground_cases > 0).then_some(fp.foreground_extent_mm);
     let grid = plan_grid(cfg, fp.spacing_median, fg_mm, fp.extent_mm_median);
     let spacing = grid.spacing;
-    let planned = TrainConfig { patch: grid.patch, ..cfg.clone() };
+    let planned = grid.applied_to(cfg);
     let shape_at_spacing = [0, 1, 2].map(|a| ((fp.extent_mm_median[a] / spacing[a]).round() as usize).max(1));
     let patch_mm = [0, 1, 2].map(|a| grid.patch[a] as f64 * spacing[a]);
     let fg = fp.foreground_extent_mm;

@@ -191,6 +191,11 @@ NORMALIZATION_LABELS = {
 }
 
 
+def _check_normalization(choice: str) -> None:
+    if choice not in NORMALIZATIONS:
+        raise InputError(f"intensity normalisation {choice!r} is not one of {', '.join(NORMALIZATIONS)}")
+
+
 def dicom_modality(node, database) -> Optional[str]:
     """The DICOM modality (0008,0060: "CT", "MR", ...) of a volume node loaded from DICOM, read
     from Slicer's DICOM database through the node's "DICOM.instanceUIDs"; None where the node did
@@ -213,8 +218,7 @@ def resolve_normalization(choice: str, modalities: Sequence[Optional[str]]) -> T
     labelled images (None where unknown), and why, for the log. "auto" becomes "ct" when every
     labelled image is a DICOM CT; with no modality known it stays "auto", so that the library
     still warns when the intensities look like Hounsfield units."""
-    if choice not in NORMALIZATIONS:
-        raise InputError(f"intensity normalisation {choice!r} is not one of {', '.join(NORMALIZATIONS)}")
+    _check_normalization(choice)
     if choice != "auto":
         return choice, f"chosen in the panel: {NORMALIZATION_LABELS[choice]}"
     known = sorted({m.upper() for m in modalities if m})
@@ -235,8 +239,7 @@ def build_config(config: Optional[dict] = None, preset: Optional[str] = None, me
     fields replaced, or ``{"preset": NAME, ...overrides}``. The library rejects unknown keys."""
     cfg = json.loads(json.dumps(config or {}))  # deep copy, and proves it is JSON
     if normalization is not None:
-        if normalization not in NORMALIZATIONS:
-            raise InputError(f"intensity normalisation {normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+        _check_normalization(normalization)
         cfg["normalization"] = normalization
     if preset is not None:
         if "version" in cfg:
