@@ -111,11 +111,23 @@ def sfr_table(out, counts):
         d = dice(r)
         return f"{' / '.join(f'{100 * x:.1f}' for x in d)} ({100 * sum(d) / len(d):.1f})"
 
-    lines = [f"| labelled | set | seed | supervised: {both} (mean) | " + " | ".join(f"{t}: {both} (mean)" for _, t in SFR_ROWS) + " |",
-             "|---|---|---|---|" + "---|" * len(SFR_ROWS)]
+    def pseudo_cell(r):
+        # SAM's pseudo-labels of the unlabelled cases against their true labels (recorded by
+        # train_and_score since it scores them; older runs have none).
+        p = (r or {}).get("pseudo_label_dice")
+        if p is None:
+            return "—"
+        d = [p["classes"][k] for k in sorted(p["classes"], key=int)]
+        return f"{' / '.join(f'{x:.1f}' for x in d)} ({p['mean']:.1f})"
+
+    first = SFR_ROWS[0]
+    lines = [f"| labelled | set | seed | supervised: {both} (mean) | " + " | ".join(f"{t}: {both} (mean)" for _, t in SFR_ROWS)
+             + f" | SAM's pseudo-labels ({first[1].split(', ')[1]}): {both} (mean) |",
+             "|---|---|---|---|" + "---|" * (len(SFR_ROWS) + 1)]
     for n, s, seed in keys:
         lines.append(f"| {n} | {s} | {seed} | {cell(runs.get(('supervised', n, s, seed)))} | "
-                     + " | ".join(cell(runs.get((row, n, s, seed))) for row, _ in SFR_ROWS) + " |")
+                     + " | ".join(cell(runs.get((row, n, s, seed))) for row, _ in SFR_ROWS)
+                     + f" | {pseudo_cell(runs.get((first[0], n, s, seed)))} |")
     # Per labelled set with two or more seeds: mean ± std over its seeds of the mean Dice.
     mean_dice = lambda r: 100 * sum(dice(r)) / len(dice(r))
     for n, s in sorted({(n, s) for n, s, _ in keys}):
@@ -127,7 +139,7 @@ def sfr_table(out, counts):
             v = [mean_dice(runs[(row, n, s, seed)]) for seed in seeds if (row, n, s, seed) in runs]
             return "—" if len(v) < 2 else f"{st.mean(v):.1f} ± {st.stdev(v):.1f} ({len(v)} seeds)"
 
-        lines.append(f"| {n} | {s} | **all** | {summary('supervised')} | " + " | ".join(summary(row) for row, _ in SFR_ROWS) + " |")
+        lines.append(f"| {n} | {s} | **all** | {summary('supervised')} | " + " | ".join(summary(row) for row, _ in SFR_ROWS) + " | |")
     return lines
 
 
