@@ -9,6 +9,7 @@
 #   TABLES="demo robustness sfr few-labels sfr-few ablation la-spacing la-patch la"  which tables (default: all)
 #   SEEDS="1 2 3 4 5"  SETS="A B C"       seeds and labelled sets of the robustness table
 #   FEW_SEEDS="1 2 3 4 5"                 seeds of the few-labels table (one labelled case)
+#   SFR_SEEDS="1 2 3"                     seeds of the sfr table (SFR beside supervised, sets SETS)
 #   LA_DATA=../shared/data/la2018  LA_SEEDS="1 2 3"   the left atrium tables (scripts/la.sh)
 #   RUN=0                                 no training: rewrite the tables from the JSON in OUT
 #   SET='{...}'                           config overrides for every run (e.g. a small budget to
@@ -47,7 +48,7 @@ if [ "${RUN:-1}" != 0 ]; then
       # table, pictures, and plots of the curve and of time per stage.
       demo) [ -f "$out/demo/results.json" ] || "$here/target/release/sfr" demo --out "$out/demo" --pseudo-label-curve 7 --progress none ;;
       robustness) LABELED=4 SETS="${SETS:-A B C}" SEEDS="${SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
-      sfr) LABELED=4 SETS=A SEEDS="1 3" ROWS="supervised mean-teacher-sfr" SET="$extra" robustness "$runs" ;;
+      sfr) LABELED=4 SETS="${SETS:-A B C}" SEEDS="${SFR_SEEDS:-1 2 3}" ROWS="supervised mean-teacher-sfr" SET="$extra" robustness "$runs" ;;
       sfr-few) LABELED=1 SETS=A SEEDS=1 ROWS="supervised mean-teacher-sfr mean-teacher-sfr-lora" SET="$extra" robustness "$runs" ;;
       few-labels) LABELED="1 2" SETS="A B C" SEEDS="${FEW_SEEDS:-1 2 3 4 5}" ROWS=supervised SET="$extra" robustness "$runs" ;;
       la-spacing) LABELED=4 ROWS=supervised SPACINGS="native 1.25 1.7 default" SEEDS="${LA_SEEDS:-1 2 3}" \

@@ -153,14 +153,6 @@ pub struct SamStage {
     /// For structures that are one piece (hippocampus, left atrium).
     #[serde(default)]
     pub largest_component: bool,
-    /// A per-class bias on the mask decoder's logits, started at the log of each class's voxel
-    /// fraction in the labelled volumes (`pipeline::retrain::class_prior`, as the V-Net's
-    /// `vnet.head_bias_prior`) and trained with the decoder. SAM's mask logits are a dot product
-    /// of a class token with the upscaled embedding and have no bias: to predict the class
-    /// prior the decoder first has to flatten the embedding (see `SamModule::head_bias`).
-    /// Configs written before the key existed: false, as they trained.
-    #[serde(default)]
-    pub head_bias_prior: bool,
 }
 
 fn one() -> usize {
@@ -330,7 +322,6 @@ impl TrainConfig {
                 bf16: Bf16::Off,
                 match_labeled_fraction: false,
                 largest_component: false,
-                head_bias_prior: false,
             },
             vnet: VNetStage {
                 n_filters: 16,
@@ -737,7 +728,6 @@ mod tests {
         old["sam"].as_object_mut().unwrap().remove("class_heads_from_mask_token");
         old["sam"].as_object_mut().unwrap().remove("fill_canvas");
         old["sam"].as_object_mut().unwrap().remove("scale");
-        old["sam"].as_object_mut().unwrap().remove("head_bias_prior");
         old["sam"].as_object_mut().unwrap().remove("warmup");
         old["vnet"].as_object_mut().unwrap().remove("pseudo_label_guard");
         assert_eq!(TrainConfig::from_json(&old.to_string()).unwrap(), la);

@@ -69,9 +69,6 @@ pub struct SamModule {
     /// Embeddings and labels of the cached canvases (frozen-encoder fine-tuning), kept across
     /// SFR+ rounds only for the labelled set they were made from.
     cache: Option<(usize, Tensor, Tensor)>,
-    /// Per-class bias added to the mask logits (`sam.head_bias_prior`), trained with the
-    /// decoder; None: SAM's own logits.
-    head_bias: Option<Tensor>,
 }
 
 /// A look at SAM during its first fine-tuning, for diagnostics such as `sfr demo
@@ -209,31 +206,7 @@ impl SamModule {
             };
             reporter.message(text);
         }
-        // Zeros until `set_head_bias` (no draw from the generator: without the option the
-        // rest of the module starts exactly as before).
-        let head_bias = s.head_bias_prior.then(|| vs.root().zeros("head_bias", &[num_classes as i64]));
-        Ok(SamModule { vs, sam, lora, layout, patch, scale: s.scale, checkpoint: resolved, cache: None, head_bias })
-    }
-
-    /// Starts the head bias (`sam.head_bias_prior`) at `bias` (one value per class, background
-    /// first); nothing without the option.
-    pub fn set_head_bias(&mut self, bias: &[f32]) -> Result<()> {
-        if let Some(b) = &mut self.head_bias {
-            if b.size()[0] != bias.len() as i64 {
-                return Err(Error::invalid(format!("SAM head bias: {} values for {} classes", bias.len(), b.size()[0])));
-            }
-            tch::no_grad(|| b.copy_(&Tensor::from_slice(bias).to_device(b.device())));
-        }
-        Ok(())
-    }
-
-    /// The mask decoder's low-resolution logits [B, C, h, w] with the head bias added (float32).
-    fn logits(&self, low_res: &Tensor) -> Tensor {
-        let low_res = low_res.to_kind(Kind::Float);
-        match &self.head_bias {
-            Some(b) => low_res + b.view([1, -1, 1, 1]),
-            None => low_res,
-        }
+        Ok(SamModule { vs, sam, lora, layout, patch, scale: s.scale, checkpoint: resolved, cache: None })
     }
 
     /// [B, 3, S, S] canvases of a batch of (z-scored) patches, grey repeated to 3 channels, in
@@ -337,7 +310,7 @@ impl SamModule {
             // The LoRA'd tail under `sam.bf16` too; the decoder trains in float32.
             let embedding = if lora_tail { cpu_bf16(s.bf16.enabled(), self.vs.device(), || self.sam.encode_suffix(&state, Some(&self.lora), split))?.to_kind(Kind::Float) } else { state };
             let out = self.sam.decode(&embedding)?;
-            let logits = upscale_logits(&self.logits(&out.low_res_logits), (size, size));
+            let logits = upscale_logits(&out.low_res_logits, (size, size));
             let loss = ce_dice(&logits, &target.index_select(0, &idx));
             opt.zero_grad();
             loss.backward();
@@ -383,7 +356,7 @@ impl SamModule {
             let input = self.canvases(&imgs)?;
             let target = self.label_tensor(&labs);
             let out = cpu_bf16(s.bf16.enabled(), self.vs.device(), || self.sam.forward(&input, Some(&self.lora)))?;
-            let logits = upscale_logits(&self.logits(&out.low_res_logits), (size, size));
+            let logits = upscale_logits(&out.low_res_logits.to_kind(Kind::Float), (size, size));
             let loss = ce_dice(&logits, &target);
             opt.zero_grad();
             loss.backward();
@@ -420,7 +393,7 @@ impl SamModule {
             }
             let input = self.canvases(&patches)?;
             let out = cpu_bf16(cfg.sam.bf16.enabled(), self.vs.device(), || tch::no_grad(|| self.sam.forward(&input, Some(&self.lora))))?;
-            let p = class_probabilities(&self.logits(&out.low_res_logits), (size, size)).to_device(Device::Cpu).contiguous();
+            let p = class_probabilities(&out.low_res_logits.to_kind(Kind::Float), (size, size)).to_device(Device::Cpu).contiguous();
             let c = p.size()[1] as usize;
             let mut all = Vec::with_capacity(b as usize);
             for i in 0..b {
@@ -465,11 +438,6 @@ pub fn run_sam_stage(
     // later draw depend on the run's seed only, not on what the process did before.
     tch::manual_seed(cfg.seed as i64);
     let mut sam = SamModule::new(cfg, num_classes, device, reporter)?;
-    if cfg.sam.head_bias_prior {
-        let prior = crate::pipeline::retrain::class_prior(labeled, num_classes);
-        sam.set_head_bias(&prior)?;
-        reporter.message(&format!("SAM's class heads start at the labelled class prior (log fractions {:?})", prior.iter().map(|v| (v * 100.0).round() / 100.0).collect::<Vec<_>>()));
-    }
     let rounds = if cfg.sfr_plus.enabled { cfg.sfr_plus.rounds.max(1) } else { 1 };
     let guard = crate::pipeline::guard::Guard::from_config(cfg, labeled, num_classes);
     // What `sam.match_labeled_fraction` grows to: the labelled cases' own, not SFR+'s absorbed
@@ -761,47 +729,6 @@ mod tests {
         assert!(finetune_lr(&s, 599, 600) > 0.0);
         // A warm-up longer than the run: warm-up only.
         assert!((finetune_lr(&s, 9, 10) - 1e-3).abs() < 1e-12);
-    }
-
-    /// `sam.head_bias_prior`: off, the module is what it was before the option (no draw from
-    /// the generator; a zero bias changes nothing); set, the logits start at the given bias,
-    /// which then trains with the decoder; a bias of the wrong length is refused.
-    #[test]
-    fn head_bias_starts_the_logits_at_the_prior_and_trains() {
-        let mut cfg = TrainConfig::test_tiny();
-        cfg.rot_flip = false;
-        let r = Reporter::detached(None);
-        let shape = cfg.sam_patch_zyx().unwrap();
-        let image = Array3::from_shape_fn(shape, |(z, y, x)| ((z * 7 + y * 3 + x) % 11) as f32 / 5.0 - 1.0);
-        let label = Array3::from_shape_fn(shape, |(_, y, x)| u8::from(y > shape[1] / 3 && y < shape[1] / 2 && x > shape[2] / 4));
-        let data = [LabeledVolume { image: &image, label: &label }];
-        let run = |cfg: &TrainConfig, bias: Option<&[f32]>, steps: usize| {
-            tch::manual_seed(5);
-            let mut sam = SamModule::new(cfg, 2, Device::Cpu, &r).unwrap();
-            if let Some(b) = bias {
-                sam.set_head_bias(b).unwrap();
-            }
-            if steps > 0 {
-                sam.finetune(cfg, &data, steps, 7, &r, None).unwrap();
-            }
-            let b = sam.head_bias.as_ref().map(|b| Vec::<f32>::try_from(b.detach()).unwrap());
-            (sam.pseudo_label(cfg, &image, None).unwrap().probabilities, b)
-        };
-        let (off, none) = run(&cfg, None, 0);
-        assert!(none.is_none());
-        cfg.sam.head_bias_prior = true;
-        let (zero, b) = run(&cfg, None, 0);
-        assert_eq!(b, Some(vec![0.0, 0.0]));
-        assert_eq!(off, zero, "a zero bias (or building it) changed the module");
-        let prior = [0.9f32.ln(), 0.1f32.ln()];
-        let (started, _) = run(&cfg, Some(&prior), 0);
-        let mean_bg = |p: &ndarray::Array4<f32>| p.index_axis(Axis(0), 0).mean().unwrap();
-        assert!(mean_bg(&started) > mean_bg(&off) + 0.1, "background {} against {} without the prior", mean_bg(&started), mean_bg(&off));
-        let (_, trained) = run(&cfg, Some(&prior), 3);
-        assert_ne!(trained.unwrap(), prior.to_vec(), "the bias did not train");
-        tch::manual_seed(5);
-        let mut sam = SamModule::new(&cfg, 2, Device::Cpu, &r).unwrap();
-        assert!(sam.set_head_bias(&[0.0; 3]).is_err());
     }
 
     /// `sam.bezier` false: a training sample is a crop of the scan with its own intensities
