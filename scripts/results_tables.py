@@ -120,14 +120,16 @@ def sfr_table(out, counts):
         d = [p["classes"][k] for k in sorted(p["classes"], key=int)]
         return f"{' / '.join(f'{x:.1f}' for x in d)} ({p['mean']:.1f})"
 
-    first = SFR_ROWS[0]
+    # The pseudo-labels of the first SFR row's runs, a column only once some run has them.
+    first = SFR_ROWS[0][0]
+    pseudo = any("pseudo_label_dice" in runs.get((first, *k), {}) for k in keys)
     lines = [f"| labelled | set | seed | supervised: {both} (mean) | " + " | ".join(f"{t}: {both} (mean)" for _, t in SFR_ROWS)
-             + f" | SAM's pseudo-labels ({first[1].split(', ')[1]}): {both} (mean) |",
-             "|---|---|---|---|" + "---|" * (len(SFR_ROWS) + 1)]
+             + (f" | SAM's pseudo-labels (cpu-small): {both} (mean)" if pseudo else "") + " |",
+             "|---|---|---|---|" + "---|" * (len(SFR_ROWS) + pseudo)]
     for n, s, seed in keys:
         lines.append(f"| {n} | {s} | {seed} | {cell(runs.get(('supervised', n, s, seed)))} | "
                      + " | ".join(cell(runs.get((row, n, s, seed))) for row, _ in SFR_ROWS)
-                     + f" | {pseudo_cell(runs.get((first[0], n, s, seed)))} |")
+                     + (f" | {pseudo_cell(runs.get((first, n, s, seed)))}" if pseudo else "") + " |")
     # Per labelled set with two or more seeds: mean ± std over its seeds of the mean Dice.
     mean_dice = lambda r: 100 * sum(dice(r)) / len(dice(r))
     for n, s in sorted({(n, s) for n, s, _ in keys}):
@@ -139,7 +141,7 @@ def sfr_table(out, counts):
             v = [mean_dice(runs[(row, n, s, seed)]) for seed in seeds if (row, n, s, seed) in runs]
             return "—" if len(v) < 2 else f"{st.mean(v):.1f} ± {st.stdev(v):.1f} ({len(v)} seeds)"
 
-        lines.append(f"| {n} | {s} | **all** | {summary('supervised')} | " + " | ".join(summary(row) for row, _ in SFR_ROWS) + " | |")
+        lines.append(f"| {n} | {s} | **all** | {summary('supervised')} | " + " | ".join(summary(row) for row, _ in SFR_ROWS) + (" | |" if pseudo else " |"))
     return lines
 
 

@@ -22,6 +22,10 @@ a = ap.parse_args()
 ids = sorted(f[: -len("_pseudo.nii.gz")] for f in os.listdir(a.pseudo) if f.endswith("_pseudo.nii.gz"))
 if not ids:
     raise SystemExit(f"score_pseudo_labels: no <id>_pseudo.nii.gz in {a.pseudo}")
+# Every foreground class of dataset.json is scored in every case; one absent from both the
+# pseudo-label and the label counts as Dice 100 (the convention of `sfr evaluate`).
+labels = json.load(open(os.path.join(a.data, "dataset.json")))["labels"]
+classes = sorted(int(k) for k in labels if int(k) > 0)
 per_case = {}
 for i in ids:
     pn = nib.load(os.path.join(a.pseudo, f"{i}_pseudo.nii.gz"))
@@ -35,14 +39,12 @@ for i in ids:
         grid = np.indices(t.shape).reshape(3, -1)
         coords = m[:3, :3] @ grid + m[:3, 3:4]
         p = map_coordinates(p, coords, order=0, mode="constant", cval=0).reshape(t.shape)
-    classes = range(1, int(max(t.max(), p.max())) + 1)
     d = {}
     for c in classes:
         tp = np.sum((p == c) & (t == c)); s = np.sum(p == c) + np.sum(t == c)
         d[c] = 100.0 * 2 * tp / s if s else 100.0
     per_case[i] = d
-classes = sorted({c for d in per_case.values() for c in d})
-mean = {c: st.mean(d.get(c, 0.0) for d in per_case.values()) for c in classes}
+mean = {c: st.mean(d[c] for d in per_case.values()) for c in classes}
 print(f"{len(ids)} cases: " + ", ".join(f"class {c} {mean[c]:.1f}" for c in classes) + f"; mean {st.mean(mean.values()):.1f}")
 if a.json:
     json.dump({"cases": per_case, "mean": mean, "overall": st.mean(mean.values())}, open(a.json, "w"), indent=1)

@@ -8,7 +8,8 @@
 //! augments them (rot90/flip, Bezier intensity curve), stitches image and label onto an S×S
 //! canvas (no resampling; label padding 255 is ignored by the loss), runs SAM without prompts
 //! and minimises 0.5·(CE + Dice) of the upsampled per-class logits. AdamW (lr, wd from the
-//! config, betas 0.9/0.999) with poly decay (1 - it/max)^0.9 on LoRA + prompt encoder + mask
+//! config, betas 0.9/0.999) with poly decay (1 - it/max)^0.9 (after `sam.warmup` steps of
+//! linear warm-up, none in the presets: `finetune_lr`) on LoRA + prompt encoder + mask
 //! decoder; the image encoder is frozen when it starts from a checkpoint. With
 //! `sam.frozen_encoder_canvases` N > 0 and a pretrained SAM, N augmented canvases are encoded
 //! once by the frozen encoder (no LoRA) and only the prompt encoder and mask decoder train, on
