@@ -153,6 +153,10 @@ pub struct SamStage {
     /// For structures that are one piece (hippocampus, left atrium).
     #[serde(default)]
     pub largest_component: bool,
+    /// The mask decoder's prompt in fine-tuning and pseudo-labelling: `none` (the paper's) or
+    /// `canvas_box` (one box around the whole canvas, LiteMedSAM's kind of prompt).
+    #[serde(default)]
+    pub prompt: crate::nn::sam::SamPrompt,
 }
 
 fn one() -> usize {
@@ -322,6 +326,7 @@ impl TrainConfig {
                 bf16: Bf16::Off,
                 match_labeled_fraction: false,
                 largest_component: false,
+                prompt: crate::nn::sam::SamPrompt::None,
             },
             vnet: VNetStage {
                 n_filters: 16,
@@ -729,11 +734,16 @@ mod tests {
         old["sam"].as_object_mut().unwrap().remove("fill_canvas");
         old["sam"].as_object_mut().unwrap().remove("scale");
         old["sam"].as_object_mut().unwrap().remove("warmup");
+        old["sam"].as_object_mut().unwrap().remove("prompt");
         old["vnet"].as_object_mut().unwrap().remove("pseudo_label_guard");
         assert_eq!(TrainConfig::from_json(&old.to_string()).unwrap(), la);
         assert_eq!(TrainConfig::test_tiny().sam.variant, "tiny");
         let e = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"variant": "vit_q"}}"#).unwrap_err().to_string();
         assert!(e.contains("sam.variant") && e.contains("vit_q"), "{e}");
+        let c = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"prompt": "canvas_box"}}"#).unwrap();
+        assert_eq!((c.sam.prompt, small.sam.prompt), (crate::nn::sam::SamPrompt::CanvasBox, crate::nn::sam::SamPrompt::None));
+        let e = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"prompt": "points"}}"#).unwrap_err().to_string();
+        assert!(e.contains("sam.prompt") || e.contains("canvas_box"), "{e}");
         let c = TrainConfig::preset_with_overrides("cpu-small", r#"{"sam": {"variant": "lite_medsam", "checkpoint": "lite-medsam"}}"#).unwrap();
         assert_eq!(c.sam.checkpoint.as_deref(), Some(std::path::Path::new("lite-medsam")));
         assert_eq!(la.vnet.iterations, 6000);

@@ -310,7 +310,7 @@ impl SamModule {
             let state = emb.index_select(0, &idx);
             // The LoRA'd tail under `sam.bf16` too; the decoder trains in float32.
             let embedding = if lora_tail { cpu_bf16(s.bf16.enabled(), self.vs.device(), || self.sam.encode_suffix(&state, Some(&self.lora), split))?.to_kind(Kind::Float) } else { state };
-            let out = self.sam.decode(&embedding)?;
+            let out = self.sam.decode_prompted(&embedding, s.prompt)?;
             let logits = upscale_logits(&out.low_res_logits, (size, size));
             let loss = ce_dice(&logits, &target.index_select(0, &idx));
             opt.zero_grad();
@@ -356,7 +356,7 @@ impl SamModule {
             }
             let input = self.canvases(&imgs)?;
             let target = self.label_tensor(&labs);
-            let out = cpu_bf16(s.bf16.enabled(), self.vs.device(), || self.sam.forward(&input, Some(&self.lora)))?;
+            let out = cpu_bf16(s.bf16.enabled(), self.vs.device(), || self.sam.forward_prompted(&input, Some(&self.lora), s.prompt))?;
             let logits = upscale_logits(&out.low_res_logits.to_kind(Kind::Float), (size, size));
             let loss = ce_dice(&logits, &target);
             opt.zero_grad();
@@ -393,7 +393,7 @@ impl SamModule {
                 patches.push(Array3::from_shape_vec((patch[0], patch[1], patch[2]), v).map_err(|e| Error::invalid(e.to_string()))?);
             }
             let input = self.canvases(&patches)?;
-            let out = cpu_bf16(cfg.sam.bf16.enabled(), self.vs.device(), || tch::no_grad(|| self.sam.forward(&input, Some(&self.lora))))?;
+            let out = cpu_bf16(cfg.sam.bf16.enabled(), self.vs.device(), || tch::no_grad(|| self.sam.forward_prompted(&input, Some(&self.lora), cfg.sam.prompt)))?;
             let p = class_probabilities(&out.low_res_logits.to_kind(Kind::Float), (size, size)).to_device(Device::Cpu).contiguous();
             let c = p.size()[1] as usize;
             let mut all = Vec::with_capacity(b as usize);

@@ -7,7 +7,8 @@
 //! Differences from the official `Sam` module, all following SAMed / SFR:
 //! - the mask decoder is per class: `num_classes + 1` mask tokens and every token's mask is
 //!   returned (token 0 = background);
-//! - no prompts are used: empty sparse embedding, `no_mask_embed` as dense embedding;
+//! - no prompts are used (`SamPrompt::None`): empty sparse embedding, `no_mask_embed` as dense
+//!   embedding; `SamPrompt::CanvasBox` gives one constant box around the whole canvas instead;
 //! - no pixel mean/std normalisation and no padding: the input is already a square image of
 //!   `image_size` pixels in the range the encoder expects (`SamConfig::pixel_input`: z-scored,
 //!   or [0, 1] for LiteMedSAM; the SAM stage maps patches to it). (`pixel_mean`/`pixel_std`
@@ -49,6 +50,20 @@ pub struct SamOutput {
     pub low_res_logits: Tensor,
     /// [B, num_classes + 1] predicted IoU of each mask.
     pub iou_predictions: Tensor,
+}
+
+/// What the mask decoder is prompted with (`sam.prompt`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamPrompt {
+    /// No prompt: an empty sparse embedding and the `no_mask_embed` dense embedding (the
+    /// paper's and SAMed's automatic segmentation).
+    #[default]
+    None,
+    /// One box around the whole canvas, the same for every canvas: the decoder sees the two
+    /// box-corner tokens it was trained with (LiteMedSAM only ever saw box prompts), and they
+    /// carry no information about where the structure is.
+    CanvasBox,
 }
 
 /// The image encoder of a SAM model: SAM's ViT or a TinyViT (MobileSAM, LiteMedSAM).
@@ -231,6 +246,20 @@ impl Sam {
         Ok(SamOutput { low_res_logits, iou_predictions })
     }
 
+    /// The mask decoder under `prompt` ([`SamPrompt`]).
+    pub fn decode_prompted(&self, image_embeddings: &Tensor, prompt: SamPrompt) -> Result<SamOutput> {
+        match prompt {
+            SamPrompt::None => self.decode(image_embeddings),
+            SamPrompt::CanvasBox => {
+                let b = image_embeddings.size().first().copied().unwrap_or(0);
+                let edge = (self.cfg.image_size as f64 - 1.0).max(0.0);
+                let boxes = Tensor::from_slice(&[0.0f32, 0.0, edge as f32, edge as f32]).reshape([1, 4]).repeat([b, 1]);
+                let kind = self.prompt_encoder.no_mask_embed.kind();
+                self.decode_with_boxes(image_embeddings, &boxes.to_device(self.device).to_kind(kind))
+            }
+        }
+    }
+
     /// The mask decoder prompted by one box per image (boxes [B, 4], x0 y0 x1 y1 in input
     /// pixels). Every mask token's logits are returned; for an official checkpoint, token 0 is
     /// the single-mask output (`multimask_output=False`), which is what LiteMedSAM was trained
@@ -253,8 +282,13 @@ impl Sam {
     /// Images [B, 3, S, S] (already in the `pixel_input` range; no SAM pixel normalisation) -> per-class
     /// low-resolution logits and IoU predictions. `lora` adds its update to every encoder qkv.
     pub fn forward(&self, images: &Tensor, lora: Option<&Lora>) -> Result<SamOutput> {
+        self.forward_prompted(images, lora, SamPrompt::None)
+    }
+
+    /// [`Sam::forward`] with the decoder under `prompt`.
+    pub fn forward_prompted(&self, images: &Tensor, lora: Option<&Lora>, prompt: SamPrompt) -> Result<SamOutput> {
         let emb = self.encode_image(images, lora)?;
-        self.decode(&emb)
+        self.decode_prompted(&emb, prompt)
     }
 
     /// Reads a checkpoint (`.pth` state dict as written by `torch.save`, or `.safetensors`) and

@@ -107,6 +107,20 @@ fn forward_shapes_probabilities_and_bad_input() {
     }
     assert!(sam.decode(&Tensor::zeros([1, 16, 8, 8], (Kind::Float, Device::Cpu))).is_err());
 
+    // `SamPrompt`: none is `decode`; a canvas box is one box [0, 0, S-1, S-1] per image, and it
+    // changes the masks (the decoder sees two more tokens).
+    let emb = tch::no_grad(|| sam.encode_image(&x, None)).unwrap();
+    let plain = tch::no_grad(|| sam.decode(&emb)).unwrap().low_res_logits;
+    let none = tch::no_grad(|| sam.decode_prompted(&emb, SamPrompt::None)).unwrap().low_res_logits;
+    assert!(plain.equal(&none));
+    let boxed = tch::no_grad(|| sam.decode_prompted(&emb, SamPrompt::CanvasBox)).unwrap().low_res_logits;
+    let full = Tensor::from_slice(&[0f32, 0.0, 127.0, 127.0]).view([1, 4]).repeat([3, 1]);
+    let want = tch::no_grad(|| sam.decode_with_boxes(&emb, &full)).unwrap().low_res_logits;
+    assert!(boxed.equal(&want));
+    assert!(f64::try_from((&boxed - &plain).abs().max()).unwrap() > 1e-4, "the box changes the masks");
+    let via_forward = tch::no_grad(|| sam.forward_prompted(&x, None, SamPrompt::CanvasBox)).unwrap().low_res_logits;
+    assert!(f64::try_from((via_forward - &boxed).abs().max()).unwrap() < 1e-6);
+
     // Our own save loads back one to one, with the config in the metadata.
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("sam.safetensors");
