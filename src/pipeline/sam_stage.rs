@@ -7,6 +7,8 @@
 //! Fine-tuning: every step takes `batch` random labelled patches (the SAM stage's patch),
 //! augments them (rot90/flip, Bezier intensity curve), stitches image and label onto an S×S
 //! canvas (no resampling; label padding 255 is ignored by the loss), runs SAM without prompts
+//! (or, with `sam.prompt: canvas_box`, one box around the whole canvas, in fine-tuning and
+//! pseudo-labelling alike)
 //! and minimises 0.5·(CE + Dice) of the upsampled per-class logits. AdamW (lr, wd from the
 //! config, betas 0.9/0.999) with poly decay (1 - it/max)^0.9 (after `sam.warmup` steps of
 //! linear warm-up, none in the presets: `finetune_lr`) on LoRA + prompt encoder + mask

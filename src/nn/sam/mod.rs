@@ -7,8 +7,9 @@
 //! Differences from the official `Sam` module, all following SAMed / SFR:
 //! - the mask decoder is per class: `num_classes + 1` mask tokens and every token's mask is
 //!   returned (token 0 = background);
-//! - no prompts are used (`SamPrompt::None`): empty sparse embedding, `no_mask_embed` as dense
-//!   embedding; `SamPrompt::CanvasBox` gives one constant box around the whole canvas instead;
+//! - no prompts by default (`SamPrompt::None`): empty sparse embedding, `no_mask_embed` as
+//!   dense embedding; `SamPrompt::CanvasBox` (off in every preset) gives one constant box around
+//!   the whole canvas instead;
 //! - no pixel mean/std normalisation and no padding: the input is already a square image of
 //!   `image_size` pixels in the range the encoder expects (`SamConfig::pixel_input`: z-scored,
 //!   or [0, 1] for LiteMedSAM; the SAM stage maps patches to it). (`pixel_mean`/`pixel_std`
